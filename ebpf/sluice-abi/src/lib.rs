@@ -1,0 +1,190 @@
+//! Map keys and values shared by sluice's kernel programs and userspace.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding and a compile-time size check,
+//! because the kernel and userspace must agree on the byte layout exactly. With the
+//! `user` feature the types implement `aya::Pod` so userspace can use them in maps.
+//!
+//! Addresses are always stored in one normalised form: a 16-byte IPv6 address, with
+//! IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), kept as four `u32` words in network
+//! byte order exactly as the kernel's socket contexts expose them. Ports are host
+//! byte order. Mixing IPv4 and mapped keys breaks lookups (DESIGN.md §7), so both
+//! sides build keys only through the constructors here.
+#![no_std]
+
+/// Names of the maps and programs in the kernel object, shared so userspace never
+/// spells them differently. BPF object names are capped at 15 visible characters.
+pub mod names {
+    /// Sockhash of established proxy↔local-replica sockets, keyed by [`super::SockKey`].
+    pub const REDIR_SOCKS: &str = "redir_socks";
+    /// Local replica addresses whose connections are accelerated ([`super::AddrKey`]).
+    pub const LOCAL_REPLICAS: &str = "local_replicas";
+    /// Per-CPU [`super::RedirectStats`] for sock_ops + sk_msg.
+    pub const REDIR_STATS: &str = "redir_stats";
+    /// sock_ops program that records established sockets.
+    pub const PROG_TRACK: &str = "sluice_track";
+    /// sk_msg program that redirects to the peer socket.
+    pub const PROG_REDIRECT: &str = "sluice_redirect";
+    /// Probe programs: smallest program of each type, loaded only to learn what the
+    /// kernel accepts.
+    pub const PROBE_SKB_VERDICT: &str = "probe_skb_verdict";
+    /// XDP probe program.
+    pub const PROBE_XDP: &str = "probe_xdp";
+    /// sk_reuseport probe program.
+    pub const PROBE_REUSEPORT: &str = "probe_reuseport";
+    /// cgroup connect4 probe program.
+    pub const PROBE_CONNECT4: &str = "probe_connect4";
+    /// Sockmap the sk_skb probe attaches to.
+    pub const PROBE_SOCKMAP: &str = "probe_sockmap";
+}
+
+/// A normalised IPv6 address as four network-byte-order words.
+pub type Ip6Words = [u32; 4];
+
+/// Maps an IPv4 address given as a network-byte-order `u32` (as the kernel exposes
+/// it) to its IPv4-mapped IPv6 form.
+#[inline(always)]
+pub const fn ipv4_mapped(ip4_be: u32) -> Ip6Words {
+    [0, 0, 0xffff_u32.to_be(), ip4_be]
+}
+
+/// Socket address family values as the kernel reports them.
+pub mod family {
+    /// AF_INET.
+    pub const INET: u32 = 2;
+    /// AF_INET6.
+    pub const INET6: u32 = 10;
+}
+
+/// Identifies one TCP socket by its 4-tuple, seen from that socket.
+///
+/// The peer of a socket is found by swapping local and remote ([`SockKey::peer`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    /// Local address, normalised.
+    pub local_ip: Ip6Words,
+    /// Remote address, normalised.
+    pub remote_ip: Ip6Words,
+    /// Local port, host byte order.
+    pub local_port: u32,
+    /// Remote port, host byte order.
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of this connection.
+    #[inline(always)]
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+
+    /// This socket's local endpoint.
+    #[inline(always)]
+    pub const fn local(&self) -> AddrKey {
+        AddrKey { ip: self.local_ip, port: self.local_port }
+    }
+
+    /// This socket's remote endpoint.
+    #[inline(always)]
+    pub const fn remote(&self) -> AddrKey {
+        AddrKey { ip: self.remote_ip, port: self.remote_port }
+    }
+}
+
+/// One endpoint: a normalised address and a host-byte-order port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    /// Address, normalised.
+    pub ip: Ip6Words,
+    /// Port, host byte order.
+    pub port: u32,
+}
+
+impl AddrKey {
+    /// An endpoint from an IPv4 address in network byte order and a host-order port.
+    #[inline(always)]
+    pub const fn from_ipv4_be(ip4_be: u32, port: u16) -> AddrKey {
+        AddrKey { ip: ipv4_mapped(ip4_be), port: port as u32 }
+    }
+}
+
+/// Counters of the sock_ops + sk_msg redirect path, one slot per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RedirectStats {
+    /// Established sockets recorded into the sockhash.
+    pub socks_tracked: u64,
+    /// Sockhash inserts the kernel refused (e.g. EBUSY after a restart).
+    pub track_failed: u64,
+    /// sk_msg invocations (one per sendmsg batch).
+    pub messages: u64,
+    /// Bytes handed to the peer socket's ingress by the redirect.
+    pub bytes_redirected: u64,
+    /// Messages whose peer was not in the sockhash; they took the normal stack path.
+    pub no_peer: u64,
+}
+
+impl RedirectStats {
+    /// Adds another CPU's counters to these.
+    pub const fn merge(self, other: RedirectStats) -> RedirectStats {
+        RedirectStats {
+            socks_tracked: self.socks_tracked + other.socks_tracked,
+            track_failed: self.track_failed + other.track_failed,
+            messages: self.messages + other.messages,
+            bytes_redirected: self.bytes_redirected + other.bytes_redirected,
+            no_peer: self.no_peer + other.no_peer,
+        }
+    }
+}
+
+// The kernel and userspace must agree on these sizes; a change here is an ABI change.
+const _: () = assert!(core::mem::size_of::<SockKey>() == 40);
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<RedirectStats>() == 40);
+const _: () = assert!(core::mem::align_of::<RedirectStats>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], made only of integers, with no padding bytes
+    // (checked by the size assertions above), so every bit pattern is valid.
+    #![allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RedirectStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_swaps_endpoints_and_is_an_involution() {
+        let k = SockKey {
+            local_ip: ipv4_mapped(u32::from_be_bytes([127, 0, 0, 1])),
+            remote_ip: ipv4_mapped(u32::from_be_bytes([127, 0, 0, 2])),
+            local_port: 80,
+            remote_port: 43000,
+        };
+        assert_eq!(k.peer().local(), k.remote());
+        assert_eq!(k.peer().peer(), k);
+    }
+
+    #[test]
+    fn ipv4_mapped_matches_std() {
+        let v4 = core::net::Ipv4Addr::new(10, 1, 2, 3);
+        let words = ipv4_mapped(u32::from_ne_bytes(v4.octets()));
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(core::net::Ipv6Addr::from(bytes), v4.to_ipv6_mapped());
+    }
+}

@@ -1,0 +1,161 @@
+//! sluice's kernel programs.
+//!
+//! Userspace (the `sluice-dataplane` crate) is the only writer of policy: it fills
+//! `local_replicas`, reads the counters, and decides which programs to attach. Every
+//! program here is optional at runtime; a missing one means the userspace path.
+#![no_std]
+#![no_main]
+// The kernel side necessarily reads raw context pointers handed over by the verifier.
+#![allow(unsafe_code)]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action, xdp_action,
+    },
+    macros::{cgroup_sock_addr, map, sk_msg, sk_reuseport, sock_ops, stream_verdict, xdp},
+    maps::{HashMap, PerCpuArray, SockHash, SockMap},
+    programs::{
+        SkBuffContext, SkMsgContext, SkReuseportContext, SockAddrContext, SockOpsContext,
+        XdpContext,
+    },
+};
+use aya_log_ebpf::warn;
+use sluice_abi::{AddrKey, RedirectStats, SockKey, family, ipv4_mapped};
+
+/// Established proxy↔local-replica sockets, keyed by their own 4-tuple.
+#[map(name = "redir_socks")]
+static REDIR_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
+
+/// Local replica endpoints: only connections to or from these are tracked, so the
+/// programs never touch sockets sluice does not own even inside its cgroup.
+#[map(name = "local_replicas")]
+static LOCAL_REPLICAS: HashMap<AddrKey, u8> = HashMap::with_max_entries(16_384, 0);
+
+/// Redirect-path counters, one slot per CPU (no atomics needed).
+#[map(name = "redir_stats")]
+static REDIR_STATS: PerCpuArray<RedirectStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Target of the sk_skb probe attach; never holds sockets.
+#[map(name = "probe_sockmap")]
+static PROBE_SOCKMAP: SockMap = SockMap::with_max_entries(1, 0);
+
+#[inline(always)]
+fn stats() -> Option<&'static mut RedirectStats> {
+    // SAFETY: index 0 always exists in a one-slot array; the per-CPU slot is only
+    // touched by this CPU and programs do not preempt each other on one CPU.
+    REDIR_STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Records each newly established TCP socket whose local or remote endpoint is a
+/// local replica, so `sluice_redirect` can find its peer.
+#[sock_ops]
+pub fn sluice_track(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return 0;
+    }
+    let (local_ip, remote_ip) = match ctx.family() {
+        family::INET => (ipv4_mapped(ctx.local_ip4()), ipv4_mapped(ctx.remote_ip4())),
+        family::INET6 => (ctx.local_ip6(), ctx.remote_ip6()),
+        _ => return 0,
+    };
+    let mut key = SockKey {
+        local_ip,
+        remote_ip,
+        // local_port is host order; remote_port is the network-order port shifted
+        // into the upper half, so from_be yields the host-order port.
+        local_port: ctx.local_port(),
+        remote_port: u32::from_be(ctx.remote_port()),
+    };
+    // SAFETY: lookups only read the map value; the reference is not held.
+    let ours = unsafe {
+        LOCAL_REPLICAS.get(&key.local()).is_some() || LOCAL_REPLICAS.get(&key.remote()).is_some()
+    };
+    if !ours {
+        return 0;
+    }
+    match REDIR_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST.into()) {
+        Ok(()) => {
+            if let Some(s) = stats() {
+                s.socks_tracked += 1;
+            }
+        }
+        Err(e) => {
+            if let Some(s) = stats() {
+                s.track_failed += 1;
+            }
+            warn!(&ctx, "sockhash insert failed: {}", e);
+        }
+    }
+    0
+}
+
+/// Sends each message straight to the peer socket's ingress queue when the peer is
+/// tracked; otherwise lets it take the normal stack path.
+#[sk_msg]
+pub fn sluice_redirect(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the verifier guarantees `msg` points at a valid sk_msg_md.
+    let md = unsafe { &*ctx.msg };
+    let (local_ip, remote_ip) = match md.family {
+        family::INET => (ipv4_mapped(md.local_ip4), ipv4_mapped(md.remote_ip4)),
+        family::INET6 => (md.local_ip6, md.remote_ip6),
+        _ => return sk_action::SK_PASS,
+    };
+    let me = SockKey {
+        local_ip,
+        remote_ip,
+        local_port: md.local_port,
+        remote_port: u32::from_be(md.remote_port),
+    };
+    let mut peer = me.peer();
+    let size = md.size as u64;
+    let verdict = REDIR_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS.into());
+    if let Some(s) = stats() {
+        s.messages += 1;
+        if verdict == sk_action::SK_PASS as i64 {
+            s.bytes_redirected += size;
+        } else {
+            s.no_peer += 1;
+        }
+    }
+    // SK_DROP from the helper only means "no peer": pass the data up the normal path.
+    sk_action::SK_PASS
+}
+
+/// Probe: the smallest sk_skb stream verdict program, to learn whether the kernel
+/// accepts one on a sockmap.
+#[stream_verdict]
+pub fn probe_skb_verdict(_ctx: SkBuffContext) -> u32 {
+    let _ = &PROBE_SOCKMAP;
+    sk_action::SK_PASS
+}
+
+/// Probe: the smallest XDP program.
+#[xdp]
+pub fn probe_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Probe: the smallest sk_reuseport program (kernel's default selection).
+#[sk_reuseport]
+pub fn probe_reuseport(_ctx: SkReuseportContext) -> u32 {
+    sk_action::SK_PASS
+}
+
+/// Probe: the smallest cgroup connect4 program (allow every connect unchanged).
+#[cgroup_sock_addr(connect4)]
+pub fn probe_connect4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible license: sockmap and redirect helpers are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

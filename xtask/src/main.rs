@@ -1,0 +1,157 @@
+//! Project automation for sluice: `cargo xtask <command>`.
+//!
+//! Every command that builds first runs `scripts/setup.sh`, so a fresh machine of the
+//! project's kind needs nothing but a clone.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The kernel crate and where its object lands (read by the dataplane's build script).
+const EBPF_CRATE: &str = "sluice-ebpf";
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Parser)]
+#[command(about = "sluice project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object (with BTF) that the sluice binary embeds.
+    BuildEbpf {
+        /// Skip running scripts/setup.sh first.
+        #[arg(long)]
+        no_setup: bool,
+    },
+    /// Everything CI checks: setup, eBPF build, fmt, clippy, and every test.
+    Test {
+        /// Skip running scripts/setup.sh first.
+        #[arg(long)]
+        no_setup: bool,
+        /// Extra arguments passed to `cargo test` (after `--` go to the test binaries).
+        #[arg(trailing_var_arg = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run sluice on its embedded default config with demo replicas.
+    Demo {
+        /// Skip running scripts/setup.sh first.
+        #[arg(long)]
+        no_setup: bool,
+    },
+    /// Benchmarks against a direct connection and peers (nginx, HAProxy).
+    Bench {
+        /// Scenarios to run (default: all).
+        scenarios: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::BuildEbpf { no_setup } => {
+            setup(no_setup, &[])?;
+            build_ebpf()
+        }
+        Cmd::Test { no_setup, cargo_test_args } => {
+            setup(no_setup, &[])?;
+            test(&cargo_test_args)
+        }
+        Cmd::Demo { no_setup } => {
+            setup(no_setup, &[])?;
+            build_ebpf()?;
+            run(cargo().args(["run", "--release", "-p", "sluice", "--", "demo"]))
+        }
+        Cmd::Bench { scenarios } => {
+            setup(false, &["--bench"])?;
+            let _ = scenarios;
+            bail!("benchmarks are not implemented yet (tracked in the benchmarks issue)")
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: $ {shown}");
+    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup(skip: bool, args: &[&str]) -> Result<()> {
+    if skip {
+        return Ok(());
+    }
+    run(Command::new(root().join("scripts/setup.sh")).args(args))
+}
+
+/// Builds the kernel object with nightly + build-std into `target/ebpf/`, a target
+/// directory of its own so it never contends with (or is cleaned by) host builds.
+fn build_ebpf() -> Result<()> {
+    let started = Instant::now();
+    let target_dir = root().join("target/ebpf");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        // A rustup proxy picks the toolchain from this; the outer cargo's own
+        // variables must not leak into the nightly build.
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTFLAGS")
+        // Full debug info + bpf-linker's --btf: maps and programs carry BTF, so the
+        // kernel verifies them with types and bpftool prints them readably.
+        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"))
+        .args(["+nightly", "build", "--release", "-p", EBPF_CRATE, "--target", EBPF_TARGET])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(&target_dir);
+    run(&mut cmd)?;
+    let object = target_dir.join(EBPF_TARGET).join("release").join(EBPF_CRATE);
+    let size = std::fs::metadata(&object)
+        .with_context(|| format!("kernel object missing at {}", object.display()))?
+        .len();
+    eprintln!(
+        "xtask: built {} ({size} bytes) in {:.1}s",
+        object.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The kernel crate is linted for its own target.
+    run(Command::new("cargo")
+        .current_dir(root())
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTFLAGS")
+        .args(["+nightly", "clippy", "-p", EBPF_CRATE, "--target", EBPF_TARGET])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(root().join("target/ebpf"))
+        .args(["--", "-D", "warnings"]))?;
+    run(cargo().arg("test").args(extra))
+}
