@@ -32,6 +32,7 @@ fi
 packages=(
   "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   bpftool nghttp2-client etcd-server etcd-client iproute2 libcap2-bin curl
+  protobuf-compiler libprotobuf-dev  # protoc + well-known types, for etcd-client
 )
 if [ "$want_bench" = 1 ]; then
   packages+=(nginx-light haproxy wrk linux-perf)

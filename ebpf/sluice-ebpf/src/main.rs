@@ -13,8 +13,8 @@ use aya_ebpf::{
         BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action, xdp_action,
     },
-    macros::{cgroup_sock_addr, map, sk_msg, sk_reuseport, sock_ops, stream_verdict, xdp},
-    maps::{HashMap, PerCpuArray, SockHash, SockMap},
+    btf_maps::{HashMap, PerCpuArray, SockHash, SockMap},
+    macros::{btf_map, cgroup_sock_addr, sk_msg, sk_reuseport, sock_ops, stream_verdict, xdp},
     programs::{
         SkBuffContext, SkMsgContext, SkReuseportContext, SockAddrContext, SockOpsContext,
         XdpContext,
@@ -23,22 +23,44 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use sluice_abi::{AddrKey, RedirectStats, SockKey, family, ipv4_mapped};
 
+// Maps are BTF-defined so `bpftool map dump` prints keys and values with their field
+// names, and are named so `bpftool map show` reads well.
+
 /// Established proxy↔local-replica sockets, keyed by their own 4-tuple.
-#[map(name = "redir_socks")]
-static REDIR_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
+#[btf_map(name = "redir_socks")]
+static REDIR_SOCKS: SockHash<SockKey, 65_536> = SockHash::new();
 
 /// Local replica endpoints: only connections to or from these are tracked, so the
 /// programs never touch sockets sluice does not own even inside its cgroup.
-#[map(name = "local_replicas")]
-static LOCAL_REPLICAS: HashMap<AddrKey, u8> = HashMap::with_max_entries(16_384, 0);
+#[btf_map(name = "local_replicas")]
+static LOCAL_REPLICAS: HashMap<AddrKey, u8, 16_384> = HashMap::new();
 
 /// Redirect-path counters, one slot per CPU (no atomics needed).
-#[map(name = "redir_stats")]
-static REDIR_STATS: PerCpuArray<RedirectStats> = PerCpuArray::with_max_entries(1, 0);
+#[btf_map(name = "redir_stats")]
+static REDIR_STATS: PerCpuArray<RedirectStats, 1> = PerCpuArray::new();
 
 /// Target of the sk_skb probe attach; never holds sockets.
-#[map(name = "probe_sockmap")]
-static PROBE_SOCKMAP: SockMap = SockMap::with_max_entries(1, 0);
+#[btf_map(name = "probe_sockmap")]
+static PROBE_SOCKMAP: SockMap<1> = SockMap::new();
+
+/// Reads a 4-word address field from a context struct one word at a time, each at a
+/// constant offset: copying the array whole lets LLVM form a moved context pointer,
+/// which the verifier rejects ("dereference of modified ctx ptr").
+macro_rules! ctx_ip6 {
+    ($ptr:expr, $field:ident) => {{
+        let p = $ptr;
+        // SAFETY: `p` is the verifier-checked context pointer; each read is an aligned
+        // u32 load at a constant offset inside the context.
+        unsafe {
+            [
+                core::ptr::read_volatile(&(*p).$field[0]),
+                core::ptr::read_volatile(&(*p).$field[1]),
+                core::ptr::read_volatile(&(*p).$field[2]),
+                core::ptr::read_volatile(&(*p).$field[3]),
+            ]
+        }
+    }};
+}
 
 #[inline(always)]
 fn stats() -> Option<&'static mut RedirectStats> {
@@ -57,7 +79,7 @@ pub fn sluice_track(ctx: SockOpsContext) -> u32 {
     }
     let (local_ip, remote_ip) = match ctx.family() {
         family::INET => (ipv4_mapped(ctx.local_ip4()), ipv4_mapped(ctx.remote_ip4())),
-        family::INET6 => (ctx.local_ip6(), ctx.remote_ip6()),
+        family::INET6 => (ctx_ip6!(ctx.ops, local_ip6), ctx_ip6!(ctx.ops, remote_ip6)),
         _ => return 0,
     };
     let mut key = SockKey {
@@ -70,12 +92,14 @@ pub fn sluice_track(ctx: SockOpsContext) -> u32 {
     };
     // SAFETY: lookups only read the map value; the reference is not held.
     let ours = unsafe {
-        LOCAL_REPLICAS.get(&key.local()).is_some() || LOCAL_REPLICAS.get(&key.remote()).is_some()
+        LOCAL_REPLICAS.get(key.local()).is_some() || LOCAL_REPLICAS.get(key.remote()).is_some()
     };
     if !ours {
         return 0;
     }
-    match REDIR_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST.into()) {
+    // SAFETY: `ops` is the verifier-checked context of this invocation.
+    let ops = unsafe { &mut *ctx.ops };
+    match REDIR_SOCKS.update(&mut key, ops, BPF_NOEXIST.into()) {
         Ok(()) => {
             if let Some(s) = stats() {
                 s.socks_tracked += 1;
@@ -95,21 +119,20 @@ pub fn sluice_track(ctx: SockOpsContext) -> u32 {
 /// tracked; otherwise lets it take the normal stack path.
 #[sk_msg]
 pub fn sluice_redirect(ctx: SkMsgContext) -> u32 {
-    // SAFETY: the verifier guarantees `msg` points at a valid sk_msg_md.
-    let md = unsafe { &*ctx.msg };
-    let (local_ip, remote_ip) = match md.family {
-        family::INET => (ipv4_mapped(md.local_ip4), ipv4_mapped(md.remote_ip4)),
-        family::INET6 => (md.local_ip6, md.remote_ip6),
+    let md = ctx.msg;
+    // SAFETY: the verifier guarantees `msg` points at a valid sk_msg_md; scalar fields
+    // are read at constant offsets.
+    let (fam, local_port, remote_port, size) =
+        unsafe { ((*md).family, (*md).local_port, (*md).remote_port, (*md).size) };
+    let (local_ip, remote_ip) = match fam {
+        // SAFETY: as above.
+        family::INET => unsafe { (ipv4_mapped((*md).local_ip4), ipv4_mapped((*md).remote_ip4)) },
+        family::INET6 => (ctx_ip6!(md, local_ip6), ctx_ip6!(md, remote_ip6)),
         _ => return sk_action::SK_PASS,
     };
-    let me = SockKey {
-        local_ip,
-        remote_ip,
-        local_port: md.local_port,
-        remote_port: u32::from_be(md.remote_port),
-    };
+    let me = SockKey { local_ip, remote_ip, local_port, remote_port: u32::from_be(remote_port) };
     let mut peer = me.peer();
-    let size = md.size as u64;
+    let size = size as u64;
     let verdict = REDIR_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS.into());
     if let Some(s) = stats() {
         s.messages += 1;

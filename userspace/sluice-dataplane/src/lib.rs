@@ -1,1 +1,33 @@
-//! x
+//! sluice's kernel data plane.
+//!
+//! This is the only crate that talks to the kernel's BPF interfaces (through aya) and
+//! the only one allowed `unsafe`. It embeds the object built by `cargo xtask
+//! build-ebpf`, probes what the running kernel actually accepts by loading and
+//! attaching small programs ([`probe`]), loads and pins the real programs' maps under
+//! `/sys/fs/bpf/sluice/` ([`Dataplane`]), and bridges kernel logs into `tracing`.
+//!
+//! Everything here is optional at runtime: when a feature is missing the caller keeps
+//! serving on its userspace path, and the probe report says what is missing and why.
+#![allow(unsafe_code)]
+
+mod error;
+mod loader;
+pub mod pins;
+pub mod probe;
+pub mod sys;
+
+pub use error::DataplaneError;
+pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
+pub use probe::{Feature, FeatureStatus, ProbeReport};
+pub use sluice_abi::{AddrKey, RedirectStats, SockKey, names};
+
+/// Default directory for pinned maps; operators inspect it with `bpftool`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
+
+/// The kernel object, embedded at build time (8-byte aligned as the ELF parser needs).
+pub fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"))
+}
+
+/// Name of the kernel crate; kernel log records carry it as their `tracing` target.
+pub const KERNEL_LOG_TARGET: &str = "sluice_ebpf";
