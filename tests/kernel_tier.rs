@@ -213,5 +213,6 @@ fn bpftool_lists_programs_and_maps_by_readable_names_while_loaded() {
     // A pinned map dumps with its BTF field names, as an operator would read it.
     let dump = bpftool(&["map", "dump", "pinned", pins.0.join("redir_stats").to_str().unwrap()]);
     assert!(dump.contains("bytes_redirected"), "BTF names missing from dump:\n{dump}");
+    eprintln!("bpftool map dump pinned .../redir_stats:\n{dump}");
     drop(redirect);
 }
