@@ -29,9 +29,16 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// In CI (`CI=true`) the kernel tier must run: a silent skip there would hide a
+/// broken kernel path, so not being root is a failure instead.
+fn must_run() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
 macro_rules! require_root {
     () => {
         if !is_root() {
+            assert!(!must_run(), "kernel-tier tests must run as root in CI");
             eprintln!(
                 "SKIPPED (kernel tier): {} needs root; run as root to exercise the kernel path",
                 module_path!()
