@@ -1,1 +1,3 @@
 //! Shared helpers for sluice's integration tests.
+
+pub mod netns;

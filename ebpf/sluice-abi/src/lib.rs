@@ -35,6 +35,20 @@ pub mod names {
     pub const PROBE_CONNECT4: &str = "probe_connect4";
     /// Sockmap the sk_skb probe attaches to.
     pub const PROBE_SOCKMAP: &str = "probe_sockmap";
+    /// XDP guard program.
+    pub const PROG_GUARD: &str = "sluice_guard";
+    /// Denylisted IPv4 prefixes (LPM trie over `[u8; 4]` → [`super::BanValue`]).
+    pub const GUARD_DENY_V4: &str = "guard_deny_v4";
+    /// Denylisted IPv6 prefixes (LPM trie over `[u8; 16]` → [`super::BanValue`]).
+    pub const GUARD_DENY_V6: &str = "guard_deny_v6";
+    /// Destination ports the guard protects (host order `u16` → `u8`).
+    pub const GUARD_PORTS: &str = "guard_ports";
+    /// Guard settings, one [`super::GuardConfig`] at index 0.
+    pub const GUARD_CONFIG: &str = "guard_config";
+    /// Per-source SYN token buckets (LRU, normalised address → [`super::SynBucket`]).
+    pub const GUARD_SYN_RATE: &str = "guard_syn_rate";
+    /// Per-CPU [`super::GuardStats`].
+    pub const GUARD_STATS: &str = "guard_stats";
 }
 
 /// A normalised IPv6 address as four network-byte-order words.
@@ -143,11 +157,73 @@ impl RedirectStats {
     }
 }
 
+/// A denylist entry: permanent, or a temporary ban that expires.
+///
+/// 4-byte aligned on purpose: an LPM trie's value must align within the 4-byte IPv4
+/// key, so a `u64` deadline would not fit. Seconds of CLOCK_MONOTONIC are plenty for
+/// bans.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BanValue {
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns` / 10⁹) deadline in seconds; 0 = permanent.
+    pub expires_s: u32,
+}
+
+/// Guard settings written by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct GuardConfig {
+    /// New connections (SYNs) per second allowed per source; 0 disables the limit.
+    pub syn_rate_per_sec: u32,
+    /// Bucket size: SYNs a source may send in a burst.
+    pub syn_burst: u32,
+}
+
+/// One source's SYN token bucket, in nanotokens so integer refill stays exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SynBucket {
+    /// Tokens × 10⁹ (one token = one SYN).
+    pub nanotokens: u64,
+    /// When the bucket was last refilled (`bpf_ktime_get_ns`).
+    pub last_ns: u64,
+}
+
+/// XDP guard counters, one slot per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GuardStats {
+    /// Packets to guarded ports inspected.
+    pub inspected: u64,
+    /// Dropped: source in the denylist (or banned).
+    pub dropped_denied: u64,
+    /// Dropped: source over its SYN rate.
+    pub dropped_syn_rate: u64,
+    /// SYNs seen to guarded ports.
+    pub syns: u64,
+}
+
+impl GuardStats {
+    /// Adds another CPU's counters to these.
+    pub const fn merge(self, o: GuardStats) -> GuardStats {
+        GuardStats {
+            inspected: self.inspected + o.inspected,
+            dropped_denied: self.dropped_denied + o.dropped_denied,
+            dropped_syn_rate: self.dropped_syn_rate + o.dropped_syn_rate,
+            syns: self.syns + o.syns,
+        }
+    }
+}
+
 // The kernel and userspace must agree on these sizes; a change here is an ABI change.
 const _: () = assert!(core::mem::size_of::<SockKey>() == 40);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<RedirectStats>() == 40);
 const _: () = assert!(core::mem::align_of::<RedirectStats>() == 8);
+const _: () = assert!(core::mem::size_of::<BanValue>() == 4);
+const _: () = assert!(core::mem::size_of::<GuardConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<SynBucket>() == 16);
+const _: () = assert!(core::mem::size_of::<GuardStats>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -159,6 +235,14 @@ mod pod {
     unsafe impl aya::Pod for super::AddrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RedirectStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BanValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SynBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardStats {}
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@ pub enum DataplaneError {
     /// A program is missing from the object (a build mismatch).
     #[error("program {0} is not in the eBPF object")]
     MissingProgram(&'static str),
-    /// A map is missing from the object or has an unexpected type.
+    /// A map is missing from the object (a build mismatch).
+    #[error("map {0} is not in the eBPF object")]
+    MissingMap(&'static str),
+    /// A map has an unexpected type or an operation on it failed.
     #[error("map {name}: {source}")]
     Map {
         /// The map's name.

@@ -11,15 +11,17 @@
 #![allow(unsafe_code)]
 
 mod error;
+pub mod guard;
 mod loader;
 pub mod pins;
 pub mod probe;
 pub mod sys;
 
 pub use error::DataplaneError;
+pub use guard::{AuthFailureTracker, GuardAttachment, Prefix};
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
 pub use probe::{Feature, FeatureStatus, ProbeReport};
-pub use sluice_abi::{AddrKey, RedirectStats, SockKey, names};
+pub use sluice_abi::{AddrKey, GuardStats, RedirectStats, SockKey, names};
 
 /// Default directory for pinned maps; operators inspect it with `bpftool`.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";

@@ -35,14 +35,25 @@ impl Default for DataplaneOptions {
 /// Dropping it detaches every program it attached and removes the pins it made, so a
 /// stopped sluice leaves nothing running in the kernel.
 pub struct Dataplane {
-    ebpf: Ebpf,
+    pub(crate) ebpf: Ebpf,
+    pub(crate) guard_links: Vec<(String, aya::programs::xdp::XdpLinkId)>,
     pinned: Vec<PathBuf>,
     pin_dir: Option<PathBuf>,
     logger_started: bool,
 }
 
 /// Maps pinned for operators, in `bpftool map dump pinned <dir>/<name>` form.
-const PINNED_MAPS: [&str; 3] = [names::REDIR_SOCKS, names::LOCAL_REPLICAS, names::REDIR_STATS];
+const PINNED_MAPS: [&str; 9] = [
+    names::REDIR_SOCKS,
+    names::LOCAL_REPLICAS,
+    names::REDIR_STATS,
+    names::GUARD_DENY_V4,
+    names::GUARD_DENY_V6,
+    names::GUARD_PORTS,
+    names::GUARD_CONFIG,
+    names::GUARD_SYN_RATE,
+    names::GUARD_STATS,
+];
 
 impl Dataplane {
     /// Loads the embedded object and pins its maps under `options.pin_dir`.
@@ -55,8 +66,13 @@ impl Dataplane {
             sys::ensure_bpffs()?;
         }
         let ebpf = EbpfLoader::new().load(crate::object())?;
-        let mut dp =
-            Dataplane { ebpf, pinned: Vec::new(), pin_dir: options.pin_dir, logger_started: false };
+        let mut dp = Dataplane {
+            ebpf,
+            guard_links: Vec::new(),
+            pinned: Vec::new(),
+            pin_dir: options.pin_dir,
+            logger_started: false,
+        };
         if let Some(dir) = dp.pin_dir.clone() {
             fs::create_dir_all(&dir)
                 .map_err(|e| DataplaneError::io(format!("creating {}", dir.display()), e))?;
@@ -264,7 +280,10 @@ pub fn addr_key(addr: SocketAddr) -> AddrKey {
     AddrKey { ip, port: u32::from(addr.port()) }
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+pub(crate) fn program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, DataplaneError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {

@@ -233,6 +233,33 @@ pub fn in_new_netns<T: Send>(
     })
 }
 
+/// Runs `f` on a fresh thread that has joined the network namespace at `netns`
+/// (e.g. `/run/netns/NAME`), so interface names and sockets resolve there. The
+/// calling thread's namespace is untouched.
+pub fn in_netns<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T, DataplaneError> + Send,
+) -> Result<T, DataplaneError> {
+    let file = fs::File::open(netns)
+        .map_err(|e| DataplaneError::io(format!("opening netns {}", netns.display()), e))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: `file` is an open namespace descriptor for the whole call; setns
+            // changes only this thread, which exists for this closure alone.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(DataplaneError::io(
+                    format!("joining netns {} (needs CAP_SYS_ADMIN)", netns.display()),
+                    io::Error::last_os_error(),
+                ));
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(DataplaneError::Unsupported("netns thread panicked".into())))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,338 @@
+//! The XDP guard: denylist, temporary bans and per-source SYN rate limiting before
+//! the TCP stack, on the interfaces the operator names.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use serde::Serialize;
+use sluice_abi::{BanValue, GuardConfig, GuardStats, names};
+use tracing::info;
+
+use crate::{Dataplane, DataplaneError, loader::program, sys};
+
+/// How the guard got attached to one interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GuardAttachment {
+    /// Interface name.
+    pub interface: String,
+    /// `native` (driver) or `generic` (skb) XDP.
+    pub mode: &'static str,
+}
+
+/// A denylisted prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length in bits.
+    pub len: u8,
+}
+
+impl Prefix {
+    /// A single host.
+    pub fn host(addr: IpAddr) -> Prefix {
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        Prefix { addr, len }
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    /// Parses `a.b.c.d/len`, `v6::/len`, or a bare address (a host).
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|e| format!("{s}: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l.parse::<u8>().map_err(|e| format!("{s}: prefix length: {e}"))?,
+            None => max,
+        };
+        if len > max {
+            return Err(format!("{s}: prefix length {len} exceeds {max}"));
+        }
+        Ok(Prefix { addr, len })
+    }
+}
+
+/// Nanoseconds of CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// The whole-second deadline of a ban starting now: rounded up, so a ban never ends
+/// early (it may last up to a second longer).
+fn ban_deadline_secs(now_ns: u64, ban: Duration) -> u32 {
+    let end_ns = now_ns.saturating_add(u64::try_from(ban.as_nanos()).unwrap_or(u64::MAX));
+    u32::try_from(end_ns.div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl Dataplane {
+    /// Loads the guard (once) and attaches it to `interface` in the current thread's
+    /// network namespace: native mode where the driver supports it, generic otherwise.
+    pub fn attach_guard(&mut self, interface: &str) -> Result<GuardAttachment, DataplaneError> {
+        let prog: &mut Xdp = program(&mut self.ebpf, names::PROG_GUARD)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name: names::PROG_GUARD, source })?;
+        }
+        let (link, mode) = match prog.attach(interface, XdpMode::Driver) {
+            Ok(link) => (link, "native"),
+            Err(_) => {
+                let link = prog.attach(interface, XdpMode::Skb).map_err(|source| {
+                    DataplaneError::Program { name: names::PROG_GUARD, source }
+                })?;
+                (link, "generic")
+            }
+        };
+        self.guard_links.push((interface.to_owned(), link));
+        info!(interface, mode, "XDP guard attached");
+        Ok(GuardAttachment { interface: interface.to_owned(), mode })
+    }
+
+    /// Attaches the guard to `interface` inside the network namespace at `netns`
+    /// (e.g. `/run/netns/NAME`).
+    pub fn attach_guard_in(
+        &mut self,
+        netns: &std::path::Path,
+        interface: &str,
+    ) -> Result<GuardAttachment, DataplaneError> {
+        sys::in_netns(netns, || self.attach_guard(interface))
+    }
+
+    /// Detaches the guard from every interface.
+    pub fn detach_guard(&mut self) -> Result<(), DataplaneError> {
+        let links: Vec<(String, XdpLinkId)> = std::mem::take(&mut self.guard_links);
+        let prog: &mut Xdp = program(&mut self.ebpf, names::PROG_GUARD)?;
+        for (_, link) in links {
+            prog.detach(link)
+                .map_err(|source| DataplaneError::Program { name: names::PROG_GUARD, source })?;
+        }
+        Ok(())
+    }
+
+    /// Interfaces the guard is attached to.
+    pub fn guard_interfaces(&self) -> Vec<String> {
+        self.guard_links.iter().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// Protects a destination port (one of sluice's listeners).
+    pub fn guard_port(&mut self, port: u16) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(names::GUARD_PORTS)
+            .ok_or(DataplaneError::MissingMap(names::GUARD_PORTS))?;
+        let mut ports: HashMap<&mut MapData, u16, u8> =
+            HashMap::try_from(map).map_err(map_err(names::GUARD_PORTS))?;
+        ports.insert(port, 1, 0).map_err(map_err(names::GUARD_PORTS))
+    }
+
+    /// Sets the per-source SYN rate (per second) and burst; a rate of 0 disables it.
+    pub fn guard_syn_rate(&mut self, per_sec: u32, burst: u32) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(names::GUARD_CONFIG)
+            .ok_or(DataplaneError::MissingMap(names::GUARD_CONFIG))?;
+        let mut cfg: Array<&mut MapData, GuardConfig> =
+            Array::try_from(map).map_err(map_err(names::GUARD_CONFIG))?;
+        cfg.set(0, GuardConfig { syn_rate_per_sec: per_sec, syn_burst: burst.max(1) }, 0)
+            .map_err(map_err(names::GUARD_CONFIG))
+    }
+
+    /// Denies a prefix, permanently (`ban = None`) or until the ban expires.
+    pub fn guard_deny(
+        &mut self,
+        prefix: Prefix,
+        ban: Option<Duration>,
+    ) -> Result<(), DataplaneError> {
+        let value = BanValue {
+            expires_s: match ban {
+                None => 0,
+                Some(d) => ban_deadline_secs(monotonic_ns(), d).max(1),
+            },
+        };
+        match prefix.addr {
+            IpAddr::V4(v4) => {
+                let name = names::GUARD_DENY_V4;
+                let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], BanValue> =
+                    LpmTrie::try_from(map).map_err(map_err(name))?;
+                trie.insert(&Key::new(u32::from(prefix.len), v4.octets()), value, 0)
+                    .map_err(map_err(name))
+            }
+            IpAddr::V6(v6) => {
+                let name = names::GUARD_DENY_V6;
+                let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], BanValue> =
+                    LpmTrie::try_from(map).map_err(map_err(name))?;
+                trie.insert(&Key::new(u32::from(prefix.len), v6.octets()), value, 0)
+                    .map_err(map_err(name))
+            }
+        }
+    }
+
+    /// Lifts a denial (a missing entry is not an error).
+    pub fn guard_allow(&mut self, prefix: Prefix) -> Result<(), DataplaneError> {
+        let result = match prefix.addr {
+            IpAddr::V4(v4) => {
+                let name = names::GUARD_DENY_V4;
+                let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], BanValue> =
+                    LpmTrie::try_from(map).map_err(map_err(name))?;
+                trie.remove(&Key::new(u32::from(prefix.len), v4.octets())).map_err(map_err(name))
+            }
+            IpAddr::V6(v6) => {
+                let name = names::GUARD_DENY_V6;
+                let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], BanValue> =
+                    LpmTrie::try_from(map).map_err(map_err(name))?;
+                trie.remove(&Key::new(u32::from(prefix.len), v6.octets())).map_err(map_err(name))
+            }
+        };
+        match result {
+            Err(DataplaneError::Map { source: aya::maps::MapError::KeyNotFound, .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Removes expired bans (the program already ignores them; this frees the slots).
+    /// Returns how many were removed.
+    pub fn guard_expire_bans(&mut self) -> Result<usize, DataplaneError> {
+        let now = monotonic_ns() / 1_000_000_000;
+        let mut removed = 0;
+        {
+            let name = names::GUARD_DENY_V4;
+            let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+            let mut trie: LpmTrie<&mut MapData, [u8; 4], BanValue> =
+                LpmTrie::try_from(map).map_err(map_err(name))?;
+            let expired: Vec<Key<[u8; 4]>> = trie
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.expires_s != 0 && u64::from(v.expires_s) <= now)
+                .map(|(k, _)| k)
+                .collect();
+            for k in expired {
+                if trie.remove(&k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        {
+            let name = names::GUARD_DENY_V6;
+            let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+            let mut trie: LpmTrie<&mut MapData, [u8; 16], BanValue> =
+                LpmTrie::try_from(map).map_err(map_err(name))?;
+            let expired: Vec<Key<[u8; 16]>> = trie
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.expires_s != 0 && u64::from(v.expires_s) <= now)
+                .map(|(k, _)| k)
+                .collect();
+            for k in expired {
+                if trie.remove(&k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Guard counters summed over CPUs.
+    pub fn guard_stats(&self) -> Result<GuardStats, DataplaneError> {
+        let name = names::GUARD_STATS;
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let arr: PerCpuArray<&MapData, GuardStats> =
+            PerCpuArray::try_from(map).map_err(map_err(name))?;
+        let per_cpu = arr.get(&0, 0).map_err(map_err(name))?;
+        Ok(per_cpu.iter().fold(GuardStats::default(), |acc, s| acc.merge(*s)))
+    }
+}
+
+/// Counts authentication failures per source and bans a source that reaches the
+/// threshold within the window. Pure bookkeeping; the caller applies bans with
+/// [`Dataplane::guard_deny`] (or serves 403s in userspace when XDP is unavailable).
+#[derive(Debug)]
+pub struct AuthFailureTracker {
+    threshold: u32,
+    window: Duration,
+    failures: std::collections::HashMap<IpAddr, (Instant, u32)>,
+}
+
+impl AuthFailureTracker {
+    /// `threshold` failures within `window` trigger a ban.
+    pub fn new(threshold: u32, window: Duration) -> Self {
+        AuthFailureTracker { threshold: threshold.max(1), window, failures: Default::default() }
+    }
+
+    /// Records one failure; returns true when this failure crosses the threshold.
+    pub fn record(&mut self, source: IpAddr, now: Instant) -> bool {
+        let entry = self.failures.entry(source).or_insert((now, 0));
+        if now.duration_since(entry.0) > self.window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        if entry.1 >= self.threshold {
+            self.failures.remove(&source);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets windows that have closed, bounding memory under a spray of sources.
+    pub fn prune(&mut self, now: Instant) {
+        let window = self.window;
+        self.failures.retain(|_, (start, _)| now.duration_since(*start) <= window);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_with_defaults_and_limits() {
+        assert_eq!("10.0.0.0/8".parse::<Prefix>().unwrap().len, 8);
+        assert_eq!("2001:db8::1".parse::<Prefix>().unwrap().len, 128);
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+        assert!("nonsense".parse::<Prefix>().is_err());
+    }
+
+    #[test]
+    fn ban_deadlines_round_up_to_whole_seconds() {
+        let s = 1_000_000_000;
+        assert_eq!(ban_deadline_secs(10 * s + s / 100 * 99, Duration::from_secs(1)), 12);
+        assert_eq!(ban_deadline_secs(10 * s, Duration::from_secs(1)), 11);
+        assert_eq!(ban_deadline_secs(u64::MAX, Duration::from_secs(1)), u32::MAX);
+    }
+
+    #[test]
+    fn auth_failures_ban_at_threshold_within_window_only() {
+        let mut t = AuthFailureTracker::new(3, Duration::from_secs(10));
+        let ip: IpAddr = "198.18.0.9".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(!t.record(ip, t0));
+        assert!(!t.record(ip, t0 + Duration::from_secs(1)));
+        assert!(t.record(ip, t0 + Duration::from_secs(2)));
+        // A slow trickle across windows never bans.
+        let mut slow = AuthFailureTracker::new(3, Duration::from_secs(1));
+        for i in 0..10 {
+            assert!(!slow.record(ip, t0 + Duration::from_secs(2 * i)));
+        }
+    }
+}
