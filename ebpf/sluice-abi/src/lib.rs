@@ -49,7 +49,65 @@ pub mod names {
     pub const GUARD_SYN_RATE: &str = "guard_syn_rate";
     /// Per-CPU [`super::GuardStats`].
     pub const GUARD_STATS: &str = "guard_stats";
+    /// cgroup connect4 program that rewrites connects to server virtual addresses.
+    pub const PROG_VIP4: &str = "sluice_vip4";
+    /// cgroup connect6 program, the same for IPv6 (and v4-mapped) sockets.
+    pub const PROG_VIP6: &str = "sluice_vip6";
+    /// Server virtual addresses ([`super::AddrKey`] → [`super::VipService`]).
+    pub const VIP_SERVICES: &str = "vip_services";
+    /// Replica selections per VIP, flat ([`super::VipSlot`] → [`super::VipBackend`]).
+    pub const VIP_BACKENDS: &str = "vip_backends";
+    /// Per-CPU [`super::VipStats`].
+    pub const VIP_STATS: &str = "vip_stats";
 }
+
+/// Rendezvous (highest random weight) hashing shared by userspace and the kernel, so
+/// both pick the same replica for the same session.
+///
+/// A replica's weight for a session is `score(session_hash, replica_hash)`; the
+/// replica with the highest score wins, ties to the lower index. Removing a replica
+/// moves only the sessions it had. Hashes of strings use FNV-1a 64; the mix is
+/// SplitMix64's finaliser. Both are fixed here and must never change: changing them
+/// would move every session at once.
+pub mod hrw {
+    /// FNV-1a 64-bit hash of `bytes` (session ids, replica ids).
+    #[inline(always)]
+    pub const fn fnv1a64(bytes: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut i = 0;
+        while i < bytes.len() {
+            h ^= bytes[i] as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            i += 1;
+        }
+        h
+    }
+
+    /// SplitMix64 finaliser: a bijective mix with full avalanche.
+    #[inline(always)]
+    pub const fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The weight of a replica for a session.
+    #[inline(always)]
+    pub const fn score(session_hash: u64, replica_hash: u64) -> u64 {
+        mix(session_hash ^ mix(replica_hash))
+    }
+}
+
+/// How a VIP picks its replica for a new connection.
+pub mod vip_mode {
+    /// The replica userspace selected (kept at the least loaded).
+    pub const SELECTED: u32 = 0;
+    /// Rendezvous hashing on the connecting process (its thread-group id).
+    pub const HRW: u32 = 1;
+}
+
+/// Most replicas one VIP can spread over (bounds the kernel's HRW loop).
+pub const MAX_VIP_BACKENDS: u32 = 64;
 
 /// A normalised IPv6 address as four network-byte-order words.
 pub type Ip6Words = [u32; 4];
@@ -215,6 +273,68 @@ impl GuardStats {
     }
 }
 
+/// A server virtual address's routing entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipService {
+    /// Replicas at indices `0..count` in the backends map.
+    pub count: u32,
+    /// One of [`vip_mode`].
+    pub mode: u32,
+    /// Index of the replica userspace selected (mode `SELECTED`).
+    pub selected: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Key of one replica slot of a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipSlot {
+    /// The VIP.
+    pub vip: AddrKey,
+    /// Slot index, `0..count`.
+    pub index: u32,
+}
+
+/// A replica behind a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipBackend {
+    /// Where connects are rewritten to.
+    pub addr: AddrKey,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// `hrw::fnv1a64(replica id)`, so HRW is stable across slot reordering.
+    pub id_hash: u64,
+}
+
+/// VIP counters, one slot per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipStats {
+    /// TCP connects to a VIP.
+    pub connects: u64,
+    /// Connects rewritten to a replica.
+    pub rewritten: u64,
+    /// Connects to a VIP with no usable replica (left unchanged; they fail).
+    pub no_backend: u64,
+    /// An IPv6 replica for an IPv4 socket: cannot be rewritten.
+    pub family_mismatch: u64,
+}
+
+impl VipStats {
+    /// Adds another CPU's counters to these.
+    pub const fn merge(self, o: VipStats) -> VipStats {
+        VipStats {
+            connects: self.connects + o.connects,
+            rewritten: self.rewritten + o.rewritten,
+            no_backend: self.no_backend + o.no_backend,
+            family_mismatch: self.family_mismatch + o.family_mismatch,
+        }
+    }
+}
+
 // The kernel and userspace must agree on these sizes; a change here is an ABI change.
 const _: () = assert!(core::mem::size_of::<SockKey>() == 40);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
@@ -224,6 +344,10 @@ const _: () = assert!(core::mem::size_of::<BanValue>() == 4);
 const _: () = assert!(core::mem::size_of::<GuardConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<SynBucket>() == 16);
 const _: () = assert!(core::mem::size_of::<GuardStats>() == 32);
+const _: () = assert!(core::mem::size_of::<VipService>() == 16);
+const _: () = assert!(core::mem::size_of::<VipSlot>() == 24);
+const _: () = assert!(core::mem::size_of::<VipBackend>() == 32);
+const _: () = assert!(core::mem::size_of::<VipStats>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -243,6 +367,14 @@ mod pod {
     unsafe impl aya::Pod for super::SynBucket {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuardStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipService {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipSlot {}
+    // SAFETY: as above (the padding field is explicit and zeroed).
+    unsafe impl aya::Pod for super::VipBackend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipStats {}
 }
 
 #[cfg(test)]
@@ -259,6 +391,42 @@ mod tests {
         };
         assert_eq!(k.peer().local(), k.remote());
         assert_eq!(k.peer().peer(), k);
+    }
+
+    #[test]
+    fn hrw_is_pinned_to_its_documented_functions() {
+        // Known values: these must never change (every session would move).
+        assert_eq!(hrw::fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hrw::fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(hrw::mix(0), 0);
+        assert_ne!(hrw::score(1, 2), hrw::score(2, 1));
+    }
+
+    #[test]
+    fn hrw_moves_only_the_removed_replicas_sessions() {
+        let replicas: [u64; 4] = [11, 22, 33, 44].map(|r: u64| hrw::fnv1a64(&r.to_le_bytes()));
+        let pick = |set: &[u64], s: u64| {
+            let mut best = 0;
+            for i in 1..set.len() {
+                if hrw::score(s, set[i]) > hrw::score(s, set[best]) {
+                    best = i;
+                }
+            }
+            set[best]
+        };
+        let without: [u64; 3] = [replicas[0], replicas[1], replicas[3]];
+        let mut moved = 0;
+        for session in 0..2000u64 {
+            let before = pick(&replicas, session);
+            let after = pick(&without, session);
+            if before != replicas[2] {
+                assert_eq!(before, after, "session {session} moved without cause");
+            } else {
+                moved += 1;
+            }
+        }
+        // Roughly a quarter of sessions lived on the removed replica.
+        assert!((350..650).contains(&moved), "{moved}");
     }
 
     #[test]

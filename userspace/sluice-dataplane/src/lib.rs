@@ -15,13 +15,16 @@ pub mod guard;
 mod loader;
 pub mod pins;
 pub mod probe;
+mod sockdiag;
 pub mod sys;
+mod vip;
 
 pub use error::DataplaneError;
 pub use guard::{AuthFailureTracker, GuardAttachment, Prefix};
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
 pub use probe::{Feature, FeatureStatus, ProbeReport};
-pub use sluice_abi::{AddrKey, GuardStats, RedirectStats, SockKey, names};
+pub use sluice_abi::{AddrKey, GuardStats, RedirectStats, SockKey, VipStats, hrw, names};
+pub use vip::{VipMode, VipReplica};
 
 /// Default directory for pinned maps; operators inspect it with `bpftool`.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";

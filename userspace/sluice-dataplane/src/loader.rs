@@ -37,13 +37,18 @@ impl Default for DataplaneOptions {
 pub struct Dataplane {
     pub(crate) ebpf: Ebpf,
     pub(crate) guard_links: Vec<(String, aya::programs::xdp::XdpLinkId)>,
+    pub(crate) vip_links:
+        Vec<(&'static str, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId)>,
     pinned: Vec<PathBuf>,
     pin_dir: Option<PathBuf>,
     logger_started: bool,
 }
 
 /// Maps pinned for operators, in `bpftool map dump pinned <dir>/<name>` form.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 12] = [
+    names::VIP_SERVICES,
+    names::VIP_BACKENDS,
+    names::VIP_STATS,
     names::REDIR_SOCKS,
     names::LOCAL_REPLICAS,
     names::REDIR_STATS,
@@ -69,6 +74,7 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             guard_links: Vec::new(),
+            vip_links: Vec::new(),
             pinned: Vec::new(),
             pin_dir: options.pin_dir,
             logger_started: false,
@@ -265,7 +271,7 @@ impl Drop for RedirectPath<'_> {
 }
 
 /// The normalised map key of a socket address (IPv4 as IPv4-mapped IPv6).
-pub fn addr_key(addr: SocketAddr) -> AddrKey {
+pub(crate) fn addr_key(addr: SocketAddr) -> AddrKey {
     let ip = match addr.ip() {
         IpAddr::V4(v4) => ipv4_mapped(u32::from_ne_bytes(v4.octets())),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
