@@ -59,7 +59,21 @@ pub mod names {
     pub const VIP_BACKENDS: &str = "vip_backends";
     /// Per-CPU [`super::VipStats`].
     pub const VIP_STATS: &str = "vip_stats";
+    /// sk_reuseport select-or-migrate program over sluice's listener group.
+    pub const PROG_STEER: &str = "sluice_steer";
+    /// Listener sockets by slot (REUSEPORT_SOCKARRAY); shared across an upgrade.
+    pub const STEER_SOCKS: &str = "steer_socks";
+    /// The active slot range, one [`super::SteerConfig`]; shared across an upgrade.
+    pub const STEER_CONFIG: &str = "steer_config";
+    /// Per-CPU [`super::SteerStats`].
+    pub const STEER_STATS: &str = "steer_stats";
 }
+
+/// Slots in the steering socket array: two halves of [`STEER_HALF`], one per process
+/// generation, so an upgrading process fills the idle half and flips one word.
+pub const STEER_SLOTS: u32 = 256;
+/// Slots per generation.
+pub const STEER_HALF: u32 = STEER_SLOTS / 2;
 
 /// Rendezvous (highest random weight) hashing shared by userspace and the kernel, so
 /// both pick the same replica for the same session.
@@ -335,6 +349,39 @@ impl VipStats {
     }
 }
 
+/// Which listeners take new connections: slots `base..base + count`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SteerConfig {
+    /// First slot of the active generation.
+    pub base: u32,
+    /// Active listeners; 0 lets the kernel pick (no steering).
+    pub count: u32,
+}
+
+/// Steering counters, one slot per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SteerStats {
+    /// New connections steered to a chosen listener.
+    pub selected: u64,
+    /// Requests and queued connections moved off a closing listener.
+    pub migrated: u64,
+    /// Selections that failed (empty slot); the kernel's own choice applied.
+    pub fallback: u64,
+}
+
+impl SteerStats {
+    /// Adds another CPU's counters to these.
+    pub const fn merge(self, o: SteerStats) -> SteerStats {
+        SteerStats {
+            selected: self.selected + o.selected,
+            migrated: self.migrated + o.migrated,
+            fallback: self.fallback + o.fallback,
+        }
+    }
+}
+
 // The kernel and userspace must agree on these sizes; a change here is an ABI change.
 const _: () = assert!(core::mem::size_of::<SockKey>() == 40);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
@@ -348,6 +395,8 @@ const _: () = assert!(core::mem::size_of::<VipService>() == 16);
 const _: () = assert!(core::mem::size_of::<VipSlot>() == 24);
 const _: () = assert!(core::mem::size_of::<VipBackend>() == 32);
 const _: () = assert!(core::mem::size_of::<VipStats>() == 32);
+const _: () = assert!(core::mem::size_of::<SteerConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<SteerStats>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -375,6 +424,10 @@ mod pod {
     unsafe impl aya::Pod for super::VipBackend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SteerConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SteerStats {}
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use aya_ebpf::{
         BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action, xdp_action,
     },
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ReusePortSockArray, SockHash, SockMap,
+    },
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_map, cgroup_sock_addr, sk_msg, sk_reuseport, sock_ops, stream_verdict, xdp},
     maps::lpm_trie::Key as LpmKey,
@@ -24,8 +26,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use sluice_abi::{
-    AddrKey, BanValue, GuardConfig, GuardStats, MAX_VIP_BACKENDS, RedirectStats, SockKey,
-    SynBucket, VipBackend, VipService, VipSlot, VipStats, family, hrw, ipv4_mapped, vip_mode,
+    AddrKey, BanValue, GuardConfig, GuardStats, MAX_VIP_BACKENDS, RedirectStats, STEER_SLOTS,
+    SockKey, SteerConfig, SteerStats, SynBucket, VipBackend, VipService, VipSlot, VipStats, family,
+    hrw, ipv4_mapped, vip_mode,
 };
 
 // Maps are BTF-defined so `bpftool map dump` prints keys and values with their field
@@ -496,6 +499,57 @@ pub fn sluice_vip6(ctx: SockAddrContext) -> i32 {
         }
     }
     VERDICT_ALLOW
+}
+
+// ---- Listener steering -------------------------------------------------------------
+
+/// sluice's listeners by slot. Pinned and shared: an upgrading process adds its own
+/// listeners to the idle half, then flips `steer_config`.
+#[btf_map(name = "steer_socks")]
+static STEER_SOCKS: ReusePortSockArray<{ STEER_SLOTS as usize }> = ReusePortSockArray::new();
+
+/// The active slot range at index 0.
+#[btf_map(name = "steer_config")]
+static STEER_CONFIG: Array<SteerConfig, 1> = Array::new();
+
+/// Counters, one slot per CPU.
+#[btf_map(name = "steer_stats")]
+static STEER_STATS: PerCpuArray<SteerStats, 1> = PerCpuArray::new();
+
+/// Picks the listener for each new connection (flow hash over the active generation),
+/// and when a listener closes, moves its pending requests and queued connections to
+/// an active listener instead of resetting them: no SYN is lost during an upgrade.
+#[sk_reuseport(migrate)]
+pub fn sluice_steer(ctx: SkReuseportContext) -> u32 {
+    let Some(cfg) = STEER_CONFIG.get(0).copied() else {
+        return sk_action::SK_PASS;
+    };
+    let migrating = ctx.migrating_sk().is_some();
+    if cfg.count == 0 {
+        // No steering configured: the kernel's own choice (and, for a migration,
+        // its own pick of a live listener).
+        return sk_action::SK_PASS;
+    }
+    let slot = cfg.base + ctx.hash() % cfg.count;
+    // SAFETY: index 0 exists; the per-CPU slot is only touched by this CPU.
+    let stats = STEER_STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p });
+    match STEER_SOCKS.select_reuseport(&ctx, slot) {
+        Ok(()) => {
+            if let Some(s) = stats {
+                if migrating {
+                    s.migrated += 1;
+                } else {
+                    s.selected += 1;
+                }
+            }
+        }
+        Err(_) => {
+            if let Some(s) = stats {
+                s.fallback += 1;
+            }
+        }
+    }
+    sk_action::SK_PASS
 }
 
 /// Probe: the smallest XDP program.

@@ -16,6 +16,7 @@ mod loader;
 pub mod pins;
 pub mod probe;
 mod sockdiag;
+mod steer;
 pub mod sys;
 mod vip;
 
@@ -23,7 +24,10 @@ pub use error::DataplaneError;
 pub use guard::{AuthFailureTracker, GuardAttachment, Prefix};
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
 pub use probe::{Feature, FeatureStatus, ProbeReport};
-pub use sluice_abi::{AddrKey, GuardStats, RedirectStats, SockKey, VipStats, hrw, names};
+pub use sluice_abi::{
+    AddrKey, GuardStats, RedirectStats, SockKey, SteerConfig, SteerStats, VipStats, hrw, names,
+};
+pub use steer::SteerGeneration;
 pub use vip::{VipMode, VipReplica};
 
 /// Default directory for pinned maps; operators inspect it with `bpftool`.

@@ -70,7 +70,7 @@ impl Dataplane {
         if options.pin_dir.is_some() {
             sys::ensure_bpffs()?;
         }
-        let ebpf = EbpfLoader::new().load(crate::object())?;
+        let ebpf = load_object(options.pin_dir.as_deref())?;
         let mut dp = Dataplane {
             ebpf,
             guard_links: Vec::new(),
@@ -105,6 +105,11 @@ impl Dataplane {
             info!(dir = %dir.display(), maps = PINNED_MAPS.len(), "eBPF maps pinned");
         }
         Ok(dp)
+    }
+
+    /// Steering maps live on across processes; see [`load_object`].
+    pub(crate) fn shares_steering(&self) -> bool {
+        self.pin_dir.is_some()
     }
 
     /// Forwards kernel log records (aya-log) into `tracing`, with the kernel crate's
@@ -227,6 +232,37 @@ impl Drop for Dataplane {
         if let Some(dir) = &self.pin_dir {
             // Only removes the directory if nothing else (another process) uses it.
             let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Maps that outlive a process: an upgrading sluice opens the same listener steering
+/// maps by pin so the old and new process steer one SO_REUSEPORT group together.
+pub(crate) const SHARED_MAPS: [&str; 2] = [names::STEER_SOCKS, names::STEER_CONFIG];
+
+/// Loads the object; with a pin directory, the shared maps are reused from their pins
+/// (created and pinned when absent). A pin left by an incompatible build is replaced.
+fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
+    let Some(dir) = pin_dir else {
+        return Ok(EbpfLoader::new().load(crate::object())?);
+    };
+    fs::create_dir_all(dir)
+        .map_err(|e| DataplaneError::io(format!("creating {}", dir.display()), e))?;
+    let load = || {
+        let mut loader = EbpfLoader::new();
+        for name in SHARED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        loader.load(crate::object())
+    };
+    match load() {
+        Ok(ebpf) => Ok(ebpf),
+        Err(e) => {
+            warn!(error = %e, "shared maps could not be reused; replacing their pins");
+            for name in SHARED_MAPS {
+                let _ = fs::remove_file(dir.join(name));
+            }
+            Ok(load()?)
         }
     }
 }
