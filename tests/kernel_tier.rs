@@ -223,3 +223,34 @@ fn bpftool_lists_programs_and_maps_by_readable_names_while_loaded() {
     eprintln!("bpftool map dump pinned .../redir_stats:\n{dump}");
     drop(redirect);
 }
+
+#[test]
+fn live_state_reads_back_what_was_programmed_through_the_pins() {
+    require_root!();
+    let pins = TestPinDir::new("live");
+    let mut dp = Dataplane::load(DataplaneOptions { pin_dir: Some(pins.0.clone()) }).expect("load");
+    dp.guard_port(8443).unwrap();
+    dp.guard_syn_rate(100, 20).unwrap();
+    dp.guard_deny("203.0.113.0/24".parse().unwrap(), None).unwrap();
+    dp.guard_deny("2001:db8::7".parse().unwrap(), Some(Duration::from_secs(60))).unwrap();
+    let replicas = [
+        sluice_dataplane::VipReplica { addr: "127.0.0.1:9001".parse().unwrap(), id: "a".into() },
+        sluice_dataplane::VipReplica { addr: "127.0.0.1:9002".parse().unwrap(), id: "b".into() },
+    ];
+    let vip: SocketAddr = "198.51.100.7:80".parse().unwrap();
+    dp.set_vip(vip, &replicas, sluice_dataplane::VipMode::Selected, 1).unwrap();
+
+    // Read as another process would: only through the pins.
+    let state = sluice_dataplane::live::read(&pins.0);
+    assert_eq!(state.guard_ports, vec![8443]);
+    assert_eq!(state.guard_config.map(|c| (c.syn_rate_per_sec, c.syn_burst)), Some((100, 20)));
+    let permanent = state.denied.iter().find(|d| d.prefix == "203.0.113.0/24").expect("v4 entry");
+    assert_eq!(permanent.expires_in_s, None);
+    let ban = state.denied.iter().find(|d| d.prefix == "2001:db8::7/128").expect("v6 ban");
+    assert!(matches!(ban.expires_in_s, Some(s) if (55..=61).contains(&s)), "{ban:?}");
+    assert_eq!(state.vips.len(), 1);
+    assert_eq!(state.vips[0].vip, vip);
+    assert_eq!(state.vips[0].selected, 1);
+    assert_eq!(state.vips[0].replicas, vec![replicas[0].addr, replicas[1].addr]);
+    assert!(state.redirect.is_some() && state.guard.is_some() && state.vip.is_some());
+}

@@ -203,6 +203,7 @@ impl AddrKey {
 /// Counters of the sock_ops + sk_msg redirect path, one slot per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct RedirectStats {
     /// Established sockets recorded into the sockhash.
     pub socks_tracked: u64,
@@ -244,6 +245,7 @@ pub struct BanValue {
 /// Guard settings written by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct GuardConfig {
     /// New connections (SYNs) per second allowed per source; 0 disables the limit.
     pub syn_rate_per_sec: u32,
@@ -264,6 +266,7 @@ pub struct SynBucket {
 /// XDP guard counters, one slot per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct GuardStats {
     /// Packets to guarded ports inspected.
     pub inspected: u64,
@@ -326,6 +329,7 @@ pub struct VipBackend {
 /// VIP counters, one slot per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct VipStats {
     /// TCP connects to a VIP.
     pub connects: u64,
@@ -352,6 +356,7 @@ impl VipStats {
 /// Which listeners take new connections: slots `base..base + count`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct SteerConfig {
     /// First slot of the active generation.
     pub base: u32,
@@ -362,6 +367,7 @@ pub struct SteerConfig {
 /// Steering counters, one slot per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct SteerStats {
     /// New connections steered to a chosen listener.
     pub selected: u64,

@@ -12,6 +12,7 @@
 
 mod error;
 pub mod guard;
+pub mod live;
 mod loader;
 pub mod pins;
 pub mod probe;

@@ -45,7 +45,8 @@ pub struct Dataplane {
 }
 
 /// Maps pinned for operators, in `bpftool map dump pinned <dir>/<name>` form.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
+    names::STEER_STATS,
     names::VIP_SERVICES,
     names::VIP_BACKENDS,
     names::VIP_STATS,

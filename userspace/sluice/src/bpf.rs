@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use sluice_dataplane::{DEFAULT_PIN_DIR, pins, probe};
+use sluice_dataplane::{DEFAULT_PIN_DIR, live, pins, probe};
 
 /// Subcommands of `sluice bpf`.
 #[derive(Subcommand)]
@@ -31,11 +31,13 @@ pub fn main(command: BpfCommand) -> Result<()> {
 fn status(json: bool, pin_dir: &std::path::Path) -> Result<()> {
     let report = probe::probe();
     let pinned = pins::list(pin_dir);
+    let state = live::read(pin_dir);
     if json {
         let doc = serde_json::json!({
             "probe": report,
             "pin_dir": pin_dir,
             "pinned": pinned,
+            "live": state,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -53,10 +55,69 @@ fn status(json: bool, pin_dir: &std::path::Path) -> Result<()> {
             println!("  {:<20} {}", p.name, p.kind);
         }
         println!("inspect with: bpftool map dump pinned {}/<name>", pin_dir.display());
+        print_live(&state);
     }
     if let Some(missing) = report.summary_of_missing() {
         println!();
         println!("sluice serves these paths in userspace: {missing}");
     }
     Ok(())
+}
+
+fn print_live(s: &live::LiveState) {
+    println!();
+    if let Some(r) = &s.redirect {
+        println!(
+            "redirect: {} sockets tracked, {} messages, {} bytes redirected, {} without peer, {} insert failures",
+            r.socks_tracked, r.messages, r.bytes_redirected, r.no_peer, r.track_failed
+        );
+    }
+    if let Some(g) = &s.guard {
+        let ports: Vec<String> = s.guard_ports.iter().map(u16::to_string).collect();
+        let rate = s
+            .guard_config
+            .filter(|c| c.syn_rate_per_sec > 0)
+            .map(|c| format!("{}/s burst {}", c.syn_rate_per_sec, c.syn_burst))
+            .unwrap_or_else(|| "off".into());
+        println!(
+            "guard: ports [{}], SYN limit {rate}; {} inspected, {} dropped (denied), {} dropped (SYN rate)",
+            ports.join(", "),
+            g.inspected,
+            g.dropped_denied,
+            g.dropped_syn_rate
+        );
+        for d in &s.denied {
+            match d.expires_in_s {
+                Some(secs) => println!("  banned {:<40} expires in {secs}s", d.prefix),
+                None => println!("  denied {:<40} permanent", d.prefix),
+            }
+        }
+    }
+    if let Some(v) = &s.vip {
+        println!(
+            "vips: {} connects, {} rewritten, {} without replica",
+            v.connects, v.rewritten, v.no_backend
+        );
+        for vip in &s.vips {
+            let replicas: Vec<String> = vip.replicas.iter().map(ToString::to_string).collect();
+            println!(
+                "  {:<28} {:<8} selected {} -> [{}]",
+                vip.vip,
+                vip.mode,
+                vip.selected,
+                replicas.join(", ")
+            );
+        }
+    }
+    if let Some(cfg) = &s.steering {
+        let st = s.steer.unwrap_or_default();
+        println!(
+            "steering: slots {}..{} active; {} selected, {} migrated, {} fallback",
+            cfg.base,
+            cfg.base + cfg.count,
+            st.selected,
+            st.migrated,
+            st.fallback
+        );
+    }
 }
