@@ -67,6 +67,14 @@ pub mod names {
     pub const STEER_CONFIG: &str = "steer_config";
     /// Per-CPU [`super::SteerStats`].
     pub const STEER_STATS: &str = "steer_stats";
+    /// sk_skb stream verdict that splices paired sockets.
+    pub const PROG_SPLICE: &str = "sluice_splice";
+    /// Spliced sockets ([`super::SockKey`] → socket).
+    pub const SPLICE_SOCKS: &str = "splice_socks";
+    /// Each spliced socket's peer ([`super::SockKey`] → [`super::SockKey`]).
+    pub const SPLICE_PEERS: &str = "splice_peers";
+    /// Per-CPU [`super::SpliceStats`].
+    pub const SPLICE_STATS: &str = "splice_stats";
 }
 
 /// Slots in the steering socket array: two halves of [`STEER_HALF`], one per process
@@ -388,6 +396,30 @@ impl SteerStats {
     }
 }
 
+/// Splice counters, one slot per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct SpliceStats {
+    /// Bytes handed to the peer socket's egress.
+    pub bytes: u64,
+    /// skbs redirected.
+    pub skbs: u64,
+    /// skbs on a socket with no peer entry: left for userspace to read.
+    pub no_peer: u64,
+}
+
+impl SpliceStats {
+    /// Adds another CPU's counters to these.
+    pub const fn merge(self, o: SpliceStats) -> SpliceStats {
+        SpliceStats {
+            bytes: self.bytes + o.bytes,
+            skbs: self.skbs + o.skbs,
+            no_peer: self.no_peer + o.no_peer,
+        }
+    }
+}
+
 // The kernel and userspace must agree on these sizes; a change here is an ABI change.
 const _: () = assert!(core::mem::size_of::<SockKey>() == 40);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
@@ -403,6 +435,7 @@ const _: () = assert!(core::mem::size_of::<VipBackend>() == 32);
 const _: () = assert!(core::mem::size_of::<VipStats>() == 32);
 const _: () = assert!(core::mem::size_of::<SteerConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<SteerStats>() == 24);
+const _: () = assert!(core::mem::size_of::<SpliceStats>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -434,6 +467,8 @@ mod pod {
     unsafe impl aya::Pod for super::SteerConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SteerStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SpliceStats {}
 }
 
 #[cfg(test)]

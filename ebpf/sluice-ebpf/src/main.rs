@@ -27,8 +27,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use sluice_abi::{
     AddrKey, BanValue, GuardConfig, GuardStats, MAX_VIP_BACKENDS, RedirectStats, STEER_SLOTS,
-    SockKey, SteerConfig, SteerStats, SynBucket, VipBackend, VipService, VipSlot, VipStats, family,
-    hrw, ipv4_mapped, vip_mode,
+    SockKey, SpliceStats, SteerConfig, SteerStats, SynBucket, VipBackend, VipService, VipSlot,
+    VipStats, family, hrw, ipv4_mapped, vip_mode,
 };
 
 // Maps are BTF-defined so `bpftool map dump` prints keys and values with their field
@@ -550,6 +550,53 @@ pub fn sluice_steer(ctx: SkReuseportContext) -> u32 {
         }
     }
     sk_action::SK_PASS
+}
+
+// ---- Stream splicing -----------------------------------------------------------------
+
+/// Sockets of spliced pairs (upgraded client and replica legs), by their own 4-tuple.
+#[btf_map(name = "splice_socks")]
+static SPLICE_SOCKS: SockHash<SockKey, 65_536> = SockHash::new();
+
+/// Each spliced socket's peer.
+#[btf_map(name = "splice_peers")]
+static SPLICE_PEERS: HashMap<SockKey, SockKey, 65_536> = HashMap::new();
+
+/// Counters, one slot per CPU.
+#[btf_map(name = "splice_stats")]
+static SPLICE_STATS: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
+
+/// Sends every byte a spliced socket receives straight out of its peer, so opaque
+/// streams (WebSockets, CONNECT tunnels) never climb to userspace. A socket without a
+/// peer entry keeps its bytes for userspace (SK_PASS), which is the fallback.
+#[stream_verdict]
+pub fn sluice_splice(ctx: SkBuffContext) -> u32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the verifier-checked __sk_buff; scalar fields at constant offsets.
+    let (fam, local_port, remote_port, len) =
+        unsafe { ((*skb).family, (*skb).local_port, (*skb).remote_port, (*skb).len) };
+    let (local_ip, remote_ip) = match fam {
+        // SAFETY: as above.
+        family::INET => unsafe { (ipv4_mapped((*skb).local_ip4), ipv4_mapped((*skb).remote_ip4)) },
+        family::INET6 => (ctx_ip6!(skb, local_ip6), ctx_ip6!(skb, remote_ip6)),
+        _ => return sk_action::SK_PASS,
+    };
+    let me = SockKey { local_ip, remote_ip, local_port, remote_port: u32::from_be(remote_port) };
+    // SAFETY: STEER_STATS-style per-CPU slot; index 0 exists.
+    let stats = SPLICE_STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p });
+    // SAFETY: the value is copied out at once.
+    let Some(mut peer) = (unsafe { SPLICE_PEERS.get(&me) }).copied() else {
+        if let Some(s) = stats {
+            s.no_peer += 1;
+        }
+        return sk_action::SK_PASS;
+    };
+    let verdict = SPLICE_SOCKS.redirect_skb(&ctx, &mut peer, 0);
+    if let Some(s) = stats {
+        s.skbs += 1;
+        s.bytes += len as u64;
+    }
+    verdict as u32
 }
 
 /// Probe: the smallest XDP program.

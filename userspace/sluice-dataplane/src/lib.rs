@@ -17,6 +17,7 @@ mod loader;
 pub mod pins;
 pub mod probe;
 mod sockdiag;
+pub mod splice;
 mod steer;
 pub mod sys;
 mod vip;
@@ -26,7 +27,8 @@ pub use guard::{AuthFailureTracker, GuardAttachment, Prefix};
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
 pub use probe::{Feature, FeatureStatus, ProbeReport};
 pub use sluice_abi::{
-    AddrKey, GuardStats, RedirectStats, SockKey, SteerConfig, SteerStats, VipStats, hrw, names,
+    AddrKey, GuardStats, RedirectStats, SockKey, SpliceStats, SteerConfig, SteerStats, VipStats,
+    hrw, names,
 };
 pub use steer::SteerGeneration;
 pub use vip::{VipMode, VipReplica};

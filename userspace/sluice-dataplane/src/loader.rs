@@ -37,6 +37,7 @@ impl Default for DataplaneOptions {
 pub struct Dataplane {
     pub(crate) ebpf: Ebpf,
     pub(crate) guard_links: Vec<(String, aya::programs::xdp::XdpLinkId)>,
+    pub(crate) splice_attached: bool,
     pub(crate) vip_links:
         Vec<(&'static str, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId)>,
     pinned: Vec<PathBuf>,
@@ -45,7 +46,10 @@ pub struct Dataplane {
 }
 
 /// Maps pinned for operators, in `bpftool map dump pinned <dir>/<name>` form.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 16] = [
+    names::SPLICE_SOCKS,
+    names::SPLICE_PEERS,
+    names::SPLICE_STATS,
     names::STEER_STATS,
     names::VIP_SERVICES,
     names::VIP_BACKENDS,
@@ -76,6 +80,7 @@ impl Dataplane {
             ebpf,
             guard_links: Vec::new(),
             vip_links: Vec::new(),
+            splice_attached: false,
             pinned: Vec::new(),
             pin_dir: options.pin_dir,
             logger_started: false,
