@@ -1,3 +1,4 @@
 //! Shared helpers for sluice's integration tests.
 
+pub mod etcd;
 pub mod netns;

@@ -1,1 +1,45 @@
-//! placeholder
+//! sluice routing state: the model (servers, replicas, tokens), its validation, the
+//! immutable snapshot the request path reads lock-free, incremental application of store
+//! changes, the file source, and the replica health checker.
+//!
+//! This crate knows nothing of HTTP plumbing or BPF (DESIGN.md §5): the proxy reads a
+//! [`Snapshot`] from a [`RoutingTable`]; sources and the health checker write to it.
+//!
+//! ```
+//! use sluice_routing::{NodeConfig, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec};
+//!
+//! let node = NodeConfig { base_domains: vec!["run.example.com".into()], regions: vec!["r1".into()] };
+//! let doc = RoutingDoc {
+//!     servers: vec![ServerSpec::new("s1", "hello")],
+//!     replicas: vec![ReplicaSpec::new("s1", "a", "127.0.0.1:8080".parse().unwrap())],
+//!     tokens: vec![],
+//! };
+//! let table = RoutingTable::from_doc(node, doc).unwrap();
+//! let snap = table.load();
+//! let server = snap.lookup("hello.r1.run.example.com").unwrap();
+//! assert_eq!(server.replicas.len(), 1);
+//! ```
+
+pub mod auth;
+pub mod authority;
+pub mod change;
+pub mod health;
+pub mod model;
+pub mod snapshot;
+pub mod source;
+pub mod table;
+pub mod validate;
+
+pub use auth::{hash_secret, verify_secret};
+pub use authority::{AuthorityError, canonical_authority, canonical_authority_cow};
+pub use change::{ApplyError, ApplyErrorKind, Change};
+pub use health::{HealthChecker, HealthPolicy};
+pub use model::{
+    MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
+    ServerSpec, ServerTimeouts, TokenSpec,
+};
+pub use snapshot::{
+    Health, InFlightGuard, Replica, ReplicaStats, Server, ServerStats, Snapshot, StateView,
+};
+pub use table::RoutingTable;
+pub use validate::{FieldError, ObjectRef, ValidationError};

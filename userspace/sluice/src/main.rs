@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bpf;
+mod ctl;
 mod demo;
 mod run;
 
@@ -33,6 +34,8 @@ enum Command {
     },
     /// Run on the embedded default config with demo replicas it starts itself.
     Demo,
+    /// Read and write the routing state in etcd (servers, replicas, tokens).
+    Ctl(ctl::CtlArgs),
     /// Inspect the kernel data plane.
     Bpf {
         #[command(subcommand)]
@@ -54,6 +57,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run { config, require_ebpf } => run::main(&config, require_ebpf),
         Command::Demo => demo::main(),
+        Command::Ctl(args) => ctl::main(args),
         Command::Bpf { command } => bpf::main(command),
     }
 }

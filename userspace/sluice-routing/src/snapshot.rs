@@ -1,0 +1,399 @@
+//! The immutable routing snapshot the request path reads, and the live counters that
+//! survive from one snapshot to the next.
+//!
+//! A snapshot's maps are persistent hash maps (`imbl`, a HAMT): cloning one is O(1) and a
+//! change copies only the O(log n) path to it, so the single writer can build the next
+//! snapshot from the current one without touching the 100k entries that did not change.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::model::{NodeConfig, Protocol, ReplicaSpec, ReplicaState, ServerSpec, TokenSpec};
+
+/// Live per-replica counters. The same `Arc` is carried into every snapshot for the same
+/// (server id, replica id), so counts survive snapshot swaps.
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    /// Requests (and opaque streams) currently in flight to this replica.
+    pub in_flight: AtomicU64,
+    /// Requests sent to this replica since it appeared.
+    pub requests: AtomicU64,
+    /// Requests to this replica that failed at the transport level (connect, reset).
+    pub failures: AtomicU64,
+}
+
+/// Live per-server counters, carried across snapshots like [`ReplicaStats`].
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Requests currently in flight to any replica of this server.
+    pub in_flight: AtomicU64,
+    /// Requests routed to this server since it appeared.
+    pub requests: AtomicU64,
+    /// Requests answered `503` because no replica was ready: demand for scale-from-zero.
+    pub no_replica: AtomicU64,
+}
+
+/// A routable replica in a snapshot.
+#[derive(Debug)]
+pub struct Replica {
+    /// Replica id, unique within its server.
+    pub id: String,
+    /// Id of the server it belongs to.
+    pub server: String,
+    /// Where to connect (IPv4-mapped IPv6 addresses are normalised to IPv4).
+    pub addr: SocketAddr,
+    /// How to speak to it.
+    pub protocol: Protocol,
+    /// Live counters (shared across snapshots).
+    pub stats: Arc<ReplicaStats>,
+}
+
+/// A server in a snapshot, with only its routable replicas: state `ready`, and healthy when
+/// a health checker gates readiness. Starting, draining and unhealthy replicas are excluded.
+#[derive(Debug)]
+pub struct Server {
+    /// The server's configuration.
+    pub spec: Arc<ServerSpec>,
+    /// Routable replicas, ordered by replica id (stable for rendezvous hashing).
+    pub replicas: Arc<[Arc<Replica>]>,
+    /// Live counters (shared across snapshots).
+    pub stats: Arc<ServerStats>,
+}
+
+impl Server {
+    /// The server's id.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    /// Count a request routed to `replica` until the returned guard drops. The guard owns
+    /// `Arc`s, so it may outlive this snapshot (it usually does: responses stream).
+    pub fn begin_request(&self, replica: &Arc<Replica>) -> InFlightGuard {
+        InFlightGuard::new(self.stats.clone(), replica.stats.clone())
+    }
+}
+
+/// Counts one in-flight request on a server and a replica; decrements both on drop.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    server: Arc<ServerStats>,
+    replica: Arc<ReplicaStats>,
+}
+
+impl InFlightGuard {
+    /// Start counting (increments `in_flight` and `requests` on both).
+    pub fn new(server: Arc<ServerStats>, replica: Arc<ReplicaStats>) -> Self {
+        server.in_flight.fetch_add(1, Ordering::Relaxed);
+        server.requests.fetch_add(1, Ordering::Relaxed);
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        replica.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard { server, replica }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.server.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the health checker last concluded about a replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Not checked yet (routable unless the table requires an initial check).
+    #[default]
+    Unknown,
+    /// Its port accepts connections.
+    Healthy,
+    /// Failed `failure_threshold` consecutive checks: out of rotation.
+    Unhealthy,
+}
+
+/// Every replica the store knows of (any state), with its health and its routable form.
+#[derive(Clone, Debug)]
+pub(crate) struct ReplicaEntry {
+    pub(crate) spec: Arc<ReplicaSpec>,
+    pub(crate) health: Health,
+    pub(crate) replica: Arc<Replica>,
+}
+
+impl ReplicaEntry {
+    pub(crate) fn routable(&self, health_gate: bool) -> bool {
+        self.spec.state == ReplicaState::Ready
+            && match self.health {
+                Health::Healthy => true,
+                Health::Unhealthy => false,
+                Health::Unknown => !health_gate,
+            }
+    }
+}
+
+/// A server plus the domains it currently owns in the domain map.
+#[derive(Clone, Debug)]
+pub(crate) struct ServerEntry {
+    pub(crate) server: Arc<Server>,
+    pub(crate) domains: Arc<[Arc<str>]>,
+}
+
+/// Immutable routing snapshot: what the request path reads, lock-free, via
+/// [`crate::RoutingTable::load`].
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub(crate) generation: u64,
+    pub(crate) node: Arc<NodeConfig>,
+    /// When true, a replica must pass a health check before it is routable.
+    pub(crate) health_gate: bool,
+    // Keys are `Arc<str>` so the path copying of a persistent-map update bumps refcounts
+    // instead of cloning strings.
+    pub(crate) domains: imbl::HashMap<Arc<str>, Arc<Server>>,
+    pub(crate) servers: imbl::HashMap<Arc<str>, ServerEntry>,
+    pub(crate) tokens: imbl::HashMap<Arc<str>, Arc<TokenSpec>>,
+    /// server id → replica id → entry. Holds replicas whose server does not exist (yet):
+    /// they are kept, not routed, so the result does not depend on the order a store
+    /// delivers keys in.
+    pub(crate) replicas: imbl::HashMap<Arc<str>, imbl::OrdMap<Arc<str>, ReplicaEntry>>,
+}
+
+impl Snapshot {
+    /// An empty snapshot at generation 0.
+    pub(crate) fn empty(node: Arc<NodeConfig>) -> Self {
+        Snapshot {
+            generation: 0,
+            node,
+            health_gate: false,
+            domains: imbl::HashMap::new(),
+            servers: imbl::HashMap::new(),
+            tokens: imbl::HashMap::new(),
+            replicas: imbl::HashMap::new(),
+        }
+    }
+
+    /// The store revision this snapshot reflects.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The node configuration the domains were computed for.
+    pub fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+
+    /// Resolve a canonical authority (lowercase ASCII, no port, no trailing dot; see
+    /// [`crate::canonical_authority`]) to its server: `<label>.<region>.<base>` or a custom
+    /// domain. One hash lookup.
+    pub fn lookup(&self, authority: &str) -> Option<&Arc<Server>> {
+        self.domains.get(authority)
+    }
+
+    /// A server by id.
+    pub fn server(&self, id: &str) -> Option<&Arc<Server>> {
+        self.servers.get(id).map(|e| &e.server)
+    }
+
+    /// A token by id.
+    pub fn token(&self, id: &str) -> Option<&TokenSpec> {
+        self.tokens.get(id).map(|t| &**t)
+    }
+
+    /// Number of servers.
+    pub fn server_count(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Number of domains in the domain map.
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
+    }
+
+    /// Number of tokens.
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether replicas must pass a health check before they are routable.
+    pub fn health_gated(&self) -> bool {
+        self.health_gate
+    }
+
+    /// The domains a server answers on (sorted), if it exists.
+    pub fn domains_of(&self, server_id: &str) -> Option<&[Arc<str>]> {
+        self.servers.get(server_id).map(|e| &*e.domains)
+    }
+
+    /// Every replica of a server the store knows of, in any state, with its health.
+    pub fn replica_specs(&self, server_id: &str) -> Vec<(Arc<ReplicaSpec>, Health)> {
+        self.replicas
+            .get(server_id)
+            .map(|m| m.values().map(|e| (e.spec.clone(), e.health)).collect())
+            .unwrap_or_default()
+    }
+
+    /// All servers (arbitrary order).
+    pub fn servers(&self) -> impl Iterator<Item = &Arc<Server>> {
+        self.servers.values().map(|e| &e.server)
+    }
+
+    /// Every replica the store knows of (any state, including replicas of unknown servers).
+    pub(crate) fn all_replicas(&self) -> impl Iterator<Item = &ReplicaEntry> {
+        self.replicas.values().flat_map(|m| m.values())
+    }
+
+    /// A serializable view for `GET /state`: servers, domains, replicas with state, health
+    /// and counters, tokens with their secret hashes redacted. Sorted by id.
+    pub fn state_view(&self) -> StateView {
+        let mut servers: Vec<ServerView> =
+            self.servers.values().map(|e| self.server_view_of(e)).collect();
+        servers.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut orphan_replicas: Vec<ReplicaView> = self
+            .replicas
+            .iter()
+            .filter(|(server, _)| !self.servers.contains_key(&**server))
+            .flat_map(|(_, m)| m.values().map(|r| self.replica_view(r)))
+            .collect();
+        orphan_replicas.sort_by(|a, b| (&a.server, &a.id).cmp(&(&b.server, &b.id)));
+        let mut tokens: Vec<TokenView> = self
+            .tokens
+            .values()
+            .map(|t| TokenView {
+                id: t.id.clone(),
+                secret_hash: "<redacted>",
+                environments: t.environments.clone(),
+            })
+            .collect();
+        tokens.sort_by(|a, b| a.id.cmp(&b.id));
+        StateView {
+            generation: self.generation,
+            node: (*self.node).clone(),
+            health_gated: self.health_gate,
+            servers,
+            orphan_replicas,
+            tokens,
+        }
+    }
+
+    /// The [`StateView`] entry of one server (for `GET /state?server=<id>`, which stays
+    /// small when the node holds many servers).
+    pub fn server_view(&self, id: &str) -> Option<ServerView> {
+        self.servers.get(id).map(|e| self.server_view_of(e))
+    }
+
+    fn server_view_of(&self, e: &ServerEntry) -> ServerView {
+        let s = &e.server;
+        let replicas = self
+            .replicas
+            .get(s.id())
+            .map(|m| m.values().map(|r| self.replica_view(r)).collect())
+            .unwrap_or_default();
+        ServerView {
+            id: s.spec.id.clone(),
+            domains: e.domains.iter().map(|d| d.to_string()).collect(),
+            routable_replicas: s.replicas.len(),
+            in_flight: s.stats.in_flight.load(Ordering::Relaxed),
+            requests: s.stats.requests.load(Ordering::Relaxed),
+            no_replica: s.stats.no_replica.load(Ordering::Relaxed),
+            spec: (*s.spec).clone(),
+            replicas,
+        }
+    }
+
+    fn replica_view(&self, r: &ReplicaEntry) -> ReplicaView {
+        ReplicaView {
+            server: r.spec.server.clone(),
+            id: r.spec.id.clone(),
+            address: r.replica.addr,
+            protocol: r.spec.protocol,
+            state: r.spec.state,
+            health: r.health,
+            routable: self.servers.contains_key(r.spec.server.as_str())
+                && r.routable(self.health_gate),
+            drain_deadline: r
+                .spec
+                .drain_deadline
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            in_flight: r.replica.stats.in_flight.load(Ordering::Relaxed),
+            requests: r.replica.stats.requests.load(Ordering::Relaxed),
+            failures: r.replica.stats.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// `GET /state` body.
+#[derive(Debug, Serialize)]
+pub struct StateView {
+    /// Applied store revision.
+    pub generation: u64,
+    /// Node configuration.
+    pub node: NodeConfig,
+    /// Whether replicas need a passing health check to be routable.
+    pub health_gated: bool,
+    /// Servers, sorted by id.
+    pub servers: Vec<ServerView>,
+    /// Replicas whose server does not exist (held, not routed).
+    pub orphan_replicas: Vec<ReplicaView>,
+    /// Tokens with the secret hash redacted.
+    pub tokens: Vec<TokenView>,
+}
+
+/// One server in [`StateView`].
+#[derive(Debug, Serialize)]
+pub struct ServerView {
+    /// Server id.
+    pub id: String,
+    /// Domains it answers on.
+    pub domains: Vec<String>,
+    /// How many replicas are in rotation.
+    pub routable_replicas: usize,
+    /// In-flight requests.
+    pub in_flight: u64,
+    /// Requests routed.
+    pub requests: u64,
+    /// `503`s for lack of a ready replica.
+    pub no_replica: u64,
+    /// Full configuration.
+    pub spec: ServerSpec,
+    /// All its replicas, any state.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// One replica in [`StateView`].
+#[derive(Debug, Serialize)]
+pub struct ReplicaView {
+    /// Server id.
+    pub server: String,
+    /// Replica id.
+    pub id: String,
+    /// Address.
+    pub address: SocketAddr,
+    /// Upstream protocol.
+    pub protocol: Protocol,
+    /// Lifecycle state from the store.
+    pub state: ReplicaState,
+    /// Health-check result.
+    pub health: Health,
+    /// Whether it is in rotation.
+    pub routable: bool,
+    /// Drain deadline (RFC 3339), if any.
+    pub drain_deadline: Option<String>,
+    /// In-flight requests.
+    pub in_flight: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Transport failures.
+    pub failures: u64,
+}
+
+/// One token in [`StateView`].
+#[derive(Debug, Serialize)]
+pub struct TokenView {
+    /// Token id.
+    pub id: String,
+    /// Always `"<redacted>"`.
+    pub secret_hash: &'static str,
+    /// Environments it grants.
+    pub environments: Vec<String>,
+}

@@ -1,0 +1,28 @@
+//! Sources of routing state: they turn a store's contents into [`crate::Change`]s or whole
+//! [`crate::RoutingDoc`]s and apply them to a [`crate::RoutingTable`], stamping the store
+//! revision as the generation.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+pub mod etcd;
+pub mod file;
+
+/// How a source is doing, for `/readyz` detail and metrics. Sources publish it on a
+/// `tokio::sync::watch` channel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceStatus {
+    /// Whether the last attempt to load or sync succeeded (false before the first success).
+    pub healthy: bool,
+    /// The last error, if the last attempt failed (never contains secrets).
+    pub last_error: Option<String>,
+    /// When state was last loaded or confirmed current.
+    pub last_success: Option<SystemTime>,
+    /// Generation published by the last successful load.
+    pub generation: u64,
+    /// Successful loads so far.
+    pub loads: u64,
+    /// Failed attempts so far.
+    pub failures: u64,
+}
