@@ -1,20 +1,18 @@
-//! Kernel tier: splicing an opaque stream. A client talks to an echo replica through
-//! two proxy-held sockets that are spliced in the kernel; the proxy's watchers only
-//! see EOF (and would forward, and count, any byte the kernel left to userspace).
+//! Kernel tier: splicing an opaque stream. A client talks to a replica through two
+//! proxy-held sockets that are spliced in the kernel and handed to the close watcher,
+//! as the proxy does after an upgrade.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex, mpsc},
     thread,
     time::Duration,
 };
 
-use sluice_dataplane::{Dataplane, DataplaneOptions};
+use sluice_dataplane::{Dataplane, DataplaneOptions, SpliceEnd, SpliceWatcher};
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -40,127 +38,70 @@ macro_rules! require_root {
     };
 }
 
-/// The proxy's watcher for one direction: blocks until `from` has something for
-/// userspace. On a spliced leg that is EOF, which becomes a half-close of `to`;
-/// anything else is forwarded by hand and counted as a fallback.
-fn watch(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    userspace_bytes: Arc<AtomicU64>,
-    spurious: Arc<AtomicU64>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let r = from.read(&mut buf);
-            if std::env::var("SPLICE_DEBUG").is_ok() {
-                eprintln!(
-                    "watch {:?} -> {:?}: read {:?} state {:?}",
-                    from.local_addr(),
-                    to.local_addr(),
-                    r.as_ref().map_err(|e| e.to_string()),
-                    tcp_state(&from)
-                );
-            }
-            match r {
-                // A spliced leg's reader is woken for skbs that were redirected away
-                // and then finds nothing: the kernel answers EAGAIN even on a blocking
-                // socket. That is "not ready", never a close.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    spurious.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(0) | Err(_) => {
-                    let _ = to.shutdown(Shutdown::Write);
-                    return;
-                }
-                Ok(n) => {
-                    userspace_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if to.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    })
+struct Kernel {
+    dp: Arc<Mutex<Dataplane>>,
+    watcher: SpliceWatcher,
 }
 
-fn tcp_state(s: &TcpStream) -> String {
-    let out = std::process::Command::new("ss")
-        .args(["-tnH", "src", &s.local_addr().unwrap().to_string()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("?").to_owned()
+fn kernel() -> Kernel {
+    let dp =
+        Arc::new(Mutex::new(Dataplane::load(DataplaneOptions { pin_dir: None }).expect("load")));
+    let watcher = SpliceWatcher::spawn(dp.clone()).expect("watcher");
+    Kernel { dp, watcher }
 }
 
-struct Legs {
-    client: TcpStream,
-    proxy_front: TcpStream,
-    proxy_back: TcpStream,
-    replica: thread::JoinHandle<u64>,
-}
-
-/// client → [front | back] → echo replica, all on loopback.
-fn legs() -> Legs {
+/// client → [front | back] → replica (running `serve` on its socket).
+fn connect_through<T: Send + 'static>(
+    k: &Kernel,
+    serve: impl FnOnce(TcpStream) -> T + Send + 'static,
+) -> (TcpStream, thread::JoinHandle<T>, mpsc::Receiver<SpliceEnd>) {
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = upstream.local_addr().unwrap();
-    let replica = thread::spawn(move || {
-        let (mut s, _) = upstream.accept().unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut echoed = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    s.write_all(&buf[..n]).unwrap();
-                    echoed += n as u64;
-                }
-            }
-        }
-        // Half-close seen: finish our side.
-        let _ = s.shutdown(Shutdown::Write);
-        echoed
-    });
+    let replica = thread::spawn(move || serve(upstream.accept().unwrap().0));
     let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
     let (proxy_front, _) = front.accept().unwrap();
     let proxy_back = TcpStream::connect(up_addr).unwrap();
     for s in [&client, &proxy_front, &proxy_back] {
         s.set_nodelay(true).unwrap();
     }
-    Legs { client, proxy_front, proxy_back, replica }
+    let pair = k.dp.lock().unwrap().splice(&proxy_front, &proxy_back).expect("splice");
+    let (tx, rx) = mpsc::channel();
+    k.watcher.watch(
+        pair,
+        OwnedFd::from(proxy_front),
+        OwnedFd::from(proxy_back),
+        Box::new(move |end| {
+            let _ = tx.send(end);
+        }),
+    );
+    (client, replica, rx)
+}
+
+fn echo(mut s: TcpStream) -> u64 {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut echoed = 0u64;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n]).unwrap();
+        echoed += n as u64;
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    echoed
 }
 
 #[test]
-fn spliced_websocket_like_stream_echoes_10k_messages_without_userspace() {
+fn spliced_stream_echoes_10k_messages_without_userspace() {
     require_root!();
-    let mut dp = Dataplane::load(DataplaneOptions { pin_dir: None }).expect("load");
-    let Legs { mut client, proxy_front, proxy_back, replica } = legs();
-    let pair = dp.splice(&proxy_front, &proxy_back).expect("splice");
-    let userspace = Arc::new(AtomicU64::new(0));
-    let spurious = Arc::new(AtomicU64::new(0));
-    let w1 = watch(
-        proxy_front.try_clone().unwrap(),
-        proxy_back.try_clone().unwrap(),
-        userspace.clone(),
-        spurious.clone(),
-    );
-    let w2 = watch(
-        proxy_back.try_clone().unwrap(),
-        proxy_front.try_clone().unwrap(),
-        userspace.clone(),
-        spurious.clone(),
-    );
-
+    let k = kernel();
+    let (mut client, replica, ended) = connect_through(&k, echo);
     client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut sent = 0u64;
     let mut got = vec![0u8; 512];
     for i in 0..10_000usize {
-        // Sizes 1..=300 with varying content: framing must survive byte-exact.
+        // Sizes 1..=300 with varying content: bytes must survive exactly and in order.
         let len = 1 + (i * 7919) % 300;
         let msg: Vec<u8> = (0..len).map(|j| ((i + j * 13) % 256) as u8).collect();
         client.write_all(&msg).unwrap();
@@ -168,62 +109,99 @@ fn spliced_websocket_like_stream_echoes_10k_messages_without_userspace() {
         assert_eq!(&got[..len], &msg[..], "message {i} corrupted");
         sent += len as u64;
     }
-    // Half-close from the client: the replica sees EOF, finishes, and the client sees
-    // EOF in turn, all through the watchers.
+    // Half-close from the client: the replica sees EOF and finishes; the client then
+    // sees EOF in turn, all propagated by the watcher.
     client.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
     assert_eq!(replica.join().unwrap(), sent);
-    w1.join().unwrap();
-    w2.join().unwrap();
+    let end = ended.recv_timeout(Duration::from_secs(10)).expect("pair end reported");
+    let stats = k.dp.lock().unwrap().splice_stats().unwrap();
+    let wakeups = k.watcher.wakeups();
+    eprintln!("spliced {sent} bytes each way; {end:?}; {stats:?}; watcher wake-ups {wakeups}");
+    assert_eq!(end, SpliceEnd { a_to_b: sent, b_to_a: sent, clean: true });
+    // Every payload byte went through the kernel, and the watcher woke for closes,
+    // not for messages.
+    assert_eq!(stats.bytes, 2 * sent);
+    assert!(wakeups < 100, "watcher woke {wakeups} times for 20k messages");
+}
 
-    let stats = dp.splice_stats().unwrap();
-    eprintln!(
-        "spliced {sent} bytes each way; {stats:?}; userspace carried {}; spurious wake-ups {}",
-        userspace.load(Ordering::Relaxed),
-        spurious.load(Ordering::Relaxed)
-    );
+#[test]
+fn data_then_immediate_half_close_arrives_whole() {
+    require_root!();
+    let k = kernel();
+    // The FIN must never overtake redirected bytes still queued for the peer.
+    for round in 0..10 {
+        let (mut client, replica, ended) = connect_through(&k, |mut s: TcpStream| {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            total
+        });
+        let blob = vec![0x5au8; 4 << 20];
+        client.write_all(&blob).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(
+            replica.join().unwrap(),
+            blob.len() as u64,
+            "round {round}: bytes lost at the half-close"
+        );
+        drop(client);
+        let end = ended.recv_timeout(Duration::from_secs(15)).expect("pair end");
+        assert_eq!(end.a_to_b, blob.len() as u64);
+    }
+}
+
+#[test]
+fn a_reset_on_one_leg_resets_the_other() {
+    require_root!();
+    let k = kernel();
+    let (client, replica, ended) = connect_through(&k, |mut s: TcpStream| {
+        let mut buf = [0u8; 16];
+        let mut outcome = Ok(0);
+        for _ in 0..1000 {
+            outcome = s.read(&mut buf);
+            if !matches!(outcome, Ok(n) if n > 0) {
+                break;
+            }
+        }
+        outcome.map_err(|e| e.kind())
+    });
+    // An abortive close from the client (RST, not FIN).
+    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(client);
     assert_eq!(
-        userspace.load(Ordering::Relaxed),
-        0,
-        "userspace carried payload after the hand-off"
+        replica.join().unwrap(),
+        Err(ErrorKind::ConnectionReset),
+        "replica must see a reset, not a clean end"
     );
-    assert_eq!(stats.bytes, 2 * sent, "{stats:?}");
-    dp.unsplice(pair).unwrap();
+    let end = ended.recv_timeout(Duration::from_secs(10)).expect("pair end");
+    assert!(!end.clean);
 }
 
 #[test]
 fn close_from_the_replica_side_tears_down_both_legs() {
     require_root!();
-    let mut dp = Dataplane::load(DataplaneOptions { pin_dir: None }).expect("load");
-    let Legs { mut client, proxy_front, proxy_back, replica } = legs();
-    let pair = dp.splice(&proxy_front, &proxy_back).expect("splice");
-    let userspace = Arc::new(AtomicU64::new(0));
-    let spurious = Arc::new(AtomicU64::new(0));
-    let w1 = watch(
-        proxy_front.try_clone().unwrap(),
-        proxy_back.try_clone().unwrap(),
-        userspace.clone(),
-        spurious.clone(),
-    );
-    let w2 = watch(
-        proxy_back.try_clone().unwrap(),
-        proxy_front.try_clone().unwrap(),
-        userspace.clone(),
-        spurious.clone(),
-    );
+    let k = kernel();
+    let (mut client, replica, ended) = connect_through(&k, |mut s: TcpStream| {
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(b"bye!").unwrap();
+        // The replica ends the whole stream first.
+    });
     client.write_all(b"ping").unwrap();
-    let mut b = [0u8; 4];
-    client.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"ping");
-    // The replica ends the stream after the client half-closes; then everything ends.
+    replica.join().unwrap();
+    let mut got = Vec::new();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye!");
     client.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(replica.join().unwrap(), 4);
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(client.read(&mut b).unwrap(), 0, "client did not see the close");
-    w1.join().unwrap();
-    w2.join().unwrap();
-    assert_eq!(userspace.load(Ordering::Relaxed), 0);
-    dp.unsplice(pair).unwrap();
+    let end = ended.recv_timeout(Duration::from_secs(10)).expect("pair end");
+    assert_eq!((end.a_to_b, end.b_to_a), (4, 4));
 }

@@ -71,7 +71,7 @@ pub mod names {
     pub const PROG_SPLICE: &str = "sluice_splice";
     /// Spliced sockets ([`super::SockKey`] → socket).
     pub const SPLICE_SOCKS: &str = "splice_socks";
-    /// Each spliced socket's peer ([`super::SockKey`] → [`super::SockKey`]).
+    /// Each spliced socket's peer and byte count ([`super::SockKey`] → [`super::SplicePeer`]).
     pub const SPLICE_PEERS: &str = "splice_peers";
     /// Per-CPU [`super::SpliceStats`].
     pub const SPLICE_STATS: &str = "splice_stats";
@@ -396,6 +396,18 @@ impl SteerStats {
     }
 }
 
+/// A spliced socket's peer, and how many bytes the kernel redirected from this socket
+/// to it. Userspace compares that count with what the peer has taken in before it
+/// propagates a half-close, so a FIN never overtakes redirected bytes still queued.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SplicePeer {
+    /// The peer socket's key.
+    pub peer: SockKey,
+    /// Bytes redirected from this socket to the peer.
+    pub bytes: u64,
+}
+
 /// Splice counters, one slot per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -436,6 +448,7 @@ const _: () = assert!(core::mem::size_of::<VipStats>() == 32);
 const _: () = assert!(core::mem::size_of::<SteerConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<SteerStats>() == 24);
 const _: () = assert!(core::mem::size_of::<SpliceStats>() == 24);
+const _: () = assert!(core::mem::size_of::<SplicePeer>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -469,6 +482,8 @@ mod pod {
     unsafe impl aya::Pod for super::SteerStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SpliceStats {}
+    // SAFETY: as above (40-byte key then an aligned u64: no padding).
+    unsafe impl aya::Pod for super::SplicePeer {}
 }
 
 #[cfg(test)]

@@ -27,8 +27,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use sluice_abi::{
     AddrKey, BanValue, GuardConfig, GuardStats, MAX_VIP_BACKENDS, RedirectStats, STEER_SLOTS,
-    SockKey, SpliceStats, SteerConfig, SteerStats, SynBucket, VipBackend, VipService, VipSlot,
-    VipStats, family, hrw, ipv4_mapped, vip_mode,
+    SockKey, SplicePeer, SpliceStats, SteerConfig, SteerStats, SynBucket, VipBackend, VipService,
+    VipSlot, VipStats, family, hrw, ipv4_mapped, vip_mode,
 };
 
 // Maps are BTF-defined so `bpftool map dump` prints keys and values with their field
@@ -560,7 +560,7 @@ static SPLICE_SOCKS: SockHash<SockKey, 65_536> = SockHash::new();
 
 /// Each spliced socket's peer.
 #[btf_map(name = "splice_peers")]
-static SPLICE_PEERS: HashMap<SockKey, SockKey, 65_536> = HashMap::new();
+static SPLICE_PEERS: HashMap<SockKey, SplicePeer, 65_536> = HashMap::new();
 
 /// Counters, one slot per CPU.
 #[btf_map(name = "splice_stats")]
@@ -582,19 +582,32 @@ pub fn sluice_splice(ctx: SkBuffContext) -> u32 {
         _ => return sk_action::SK_PASS,
     };
     let me = SockKey { local_ip, remote_ip, local_port, remote_port: u32::from_be(remote_port) };
+    // A FIN reaches the verdict as a zero-length skb. Redirected, the kernel's send of
+    // zero bytes counts as a broken pipe on the peer (EPOLLERR, transmit stopped), so it
+    // stays here: the close watcher passes the FIN on itself.
+    if len == 0 {
+        return sk_action::SK_PASS;
+    }
     // SAFETY: STEER_STATS-style per-CPU slot; index 0 exists.
     let stats = SPLICE_STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p });
-    // SAFETY: the value is copied out at once.
-    let Some(mut peer) = (unsafe { SPLICE_PEERS.get(&me) }).copied() else {
+    let Some(entry) = SPLICE_PEERS.get_ptr_mut(&me) else {
         if let Some(s) = stats {
             s.no_peer += 1;
         }
         return sk_action::SK_PASS;
     };
+    // SAFETY: the map's value slot for this key; one socket's skbs are processed one
+    // at a time, so the byte count needs no atomic.
+    let entry = unsafe { &mut *entry };
+    let mut peer = entry.peer;
     let verdict = SPLICE_SOCKS.redirect_skb(&ctx, &mut peer, 0);
-    if let Some(s) = stats {
-        s.skbs += 1;
-        s.bytes += len as u64;
+    // Only bytes actually handed to the peer count: userspace waits for exactly those.
+    if verdict == sk_action::SK_PASS as i64 {
+        entry.bytes += len as u64;
+        if let Some(s) = stats {
+            s.skbs += 1;
+            s.bytes += len as u64;
+        }
     }
     verdict as u32
 }

@@ -18,6 +18,7 @@ pub mod pins;
 pub mod probe;
 mod sockdiag;
 pub mod splice;
+mod splice_watch;
 mod steer;
 pub mod sys;
 mod vip;
@@ -30,6 +31,7 @@ pub use sluice_abi::{
     AddrKey, GuardStats, RedirectStats, SockKey, SpliceStats, SteerConfig, SteerStats, VipStats,
     hrw, names,
 };
+pub use splice_watch::{OnSpliceEnd, SpliceEnd, SpliceWatcher};
 pub use steer::SteerGeneration;
 pub use vip::{VipMode, VipReplica};
 

@@ -2,34 +2,60 @@
 //! pairing map names each one's peer, and an sk_skb stream verdict sends every byte
 //! a leg receives straight out of the other leg.
 //!
-//! The caller must hand over sockets whose userspace buffers are flushed: bytes it
-//! already read are its to write. Userspace keeps watching each leg: a spliced leg
-//! becomes readable only at EOF (or with bytes the kernel could not redirect), which
-//! is when it propagates the half-close and, once both directions are done, unsplices.
+//! Hand-off contract: the caller has flushed its userspace buffers (bytes it already
+//! read are its to write, before calling [`Dataplane::splice`]) and writes nothing to
+//! either leg afterwards. Closing is the [`crate::SpliceWatcher`]'s job: a half-close
+//! is propagated only once the peer has taken in every byte redirected to it, because
+//! redirected bytes are sent from a deferred queue that a FIN could otherwise overtake.
 
-use std::{io, net::TcpStream, os::fd::AsFd};
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::SkSkb,
 };
-use sluice_abi::{SockKey, SpliceStats, names};
+use sluice_abi::{SockKey, SplicePeer, SpliceStats, names};
 
 use crate::{
     Dataplane, DataplaneError,
     loader::{addr_key, program},
 };
 
-/// A spliced pair, for [`Dataplane::unsplice`].
+/// One leg of a spliced pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    /// The first socket given to [`Dataplane::splice`] (e.g. the client leg).
+    A,
+    /// The second socket (e.g. the replica leg).
+    B,
+}
+
+/// A spliced pair: keys, and what each leg had been given before the splice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SplicedPair {
     a: SockKey,
     b: SockKey,
+    /// Bytes written into each leg before the splice (the drain baseline).
+    a_written_before: u64,
+    b_written_before: u64,
+}
+
+fn sock_addrs(fd: BorrowedFd<'_>) -> io::Result<(SocketAddr, SocketAddr)> {
+    let s = socket2::SockRef::from(&fd);
+    let local =
+        s.local_addr()?.as_socket().ok_or_else(|| io::Error::other("not an inet socket"))?;
+    let peer = s.peer_addr()?.as_socket().ok_or_else(|| io::Error::other("not an inet socket"))?;
+    Ok((local, peer))
 }
 
 /// The key of a connected TCP socket, as the kernel programs compute it.
-pub fn sock_key(stream: &TcpStream) -> io::Result<SockKey> {
-    let (local, remote) = (addr_key(stream.local_addr()?), addr_key(stream.peer_addr()?));
+pub fn sock_key(fd: impl AsFd) -> io::Result<SockKey> {
+    let (local, remote) = sock_addrs(fd.as_fd())?;
+    let (local, remote) = (addr_key(local), addr_key(remote));
     Ok(SockKey {
         local_ip: local.ip,
         remote_ip: remote.ip,
@@ -38,8 +64,73 @@ pub fn sock_key(stream: &TcpStream) -> io::Result<SockKey> {
     })
 }
 
+fn tcp_bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes and describe the buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked)
+}
+
+fn tcp_outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to a valid pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(outq.max(0) as u64)
+}
+
+/// Every byte ever written into a TCP socket: acknowledged plus still queued.
+/// Acked is read first so a concurrent ACK can only make the sum low, never high
+/// (a low reading makes a drain check wait longer, which is safe).
+fn written_total(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_bytes_acked(fd)?;
+    Ok(acked + tcp_outq(fd)?)
+}
+
+/// An exact reading for the baseline: retried until no ACK landed in between.
+fn written_total_exact(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    for _ in 0..100 {
+        let a1 = tcp_bytes_acked(fd)?;
+        let q = tcp_outq(fd)?;
+        if tcp_bytes_acked(fd)? == a1 {
+            return Ok(a1 + q);
+        }
+    }
+    Err(io::Error::other("socket too busy to take a stable byte count"))
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
+}
+
+fn ignore_missing(
+    r: Result<(), aya::maps::MapError>,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(map_err(name)(e)),
+    }
 }
 
 impl Dataplane {
@@ -65,29 +156,36 @@ impl Dataplane {
     }
 
     /// Splices two connected TCP sockets: from now on each one's incoming bytes leave
-    /// through the other without reaching userspace.
-    pub fn splice(&mut self, a: &TcpStream, b: &TcpStream) -> Result<SplicedPair, DataplaneError> {
+    /// through the other without reaching userspace. See the module's hand-off rules.
+    pub fn splice(&mut self, a: impl AsFd, b: impl AsFd) -> Result<SplicedPair, DataplaneError> {
+        let (a, b) = (a.as_fd(), b.as_fd());
         self.ensure_splice_attached()?;
-        let ka = sock_key(a).map_err(|e| DataplaneError::io("splice: socket address", e))?;
-        let kb = sock_key(b).map_err(|e| DataplaneError::io("splice: socket address", e))?;
+        let io = |e| DataplaneError::io("splice: reading socket state", e);
+        let ka = sock_key(a).map_err(io)?;
+        let kb = sock_key(b).map_err(io)?;
+        let pair = SplicedPair {
+            a: ka,
+            b: kb,
+            a_written_before: written_total_exact(a).map_err(io)?,
+            b_written_before: written_total_exact(b).map_err(io)?,
+        };
         // Peers first: the moment a socket is in the sockhash its bytes reach the
         // verdict, which must already know where they go.
         {
             let name = names::SPLICE_PEERS;
             let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-            let mut peers: HashMap<&mut MapData, SockKey, SockKey> =
+            let mut peers: HashMap<&mut MapData, SockKey, SplicePeer> =
                 HashMap::try_from(map).map_err(map_err(name))?;
-            peers.insert(ka, kb, 0).map_err(map_err(name))?;
-            peers.insert(kb, ka, 0).map_err(map_err(name))?;
+            peers.insert(ka, SplicePeer { peer: kb, bytes: 0 }, 0).map_err(map_err(name))?;
+            peers.insert(kb, SplicePeer { peer: ka, bytes: 0 }, 0).map_err(map_err(name))?;
         }
-        let pair = SplicedPair { a: ka, b: kb };
         let inserted = (|| {
             let name = names::SPLICE_SOCKS;
             let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
             let mut socks: SockHash<&mut MapData, SockKey> =
                 SockHash::try_from(map).map_err(map_err(name))?;
-            socks.insert(kb, b.as_fd(), 0).map_err(map_err(name))?;
-            socks.insert(ka, a.as_fd(), 0).map_err(map_err(name))
+            socks.insert(kb, b, 0).map_err(map_err(name))?;
+            socks.insert(ka, a, 0).map_err(map_err(name))
         })();
         if let Err(e) = inserted {
             let _ = self.unsplice(pair);
@@ -96,18 +194,44 @@ impl Dataplane {
         Ok(pair)
     }
 
+    /// Bytes the kernel redirected out of `from`'s peer so far.
+    pub fn spliced_bytes(&self, pair: &SplicedPair, from: Leg) -> Result<u64, DataplaneError> {
+        let key = match from {
+            Leg::A => pair.a,
+            Leg::B => pair.b,
+        };
+        let name = names::SPLICE_PEERS;
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let peers: HashMap<&MapData, SockKey, SplicePeer> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        match peers.get(&key, 0) {
+            Ok(v) => Ok(v.bytes),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(map_err(name)(e)),
+        }
+    }
+
+    /// True once `to` (the peer of `from`) has taken in every byte the kernel
+    /// redirected from `from`: only then may `from`'s half-close be passed on to it.
+    pub fn splice_drained(
+        &self,
+        pair: &SplicedPair,
+        from: Leg,
+        to: impl AsFd,
+    ) -> Result<bool, DataplaneError> {
+        let redirected = self.spliced_bytes(pair, from)?;
+        let before = match from {
+            Leg::A => pair.b_written_before,
+            Leg::B => pair.a_written_before,
+        };
+        let written = written_total(to.as_fd())
+            .map_err(|e| DataplaneError::io("splice: peer byte count", e))?;
+        Ok(written >= before + redirected)
+    }
+
     /// Removes a pair from the kernel path (missing entries are fine: a closed socket
     /// leaves the sockhash by itself).
     pub fn unsplice(&mut self, pair: SplicedPair) -> Result<(), DataplaneError> {
-        let ignore_missing = |r: Result<(), aya::maps::MapError>, name| match r {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(map_err(name)(e)),
-        };
         {
             let name = names::SPLICE_SOCKS;
             let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
@@ -118,7 +242,7 @@ impl Dataplane {
         }
         let name = names::SPLICE_PEERS;
         let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-        let mut peers: HashMap<&mut MapData, SockKey, SockKey> =
+        let mut peers: HashMap<&mut MapData, SockKey, SplicePeer> =
             HashMap::try_from(map).map_err(map_err(name))?;
         ignore_missing(peers.remove(&pair.a), name)?;
         ignore_missing(peers.remove(&pair.b), name)
