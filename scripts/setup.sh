@@ -4,6 +4,7 @@
 #
 #   scripts/setup.sh          # build + test prerequisites
 #   scripts/setup.sh --bench  # also the benchmark peers (nginx, haproxy, wrk)
+#   scripts/setup.sh --image  # also the container tools (`cargo xtask image`, podman test)
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
@@ -14,10 +15,12 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 want_bench=0
+want_image=0
 for arg in "$@"; do
   case "$arg" in
     --bench) want_bench=1 ;;
-    *) die "unknown argument '$arg' (expected --bench)" ;;
+    --image) want_image=1 ;;
+    *) die "unknown argument '$arg' (expected --bench or --image)" ;;
   esac
 done
 
@@ -33,9 +36,15 @@ packages=(
   "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   bpftool nghttp2-client etcd-server etcd-client iproute2 libcap2-bin curl
   protobuf-compiler libprotobuf-dev  # protoc + well-known types, for etcd-client
+  python3-venv  # scripts/validate-manifests.sh installs kubernetes-validate into a venv
 )
 if [ "$want_bench" = 1 ]; then
-  packages+=(nginx-light haproxy wrk linux-perf)
+  packages+=(nginx-light haproxy wrk linux-perf util-linux procps)  # taskset, prlimit, setpriv, renice, kill
+fi
+if [ "$want_image" = 1 ]; then
+  # buildah builds FROM scratch offline; podman runs it (runc: crun refuses hybrid
+  # cgroup v1/v2 hosts); musl-tools for C code in a static musl build; file to show it.
+  packages+=(buildah podman runc crun musl-tools binutils file)
 fi
 
 missing=()

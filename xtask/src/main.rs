@@ -3,6 +3,9 @@
 //! Every command that builds first runs `scripts/setup.sh`, so a fresh machine of the
 //! project's kind needs nothing but a clone.
 
+mod bench;
+mod image;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -15,6 +18,7 @@ use clap::{Parser, Subcommand};
 /// The kernel crate and where its object lands (read by the dataplane's build script).
 const EBPF_CRATE: &str = "sluice-ebpf";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
+const EBPF_RUSTFLAGS: [&str; 2] = ["-Cdebuginfo=2", "-Clink-arg=--btf"];
 
 #[derive(Parser)]
 #[command(about = "sluice project automation")]
@@ -47,10 +51,14 @@ enum Cmd {
         no_setup: bool,
     },
     /// Benchmarks against a direct connection and peers (nginx, HAProxy).
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Scenarios to run (default: all).
-        scenarios: Vec<String>,
+        /// Scenarios (P1 … P7, default: all) and options (`--quick`; `--help` lists all).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
+    /// Container image (static sluice + embedded eBPF object, FROM scratch) via buildah.
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -68,11 +76,8 @@ fn main() -> Result<()> {
             build_ebpf()?;
             run(cargo().args(["run", "--release", "-p", "sluice", "--", "demo"]))
         }
-        Cmd::Bench { scenarios } => {
-            setup(false, &["--bench"])?;
-            let _ = scenarios;
-            bail!("benchmarks are not implemented yet (tracked in the benchmarks issue)")
-        }
+        Cmd::Bench { args } => bench::main(&args),
+        Cmd::Image(args) => image::image(&args),
     }
 }
 
@@ -122,7 +127,7 @@ fn build_ebpf() -> Result<()> {
         .env_remove("RUSTFLAGS")
         // Full debug info + bpf-linker's --btf: maps and programs carry BTF, so the
         // kernel verifies them with types and bpftool prints them readably.
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"))
+        .env("CARGO_ENCODED_RUSTFLAGS", EBPF_RUSTFLAGS.join("\x1f"))
         .args(["+nightly", "build", "--release", "-p", EBPF_CRATE, "--target", EBPF_TARGET])
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(&target_dir);
@@ -143,12 +148,14 @@ fn test(extra: &[String]) -> Result<()> {
     build_ebpf()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    // The kernel crate is linted for its own target.
+    // The kernel crate is linted for its own target, with the build's flags so the
+    // build-std artifacts are reused rather than rebuilt.
     run(Command::new("cargo")
         .current_dir(root())
         .env_remove("CARGO")
         .env_remove("RUSTC")
         .env_remove("RUSTFLAGS")
+        .env("CARGO_ENCODED_RUSTFLAGS", EBPF_RUSTFLAGS.join("\x1f"))
         .args(["+nightly", "clippy", "-p", EBPF_CRATE, "--target", EBPF_TARGET])
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(root().join("target/ebpf"))

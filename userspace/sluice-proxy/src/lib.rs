@@ -1,1 +1,42 @@
-//! placeholder
+//! sluice's L7 proxy core.
+//!
+//! Clients speak HTTP/1.1 or HTTP/2 (TLS with ALPN, or h2c prior knowledge); each request
+//! goes through explicit phases ([`proxy`](crate::proxy) module docs): hygiene, authority,
+//! route (a [`sluice_routing::RoutingTable`] snapshot), replica selection, forwarding over
+//! sluice-owned h2c or HTTP/1.1 connections, with bodies streamed both ways. Upgrades become
+//! opaque streams handed to an [`OpaqueStreamHandoff`].
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), sluice_proxy::ProxyError> {
+//! use sluice_proxy::{ProxyConfig, Server};
+//! use sluice_routing::{NodeConfig, RoutingTable};
+//! let routing = RoutingTable::new(NodeConfig::default());
+//! let server = Server::bind(ProxyConfig::default(), routing).await?;
+//! server.run(sluice_proxy::shutdown::signal()).await
+//! # }
+//! ```
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod h1scan;
+pub mod headers;
+pub mod io;
+pub mod listener;
+pub mod metrics;
+pub mod mirror;
+mod proxy;
+pub mod server;
+pub mod shutdown;
+pub mod tls;
+pub mod upgrade;
+pub mod upstream;
+
+pub use admin::{AdminHandler, AdminRoutes};
+pub use config::ProxyConfig;
+pub use error::{ConfigError, ProxyError, RequestError};
+pub use metrics::Metrics;
+pub use server::Server;
+pub use upgrade::{OpaqueStream, OpaqueStreamHandoff, UserspaceRelay, into_tcp};

@@ -28,6 +28,11 @@ pub fn is_valid_secret_hash(hash: &str) -> bool {
 /// Check a presented secret against a stored hash in constant time (with respect to the
 /// secret and the hash's content). A malformed hash never verifies.
 pub fn verify_secret(hash: &str, secret: &str) -> bool {
+    verify_secret_bytes(hash, secret.as_bytes())
+}
+
+/// [`verify_secret`] for a secret as raw bytes (a header value need not be UTF-8).
+pub fn verify_secret_bytes(hash: &str, secret: &[u8]) -> bool {
     let Some(hex_part) = hash.strip_prefix(SECRET_HASH_PREFIX) else {
         return false;
     };
@@ -35,7 +40,7 @@ pub fn verify_secret(hash: &str, secret: &str) -> bool {
     if hex::decode_to_slice(hex_part, &mut expected).is_err() {
         return false;
     }
-    let actual = Sha256::digest(secret.as_bytes());
+    let actual = Sha256::digest(secret);
     actual.as_slice().ct_eq(&expected).into()
 }
 

@@ -291,6 +291,7 @@ impl Builder {
                 server: spec.server.clone(),
                 addr: spec.address,
                 protocol: spec.protocol,
+                id_hash: sluice_abi::hrw::fnv1a64(spec.id.as_bytes()),
                 stats,
             }),
             spec: spec.clone(),

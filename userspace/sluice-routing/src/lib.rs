@@ -22,22 +22,33 @@
 
 pub mod auth;
 pub mod authority;
+pub mod authz;
+pub mod autoscale;
 pub mod change;
 pub mod health;
+pub mod lb;
+pub mod limits;
+pub mod mirror;
 pub mod model;
+pub mod signal;
 pub mod snapshot;
 pub mod source;
 pub mod table;
 pub mod validate;
 
-pub use auth::{hash_secret, verify_secret};
+pub use auth::{hash_secret, verify_secret, verify_secret_bytes};
 pub use authority::{AuthorityError, canonical_authority, canonical_authority_cow};
+pub use authz::{AuthDecision, AuthHeaders, authorize};
+pub use autoscale::{Decision, DesiredReplicas, Recommender, ScalePolicy};
 pub use change::{ApplyError, ApplyErrorKind, Change};
 pub use health::{HealthChecker, HealthPolicy};
+pub use lb::{LbPolicy, select};
+pub use limits::{BytesPermit, OverLimit};
 pub use model::{
     MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
     ServerSpec, ServerTimeouts, TokenSpec,
 };
+pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{
     Health, InFlightGuard, Replica, ReplicaStats, Server, ServerStats, Snapshot, StateView,
 };

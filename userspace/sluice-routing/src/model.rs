@@ -184,6 +184,10 @@ pub struct ServerLimits {
     /// Most concurrent in-flight requests for the whole server (`503` above it);
     /// `None` = unlimited.
     pub max_in_flight: Option<u32>,
+    /// Most bytes the proxy may hold in buffers for this server at once (mirror tee
+    /// buffers, body buffering), summed over its requests; `None` = unlimited. A request
+    /// that cannot get buffer space is not mirrored / not buffered, never stalled.
+    pub max_buffered_bytes: Option<u64>,
 }
 
 /// Per-server timeouts. There is no request deadline by design (long requests stream).

@@ -34,6 +34,19 @@ pub struct ServerStats {
     pub requests: AtomicU64,
     /// Requests answered `503` because no replica was ready: demand for scale-from-zero.
     pub no_replica: AtomicU64,
+    /// Requests answered `503` because the server was at `limits.max_in_flight`.
+    pub over_limit: AtomicU64,
+    /// Requests rejected by proxy auth (`401` and `403`); they never reach a replica and
+    /// are not counted in `requests` or `in_flight`.
+    pub auth_rejected: AtomicU64,
+    /// Requests copied to the mirror (the copy started).
+    pub mirrored: AtomicU64,
+    /// Mirror copies dropped because the mirror fell behind (tee buffer full), failed, or
+    /// no buffer space was left under `limits.max_buffered_bytes`.
+    pub mirror_dropped: AtomicU64,
+    /// Bytes currently held in proxy buffers for this server (see
+    /// [`crate::limits::BytesPermit`]).
+    pub buffered_bytes: AtomicU64,
 }
 
 /// A routable replica in a snapshot.
@@ -47,6 +60,9 @@ pub struct Replica {
     pub addr: SocketAddr,
     /// How to speak to it.
     pub protocol: Protocol,
+    /// `sluice_abi::hrw::fnv1a64(id)`: the replica's rendezvous-hashing key (see
+    /// [`crate::lb`]), computed once here instead of per request.
+    pub id_hash: u64,
     /// Live counters (shared across snapshots).
     pub stats: Arc<ReplicaStats>,
 }
@@ -87,6 +103,15 @@ impl InFlightGuard {
     /// Start counting (increments `in_flight` and `requests` on both).
     pub fn new(server: Arc<ServerStats>, replica: Arc<ReplicaStats>) -> Self {
         server.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard::server_already_counted(server, replica)
+    }
+
+    /// For callers that already incremented `server.in_flight` (the capped path in
+    /// [`crate::limits`]): counts the rest.
+    pub(crate) fn server_already_counted(
+        server: Arc<ServerStats>,
+        replica: Arc<ReplicaStats>,
+    ) -> Self {
         server.requests.fetch_add(1, Ordering::Relaxed);
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         replica.requests.fetch_add(1, Ordering::Relaxed);

@@ -187,6 +187,9 @@ pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
     if s.limits.max_in_flight == Some(0) {
         err("limits.max_in_flight", "must be at least 1 (omit it for no limit)".into());
     }
+    if s.limits.max_buffered_bytes == Some(0) {
+        err("limits.max_buffered_bytes", "must be at least 1 (omit it for no limit)".into());
+    }
     if s.timeouts.idle.is_some_and(|d| d.is_zero()) {
         err("timeouts.idle", "must be positive (omit it for the default)".into());
     }

@@ -5,6 +5,7 @@
 mod bpf;
 mod ctl;
 mod demo;
+mod kernel;
 mod run;
 
 use std::path::PathBuf;

@@ -36,6 +36,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::autoscale::DesiredReplicas;
 use crate::change::Change;
 use crate::model::{ReplicaSpec, RoutingDoc, ServerSpec, TokenSpec, duration_serde};
 use crate::source::SourceStatus;
@@ -220,6 +221,21 @@ impl Keys {
 
     fn tokens(&self) -> String {
         format!("{}tokens/", self.prefix)
+    }
+
+    /// `<prefix>desired/` or `<prefix>desired/<server>`: the autoscaler's output
+    /// (`sluice autoscale`), next to the routing objects but not part of them.
+    fn desired(&self, server: Option<&str>) -> String {
+        match server {
+            Some(s) => format!("{}desired/{s}", self.prefix),
+            None => format!("{}desired/", self.prefix),
+        }
+    }
+
+    /// Keys under the prefix that are not routing objects and are skipped silently by
+    /// the source (the autoscaler's `desired/` keys).
+    fn is_ignored(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.prefix.as_bytes()).is_some_and(|rest| rest.starts_with(b"desired/"))
     }
 
     /// Parse a full key; `None` for keys outside the layout. Ids are validated later with
@@ -612,7 +628,9 @@ impl EtcdSource {
         let mut malformed = 0u64;
         for kv in &kvs {
             let Some(k) = self.keys.parse(kv.key()) else {
-                warn_unknown_key(kv.key());
+                if !self.keys.is_ignored(kv.key()) {
+                    warn_unknown_key(kv.key());
+                }
                 continue;
             };
             let full = String::from_utf8_lossy(kv.key()).into_owned();
@@ -686,7 +704,9 @@ impl EtcdSource {
             // revision, possibly beyond what was sent).
             max_rev = max_rev.max(kv.mod_revision());
             let Some(k) = self.keys.parse(kv.key()) else {
-                warn_unknown_key(kv.key());
+                if !self.keys.is_ignored(kv.key()) {
+                    warn_unknown_key(kv.key());
+                }
                 continue;
             };
             let full = String::from_utf8_lossy(kv.key()).into_owned();
@@ -1110,6 +1130,46 @@ impl EtcdStore {
         .await
     }
 
+    /// Record the autoscaler's desired replica count for a server at
+    /// `<prefix>desired/<server>` (JSON [`DesiredReplicas`]). The routing source ignores
+    /// these keys; an orchestrator watches them. Returns the write's revision.
+    pub async fn put_desired(&self, desired: &DesiredReplicas) -> Result<u64, EtcdError> {
+        let key = self.keys.desired(Some(&desired.server));
+        self.put_json(key, desired).await
+    }
+
+    /// The desired count stored for a server, if any.
+    pub async fn get_desired(&self, server: &str) -> Result<Option<DesiredReplicas>, EtcdError> {
+        let key = self.keys.desired(Some(server));
+        let resp = bounded(self.timeout, self.client.kv_client().get(key.clone(), None)).await?;
+        match resp.kvs().first() {
+            Some(kv) => serde_json::from_slice(kv.value()).map(Some).map_err(|e| {
+                EtcdError::Malformed(MalformedValue { key, reason: format!("invalid JSON: {e}") })
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored desired count (to seed a restarted autoscaler), with the keys whose
+    /// values did not decode.
+    pub async fn list_desired(&self) -> Result<Listing<DesiredReplicas>, EtcdError> {
+        let cfg = EtcdConfig { request_timeout: self.timeout, ..EtcdConfig::default() };
+        let prefix = self.keys.desired(None);
+        let (kvs, revision) = list_prefix(&self.client, &cfg, prefix.as_bytes()).await?;
+        let mut items = Vec::new();
+        let mut malformed = Vec::new();
+        for kv in kvs {
+            match serde_json::from_slice::<DesiredReplicas>(kv.value()) {
+                Ok(d) => items.push(d),
+                Err(e) => malformed.push(MalformedValue {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    reason: format!("invalid JSON: {e}"),
+                }),
+            }
+        }
+        Ok(Listing { items, malformed, revision: revision_u64(revision) })
+    }
+
     async fn put_json<T: Serialize>(&self, key: String, value: &T) -> Result<u64, EtcdError> {
         let value = to_json(value)?;
         let resp = bounded(self.timeout, self.client.kv_client().put(key, value, None)).await?;
@@ -1198,6 +1258,12 @@ mod tests {
         ] {
             assert_eq!(keys.parse(bad.as_bytes()), None, "{bad}");
         }
+        // The autoscaler's keys are under the prefix but skipped without a warning.
+        assert_eq!(keys.desired(Some("s1")), format!("{}desired/s1", keys.prefix));
+        assert!(keys.is_ignored(keys.desired(Some("s1")).as_bytes()));
+        assert_eq!(keys.parse(keys.desired(Some("s1")).as_bytes()), None);
+        assert!(!keys.is_ignored(keys.key(&StoreKey::Server("s1".into())).as_bytes()));
+        assert!(!keys.is_ignored(b"/elsewhere/desired/s1"));
     }
 
     #[test]

@@ -1,0 +1,168 @@
+//! The admin listener: `/livez`, `/readyz`, `/metrics`, plus routes the binary adds
+//! (e.g. `/generation`, `/state`, BPF status) through [`AdminHandler`].
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::body::{ProxyBody, full};
+use crate::proxy::ProxyState;
+
+/// An admin endpoint.
+pub trait AdminHandler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(&self, req: Request<Incoming>) -> BoxFuture<'static, Response<ProxyBody>>;
+}
+
+impl<F, Fut> AdminHandler for F
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    fn handle(&self, req: Request<Incoming>) -> BoxFuture<'static, Response<ProxyBody>> {
+        Box::pin(self(req))
+    }
+}
+
+/// A plain-text admin response.
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> {
+    let mut r = Response::new(full(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Admin routes by exact path.
+#[derive(Default)]
+pub struct AdminRoutes {
+    routes: HashMap<String, Arc<dyn AdminHandler>>,
+}
+
+impl AdminRoutes {
+    /// Adds or replaces a route.
+    pub fn insert(&mut self, path: &str, handler: Arc<dyn AdminHandler>) {
+        self.routes.insert(path.to_owned(), handler);
+    }
+
+    /// Adds the built-in routes unless the binary replaced them.
+    pub(crate) fn with_defaults(mut self, state: Arc<ProxyState>, listeners: usize) -> Self {
+        self.routes
+            .entry("/livez".into())
+            .or_insert_with(|| Arc::new(|_req| async { text(StatusCode::OK, "ok\n") }));
+        let s = state.clone();
+        self.routes.entry("/readyz".into()).or_insert_with(|| {
+            Arc::new(move |_req| {
+                let s = s.clone();
+                async move { readyz(&s, listeners) }
+            })
+        });
+        let s = state.clone();
+        self.routes.entry("/autoscaler/stream".into()).or_insert_with(|| {
+            Arc::new(move |_req| {
+                let s = s.clone();
+                async move { autoscaler_stream(&s) }
+            })
+        });
+        let s = state;
+        self.routes.entry("/metrics".into()).or_insert_with(|| {
+            Arc::new(move |_req| {
+                let s = s.clone();
+                async move {
+                    let mut r = text(StatusCode::OK, metrics_text(&s));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    r
+                }
+            })
+        });
+        self
+    }
+}
+
+fn readyz(s: &ProxyState, listeners: usize) -> Response<ProxyBody> {
+    let snap = s.routing.load_full();
+    let draining = s.draining.load(Ordering::Relaxed);
+    let generation = snap.generation();
+    let ready = !draining && generation > 0;
+    let body = format!(
+        "{}\nlisteners: {listeners}\nrouting generation: {generation}\nservers: {}\ndraining: {draining}\n",
+        if ready { "ready" } else { "not ready" },
+        snap.server_count(),
+    );
+    text(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+}
+
+fn metrics_text(s: &ProxyState) -> String {
+    let mut out = s.metrics.render();
+    let snap = s.routing.load_full();
+    let _ = writeln!(out, "# HELP sluice_routing_generation Generation of the routing snapshot.");
+    let _ = writeln!(out, "# TYPE sluice_routing_generation gauge");
+    let _ = writeln!(out, "sluice_routing_generation {}", snap.generation());
+    sluice_routing::signal::render_prometheus(&snap, &mut out);
+    out
+}
+
+/// `GET /autoscaler/stream`: newline-delimited JSON, one record per server per interval,
+/// until the client goes away. A subscriber that falls behind skips intervals.
+fn autoscaler_stream(s: &ProxyState) -> Response<ProxyBody> {
+    use http_body_util::BodyExt as _;
+    let rx = s.signal.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(chunk) => {
+                    return Some((
+                        Ok::<_, crate::body::BoxError>(http_body::Frame::data(chunk)),
+                        rx,
+                    ));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed_unsync());
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Serves the admin routes on `listener` (HTTP/1.1) until aborted.
+pub(crate) async fn serve(listener: TcpListener, routes: Arc<AdminRoutes>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let routes = routes.clone();
+                async move {
+                    let resp = match routes.routes.get(req.uri().path()) {
+                        Some(h) => h.handle(req).await,
+                        None => text(StatusCode::NOT_FOUND, "not found\n"),
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

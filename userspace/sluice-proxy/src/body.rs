@@ -1,0 +1,200 @@
+//! Body types: the boxed body the proxy answers with, a request body that enforces a size
+//! limit while streaming, and a response body that holds the request's accounting until
+//! the last byte (or a drop) and turns upstream silence into an error.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
+
+/// Boxed error used by bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response the proxy serves.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete in-memory body (error pages, admin).
+pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// The request body grew past the server's limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct BodyTooLarge(pub u64);
+
+/// Upstream sent nothing for the configured idle time.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream idle for {0:?}")]
+pub struct UpstreamIdle(pub Duration);
+
+pin_project_lite::pin_project! {
+    /// A request body that fails once more than `limit` bytes went through; `exceeded`
+    /// tells the proxy to answer 413 if no response has started.
+    pub struct LimitedBody<B> {
+        #[pin]
+        inner: B,
+        limit: Option<u64>,
+        seen: u64,
+        exceeded: Arc<AtomicBool>,
+    }
+}
+
+impl<B> LimitedBody<B> {
+    /// Wraps `inner`; `exceeded` is set when the limit is crossed.
+    pub fn new(inner: B, limit: Option<u64>, exceeded: Arc<AtomicBool>) -> Self {
+        Self { inner, limit, seen: 0, exceeded }
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let (Some(limit), Some(data)) = (*this.limit, frame.data_ref()) {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > limit {
+                        this.exceeded.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Something to run once the response body ended cleanly (e.g. return a pooled connection).
+pub type OnComplete = Box<dyn FnOnce() + Send>;
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps `hold` (in-flight guard, upstream stream handles) alive
+    /// until the body ends or is dropped, runs `on_complete` on a clean end, and fails if
+    /// the upstream is silent for `idle`.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        idle: Option<Duration>,
+        sleep: Option<Pin<Box<Sleep>>>,
+        hold: Option<Box<dyn Send>>,
+        on_complete: Option<OnComplete>,
+    }
+}
+
+impl<B> TrackedBody<B> {
+    /// Wraps `inner`.
+    pub fn new(
+        inner: B,
+        idle: Option<Duration>,
+        hold: Box<dyn Send>,
+        on_complete: Option<OnComplete>,
+    ) -> Self {
+        Self { inner, idle, sleep: None, hold: Some(hold), on_complete }
+    }
+}
+
+impl<B> Body for TrackedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if this.hold.is_none() {
+            // Already finished (or failed): stay finished.
+            return Poll::Ready(None);
+        }
+        let mut inner = this.inner;
+        match inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(idle), Some(sleep)) = (*this.idle, this.sleep.as_mut()) {
+                    sleep.as_mut().reset(Instant::now() + idle);
+                }
+                // The upstream body is complete with this frame. hyper's HTTP/1.1 server
+                // drops a Content-Length body once its last byte is written, without
+                // polling for the end, so this is the last chance to return the
+                // upstream connection to its pool.
+                if inner.is_end_stream()
+                    && let Some(f) = this.on_complete.take()
+                {
+                    f();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // Drop the hold now so the upstream stream is released with the error.
+                this.hold.take();
+                this.on_complete.take();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                if let Some(f) = this.on_complete.take() {
+                    f();
+                }
+                this.hold.take();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if let Some(idle) = *this.idle {
+                    let sleep =
+                        this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        this.hold.take();
+                        this.on_complete.take();
+                        return Poll::Ready(Some(Err(Box::new(UpstreamIdle(idle)))));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Not the inner's answer: the body must be polled to its end so `on_complete` runs.
+        self.hold.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,506 @@
+//! Proxy configuration: listeners, TLS, limits, timeouts, admin, request ids.
+//!
+//! Every field has a safe default so an empty `[proxy]` table (or `ProxyConfig::default()`)
+//! is a working config; durations accept `"30s"`, `"250ms"`, `"5m"` or a number of seconds.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The whole proxy configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Client-facing listeners (plaintext h1 + h2c, or TLS with ALPN).
+    pub listeners: Vec<ListenerConfig>,
+    /// Admin listener (`/livez`, `/readyz`, `/metrics`).
+    pub admin: AdminConfig,
+    /// Size and count limits.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Request-id header handling.
+    pub request_id: RequestIdConfig,
+    /// Status for a domain no server claims: 503 (default, same as "no replica") or 404.
+    pub unknown_domain_status: u16,
+    /// Upstream (replica-side) connection settings.
+    pub upstream: UpstreamConfig,
+    /// Proxy auth header names and the handling of rejected request bodies.
+    pub auth: AuthConfig,
+    /// Load balancing: the default session header and the optional bounded load.
+    pub lb: LbConfig,
+    /// The autoscaler stream (`GET /autoscaler/stream` on the admin listener).
+    pub autoscaler: AutoscalerConfig,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listeners: vec![ListenerConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                tls: None,
+            }],
+            admin: AdminConfig::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            request_id: RequestIdConfig::default(),
+            unknown_domain_status: 503,
+            upstream: UpstreamConfig::default(),
+            auth: AuthConfig::default(),
+            lb: LbConfig::default(),
+            autoscaler: AutoscalerConfig::default(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks cross-field invariants that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.unknown_domain_status != 503 && self.unknown_domain_status != 404 {
+            return Err(ConfigError::Invalid(format!(
+                "unknown_domain_status must be 503 or 404, not {}",
+                self.unknown_domain_status
+            )));
+        }
+        if http::HeaderName::from_bytes(self.request_id.header.as_bytes()).is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "request_id.header {:?} is not a valid header name",
+                self.request_id.header
+            )));
+        }
+        for edge in &self.request_id.trusted_edges {
+            Cidr::parse(edge)?;
+        }
+        for l in &self.listeners {
+            if let Some(tls) = &l.tls
+                && tls.certs.is_empty()
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "listener {} has a [tls] table without certs",
+                    l.addr
+                )));
+            }
+        }
+        self.auth.headers()?;
+        if http::HeaderName::from_bytes(self.lb.session_header.as_bytes()).is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "lb.session_header {:?} is not a valid header name",
+                self.lb.session_header
+            )));
+        }
+        if let Some(c) = self.lb.bounded_load
+            && !(c >= 1.0 && c.is_finite())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "lb.bounded_load must be a number >= 1.0, not {c}"
+            )));
+        }
+        if self.autoscaler.interval < Duration::from_millis(10) {
+            return Err(ConfigError::Invalid("autoscaler.interval must be at least 10ms".into()));
+        }
+        if self.limits.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid(
+                "limits.max_header_bytes must be at least 8192".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One client-facing listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to bind (IPv4 or IPv6; IPv6 sockets are v6-only).
+    pub addr: SocketAddr,
+    /// TLS settings; absent means plaintext (HTTP/1.1 and h2c prior knowledge).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings of a listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificates, chosen by SNI. The first one also serves clients that send no SNI.
+    pub certs: Vec<CertConfig>,
+}
+
+/// One certificate chain and key, and the SNI names it serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    /// SNI names, exact (`api.example.com`) or wildcard (`*.example.com`).
+    pub names: Vec<String>,
+    /// PEM file with the certificate chain (leaf first).
+    pub cert_pem: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: PathBuf,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; `None` disables it.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))) }
+    }
+}
+
+/// Size and count limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Open client connections at once; further accepts wait (the kernel backlog holds them).
+    pub max_connections: usize,
+    /// Request header block size (HTTP/1.1 buffer and HTTP/2 header list); over → 431.
+    pub max_header_bytes: usize,
+    /// Request-target length; over → 414.
+    pub max_uri_bytes: usize,
+    /// Concurrent HTTP/2 streams per client connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 per-stream receive window (client side), bytes.
+    pub h2_stream_window: u32,
+    /// HTTP/2 per-connection receive window (client side), bytes.
+    pub h2_connection_window: u32,
+    /// Default maximum request body, bytes (servers may set their own); `None` = unlimited.
+    pub max_body_bytes: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8 * 1024,
+            h2_max_concurrent_streams: 100,
+            h2_stream_window: 1024 * 1024,
+            h2_connection_window: 4 * 1024 * 1024,
+            max_body_bytes: None,
+        }
+    }
+}
+
+/// Timeouts. There is no overall request deadline: long requests are the norm.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time to receive a complete request header block (slowloris guard); also closes
+    /// HTTP/1.1 keep-alive connections idle for that long between requests.
+    #[serde(with = "duration")]
+    pub header_read: Duration,
+    /// Time to complete a TLS handshake.
+    #[serde(with = "duration")]
+    pub tls_handshake: Duration,
+    /// Time to connect to a replica; over → 502.
+    #[serde(with = "duration")]
+    pub connect: Duration,
+    /// A client connection with no request in flight and no bytes moving is closed after this.
+    #[serde(with = "duration")]
+    pub connection_idle: Duration,
+    /// A client connection with requests in flight but no bytes moving in either direction
+    /// (e.g. a client keeping its window at zero) is closed after this.
+    #[serde(with = "duration")]
+    pub stream_idle: Duration,
+    /// Default per-request upstream idle timeout (no response bytes from the replica for
+    /// this long → error); servers may set their own. `None` = none.
+    #[serde(with = "opt_duration")]
+    pub upstream_idle: Option<Duration>,
+    /// How long graceful shutdown waits for in-flight requests.
+    #[serde(with = "duration")]
+    pub drain: Duration,
+    /// Idle pooled upstream connections are closed after this.
+    #[serde(with = "duration")]
+    pub upstream_pool_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            tls_handshake: Duration::from_secs(10),
+            connect: Duration::from_secs(2),
+            connection_idle: Duration::from_secs(120),
+            stream_idle: Duration::from_secs(600),
+            upstream_idle: None,
+            drain: Duration::from_secs(30),
+            upstream_pool_idle: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Request-id handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestIdConfig {
+    /// Header carrying the request id to the replica and back to the client.
+    pub header: String,
+    /// Peers (IPs or CIDRs) whose request id and X-Forwarded-* headers are kept.
+    pub trusted_edges: Vec<String>,
+}
+
+impl Default for RequestIdConfig {
+    fn default() -> Self {
+        Self { header: "x-request-id".into(), trusted_edges: Vec::new() }
+    }
+}
+
+/// Replica-side connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Idle HTTP/1.1 connections kept per replica.
+    pub h1_max_idle_per_replica: usize,
+    /// HTTP/2 per-stream receive window towards replicas, bytes.
+    pub h2_stream_window: u32,
+    /// HTTP/2 per-connection receive window towards replicas, bytes.
+    pub h2_connection_window: u32,
+    /// Cap on streams per upstream h2 connection, below the replica's own advertised limit.
+    pub h2_max_streams_per_connection: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            h1_max_idle_per_replica: 64,
+            h2_stream_window: 1024 * 1024,
+            h2_connection_window: 8 * 1024 * 1024,
+            h2_max_streams_per_connection: 1000,
+        }
+    }
+}
+
+/// Proxy auth settings (docs/routing.md, "Proxy auth").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Header carrying the token id.
+    pub key_header: String,
+    /// Header carrying the token secret.
+    pub secret_header: String,
+    /// A rejected (401/403) HTTP/1.1 request's body is read and discarded up to this many
+    /// bytes so the connection can be reused; a larger (or unknown-length, or
+    /// `Expect: 100-continue`) body closes the connection instead. Never forwarded.
+    pub drain_body_bytes: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            key_header: sluice_routing::authz::DEFAULT_KEY_HEADER.into(),
+            secret_header: sluice_routing::authz::DEFAULT_SECRET_HEADER.into(),
+            drain_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The validated header names.
+    pub fn headers(&self) -> Result<sluice_routing::AuthHeaders, ConfigError> {
+        sluice_routing::AuthHeaders::new(&self.key_header, &self.secret_header)
+            .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))
+    }
+}
+
+/// Load-balancing settings (docs/routing.md, "Load balancing").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LbConfig {
+    /// Session header for servers that do not name their own (`session_header`).
+    pub session_header: String,
+    /// Bounded load factor `c >= 1` for sticky sessions; absent = pure rendezvous hashing.
+    pub bounded_load: Option<f64>,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        Self { session_header: "Sluice-Session-Id".into(), bounded_load: None }
+    }
+}
+
+/// Autoscaler stream settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoscalerConfig {
+    /// One record per server per `interval`.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for AutoscalerConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(1) }
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, `::1`, `192.0.2.7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ip` or `ip/prefix`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::Invalid(format!("{s:?} is not an IP address or CIDR"));
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses match IPv4 networks).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], s[i..].trim()),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+fn format_duration(d: &Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DurationRepr {
+    Secs(u64),
+    Float(f64),
+    Text(String),
+}
+
+impl DurationRepr {
+    fn into_duration<E: serde::de::Error>(self) -> Result<Duration, E> {
+        match self {
+            DurationRepr::Secs(s) => Ok(Duration::from_secs(s)),
+            DurationRepr::Float(f) => Duration::try_from_secs_f64(f).map_err(E::custom),
+            DurationRepr::Text(t) => {
+                parse_duration(&t).ok_or_else(|| E::custom(format!("bad duration {t:?}")))
+            }
+        }
+    }
+}
+
+/// Serde for `Duration` as `"30s"` or seconds.
+pub mod duration {
+    use super::*;
+
+    /// Serializes as `"30s"` / `"250ms"`.
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(d))
+    }
+
+    /// Deserializes `"30s"`, `"250ms"`, `"5m"` or a number of seconds.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        DurationRepr::deserialize(d)?.into_duration()
+    }
+}
+
+/// Serde for `Option<Duration>`.
+pub mod opt_duration {
+    use super::*;
+
+    /// Serializes `Some` as `"30s"`, `None` as nothing.
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&format_duration(d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Deserializes like [`super::duration`].
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<DurationRepr>::deserialize(d)?.map(|r| r.into_duration()).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("x"), None);
+    }
+
+    #[test]
+    fn empty_toml_is_default() {
+        let c: ProxyConfig = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.unknown_domain_status, 503);
+        let c: ProxyConfig =
+            toml::from_str("unknown_domain_status = 404\n[timeouts]\nheader_read = \"2s\"\n")
+                .unwrap();
+        assert_eq!(c.timeouts.header_read, Duration::from_secs(2));
+        let bad: ProxyConfig = toml::from_str("unknown_domain_status = 500").unwrap();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn cidr() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.1.2.3".parse().unwrap()));
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(Cidr::parse("1.2.3.4/33").is_err());
+    }
+}

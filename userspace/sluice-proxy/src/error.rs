@@ -1,0 +1,158 @@
+//! Typed errors: start-up errors and per-request errors that become short HTTP responses.
+
+use std::io;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{ProxyBody, full};
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    /// A file named by the config could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A certificate or key could not be used.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// A start-up or serving error of the proxy as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Binding a listener failed.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Another I/O failure.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Why a request was answered by the proxy itself instead of a replica.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    /// Malformed or ambiguous request (smuggling vectors, bad authority, unsafe headers).
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// Request target too long.
+    #[error("request target too long")]
+    UriTooLong,
+    /// Header block too large.
+    #[error("request headers too large")]
+    HeadersTooLarge,
+    /// Body over the server's limit.
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// No server claims this domain (status is configurable: 503 or 404).
+    #[error("no server for this domain")]
+    UnknownDomain(StatusCode),
+    /// The server exists but has no ready replica.
+    #[error("no ready replica")]
+    NoReplica,
+    /// Connecting to or talking to the replica failed before a response.
+    #[error("upstream: {0}")]
+    Upstream(String),
+    /// The replica did not answer in time.
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    /// The server is at its in-flight limit.
+    #[error("server at its in-flight limit")]
+    Overloaded,
+    /// The proxy is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// Proxy auth: credentials missing or wrong (401). `close`: the request body was not
+    /// drained, so an HTTP/1.1 connection must close.
+    #[error("missing or invalid credentials")]
+    Unauthenticated {
+        /// Close the HTTP/1.1 connection.
+        close: bool,
+    },
+    /// Proxy auth: the token is not allowed for this server (403).
+    #[error("token not allowed for this server")]
+    Forbidden {
+        /// Close the HTTP/1.1 connection.
+        close: bool,
+    },
+}
+
+impl RequestError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RequestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            RequestError::UriTooLong => StatusCode::URI_TOO_LONG,
+            RequestError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            RequestError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestError::UnknownDomain(s) => *s,
+            RequestError::NoReplica | RequestError::Overloaded | RequestError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RequestError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            RequestError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            RequestError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            RequestError::Forbidden { .. } => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// Whether an HTTP/1.1 connection must close after this answer (the request's framing
+    /// or body is unknowable or was left unread).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            RequestError::BadRequest(_)
+                | RequestError::BodyTooLarge(_)
+                | RequestError::Unauthenticated { close: true }
+                | RequestError::Forbidden { close: true }
+        )
+    }
+
+    /// A short plain-text response carrying the reason and the request id.
+    pub fn into_response(
+        self,
+        request_id_header: &header::HeaderName,
+        request_id: &str,
+    ) -> Response<ProxyBody> {
+        let status = self.status();
+        let text = format!(
+            "{} {}: {}\nrequest id: {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self,
+            request_id
+        );
+        let mut resp = Response::new(full(Bytes::from(text)));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert(request_id_header.clone(), v);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Sluice realm=\"sluice\""));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,269 @@
+//! Header hygiene: smuggling checks, hop-by-hop stripping, X-Forwarded-*, request ids.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::error::RequestError;
+
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Rejects framing that two HTTP/1.1 parsers could read differently (request smuggling):
+/// Content-Length together with Transfer-Encoding, any Transfer-Encoding other than exactly
+/// `chunked`, Transfer-Encoding outside HTTP/1.1, and `Upgrade: h2c`.
+pub fn check_framing(version: Version, headers: &HeaderMap) -> Result<(), RequestError> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        if version != Version::HTTP_11 {
+            return Err(RequestError::BadRequest("transfer-encoding outside HTTP/1.1"));
+        }
+        if te.next().is_some() {
+            return Err(RequestError::BadRequest("more than one transfer-encoding header"));
+        }
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(RequestError::BadRequest("both content-length and transfer-encoding"));
+        }
+        if first.as_bytes() != b"chunked" {
+            return Err(RequestError::BadRequest("transfer-encoding other than chunked"));
+        }
+    }
+    if has_token(headers, &header::UPGRADE, "h2c") || headers.contains_key(&HTTP2_SETTINGS) {
+        return Err(RequestError::BadRequest("upgrade to h2c is not supported"));
+    }
+    Ok(())
+}
+
+/// Rejects header names and values that are unsafe to pass on (especially when downgrading
+/// HTTP/2 to HTTP/1.1): NUL, CR, LF, leading or trailing whitespace, empty names.
+pub fn check_safe(headers: &HeaderMap) -> Result<(), RequestError> {
+    for (name, value) in headers {
+        if name.as_str().is_empty() {
+            return Err(RequestError::BadRequest("empty header name"));
+        }
+        let v = value.as_bytes();
+        if v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n') {
+            return Err(RequestError::BadRequest("CR, LF or NUL in a header value"));
+        }
+        if let (Some(first), Some(last)) = (v.first(), v.last())
+            && (first.is_ascii_whitespace() || last.is_ascii_whitespace())
+        {
+            return Err(RequestError::BadRequest("whitespace around a header value"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the request asks for an HTTP/1.1 protocol upgrade (e.g. WebSocket).
+pub fn is_h1_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && has_token(headers, &header::CONNECTION, "upgrade")
+}
+
+/// Removes hop-by-hop headers: those named in Connection, Connection itself, Keep-Alive,
+/// Proxy-*, TE (except `trailers`, which is kept as `te: trailers`), Transfer-Encoding,
+/// Upgrade (unless `keep_upgrade`) and HTTP2-Settings.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    let te_trailers = has_token(headers, &header::TE, "trailers");
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(header::TE);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(&HTTP2_SETTINGS);
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    let proxy: Vec<HeaderName> =
+        headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    for name in proxy {
+        headers.remove(&name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host. A trusted edge's values are extended; anyone
+/// else's are replaced, so clients cannot spoof them.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: bool,
+    proto: &'static str,
+    host: &str,
+) {
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+        v4 => v4,
+    };
+    let prior: Vec<String> = if trusted {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let xff =
+        if prior.is_empty() { peer.to_string() } else { format!("{}, {}", prior.join(", "), peer) };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST))
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        headers.insert(&X_FORWARDED_HOST, v);
+    }
+}
+
+/// Generates request ids: 32 hex digits, unique per process, unpredictable across runs.
+#[derive(Debug)]
+pub struct RequestIds {
+    seed: u64,
+    counter: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl RequestIds {
+    /// A generator seeded from the process's random hasher keys.
+    pub fn new() -> Self {
+        let seed = RandomState::new().hash_one(std::process::id());
+        Self { seed, counter: AtomicU64::new(0) }
+    }
+
+    /// The next id.
+    pub fn next_id(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let a = splitmix64(self.seed ^ n);
+        let b = splitmix64(a ^ self.seed.rotate_left(17));
+        format!("{a:016x}{b:016x}")
+    }
+
+    /// Keeps a request id from a trusted edge if it is sane, else makes a new one.
+    pub fn keep_or_new(&self, existing: Option<&HeaderValue>) -> String {
+        match existing.and_then(|v| v.to_str().ok()) {
+            Some(s)
+                if !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                s.to_owned()
+            }
+            _ => self.next_id(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn framing() {
+        let v = Version::HTTP_11;
+        assert!(check_framing(v, &map(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(
+            check_framing(v, &map(&[("transfer-encoding", "chunked"), ("content-length", "3")]))
+                .is_err()
+        );
+        assert!(check_framing(v, &map(&[("transfer-encoding", "gzip, chunked")])).is_err());
+        assert!(check_framing(v, &map(&[("transfer-encoding", "Chunked")])).is_err());
+        assert!(
+            check_framing(
+                v,
+                &map(&[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")])
+            )
+            .is_err()
+        );
+        assert!(check_framing(v, &map(&[("upgrade", "h2c"), ("connection", "upgrade")])).is_err());
+        assert!(check_framing(Version::HTTP_2, &map(&[("transfer-encoding", "chunked")])).is_err());
+    }
+
+    #[test]
+    fn strip() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "x"),
+            ("te", "trailers, deflate"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn unsafe_values() {
+        assert!(check_safe(&map(&[("a", "b")])).is_ok());
+        assert!(check_safe(&map(&[("a", " b")])).is_err());
+        assert!(check_safe(&map(&[("a", "b\t")])).is_err());
+    }
+
+    #[test]
+    fn ids() {
+        let ids = RequestIds::new();
+        let a = ids.next_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, ids.next_id());
+        assert_eq!(ids.keep_or_new(Some(&HeaderValue::from_static("edge-1"))), "edge-1");
+    }
+}

@@ -1,0 +1,157 @@
+//! Connection I/O wrapper that records when bytes last moved, so idle connections (and
+//! clients that stall with their window at zero) can be closed without per-request timers.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    Instant::now().saturating_duration_since(epoch()).as_millis() as u64
+}
+
+/// Activity of one client connection.
+#[derive(Debug)]
+pub struct Activity {
+    last_ms: AtomicU64,
+    active: AtomicUsize,
+}
+
+impl Activity {
+    /// A fresh record (now, no requests).
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { last_ms: AtomicU64::new(now_ms()), active: AtomicUsize::new(0) })
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Marks a request in flight on this connection until the guard drops.
+    pub fn request(self: &Arc<Self>) -> ActiveRequest {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        ActiveRequest(self.clone())
+    }
+
+    /// Resolves once the connection has been idle too long: `idle` with no request in
+    /// flight, `stalled` with requests in flight but no bytes moving.
+    pub async fn idle_expired(&self, idle: Duration, stalled: Duration) {
+        loop {
+            let limit = if self.active.load(Ordering::Relaxed) == 0 { idle } else { stalled };
+            let last = epoch() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            // Re-check at least every `idle`: requests may finish meanwhile, which switches
+            // the limit from `stalled` to `idle`.
+            tokio::time::sleep_until(deadline.min(now + idle.min(stalled))).await;
+        }
+    }
+}
+
+/// Guard of one in-flight request on a connection.
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<Activity>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O stream that updates an [`Activity`] on every successful read or write.
+    #[derive(Debug)]
+    pub struct ConnIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T> ConnIo<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+
+    /// The wrapped stream (for handing a raw socket to the kernel data plane).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ConnIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ConnIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,207 @@
+//! Process-wide proxy metrics, rendered as Prometheus text. Plain atomics: the request
+//! path only does relaxed increments.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A gauge that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// +1.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// -1.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// +1.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// All proxy metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    by_status: Vec<AtomicU64>,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    /// Client connections accepted.
+    pub client_connections_total: Counter,
+    /// Client connections open.
+    pub client_connections_open: Gauge,
+    /// Upstream HTTP/2 connections open.
+    pub upstream_h2_open: Gauge,
+    /// Upstream HTTP/1.1 connections open.
+    pub upstream_h1_open: Gauge,
+    /// Upstream connection attempts that failed.
+    pub upstream_connect_errors_total: Counter,
+    /// Opaque (upgraded) streams open.
+    pub opaque_streams_open: Gauge,
+    /// Opaque streams relayed in total.
+    pub opaque_streams_total: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            by_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::new(0),
+            latency_sum_us: AtomicU64::new(0),
+            client_connections_total: Counter::default(),
+            client_connections_open: Gauge::default(),
+            upstream_h2_open: Gauge::default(),
+            upstream_h1_open: Gauge::default(),
+            upstream_connect_errors_total: Counter::default(),
+            opaque_streams_open: Gauge::default(),
+            opaque_streams_total: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one response: its status and the time to its header.
+    pub fn observe(&self, status: u16, elapsed: Duration) {
+        if let Some(c) = self.by_status.get(usize::from(status)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = elapsed.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Count of responses with `status`.
+    pub fn status_count(&self, status: u16) -> u64 {
+        self.by_status.get(usize::from(status)).map(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP sluice_requests_total Responses sent, by status code.\n");
+        out.push_str("# TYPE sluice_requests_total counter\n");
+        for (code, c) in self.by_status.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "sluice_requests_total{{code=\"{code}\"}} {n}");
+            }
+        }
+        out.push_str(
+            "# HELP sluice_request_duration_seconds Time from request to response header.\n",
+        );
+        out.push_str("# TYPE sluice_request_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
+            let _ =
+                writeln!(out, "sluice_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "sluice_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "sluice_request_duration_seconds_sum {sum}");
+        let _ = writeln!(out, "sluice_request_duration_seconds_count {count}");
+        let gauges: [(&str, &str, &str, i64); 5] = [
+            (
+                "sluice_client_connections_open",
+                "gauge",
+                "Client connections open.",
+                self.client_connections_open.get(),
+            ),
+            (
+                "sluice_upstream_connections_open{protocol=\"h2c\"}",
+                "gauge",
+                "Upstream connections open.",
+                self.upstream_h2_open.get(),
+            ),
+            (
+                "sluice_upstream_connections_open{protocol=\"http1\"}",
+                "",
+                "",
+                self.upstream_h1_open.get(),
+            ),
+            (
+                "sluice_opaque_streams_open",
+                "gauge",
+                "Upgraded (opaque) streams open.",
+                self.opaque_streams_open.get(),
+            ),
+            (
+                "sluice_client_connections_total",
+                "counter",
+                "Client connections accepted.",
+                self.client_connections_total.get() as i64,
+            ),
+        ];
+        for (name, kind, help, v) in gauges {
+            let base = name.split('{').next().unwrap_or(name);
+            if !kind.is_empty() {
+                let _ = writeln!(out, "# HELP {base} {help}\n# TYPE {base} {kind}");
+            }
+            let _ = writeln!(out, "{name} {v}");
+        }
+        let counters = [
+            (
+                "sluice_upstream_connect_errors_total",
+                "Failed upstream connects.",
+                self.upstream_connect_errors_total.get(),
+            ),
+            (
+                "sluice_opaque_streams_total",
+                "Upgraded streams relayed.",
+                self.opaque_streams_total.get(),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render() {
+        let m = Metrics::default();
+        m.observe(200, Duration::from_millis(3));
+        m.observe(503, Duration::from_secs(30));
+        let t = m.render();
+        assert!(t.contains("sluice_requests_total{code=\"200\"} 1"), "{t}");
+        assert!(t.contains("sluice_request_duration_seconds_bucket{le=\"0.005\"} 1"), "{t}");
+        assert!(t.contains("sluice_request_duration_seconds_bucket{le=\"+Inf\"} 2"), "{t}");
+    }
+}

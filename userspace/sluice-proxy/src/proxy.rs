@@ -1,0 +1,553 @@
+//! The request path, as explicit phases:
+//!
+//! 1. hygiene: target length, framing (smuggling), unsafe header names and values;
+//! 2. authority: one canonical authority from Host / `:authority` / absolute-form target;
+//! 3. route: snapshot lookup (unknown → 503 or 404);
+//! 4. proxy auth (401/403 before anything counts: a rejected request never reaches a
+//!    replica, never counts as demand, and its body is drained (small) or the connection
+//!    closed); then no ready replica → 503 + Retry-After, counted as demand;
+//! 5. select a replica ([`sluice_routing::lb::select`]: P2C, or HRW on the session header)
+//!    and count it in flight under the server's cap (RAII guard that lives until the
+//!    response body ends or is dropped; over the cap → 503 + Retry-After);
+//! 6. rewrite headers (hop-by-hop, auth headers and look-alikes, X-Forwarded-*, request
+//!    id) and forward, streaming; a sampled fraction is teed to the mirror
+//!    ([`crate::mirror`]);
+//! 7. upgrades (HTTP/1.1 Upgrade, HTTP/2 extended CONNECT) become opaque streams handed to
+//!    the [`OpaqueStreamHandoff`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use sluice_routing::{
+    AuthDecision, AuthHeaders, LbPolicy, Protocol, Replica, RoutingTable, Server, authorize,
+    canonical_authority,
+};
+
+use crate::body::{LimitedBody, ProxyBody, TrackedBody, empty};
+use crate::config::{Cidr, ProxyConfig};
+use crate::error::RequestError;
+use crate::h1scan::Verdicts;
+use crate::headers::{
+    RequestIds, check_framing, check_safe, is_h1_upgrade, set_forwarded, strip_hop_by_hop,
+};
+use crate::io::{ActiveRequest, Activity};
+use crate::metrics::Metrics;
+use crate::upgrade::{OpaqueStream, OpaqueStreamHandoff};
+use crate::upstream::{Upstreams, WireProtocol};
+
+/// State shared by every connection.
+pub(crate) struct ProxyState {
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) routing: RoutingTable,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) handoff: Arc<dyn OpaqueStreamHandoff>,
+    pub(crate) ids: RequestIds,
+    pub(crate) request_id_header: HeaderName,
+    pub(crate) trusted: Vec<Cidr>,
+    pub(crate) draining: AtomicBool,
+    /// Proxy-auth header names (and the look-alikes to strip).
+    pub(crate) auth: AuthHeaders,
+    /// Session header for servers that name none.
+    pub(crate) session_header: HeaderName,
+    /// Load-balancing policy.
+    pub(crate) lb: LbPolicy,
+    /// Autoscaler stream: one NDJSON chunk (every server's record) per interval.
+    pub(crate) signal: tokio::sync::broadcast::Sender<bytes::Bytes>,
+}
+
+/// What the request path knows about the client connection.
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls: bool,
+    pub(crate) activity: Arc<Activity>,
+    /// Held by opaque relays so graceful shutdown waits for them too.
+    pub(crate) drain: watch::Receiver<bool>,
+    /// HTTP/1.1 framing verdicts from the connection's read-side scanner.
+    pub(crate) verdicts: Arc<Verdicts>,
+}
+
+/// How a request asks to leave HTTP.
+enum UpgradeKind {
+    /// HTTP/1.1 `Connection: upgrade` + `Upgrade: <proto>`.
+    H1,
+    /// HTTP/2 extended CONNECT (RFC 8441) with `:protocol`.
+    H2Connect(String),
+}
+
+/// Entry point from hyper: never fails; errors become short responses.
+pub(crate) async fn handle(
+    state: Arc<ProxyState>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let active = conn.activity.request();
+    let trusted = state.trusted.iter().any(|c| c.contains(conn.peer.ip()));
+    let rid = if trusted {
+        state.ids.keep_or_new(req.headers().get(&state.request_id_header))
+    } else {
+        state.ids.next_id()
+    };
+    let h1 = req.version() < Version::HTTP_2;
+    // Every HTTP/1 request takes its verdict, in order, so later ones stay aligned.
+    let ambiguous = h1 && conn.verdicts.next();
+    let result = if ambiguous {
+        Err(RequestError::BadRequest("both content-length and transfer-encoding"))
+    } else {
+        proxy(&state, &conn, req, &rid, trusted, active).await
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(request_id = %rid, status = e.status().as_u16(), "rejected: {e}");
+            let bad_framing = e.closes_connection();
+            let mut r = e.into_response(&state.request_id_header, &rid);
+            if h1 && bad_framing {
+                // After a rejected request the connection's framing is unknowable.
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            r
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert(state.request_id_header.clone(), v);
+    }
+    state.metrics.observe(resp.status().as_u16(), start.elapsed());
+    Ok(resp)
+}
+
+/// Phase 2: the one canonical authority, and the raw form to forward.
+fn authority(req: &Request<Incoming>) -> Result<(String, String), RequestError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(RequestError::BadRequest("more than one Host header"));
+    }
+    let host = host
+        .map(|h| h.to_str().map_err(|_| RequestError::BadRequest("Host is not ASCII")))
+        .transpose()?;
+    let target = req.uri().authority().map(|a| a.as_str());
+    let canon = |raw: &str| {
+        canonical_authority(raw).map_err(|_| RequestError::BadRequest("invalid authority"))
+    };
+    let raw = match (target, host) {
+        (Some(t), Some(h)) => {
+            if canon(t)? != canon(h)? {
+                return Err(RequestError::BadRequest(if req.version() == Version::HTTP_2 {
+                    "Host and :authority disagree"
+                } else {
+                    "absolute request target names another host than Host"
+                }));
+            }
+            t
+        }
+        (Some(t), None) => t,
+        (None, Some(h)) => h,
+        (None, None) => return Err(RequestError::BadRequest("no Host or :authority")),
+    };
+    if req.version() == Version::HTTP_11 && host.is_none() {
+        return Err(RequestError::BadRequest("HTTP/1.1 request without Host"));
+    }
+    Ok((canon(raw)?, raw.to_owned()))
+}
+
+fn upgrade_kind(req: &Request<Incoming>) -> Result<Option<UpgradeKind>, RequestError> {
+    if req.method() == Method::CONNECT {
+        return match req.extensions().get::<hyper::ext::Protocol>() {
+            Some(p) if req.version() == Version::HTTP_2 => {
+                Ok(Some(UpgradeKind::H2Connect(p.as_str().to_owned())))
+            }
+            _ => Err(RequestError::BadRequest("CONNECT tunnels are not supported")),
+        };
+    }
+    Ok(is_h1_upgrade(req.version(), req.headers()).then_some(UpgradeKind::H1))
+}
+
+fn forwarded_head(
+    state: &ProxyState,
+    conn: &ConnInfo,
+    parts: &mut http::request::Parts,
+    raw_authority: &str,
+    rid: &str,
+    trusted: bool,
+    keep_upgrade: bool,
+) -> Result<(), RequestError> {
+    strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+    // sluice answers `100-continue` to the client itself (hyper does, when the body is first
+    // read), so the replica must not be asked to.
+    parts.headers.remove(header::EXPECT);
+    let host = HeaderValue::from_str(raw_authority)
+        .map_err(|_| RequestError::BadRequest("invalid authority"))?;
+    parts.headers.insert(header::HOST, host);
+    set_forwarded(
+        &mut parts.headers,
+        conn.peer.ip(),
+        trusted,
+        if conn.tls { "https" } else { "http" },
+        raw_authority,
+    );
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        parts.headers.insert(state.request_id_header.clone(), v);
+    }
+    // Credentials never reach a replica, nor do their `_` look-alikes (whatever the server's
+    // auth mode).
+    for name in state.auth.strip_names() {
+        parts.headers.remove(name.as_str());
+    }
+    Ok(())
+}
+
+/// A header's value when it occurs exactly once.
+fn single<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a [u8]> {
+    let mut all = headers.get_all(name).iter();
+    let first = all.next()?;
+    all.next().is_none().then_some(first.as_bytes())
+}
+
+/// After a 401/403: read and discard a small HTTP/1.1 body so the connection stays usable;
+/// returns whether the connection must close instead. The body is never forwarded.
+async fn drain_rejected(req: &mut Request<Incoming>, cap: u64) -> bool {
+    use http_body::Body as _;
+    if req.version() >= Version::HTTP_2 {
+        // Dropping the body resets just this stream.
+        return false;
+    }
+    if req.body().is_end_stream() {
+        return false;
+    }
+    if req.headers().contains_key(header::EXPECT) {
+        // Reading would send `100 Continue` and invite the body we are refusing.
+        return true;
+    }
+    let declared = req.body().size_hint().exact();
+    if declared.is_some_and(|n| n > cap) {
+        return true;
+    }
+    let drain = async {
+        let mut seen = 0u64;
+        while let Some(frame) = req.body_mut().frame().await {
+            let Ok(frame) = frame else { return true };
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > cap {
+                return true;
+            }
+        }
+        false
+    };
+    // A client that stalls mid-body costs us at most this.
+    tokio::time::timeout(std::time::Duration::from_secs(2), drain).await.unwrap_or(true)
+}
+
+async fn proxy(
+    state: &Arc<ProxyState>,
+    conn: &Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+    rid: &str,
+    trusted: bool,
+    active: ActiveRequest,
+) -> Result<Response<ProxyBody>, RequestError> {
+    // Phase 1: hygiene.
+    let target_len = req.uri().path_and_query().map(|p| p.as_str().len()).unwrap_or(0);
+    if target_len > state.cfg.limits.max_uri_bytes {
+        return Err(RequestError::UriTooLong);
+    }
+    // hyper's HTTP/1.1 read buffer limit is not a precise header-block limit; count it here
+    // (HTTP/2 header lists are bounded by SETTINGS_MAX_HEADER_LIST_SIZE already).
+    let header_bytes: usize =
+        req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if header_bytes > state.cfg.limits.max_header_bytes {
+        return Err(RequestError::HeadersTooLarge);
+    }
+    check_framing(req.version(), req.headers())?;
+    check_safe(req.headers())?;
+    let upgrade = upgrade_kind(&req)?;
+
+    // Phase 2: authority.
+    let (host, raw_authority) = authority(&req)?;
+
+    // Phase 3: route. The snapshot guard is dropped before any await.
+    let server: Arc<Server> = {
+        let snap = state.routing.load();
+        match snap.lookup(&host) {
+            Some(s) => s.clone(),
+            None => {
+                let status = StatusCode::from_u16(state.cfg.unknown_domain_status)
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return Err(RequestError::UnknownDomain(status));
+            }
+        }
+    };
+
+    // Phase 4: proxy auth, before anything is counted or sent.
+    if !server.spec.unauthenticated {
+        let decision = {
+            let snap = state.routing.load();
+            let key = single(req.headers(), state.auth.key());
+            let secret = single(req.headers(), state.auth.secret());
+            authorize(&snap, &server, key, secret)
+        };
+        if decision != AuthDecision::Allow {
+            server.stats.auth_rejected.fetch_add(1, Ordering::Relaxed);
+            let close = drain_rejected(&mut req, state.cfg.auth.drain_body_bytes).await;
+            return Err(match decision {
+                AuthDecision::Forbidden => RequestError::Forbidden { close },
+                _ => RequestError::Unauthenticated { close },
+            });
+        }
+    }
+    if server.replicas.is_empty() {
+        // Demand: the scale-from-zero signal in the autoscaler stream.
+        server.stats.no_replica.fetch_add(1, Ordering::Relaxed);
+        return Err(RequestError::NoReplica);
+    }
+    if server.at_in_flight_cap() {
+        server.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+        return Err(RequestError::Overloaded);
+    }
+
+    let limit = server.spec.limits.max_body_bytes.or(state.cfg.limits.max_body_bytes);
+    if let Some(limit) = limit {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(RequestError::BodyTooLarge(limit));
+        }
+    }
+
+    // Phase 5: select and count (under the server's in-flight cap).
+    let session_header = server.spec.session_header.as_deref();
+    let session = match session_header {
+        Some(name) => req.headers().get(name),
+        None => req.headers().get(&state.session_header),
+    };
+    let replica: Arc<Replica> =
+        sluice_routing::lb::select(&server, session.map(|v| v.as_bytes()), &state.lb)
+            .cloned()
+            .ok_or(RequestError::NoReplica)?;
+    let in_flight = server.try_begin_request(&replica).map_err(|_| RequestError::Overloaded)?;
+    let idle = server.spec.timeouts.idle.or(state.cfg.timeouts.upstream_idle);
+
+    if let Some(kind) = upgrade {
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        return forward_upgrade(
+            state,
+            conn,
+            req,
+            client_upgrade,
+            kind,
+            &raw_authority,
+            rid,
+            trusted,
+            &server,
+            &replica,
+            Box::new((in_flight, active)),
+        )
+        .await;
+    }
+
+    // Phase 6: rewrite and forward.
+    let (mut parts, body) = req.into_parts();
+    forwarded_head(state, conn, &mut parts, &raw_authority, rid, trusted, false)?;
+    let wire = match replica.protocol {
+        Protocol::H2c => WireProtocol::H2c,
+        _ => WireProtocol::Http1,
+    };
+    parts.version = match wire {
+        WireProtocol::H2c => Version::HTTP_2,
+        WireProtocol::Http1 => Version::HTTP_11,
+    };
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let body = LimitedBody::new(body, limit, exceeded.clone()).boxed_unsync();
+    let body = crate::mirror::maybe_tee(state, &server, &parts, body);
+    let send = state.upstreams.send(
+        replica.addr,
+        wire,
+        server.spec.timeouts.connect,
+        Request::from_parts(parts, body),
+    );
+    let sent = match idle {
+        Some(d) => {
+            tokio::time::timeout(d, send).await.unwrap_or(Err(RequestError::UpstreamTimeout))
+        }
+        None => send.await,
+    };
+    let up = match sent {
+        Ok(up) => up,
+        Err(e) => {
+            if exceeded.load(Ordering::Relaxed)
+                && let Some(limit) = limit
+            {
+                return Err(RequestError::BodyTooLarge(limit));
+            }
+            replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let (mut rparts, rbody) = up.response.into_parts();
+    strip_hop_by_hop(&mut rparts.headers, false);
+    rparts.version = Version::HTTP_11;
+    let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));
+    let body = TrackedBody::new(rbody, idle, hold, up.on_complete).boxed_unsync();
+    Ok(Response::from_parts(rparts, body))
+}
+
+/// A fresh random `Sec-WebSocket-Key` (16 bytes, base64), needed when an HTTP/2 extended
+/// CONNECT (which has no key) becomes an HTTP/1.1 WebSocket upgrade at the replica.
+fn websocket_key() -> String {
+    let ids = RequestIds::new();
+    let hex = ids.next_id();
+    let mut raw = [0u8; 16];
+    for (i, b) in raw.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).unwrap_or(0);
+    }
+    base64(&raw)
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
+
+#[allow(clippy::too_many_arguments)]
+async fn forward_upgrade(
+    state: &Arc<ProxyState>,
+    conn: &Arc<ConnInfo>,
+    req: Request<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    kind: UpgradeKind,
+    raw_authority: &str,
+    rid: &str,
+    trusted: bool,
+    server: &Arc<Server>,
+    replica: &Arc<Replica>,
+    hold: Box<dyn Send>,
+) -> Result<Response<ProxyBody>, RequestError> {
+    let (mut parts, _body) = req.into_parts();
+    forwarded_head(state, conn, &mut parts, raw_authority, rid, trusted, true)?;
+    parts.version = Version::HTTP_11;
+    if let UpgradeKind::H2Connect(protocol) = &kind {
+        // RFC 8441 → RFC 6455: GET + Upgrade, with the key HTTP/2 does not carry.
+        parts.method = Method::GET;
+        parts.extensions.remove::<hyper::ext::Protocol>();
+        let proto = HeaderValue::from_str(protocol)
+            .map_err(|_| RequestError::BadRequest("invalid :protocol"))?;
+        parts.headers.insert(header::UPGRADE, proto);
+        if protocol.eq_ignore_ascii_case("websocket")
+            && !parts.headers.contains_key(&SEC_WEBSOCKET_KEY)
+            && let Ok(v) = HeaderValue::from_str(&websocket_key())
+        {
+            parts.headers.insert(&SEC_WEBSOCKET_KEY, v);
+        }
+    }
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let req = Request::from_parts(parts, empty());
+    let up =
+        match state.upstreams.send_upgrade(replica.addr, server.spec.timeouts.connect, req).await {
+            Ok(up) => up,
+            Err(e) => {
+                replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+    let mut response = up.response;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The replica declined: an ordinary response.
+        let (mut rparts, rbody) = response.into_parts();
+        strip_hop_by_hop(&mut rparts.headers, false);
+        let body = TrackedBody::new(rbody, None, Box::new((hold, up.hold)), None).boxed_unsync();
+        return Ok(Response::from_parts(rparts, body));
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let (mut rparts, _) = response.into_parts();
+    let h2 = matches!(kind, UpgradeKind::H2Connect(_));
+    if h2 {
+        strip_hop_by_hop(&mut rparts.headers, false);
+        rparts.headers.remove(&SEC_WEBSOCKET_ACCEPT);
+        rparts.status = StatusCode::OK;
+    } else {
+        strip_hop_by_hop(&mut rparts.headers, true);
+        rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    rparts.version = Version::HTTP_11;
+
+    let handoff = state.handoff.clone();
+    let metrics = state.metrics.clone();
+    let drain = conn.drain.clone();
+    let (server_id, replica_id, replica_addr) =
+        (server.id().to_owned(), replica.id.clone(), replica.addr);
+    let upstream_hold = up.hold;
+    tokio::spawn(async move {
+        // Counted in flight (autoscaling) for the whole life of the opaque stream.
+        let _hold = (hold, drain);
+        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                tracing::debug!(
+                    client_ok = c.is_ok(),
+                    upstream_ok = u.is_ok(),
+                    "upgrade did not complete"
+                );
+                return;
+            }
+        };
+        drop(upstream_hold);
+        metrics.opaque_streams_open.inc();
+        metrics.opaque_streams_total.inc();
+        let res = handoff
+            .relay(OpaqueStream {
+                client,
+                upstream,
+                server: server_id,
+                replica: replica_id,
+                replica_addr,
+            })
+            .await;
+        metrics.opaque_streams_open.dec();
+        match res {
+            Ok((up, down)) => tracing::debug!(up, down, "opaque stream closed"),
+            Err(e) => tracing::debug!("opaque stream ended: {e}"),
+        }
+    });
+    Ok(Response::from_parts(rparts, empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn b64() {
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert_eq!(base64(b"hell"), "aGVsbA==");
+        assert_eq!(base64(b"hel"), "aGVs");
+        assert_eq!(websocket_key().len(), 24);
+    }
+}

@@ -1,0 +1,428 @@
+//! The proxy server: binds listeners, accepts connections (bounded), terminates TLS,
+//! picks HTTP/1.1 or HTTP/2 per connection, and drains gracefully.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use sluice_routing::RoutingTable;
+
+use crate::admin::{AdminHandler, AdminRoutes};
+use crate::config::{Cidr, ProxyConfig};
+use crate::error::{ConfigError, ProxyError};
+use crate::h1scan::{H1Scan, Verdicts};
+use crate::headers::RequestIds;
+use crate::io::{Activity, ConnIo};
+use crate::metrics::Metrics;
+use crate::proxy::{ConnInfo, ProxyState, handle};
+use crate::upgrade::{OpaqueStreamHandoff, UserspaceRelay};
+use crate::upstream::{UpstreamSettings, Upstreams};
+use crate::{listener, tls};
+
+/// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+struct BoundListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Option<TlsAcceptor>,
+}
+
+/// A bound, not yet running proxy.
+pub struct Server {
+    cfg: ProxyConfig,
+    routing: RoutingTable,
+    listeners: Vec<BoundListener>,
+    admin: Option<(TcpListener, SocketAddr)>,
+    admin_routes: AdminRoutes,
+    metrics: Arc<Metrics>,
+    handoff: Arc<dyn OpaqueStreamHandoff>,
+}
+
+impl Server {
+    /// Validates the config, loads certificates and binds every listener (so port clashes
+    /// and bad certificates fail here, before anything is served).
+    pub async fn bind(cfg: ProxyConfig, routing: RoutingTable) -> Result<Self, ProxyError> {
+        cfg.validate()?;
+        let mut listeners = Vec::with_capacity(cfg.listeners.len());
+        for l in &cfg.listeners {
+            let tls = match &l.tls {
+                Some(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+                None => None,
+            };
+            let listener = listener::bind(l.addr)
+                .map_err(|source| ProxyError::Bind { addr: l.addr, source })?;
+            let addr = listener.local_addr()?;
+            listeners.push(BoundListener { listener, addr, tls });
+        }
+        let admin = match cfg.admin.addr {
+            Some(a) => {
+                let l = listener::bind(a).map_err(|source| ProxyError::Bind { addr: a, source })?;
+                let addr = l.local_addr()?;
+                Some((l, addr))
+            }
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            routing,
+            listeners,
+            admin,
+            admin_routes: AdminRoutes::default(),
+            metrics: Arc::new(Metrics::default()),
+            handoff: Arc::new(UserspaceRelay),
+        })
+    }
+
+    /// Replaces the opaque-stream hand-off (the kernel data plane's splice).
+    pub fn set_handoff(&mut self, handoff: Arc<dyn OpaqueStreamHandoff>) {
+        self.handoff = handoff;
+    }
+
+    /// Adds (or replaces) an admin route, e.g. `/generation`.
+    pub fn admin_route(&mut self, path: &str, handler: Arc<dyn AdminHandler>) {
+        self.admin_routes.insert(path, handler);
+    }
+
+    /// Bound client listener addresses, in config order (ports resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.addr).collect()
+    }
+
+    /// Bound admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The proxy's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: stops accepting, sends GOAWAY to
+    /// HTTP/2 clients, closes idle HTTP/1.1 connections, and waits for in-flight requests
+    /// (and opaque streams) up to the drain deadline.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProxyError> {
+        let header = HeaderName::from_bytes(self.cfg.request_id.header.as_bytes())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let trusted = self
+            .cfg
+            .request_id
+            .trusted_edges
+            .iter()
+            .map(|s| Cidr::parse(s))
+            .collect::<Result<_, _>>()?;
+        let auth = self.cfg.auth.headers()?;
+        let session_header = HeaderName::from_bytes(self.cfg.lb.session_header.as_bytes())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let lb = sluice_routing::LbPolicy { bounded_load: self.cfg.lb.bounded_load };
+        let (signal, _) = tokio::sync::broadcast::channel(16);
+        let state = Arc::new(ProxyState {
+            upstreams: Upstreams::new(
+                UpstreamSettings::from_config(&self.cfg),
+                self.metrics.clone(),
+            ),
+            cfg: self.cfg,
+            routing: self.routing,
+            metrics: self.metrics,
+            handoff: self.handoff,
+            ids: RequestIds::new(),
+            request_id_header: header,
+            trusted,
+            draining: Default::default(),
+            auth,
+            session_header,
+            lb,
+            signal,
+        });
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let conns = Arc::new(Semaphore::new(state.cfg.limits.max_connections.max(1)));
+        let mut tasks = Vec::new();
+        let listener_count = self.listeners.len();
+        for l in self.listeners {
+            tracing::info!(addr = %l.addr, tls = l.tls.is_some(), "listening");
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                state.clone(),
+                drain_rx.clone(),
+                conns.clone(),
+            )));
+        }
+        if let Some((l, addr)) = self.admin {
+            tracing::info!(%addr, "admin listening");
+            let routes = Arc::new(self.admin_routes.with_defaults(state.clone(), listener_count));
+            tasks.push(tokio::spawn(crate::admin::serve(l, routes)));
+        }
+        tasks.push(tokio::spawn(reaper(state.clone())));
+        tasks.push(tokio::spawn(sample_autoscaler_signal(state.clone())));
+
+        shutdown.await;
+        tracing::info!("shutting down: draining for up to {:?}", state.cfg.timeouts.drain);
+        state.draining.store(true, Ordering::Relaxed);
+        for t in &tasks {
+            t.abort();
+        }
+        let _ = drain_tx.send(true);
+        drop(drain_rx);
+        if tokio::time::timeout(state.cfg.timeouts.drain, drain_tx.closed()).await.is_err() {
+            tracing::warn!(
+                open = drain_tx.receiver_count(),
+                "drain deadline passed; closing remaining connections"
+            );
+        } else {
+            tracing::info!("drained");
+        }
+        Ok(())
+    }
+}
+
+async fn reaper(state: Arc<ProxyState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let snap = state.routing.load_full();
+        let live: std::collections::HashSet<SocketAddr> = snap
+            .servers()
+            .flat_map(|s| {
+                s.replicas.iter().map(|r| r.addr).chain(s.spec.mirror.as_ref().map(|m| m.address))
+            })
+            .collect();
+        state.upstreams.reap(&|a| live.contains(a));
+    }
+}
+
+/// Samples every server's counters once per interval for `GET /autoscaler/stream`. Runs
+/// from the start whether or not anyone listens, so each record's deltas cover exactly one
+/// interval.
+async fn sample_autoscaler_signal(state: Arc<ProxyState>) {
+    let mut sampler = sluice_routing::Sampler::new();
+    let mut tick = tokio::time::interval(state.cfg.autoscaler.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = state.routing.load_full();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let records = sampler.sample(&snap, now_ms);
+        if state.signal.receiver_count() == 0 {
+            continue;
+        }
+        let mut buf = Vec::with_capacity(records.len() * 160);
+        for r in &records {
+            r.write_ndjson(&mut buf);
+        }
+        let _ = state.signal.send(bytes::Bytes::from(buf));
+    }
+}
+
+async fn accept_loop(
+    l: BoundListener,
+    state: Arc<ProxyState>,
+    drain: watch::Receiver<bool>,
+    conns: Arc<Semaphore>,
+) {
+    loop {
+        // At the connection limit, stop accepting: the kernel backlog holds the rest.
+        let Ok(permit) = conns.clone().acquire_owned().await else { return };
+        let (tcp, peer) = match l.listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(addr = %l.addr, "accept: {e}");
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        // Dead peers are found by TCP keepalive, not HTTP/2 PINGs: PING traffic would keep
+        // an otherwise idle connection from ever reaching the idle timeout.
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+        let state = state.clone();
+        let drain = drain.clone();
+        let tls = l.tls.clone();
+        tokio::spawn(async move {
+            state.metrics.client_connections_total.inc();
+            state.metrics.client_connections_open.inc();
+            serve_connection(&state, tcp, peer, tls, drain).await;
+            state.metrics.client_connections_open.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// Reads (without consuming) enough of a plaintext connection to tell an h2c
+/// prior-knowledge preface from HTTP/1.1.
+async fn sniff_h2c(tcp: &TcpStream) -> io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A split preface is rare; peek would return at once, so wait a little.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn serve_connection(
+    state: &Arc<ProxyState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    drain: watch::Receiver<bool>,
+) {
+    let t = &state.cfg.timeouts;
+    let activity = Activity::new();
+    let verdicts = Arc::new(Verdicts::default());
+    let info = Arc::new(ConnInfo {
+        peer,
+        tls: tls.is_some(),
+        activity: activity.clone(),
+        drain: drain.clone(),
+        verdicts: verdicts.clone(),
+    });
+    let max_head = state.cfg.limits.max_header_bytes;
+    match tls {
+        Some(acceptor) => {
+            let io = ConnIo::new(tcp, activity.clone());
+            let stream = match tokio::time::timeout(t.tls_handshake, acceptor.accept(io)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "tls handshake: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "tls handshake timed out");
+                    return;
+                }
+            };
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
+            if h2 {
+                serve_h2(state, TokioIo::new(stream), info, drain).await;
+            } else {
+                let io = TokioIo::new(H1Scan::new(stream, max_head, verdicts));
+                serve_h1(state, io, info, drain).await;
+            }
+        }
+        None => {
+            let is_h2 = match tokio::time::timeout(t.header_read, sniff_h2c(&tcp)).await {
+                Ok(Ok(h2)) => h2,
+                _ => return,
+            };
+            let io = ConnIo::new(tcp, activity.clone());
+            if is_h2 {
+                serve_h2(state, TokioIo::new(io), info, drain).await;
+            } else {
+                let io = TokioIo::new(H1Scan::new(io, max_head, verdicts));
+                serve_h1(state, io, info, drain).await;
+            }
+        }
+    }
+}
+
+async fn serve_h1<I>(
+    state: &Arc<ProxyState>,
+    io: I,
+    info: Arc<ConnInfo>,
+    drain: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let c = &state.cfg;
+    let svc_state = state.clone();
+    let svc_info = info.clone();
+    let svc = service_fn(move |req| handle(svc_state.clone(), svc_info.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(c.timeouts.header_read)
+        .max_buf_size(c.limits.max_header_bytes)
+        .keep_alive(true)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state).await;
+}
+
+async fn serve_h2<I>(
+    state: &Arc<ProxyState>,
+    io: I,
+    info: Arc<ConnInfo>,
+    drain: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let c = &state.cfg;
+    let svc_state = state.clone();
+    let svc_info = info.clone();
+    let svc = service_fn(move |req| handle(svc_state.clone(), svc_info.clone(), req));
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(c.limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(c.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(c.limits.h2_stream_window)
+        .initial_connection_window_size(c.limits.h2_connection_window)
+        .enable_connect_protocol()
+        .serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state).await;
+}
+
+/// Polls a connection to its end, starting a graceful shutdown when the drain begins and
+/// dropping it (closing the socket) when it has been idle or stalled too long.
+async fn drive<F, E>(
+    mut conn: Pin<&mut F>,
+    graceful: impl Fn(Pin<&mut F>),
+    mut drain: watch::Receiver<bool>,
+    activity: &Activity,
+    state: &ProxyState,
+) where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let t = &state.cfg.timeouts;
+    let mut draining = *drain.borrow();
+    if draining {
+        graceful(conn.as_mut());
+    }
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!("client connection: {e}");
+                }
+                return;
+            }
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                graceful(conn.as_mut());
+            }
+            _ = activity.idle_expired(t.connection_idle, t.stream_idle) => {
+                tracing::debug!("closing idle client connection");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! TLS: rustls (ring provider), TLS 1.2+, ALPN `h2` and `http/1.1`, certificates chosen
+//! by SNI with exact names first, then `*.domain` wildcards (one label deep).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsConfig;
+use crate::error::ConfigError;
+
+/// ALPN id for HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN id for HTTP/1.1.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// The ring crypto provider sluice uses everywhere.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Certificates by SNI name.
+#[derive(Debug, Default)]
+pub struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the wildcard's parent domain (`example.com` for `*.example.com`).
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    /// Adds a certificate for `names`; the first certificate added also serves no-SNI clients.
+    pub fn add(&mut self, names: &[String], key: Arc<CertifiedKey>) -> Result<(), ConfigError> {
+        for name in names {
+            let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            if let Some(parent) = name.strip_prefix("*.") {
+                if parent.is_empty() || parent.contains('*') {
+                    return Err(ConfigError::Tls(format!("bad wildcard name {name:?}")));
+                }
+                self.wildcard.insert(parent.to_owned(), key.clone());
+            } else if name.is_empty() || name.contains('*') {
+                return Err(ConfigError::Tls(format!("bad certificate name {name:?}")));
+            } else {
+                self.exact.insert(name, key.clone());
+            }
+        }
+        if self.default.is_none() {
+            self.default = Some(key);
+        }
+        Ok(())
+    }
+
+    /// The certificate for an SNI name.
+    pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let Some(sni) = sni else {
+            return self.default.clone();
+        };
+        let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(k) = self.exact.get(&sni) {
+            return Some(k.clone());
+        }
+        let (_, parent) = sni.split_once('.')?;
+        self.wildcard.get(parent).cloned()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.lookup(hello.server_name())
+    }
+}
+
+/// Loads a PEM chain and key into a rustls signing key.
+pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<CertifiedKey, ConfigError> {
+    let read = |p: &Path| {
+        File::open(p)
+            .map(BufReader::new)
+            .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })
+    };
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut read(cert_pem)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ConfigError::Tls(format!("{}: {e}", cert_pem.display())))?;
+    let key = rustls_pemfile::private_key(&mut read(key_pem)?)
+        .map_err(|e| ConfigError::Tls(format!("{}: {e}", key_pem.display())))?
+        .ok_or_else(|| ConfigError::Tls(format!("{}: no private key", key_pem.display())))?;
+    certified_key(certs, key)
+}
+
+/// Builds a signing key from DER parts.
+pub fn certified_key(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, ConfigError> {
+    if certs.is_empty() {
+        return Err(ConfigError::Tls("empty certificate chain".into()));
+    }
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| ConfigError::Tls(format!("unsupported key: {e}")))?;
+    Ok(CertifiedKey::new(certs, signer))
+}
+
+/// Builds the rustls server config of a TLS listener.
+pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
+    let mut resolver = SniResolver::default();
+    for c in &tls.certs {
+        let key = load_certified_key(&c.cert_pem, &c.key_pem)?;
+        resolver.add(&c.names, Arc::new(key))?;
+    }
+    server_config_with(resolver)
+}
+
+/// Builds a rustls server config around a resolver.
+pub fn server_config_with(resolver: SniResolver) -> Result<Arc<ServerConfig>, ConfigError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ConfigError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> Arc<CertifiedKey> {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+        let der = PrivateKeyDer::Pkcs8(c.key_pair.serialize_der().into());
+        Arc::new(certified_key(vec![c.cert.der().clone()], der).unwrap())
+    }
+
+    #[test]
+    fn sni_lookup() {
+        let mut r = SniResolver::default();
+        let a = key("a.example.com");
+        let w = key("*.example.com");
+        r.add(&["a.example.com".into()], a.clone()).unwrap();
+        r.add(&["*.example.com".into()], w.clone()).unwrap();
+        assert!(Arc::ptr_eq(&r.lookup(Some("A.example.com")).unwrap(), &a));
+        assert!(Arc::ptr_eq(&r.lookup(Some("b.example.com")).unwrap(), &w));
+        assert!(r.lookup(Some("x.b.example.com")).is_none());
+        assert!(r.lookup(Some("example.com")).is_none());
+        assert!(Arc::ptr_eq(&r.lookup(None).unwrap(), &a));
+    }
+}

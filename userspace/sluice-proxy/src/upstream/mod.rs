@@ -1,0 +1,194 @@
+//! Replica-side connections. sluice owns each replica's connection set: HTTP/2 (h2c prior
+//! knowledge) connections multiplexed up to the replica's advertised stream limit, with a
+//! new connection opened when all are saturated (hyper's pooled client will not do that),
+//! and an HTTP/1.1 keep-alive pool. Replicas are IP:port; there is no DNS here.
+
+mod http1;
+mod http2;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::{BoxError, OnComplete};
+use crate::config::{ProxyConfig, UpstreamConfig};
+use crate::error::RequestError;
+use crate::metrics::Metrics;
+
+pub use self::http1::H1Conn;
+
+/// The body sluice sends upstream.
+pub type UpstreamReqBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The body sluice receives from upstream.
+pub type UpstreamRespBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Which wire protocol to speak to a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireProtocol {
+    /// HTTP/2 with prior knowledge.
+    H2c,
+    /// HTTP/1.1.
+    Http1,
+}
+
+/// A response from a replica plus what must live as long as its body.
+pub struct UpstreamResponse {
+    /// The response (body streams from the replica).
+    pub response: Response<UpstreamRespBody>,
+    /// Stream/connection handles; dropping them cancels the upstream exchange.
+    pub hold: Box<dyn Send>,
+    /// Run after the body ended cleanly (returns a keep-alive connection to its pool).
+    pub on_complete: Option<OnComplete>,
+}
+
+/// Settings the upstream side needs.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this.
+    pub pool_idle: Duration,
+    /// Pool and window settings.
+    pub cfg: UpstreamConfig,
+}
+
+impl UpstreamSettings {
+    /// From the proxy config.
+    pub fn from_config(c: &ProxyConfig) -> Self {
+        Self {
+            connect_timeout: c.timeouts.connect,
+            pool_idle: c.timeouts.upstream_pool_idle,
+            cfg: c.upstream.clone(),
+        }
+    }
+}
+
+/// Connections to one replica address.
+#[derive(Default)]
+struct ReplicaPool {
+    h2: Mutex<Vec<Arc<http2::H2Conn>>>,
+    /// One h2 connect at a time per replica, so a burst against a cold (or saturated)
+    /// replica opens one connection and multiplexes onto it instead of one per request.
+    h2_connecting: tokio::sync::Mutex<()>,
+    h1_idle: Mutex<Vec<(H1Conn, Instant)>>,
+}
+
+/// All upstream connection sets, keyed by replica address.
+pub struct Upstreams {
+    settings: UpstreamSettings,
+    metrics: Arc<Metrics>,
+    pools: RwLock<HashMap<SocketAddr, Arc<ReplicaPool>>>,
+}
+
+impl Upstreams {
+    /// An empty set.
+    pub fn new(settings: UpstreamSettings, metrics: Arc<Metrics>) -> Self {
+        Self { settings, metrics, pools: RwLock::new(HashMap::new()) }
+    }
+
+    fn pool(&self, addr: SocketAddr) -> Arc<ReplicaPool> {
+        if let Some(p) = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+            return p.clone();
+        }
+        self.pools.write().unwrap_or_else(|e| e.into_inner()).entry(addr).or_default().clone()
+    }
+
+    /// Sends `req` (URI in origin form, Host header set) to the replica at `addr`.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        proto: WireProtocol,
+        connect_timeout: Option<Duration>,
+        req: Request<UpstreamReqBody>,
+    ) -> Result<UpstreamResponse, RequestError> {
+        let pool = self.pool(addr);
+        let ct = connect_timeout.unwrap_or(self.settings.connect_timeout);
+        match proto {
+            WireProtocol::H2c => http2::send(self, &pool, addr, ct, req).await,
+            WireProtocol::Http1 => http1::send(self, &pool, addr, ct, req, false).await,
+        }
+    }
+
+    /// Sends an HTTP/1.1 upgrade request on a fresh connection (never pooled afterwards);
+    /// the response's `hyper::upgrade::on` yields the replica socket after a 101.
+    pub async fn send_upgrade(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Option<Duration>,
+        req: Request<UpstreamReqBody>,
+    ) -> Result<UpstreamResponse, RequestError> {
+        let pool = self.pool(addr);
+        let ct = connect_timeout.unwrap_or(self.settings.connect_timeout);
+        http1::send(self, &pool, addr, ct, req, true).await
+    }
+
+    /// Closes idle connections older than the pool idle timeout and forgets replicas not
+    /// in `live` (their in-flight exchanges finish on the handles they hold).
+    pub fn reap(&self, live: &dyn Fn(&SocketAddr) -> bool) {
+        let now = Instant::now();
+        let idle = self.settings.pool_idle;
+        let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|addr, _| live(addr));
+        for pool in pools.values() {
+            pool.h2.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.keep(now, idle));
+            pool.h1_idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(c, since)| !c.is_closed() && now.duration_since(*since) < idle);
+        }
+    }
+
+    /// Number of replica addresses with a connection set.
+    pub fn replica_count(&self) -> usize {
+        self.pools.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream, RequestError> {
+        let res = tokio::time::timeout(timeout, TcpStream::connect(addr)).await;
+        let err = match res {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => connect_reason(addr, &e),
+            Err(_) => format!("connect to replica {addr} timed out"),
+        };
+        self.metrics.upstream_connect_errors_total.inc();
+        tracing::debug!(%addr, "{err}");
+        Err(RequestError::Upstream(err))
+    }
+}
+
+fn connect_reason(addr: SocketAddr, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => format!("replica {addr} refused the connection"),
+        _ => format!("connect to replica {addr}: {e}"),
+    }
+}
+
+/// Renders an error with its sources for a short 502 reason.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}

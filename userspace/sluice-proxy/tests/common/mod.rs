@@ -1,0 +1,240 @@
+//! Shared test harness: a proxy on ephemeral ports, in-process replicas, and clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sluice_proxy::body::ProxyBody;
+use sluice_proxy::{ProxyConfig, Server};
+use sluice_routing::{NodeConfig, Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const HOST: &str = "hello.r1.example.test";
+pub const T: Duration = Duration::from_secs(10);
+
+pub fn node() -> NodeConfig {
+    NodeConfig { base_domains: vec!["example.test".into()], regions: vec!["r1".into()] }
+}
+
+pub fn cfg() -> ProxyConfig {
+    let mut c = ProxyConfig::default();
+    c.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
+    c.admin.addr = Some("127.0.0.1:0".parse().unwrap());
+    c
+}
+
+/// One server `hello` (label hello) with the given replicas.
+pub fn doc(replicas: &[(&str, SocketAddr, Protocol)]) -> RoutingDoc {
+    let mut s = ServerSpec::new("hello", "hello");
+    s.unauthenticated = true;
+    RoutingDoc {
+        servers: vec![s],
+        replicas: replicas
+            .iter()
+            .map(|(id, addr, p)| {
+                let mut r = ReplicaSpec::new("hello", *id, *addr);
+                r.protocol = *p;
+                r
+            })
+            .collect(),
+        tokens: vec![],
+    }
+}
+
+pub struct Harness {
+    pub addrs: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub metrics: Arc<sluice_proxy::Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    pub done: Option<JoinHandle<Result<(), sluice_proxy::ProxyError>>>,
+}
+
+impl Harness {
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn shutdown(&mut self) -> JoinHandle<Result<(), sluice_proxy::ProxyError>> {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.take().unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(d) = &self.done {
+            d.abort();
+        }
+    }
+}
+
+pub async fn start(cfg: ProxyConfig, doc: RoutingDoc) -> Harness {
+    let _ = tracing_subscriber();
+    let routing = RoutingTable::from_doc(node(), doc).unwrap();
+    let server = Server::bind(cfg, routing).await.unwrap();
+    let addrs = server.local_addrs();
+    let admin = server.admin_addr().unwrap();
+    let metrics = server.metrics();
+    let (tx, rx) = oneshot::channel();
+    let done = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    Harness { addrs, admin, metrics, stop: Some(tx), done: Some(done) }
+}
+
+fn tracing_subscriber() -> Option<()> {
+    None
+}
+
+/// A replica built from a handler; `hits` counts requests that reached it.
+pub struct TestReplica {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TestReplica {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestReplica {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn replica<F, Fut>(proto: Protocol, handler: F) -> TestReplica
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let handler = handler.clone();
+            let hits = h.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let f = handler(req);
+                    async move { Ok::<_, Infallible>(f.await) }
+                });
+                let io = TokioIo::new(tcp);
+                let _ = match proto {
+                    Protocol::H2c => {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await
+                    }
+                    _ => {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades()
+                            .await
+                    }
+                };
+            });
+        }
+    });
+    TestReplica { addr, hits, task }
+}
+
+pub fn text(s: impl Into<Bytes>) -> ProxyBody {
+    sluice_proxy::body::full(s.into())
+}
+
+pub fn get(uri: &str, host: &str) -> Request<Empty<Bytes>> {
+    Request::builder().uri(uri).header("host", host).body(Empty::new()).unwrap()
+}
+
+/// HTTP/1.1 client on a fresh connection.
+pub async fn h1<B>(addr: SocketAddr, req: Request<B>) -> hyper::Result<Response<Incoming>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn.with_upgrades());
+    send.send_request(req).await
+}
+
+/// HTTP/2 prior-knowledge client.
+pub async fn h2_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+pub async fn body_string(resp: Response<Incoming>) -> String {
+    let b = tokio::time::timeout(T, resp.into_body().collect()).await.unwrap().unwrap().to_bytes();
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// Writes raw bytes and reads until the peer closes (or 5 s).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn full_body(s: &'static str) -> Full<Bytes> {
+    Full::new(Bytes::from_static(s.as_bytes()))
+}
+
+/// A hello replica that answers with its id.
+pub async fn hello(id: &'static str, proto: Protocol) -> TestReplica {
+    replica(proto, move |req: Request<Incoming>| async move {
+        let v = format!("{:?}", req.version());
+        Response::builder()
+            .header("x-replica", id)
+            .body(text(format!("hello from {id} over {v}\n")))
+            .unwrap()
+    })
+    .await
+}
+
+/// An address nobody listens on.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+pub fn body_of(resp: Response<Incoming>) -> impl Future<Output = String> {
+    body_string(resp)
+}
+
+pub async fn collect(b: Incoming) -> Result<http_body_util::Collected<Bytes>, hyper::Error> {
+    b.collect().await
+}
