@@ -9,7 +9,7 @@ use serde::Serialize;
 pub struct Pinned {
     /// File name under the pin directory (the map or program name).
     pub name: String,
-    /// Kind as bpffs reports it (`map`, `prog`, `link`) where it can be told.
+    /// Kind: sluice pins only maps; anything else under the directory is `other`.
     pub kind: String,
 }
 
@@ -22,13 +22,8 @@ pub fn list(dir: &Path) -> Vec<Pinned> {
         .filter_map(Result::ok)
         .map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            // bpffs shows a map's attributes as text when read; programs and links
-            // are not readable. Reading a map pin is cheap and has no side effects.
-            let kind = match fs::read_to_string(e.path()) {
-                Ok(text) if text.contains("map_type") || text.contains("key") => "map",
-                Ok(_) => "map",
-                Err(_) => "prog/link",
-            };
+            // Every name sluice pins is one of its maps (see sluice_abi::names).
+            let kind = if name.starts_with("AYA_") || name.contains('.') { "other" } else { "map" };
             Pinned { name, kind: kind.to_owned() }
         })
         .collect();

@@ -203,7 +203,10 @@ impl ProbeReport {
     }
 }
 
-/// Explains a load/attach failure, naming the capability when the kernel said EPERM.
+/// Explains a load/attach failure in words an operator can act on: the capability to
+/// add when the kernel said EPERM (or EACCES on the cgroup root), CAP_PERFMON when the
+/// verifier refused pointer arithmetic it allows only with it, and the verifier's
+/// last line rather than its whole log.
 fn explain(err: &dyn std::error::Error, missing_caps: &[Capability]) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
@@ -215,9 +218,10 @@ fn explain(err: &dyn std::error::Error, missing_caps: &[Capability]) -> String {
         }
         source = s.source();
     }
-    // Keep verifier logs to the rejection itself: the full log is for `RUST_LOG=debug`.
+    let mut rejected_by_verifier = false;
     if let Some((head, log)) = text.split_once("Verifier output:") {
         tracing::debug!(verifier_log = log, "program rejected");
+        rejected_by_verifier = true;
         let reason = log
             .lines()
             .rev()
@@ -232,10 +236,27 @@ fn explain(err: &dyn std::error::Error, missing_caps: &[Capability]) -> String {
             .unwrap_or("");
         text = format!("{}verifier: {reason}", head.trim_end_matches(['.', ' ']).to_owned() + ". ");
     }
+    let names = |caps: &[Capability]| caps.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ");
+    if rejected_by_verifier {
+        if missing_caps.contains(&Capability::Perfmon) {
+            return format!(
+                "rejected without CAP_PERFMON (the verifier allows this program's pointer arithmetic only with it): {text}"
+            );
+        }
+        return text;
+    }
     let denied = text.contains("Operation not permitted") || text.contains("EPERM");
-    if denied && !missing_caps.is_empty() {
-        let names: Vec<&str> = missing_caps.iter().map(|c| c.name()).collect();
-        text = format!("permission denied: missing {} ({text})", names.join(", "));
+    let access = text.contains("Permission denied");
+    let dac = missing_caps.contains(&Capability::DacOverride);
+    if access && dac && text.contains("cgroup") {
+        return format!(
+            "permission denied: missing CAP_DAC_OVERRIDE (the cgroup root is read-only without it) ({text})"
+        );
+    }
+    let caps: Vec<Capability> =
+        missing_caps.iter().copied().filter(|c| *c != Capability::DacOverride).collect();
+    if (denied || access) && !caps.is_empty() {
+        text = format!("permission denied: missing {} ({text})", names(&caps));
     }
     text
 }
@@ -322,10 +343,13 @@ fn relevant(missing: &[Capability], feature: Feature) -> Vec<Capability> {
     let wanted: &[Capability] = match feature {
         Feature::Btf | Feature::Cgroup2 => &[],
         Feature::Bpffs => &[SysAdmin],
-        Feature::ObjectLoad | Feature::SkSkbVerdict | Feature::SkReuseport => {
-            &[Bpf, Perfmon, SysAdmin]
+        // Creating the object's sockmap and sockhash needs CAP_NET_ADMIN too.
+        Feature::ObjectLoad => &[Bpf, NetAdmin, Perfmon, SysAdmin],
+        Feature::SkSkbVerdict | Feature::SkReuseport => &[Bpf, Perfmon, SysAdmin],
+        Feature::SockhashSkMsg | Feature::CgroupSockAddr => {
+            &[Bpf, Perfmon, NetAdmin, SysAdmin, DacOverride]
         }
-        Feature::SockhashSkMsg | Feature::CgroupSockAddr => &[Bpf, Perfmon, NetAdmin, SysAdmin],
+        // The XDP probe attaches inside a private network namespace.
         Feature::Xdp => &[Bpf, NetAdmin, SysAdmin],
     };
     let mut out: Vec<Capability> = missing.iter().copied().filter(|c| wanted.contains(c)).collect();
@@ -407,12 +431,24 @@ fn probe_xdp(
     xdp.load().map_err(prog_err(names::PROBE_XDP))?;
     // `lo` in a namespace of our own: attaching there can't disturb node traffic. The
     // link is detached before the thread (and with it the namespace) goes away.
-    sys::in_new_netns(|| {
+    let attached = sys::in_new_netns(|| {
         let link = xdp.attach("lo", XdpMode::Skb).map_err(prog_err(names::PROBE_XDP))?;
         xdp.detach(link).map_err(prog_err(names::PROBE_XDP))?;
         Ok(())
-    })?;
-    Ok("generic (skb) mode on lo in a private netns".into())
+    });
+    match attached {
+        Ok(()) => Ok("generic (skb) mode on lo in a private netns".into()),
+        // Without CAP_SYS_ADMIN there is no private namespace to attach in, and the
+        // probe never attaches to the node's own interfaces. The program loaded, and
+        // attaching needs only CAP_NET_ADMIN: the guard reports its own attach errors.
+        Err(DataplaneError::Io { ref what, .. })
+            if what.starts_with("creating a network namespace")
+                && !sys::missing_capabilities().contains(&Capability::NetAdmin) =>
+        {
+            Ok("loaded; attach not probed (a private netns needs CAP_SYS_ADMIN)".into())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn probe_reuseport(

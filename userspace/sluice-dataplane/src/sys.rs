@@ -109,7 +109,10 @@ pub fn ensure_bpffs() -> Result<bool, DataplaneError> {
 /// Linux capability numbers the data plane cares about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capability {
-    /// CAP_NET_ADMIN: XDP attach, network namespace setup.
+    /// CAP_DAC_OVERRIDE: creating a probe cgroup in a read-only (0555) cgroup root,
+    /// as container runtimes mount it.
+    DacOverride = 1,
+    /// CAP_NET_ADMIN: sockmap/sockhash creation, XDP and cgroup attachment.
     NetAdmin = 12,
     /// CAP_SYS_ADMIN: mounting bpffs; also implies BPF on older kernels.
     SysAdmin = 21,
@@ -123,6 +126,7 @@ impl Capability {
     /// The capability's name as `capsh` spells it, upper-cased.
     pub fn name(self) -> &'static str {
         match self {
+            Capability::DacOverride => "CAP_DAC_OVERRIDE",
             Capability::NetAdmin => "CAP_NET_ADMIN",
             Capability::SysAdmin => "CAP_SYS_ADMIN",
             Capability::Perfmon => "CAP_PERFMON",
@@ -131,8 +135,13 @@ impl Capability {
     }
 
     /// All the capabilities the data plane may use.
-    pub const ALL: [Capability; 4] =
-        [Capability::Bpf, Capability::Perfmon, Capability::NetAdmin, Capability::SysAdmin];
+    pub const ALL: [Capability; 5] = [
+        Capability::Bpf,
+        Capability::Perfmon,
+        Capability::NetAdmin,
+        Capability::SysAdmin,
+        Capability::DacOverride,
+    ];
 }
 
 /// The effective capability set of this process, from `/proc/self/status`.
