@@ -93,6 +93,18 @@ else
     || die "cargo install bpf-linker failed"
 fi
 
+# kosoku (PyPI) drives the Autobahn WebSocket cases through sluice in the tests.
+KOSOKU_VERSION=0.1.0
+if command -v kosoku >/dev/null 2>&1; then
+  say "kosoku present"
+else
+  command -v python3 >/dev/null || die "python3 not found: needed for the Autobahn test driver (kosoku)"
+  say "installing kosoku $KOSOKU_VERSION (PyPI) for the Autobahn WebSocket tests"
+  python3 -m pip install --quiet --disable-pip-version-check "kosoku==$KOSOKU_VERSION" \
+    || die "pip install kosoku==$KOSOKU_VERSION failed"
+  command -v kosoku >/dev/null 2>&1 || hash -r
+fi
+
 # bpffs: where sluice pins its maps. Mount it if it is not (needs CAP_SYS_ADMIN).
 if [ "$(id -u)" -eq 0 ] && ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
   if mount -t bpf bpf /sys/fs/bpf 2>/dev/null; then

@@ -205,3 +205,34 @@ fn close_from_the_replica_side_tears_down_both_legs() {
     let end = ended.recv_timeout(Duration::from_secs(10)).expect("pair end");
     assert_eq!((end.a_to_b, end.b_to_a), (4, 4));
 }
+
+#[test]
+fn bytes_queued_before_the_splice_are_not_stranded() {
+    require_root!();
+    let k = kernel();
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let replica = thread::spawn(move || {
+        let (mut s, _) = upstream.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).map(|_| got)
+    });
+    let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    let (proxy_front, _) = front.accept().unwrap();
+    let proxy_back = TcpStream::connect(up_addr).unwrap();
+    // The client speaks before the hand-off and then waits: its bytes sit in the
+    // front socket's receive queue when the socket enters the sockhash.
+    client.write_all(b"early").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let pair = k.dp.lock().unwrap().splice(&proxy_front, &proxy_back).expect("splice");
+    let got = replica.join().unwrap();
+    assert_eq!(
+        got.as_ref().map(|g| &g[..]).map_err(|e| e.kind()),
+        Ok(&b"early"[..]),
+        "queued bytes stranded"
+    );
+    k.dp.lock().unwrap().unsplice(pair).unwrap();
+    drop((proxy_front, proxy_back));
+}

@@ -507,6 +507,14 @@ fn without_cap_bpf() {
     let Some(podman) = Podman::new() else { return };
     let s = setup();
     let caps: Vec<&str> = DAEMONSET_CAPS.into_iter().filter(|c| *c != "BPF").collect();
+    // A pin another run left behind must not be mistaken for one this run made.
+    let pin_identity = || {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(Path::new(PIN_DIR).join("redir_stats"))
+            .ok()
+            .map(|m| (m.ino(), m.ctime_nsec()))
+    };
+    let pinned_before = pin_identity();
     let c = podman.run_daemonset_like(&unique("sluice-podman-nobpf"), &caps, &s.config_dir);
     wait_ready(s.admin, &c);
 
@@ -525,7 +533,7 @@ fn without_cap_bpf() {
         load.contains("MISSING") && load.contains("missing CAP_BPF"),
         "object_load does not name CAP_BPF:\n{report}"
     );
-    assert!(!Path::new(PIN_DIR).join("redir_stats").exists(), "pinned without CAP_BPF?");
+    assert_eq!(pin_identity(), pinned_before, "pinned without CAP_BPF?");
 
     let kill = podman.output(&["kill", "--signal", "TERM", &c.name]);
     assert!(kill.status.success(), "{kill:?}");

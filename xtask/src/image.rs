@@ -37,6 +37,13 @@ pub struct ImageArgs {
     no_smoke: bool,
 }
 
+impl ImageArgs {
+    /// The build `cargo xtask test` runs: setup already done, default tags.
+    pub fn for_tests() -> ImageArgs {
+        ImageArgs { no_setup: true, tag: None, archive: false, no_smoke: false }
+    }
+}
+
 /// Builds the binary and the image.
 pub fn image(args: &ImageArgs) -> Result<()> {
     let started = Instant::now();

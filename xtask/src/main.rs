@@ -35,11 +35,15 @@ enum Cmd {
         #[arg(long)]
         no_setup: bool,
     },
-    /// Everything CI checks: setup, eBPF build, fmt, clippy, and every test.
+    /// Everything CI checks: setup, eBPF build, fmt, clippy, manifest validation, the
+    /// container image, and every test (kernel tier and podman included).
     Test {
         /// Skip running scripts/setup.sh first.
         #[arg(long)]
         no_setup: bool,
+        /// Skip building the container image (the podman test then skips, outside CI).
+        #[arg(long)]
+        no_image: bool,
         /// Extra arguments passed to `cargo test` (after `--` go to the test binaries).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
@@ -67,9 +71,9 @@ fn main() -> Result<()> {
             setup(no_setup, &[])?;
             build_ebpf()
         }
-        Cmd::Test { no_setup, cargo_test_args } => {
-            setup(no_setup, &[])?;
-            test(&cargo_test_args)
+        Cmd::Test { no_setup, no_image, cargo_test_args } => {
+            setup(no_setup, if no_image { &[] } else { &["--image"] })?;
+            test(no_image, &cargo_test_args)
         }
         Cmd::Demo { no_setup } => {
             setup(no_setup, &[])?;
@@ -144,7 +148,7 @@ fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String]) -> Result<()> {
+fn test(no_image: bool, extra: &[String]) -> Result<()> {
     build_ebpf()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
@@ -160,5 +164,12 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(root().join("target/ebpf"))
         .args(["--", "-D", "warnings"]))?;
-    run(cargo().arg("test").args(extra))
+    run(Command::new(root().join("scripts/validate-manifests.sh")).current_dir(root()))?;
+    let mut cargo_test = cargo();
+    if !no_image {
+        // Built before the tests so the podman test runs the image of this source.
+        image::image(&image::ImageArgs::for_tests())?;
+        cargo_test.env("SLUICE_PODMAN_TEST", "require");
+    }
+    run(cargo_test.arg("test").args(extra))
 }

@@ -309,7 +309,7 @@ fn syn_allowed(src: &[u8; 16], cfg: &GuardConfig, now: u64) -> bool {
         }
         None => {
             let b = SynBucket { nanotokens: cap - NANOS_PER_TOKEN, last_ns: now };
-            let _ = GUARD_SYN_RATE.insert(src, &b, 0);
+            let _ = GUARD_SYN_RATE.insert(src, b, 0);
             true
         }
     }
@@ -323,7 +323,7 @@ pub fn sluice_guard(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: lookup result is only tested for presence.
-    if unsafe { GUARD_PORTS.get(&meta.dst_port) }.is_none() {
+    if unsafe { GUARD_PORTS.get(meta.dst_port) }.is_none() {
         return xdp_action::XDP_PASS;
     }
     // SAFETY: a helper without arguments.
@@ -394,7 +394,7 @@ fn pick_backend(vip: &AddrKey) -> Option<Option<VipBackend>> {
         while i < MAX_VIP_BACKENDS && i < svc.count {
             let slot = VipSlot { vip: *vip, index: i };
             // SAFETY: the value is copied out at once.
-            if let Some(b) = unsafe { VIP_BACKENDS.get(&slot) } {
+            if let Some(b) = unsafe { VIP_BACKENDS.get(slot) } {
                 let score = hrw::score(session, b.id_hash);
                 if i == 0 || score > best_score {
                     best = i;
@@ -409,7 +409,7 @@ fn pick_backend(vip: &AddrKey) -> Option<Option<VipBackend>> {
     };
     let slot = VipSlot { vip: *vip, index };
     // SAFETY: the value is copied out at once.
-    Some(unsafe { VIP_BACKENDS.get(&slot) }.copied())
+    Some(unsafe { VIP_BACKENDS.get(slot) }.copied())
 }
 
 #[inline(always)]
@@ -590,7 +590,7 @@ pub fn sluice_splice(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: STEER_STATS-style per-CPU slot; index 0 exists.
     let stats = SPLICE_STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p });
-    let Some(entry) = SPLICE_PEERS.get_ptr_mut(&me) else {
+    let Some(entry) = SPLICE_PEERS.get_ptr_mut(me) else {
         if let Some(s) = stats {
             s.no_peer += 1;
         }

@@ -10,8 +10,8 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use serde::Serialize;
 use sluice_abi::{
-    AddrKey, BanValue, GuardConfig, GuardStats, RedirectStats, SteerConfig, SteerStats, VipBackend,
-    VipService, VipSlot, VipStats, names, vip_mode,
+    AddrKey, BanValue, GuardConfig, GuardStats, RedirectStats, SpliceStats, SteerConfig,
+    SteerStats, VipBackend, VipService, VipSlot, VipStats, names, vip_mode,
 };
 
 /// A denylist entry as operators read it.
@@ -57,6 +57,8 @@ pub struct LiveState {
     pub steering: Option<SteerConfig>,
     /// Steering counters.
     pub steer: Option<SteerStats>,
+    /// Splice counters.
+    pub splice: Option<SpliceStats>,
 }
 
 fn open(dir: &Path, name: &str) -> Option<Map> {
@@ -108,6 +110,7 @@ pub fn read(pin_dir: &Path) -> LiveState {
         guard: per_cpu_sum(&dir, names::GUARD_STATS, GuardStats::merge),
         vip: per_cpu_sum(&dir, names::VIP_STATS, VipStats::merge),
         steer: per_cpu_sum(&dir, names::STEER_STATS, SteerStats::merge),
+        splice: per_cpu_sum(&dir, names::SPLICE_STATS, SpliceStats::merge),
         ..LiveState::default()
     };
     if let Some(ports) =

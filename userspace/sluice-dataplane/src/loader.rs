@@ -252,6 +252,12 @@ fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
     let Some(dir) = pin_dir else {
         return Ok(EbpfLoader::new().load(crate::object())?);
     };
+    // bpffs answers EPERM for a name with a '.', which reads like a privilege problem.
+    if let Some(name) = dir.file_name().and_then(|n| n.to_str()).filter(|n| n.contains('.')) {
+        return Err(DataplaneError::Unsupported(format!(
+            "pin directory {name:?}: bpffs does not allow '.' in names"
+        )));
+    }
     fs::create_dir_all(dir)
         .map_err(|e| DataplaneError::io(format!("creating {}", dir.display()), e))?;
     let load = || {

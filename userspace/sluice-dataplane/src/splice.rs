@@ -114,6 +114,20 @@ fn written_total_exact(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Err(io::Error::other("socket too busy to take a stable byte count"))
 }
 
+fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt with a valid int and its size on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
@@ -190,6 +204,14 @@ impl Dataplane {
         if let Err(e) = inserted {
             let _ = self.unsplice(pair);
             return Err(e);
+        }
+        // Bytes that arrived before the insert wait in the receive queue until the next
+        // data_ready, which may never come (a client that spoke and now waits). Setting
+        // SO_RCVLOWAT makes TCP signal data_ready now, so the verdict takes the queue,
+        // in order, ahead of anything that arrives later.
+        for fd in [a, b] {
+            set_rcvlowat(fd, 1)
+                .map_err(|e| DataplaneError::io("splice: pushing queued bytes through", e))?;
         }
         Ok(pair)
     }

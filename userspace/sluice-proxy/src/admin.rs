@@ -42,10 +42,16 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> 
     r
 }
 
+/// Extra text the binary adds to a built-in admin page (e.g. the store's staleness
+/// under `/readyz`, kernel counters under `/metrics`), computed on each request.
+pub type AdminExtra = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 /// Admin routes by exact path.
 #[derive(Default)]
 pub struct AdminRoutes {
     routes: HashMap<String, Arc<dyn AdminHandler>>,
+    readyz_extra: Vec<AdminExtra>,
+    metrics_extra: Vec<AdminExtra>,
 }
 
 impl AdminRoutes {
@@ -54,16 +60,28 @@ impl AdminRoutes {
         self.routes.insert(path.to_owned(), handler);
     }
 
+    /// Adds detail lines to `/readyz`. They inform; they do not change readiness, so an
+    /// outage of a shared dependency (the store) never takes every node out at once.
+    pub fn readyz_detail(&mut self, extra: AdminExtra) {
+        self.readyz_extra.push(extra);
+    }
+
+    /// Adds Prometheus text to `/metrics`.
+    pub fn metrics_extra(&mut self, extra: AdminExtra) {
+        self.metrics_extra.push(extra);
+    }
+
     /// Adds the built-in routes unless the binary replaced them.
     pub(crate) fn with_defaults(mut self, state: Arc<ProxyState>, listeners: usize) -> Self {
         self.routes
             .entry("/livez".into())
             .or_insert_with(|| Arc::new(|_req| async { text(StatusCode::OK, "ok\n") }));
         let s = state.clone();
+        let extra = Arc::new(std::mem::take(&mut self.readyz_extra));
         self.routes.entry("/readyz".into()).or_insert_with(|| {
             Arc::new(move |_req| {
-                let s = s.clone();
-                async move { readyz(&s, listeners) }
+                let (s, extra) = (s.clone(), extra.clone());
+                async move { readyz(&s, listeners, &extra) }
             })
         });
         let s = state.clone();
@@ -74,11 +92,16 @@ impl AdminRoutes {
             })
         });
         let s = state;
+        let extra = Arc::new(std::mem::take(&mut self.metrics_extra));
         self.routes.entry("/metrics".into()).or_insert_with(|| {
             Arc::new(move |_req| {
-                let s = s.clone();
+                let (s, extra) = (s.clone(), extra.clone());
                 async move {
-                    let mut r = text(StatusCode::OK, metrics_text(&s));
+                    let mut body = metrics_text(&s);
+                    for f in extra.iter() {
+                        f(&mut body);
+                    }
+                    let mut r = text(StatusCode::OK, body);
                     r.headers_mut().insert(
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -91,16 +114,19 @@ impl AdminRoutes {
     }
 }
 
-fn readyz(s: &ProxyState, listeners: usize) -> Response<ProxyBody> {
+fn readyz(s: &ProxyState, listeners: usize, extra: &[AdminExtra]) -> Response<ProxyBody> {
     let snap = s.routing.load_full();
     let draining = s.draining.load(Ordering::Relaxed);
     let generation = snap.generation();
     let ready = !draining && generation > 0;
-    let body = format!(
+    let mut body = format!(
         "{}\nlisteners: {listeners}\nrouting generation: {generation}\nservers: {}\ndraining: {draining}\n",
         if ready { "ready" } else { "not ready" },
         snap.server_count(),
     );
+    for f in extra {
+        f(&mut body);
+    }
     text(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
 }
 
@@ -137,6 +163,76 @@ fn autoscaler_stream(s: &ProxyState) -> Response<ProxyBody> {
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// Following a node's autoscaler stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Connecting or reading failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// HTTP failed.
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    /// The endpoint answered something other than 200.
+    #[error("autoscaler stream answered {0}")]
+    Status(StatusCode),
+    /// A line longer than the bound (a broken peer).
+    #[error("autoscaler stream line longer than {0} bytes")]
+    LineTooLong(usize),
+}
+
+/// Largest record line accepted from a stream (a server with many replicas stays far
+/// below it).
+const MAX_RECORD_LINE: usize = 4 << 20;
+
+/// Follow `GET /autoscaler/stream` on the admin listener at `admin`, calling `on_record`
+/// for every record, until the stream ends (`Ok`) or fails. Lines that do not parse are
+/// skipped with a warning. For `sluice autoscale`.
+pub async fn follow_autoscaler_stream(
+    admin: std::net::SocketAddr,
+    mut on_record: impl FnMut(sluice_routing::ServerRecord),
+) -> Result<(), StreamError> {
+    use http_body_util::{BodyExt as _, Empty};
+    let tcp = tokio::net::TcpStream::connect(admin).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    let conn = tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("/autoscaler/stream")
+        .header(header::HOST, admin.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let resp = send.send_request(req).await;
+    let result = async {
+        let resp = resp?;
+        if resp.status() != StatusCode::OK {
+            return Err(StreamError::Status(resp.status()));
+        }
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            let Some(data) = frame.data_ref() else { continue };
+            buf.extend_from_slice(data);
+            let mut start = 0;
+            while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+                let line = &buf[start..start + nl];
+                start += nl + 1;
+                match serde_json::from_slice(line) {
+                    Ok(rec) => on_record(rec),
+                    Err(e) => tracing::warn!(%admin, "skipping a bad autoscaler record: {e}"),
+                }
+            }
+            buf.drain(..start);
+            if buf.len() > MAX_RECORD_LINE {
+                return Err(StreamError::LineTooLong(MAX_RECORD_LINE));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    conn.abort();
+    result
 }
 
 /// Serves the admin routes on `listener` (HTTP/1.1) until aborted.

@@ -1,8 +1,9 @@
 //! sluice's L7 proxy core.
 //!
 //! Clients speak HTTP/1.1 or HTTP/2 (TLS with ALPN, or h2c prior knowledge); each request
-//! goes through explicit phases ([`proxy`](crate::proxy) module docs): hygiene, authority,
-//! route (a [`sluice_routing::RoutingTable`] snapshot), replica selection, forwarding over
+//! goes through explicit phases (docs/proxy.md): hygiene, authority, route (a
+//! [`sluice_routing::RoutingTable`] snapshot), proxy auth, replica selection
+//! ([`sluice_routing::lb`]) under per-server caps, mirroring ([`mirror`]), forwarding over
 //! sluice-owned h2c or HTTP/1.1 connections, with bodies streamed both ways. Upgrades become
 //! opaque streams handed to an [`OpaqueStreamHandoff`].
 //!
@@ -17,6 +18,7 @@
 //! ```
 
 pub mod admin;
+pub mod autoscaler;
 pub mod body;
 pub mod config;
 pub mod demo;
@@ -34,7 +36,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 
-pub use admin::{AdminHandler, AdminRoutes};
+pub use admin::{AdminHandler, AdminRoutes, StreamError, follow_autoscaler_stream};
 pub use config::ProxyConfig;
 pub use error::{ConfigError, ProxyError, RequestError};
 pub use metrics::Metrics;

@@ -95,6 +95,16 @@ impl Server {
         self.admin_routes.insert(path, handler);
     }
 
+    /// Adds detail lines to `/readyz` (informational; readiness is unchanged).
+    pub fn readyz_detail(&mut self, extra: crate::admin::AdminExtra) {
+        self.admin_routes.readyz_detail(extra);
+    }
+
+    /// Adds Prometheus text to `/metrics`.
+    pub fn metrics_extra(&mut self, extra: crate::admin::AdminExtra) {
+        self.admin_routes.metrics_extra(extra);
+    }
+
     /// Bound client listener addresses, in config order (ports resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().map(|l| l.addr).collect()

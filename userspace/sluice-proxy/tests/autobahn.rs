@@ -87,6 +87,11 @@ fn failed(cases: &BTreeMap<String, String>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autobahn_through_sluice_matches_replica() {
     if std::process::Command::new("kosoku").arg("-h").output().is_err() {
+        // CI installs it (scripts/setup.sh); a silent skip there would hide a regression.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "kosoku missing in CI: run scripts/setup.sh"
+        );
         eprintln!("kosoku not installed (pip install kosoku): skipping");
         return;
     }

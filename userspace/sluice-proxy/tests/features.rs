@@ -292,7 +292,20 @@ async fn p2c_sends_load_to_the_less_busy_replica() {
                 break;
             }
             if free.hits() > free_before && task.is_finished() {
-                assert_eq!(task.await.unwrap().unwrap().status(), StatusCode::OK);
+                let resp = task.await.unwrap().unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                let _ = body_string(resp).await;
+                // The proxy may release the request a moment after the client has the
+                // whole answer; wait for it, so every pick sees the settled loads.
+                let free_stats = {
+                    let snap = p.table.load();
+                    let server = snap.server("p2c").unwrap();
+                    server.replicas.iter().find(|r| r.id == "free").unwrap().stats.clone()
+                };
+                while free_stats.in_flight.load(Ordering::Relaxed) > 0 {
+                    assert!(Instant::now() < deadline, "request never released");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 break;
             }
             assert!(Instant::now() < deadline, "request neither answered nor stuck");
@@ -578,4 +591,45 @@ async fn mirroring_copies_small_requests_and_drops_a_slow_mirror_without_slowing
     // Dropping released the buffer budget.
     assert_eq!(metric(&m, "sluice_server_buffered_bytes{server=\"big\"}"), 0);
     assert!(slow_bytes.load(Ordering::Relaxed) < size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_turns_demand_into_desired_replicas() {
+    use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
+    let mut c = cfg();
+    c.autoscaler.interval = Duration::from_millis(100);
+    let mut cold = server("cold");
+    cold.buffer_replicas = 1;
+    let doc = RoutingDoc { servers: vec![cold, server("idle")], replicas: vec![], tokens: vec![] };
+    let p = start_proxy(c, doc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desired.json");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let autoscaler = tokio::spawn(run_autoscaler(
+        AutoscalerSettings::new(vec![p.admin]),
+        DesiredSink::File(file.clone()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // Create demand until the autoscaler (following the stream) writes its decision.
+    let deadline = Instant::now() + T;
+    loop {
+        let resp = h1(p.addr, get("/", &host("cold"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(bytes) = tokio::fs::read(&file).await {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            // Seen idle first, the server is written at 0; the demand (scale from zero: at
+            // least one in flight, plus the buffer replica) makes it 2 at once.
+            let n = v["cold"]["replicas"].as_u64();
+            assert!(matches!(n, None | Some(0) | Some(2)), "{v}");
+            if n == Some(2) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no desired count written");
+    }
+    let _ = stop.send(());
+    tokio::time::timeout(T, autoscaler).await.unwrap().unwrap().unwrap();
 }

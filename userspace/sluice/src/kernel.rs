@@ -4,7 +4,10 @@
 //! serves the same semantics on its userspace path. `--require-ebpf` makes a missing
 //! feature fatal instead.
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Result, bail};
 use sluice_dataplane::{Dataplane, DataplaneOptions, ProbeReport, probe};
@@ -14,8 +17,9 @@ use tracing::{info, warn};
 pub struct Kernel {
     /// The probe's findings (served by `/readyz` detail and `sluice bpf status`).
     pub report: ProbeReport,
-    /// The loaded data plane, when the object loads here.
-    pub dataplane: Option<Dataplane>,
+    /// The loaded data plane, when the object loads here (shared with the splice
+    /// hand-off and its close watcher).
+    pub dataplane: Option<Arc<Mutex<Dataplane>>>,
 }
 
 /// Probes the kernel and loads the data plane. Must run inside a Tokio runtime (the
@@ -35,7 +39,7 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>) -> Result<Kernel> {
                 warn!(error = %e, "kernel logs will not be forwarded");
             }
             info!(pin_dir = ?dp.pin_dir(), "kernel data plane loaded");
-            Some(dp)
+            Some(Arc::new(Mutex::new(dp)))
         }
         Err(e) if require_ebpf => bail!("--require-ebpf: loading the data plane failed: {e}"),
         Err(e) => {

@@ -2,11 +2,14 @@
 //! the kernel data plane together; errors become `anyhow` only here, at the edge.
 #![forbid(unsafe_code)]
 
+mod admin;
+mod autoscale;
 mod bpf;
 mod ctl;
 mod demo;
 mod kernel;
 mod run;
+mod splice;
 
 use std::path::PathBuf;
 
@@ -32,11 +35,17 @@ enum Command {
         /// userspace path.
         #[arg(long)]
         require_ebpf: bool,
+        /// Where the kernel maps are pinned for bpftool (on bpffs).
+        #[arg(long, default_value = sluice_dataplane::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Run on the embedded default config with demo replicas it starts itself.
     Demo,
     /// Read and write the routing state in etcd (servers, replicas, tokens).
     Ctl(ctl::CtlArgs),
+    /// Follow the proxies' autoscaler streams and write desired replica counts into the
+    /// store for an orchestrator to act on.
+    Autoscale(autoscale::AutoscaleArgs),
     /// Inspect the kernel data plane.
     Bpf {
         #[command(subcommand)]
@@ -49,16 +58,23 @@ fn init_tracing() {
     // log bridge turns those records into events whose target is the kernel crate's
     // name, so `RUST_LOG=sluice_ebpf=debug` filters them like any other module.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only for a terminal: container and journald logs stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Run { config, require_ebpf } => run::main(&config, require_ebpf),
+        Command::Run { config, require_ebpf, pin_dir } => run::main(&config, require_ebpf, pin_dir),
         Command::Demo => demo::main(),
         Command::Ctl(args) => ctl::main(args),
+        Command::Autoscale(args) => autoscale::main(args),
         Command::Bpf { command } => bpf::main(command),
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! The config file is TOML: the proxy settings at the top level (see
 //! `sluice_proxy::ProxyConfig`: `[[listeners]]`, `[limits]`, `[timeouts]`, `[admin]`, ...),
-//! plus `[node]` (base domains, regions) and `[routes] file = "routes.toml"` (the routing
-//! document, watched for changes; relative paths are relative to the config file).
+//! plus `[node]` (base domains, regions), the routing source — `[routes] file =
+//! "routes.toml"` (watched for changes; relative paths are relative to the config file)
+//! or `[etcd]` (the distributed store's change stream) — and `[health]` (replica checks).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use sluice_proxy::{ProxyConfig, Server};
+use sluice_routing::health::{HealthChecker, HealthPolicy};
+use sluice_routing::source::etcd::{EtcdConfig, EtcdSource, StatusHandle};
 use sluice_routing::source::file::{FileSource, load_into};
 use sluice_routing::{NodeConfig, RoutingTable};
 use tokio::sync::Notify;
@@ -23,13 +26,57 @@ pub struct RoutesConfig {
     pub file: Option<PathBuf>,
 }
 
+/// Active replica health checks (`[health]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds (or "2s") between checks of each replica.
+    #[serde(with = "sluice_routing::model::duration_serde")]
+    pub interval: std::time::Duration,
+    /// Connect timeout of one check.
+    #[serde(with = "sluice_routing::model::duration_serde")]
+    pub timeout: std::time::Duration,
+    /// Consecutive failures that take a replica out of rotation.
+    pub failure_threshold: u32,
+    /// A replica is routable only after its port has accepted a connection once.
+    pub require_initial_check: bool,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        let p = HealthPolicy::default();
+        HealthConfig {
+            interval: p.interval,
+            timeout: p.timeout,
+            failure_threshold: p.failure_threshold,
+            require_initial_check: p.require_initial_check,
+        }
+    }
+}
+
+impl HealthConfig {
+    fn policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            interval: self.interval,
+            timeout: self.timeout,
+            failure_threshold: self.failure_threshold,
+            require_initial_check: self.require_initial_check,
+            ..HealthPolicy::default()
+        }
+    }
+}
+
 /// The whole `sluice run` config file.
 #[derive(Debug, Default)]
 pub struct RunConfig {
     /// This node's base domains and regions.
     pub node: NodeConfig,
-    /// The routing source.
+    /// The routing source: a file...
     pub routes: RoutesConfig,
+    /// ...or etcd.
+    pub etcd: Option<EtcdConfig>,
+    /// Replica health checks.
+    pub health: HealthConfig,
     /// Proxy settings (top-level keys).
     pub proxy: ProxyConfig,
 }
@@ -49,8 +96,19 @@ impl RunConfig {
             Some(v) => RoutesConfig::deserialize(v).context("in [routes]")?,
             None => RoutesConfig::default(),
         };
+        let etcd = match table.remove("etcd") {
+            Some(v) => Some(EtcdConfig::deserialize(v).context("in [etcd]")?),
+            None => None,
+        };
+        let health = match table.remove("health") {
+            Some(v) => HealthConfig::deserialize(v).context("in [health]")?,
+            None => HealthConfig::default(),
+        };
+        if etcd.is_some() && routes.file.is_some() {
+            anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
+        }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg = RunConfig { node, routes, proxy };
+        let mut cfg = RunConfig { node, routes, etcd, health, proxy };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -73,26 +131,35 @@ impl RunConfig {
 }
 
 /// Runs sluice from a config file until SIGTERM/SIGINT.
-pub fn main(config: &Path, require_ebpf: bool) -> Result<()> {
+pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new("."));
     let cfg = RunConfig::parse(&text, base).with_context(|| format!("in {}", config.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let res = rt.block_on(serve(cfg, require_ebpf));
+    let res = rt.block_on(serve(cfg, require_ebpf, pin_dir));
     // Connections past the drain deadline are cut here instead of holding the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res
 }
 
-async fn serve(cfg: RunConfig, require_ebpf: bool) -> Result<()> {
+async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
     // Kept alive for the whole run: dropping it detaches the kernel programs.
-    let kernel = crate::kernel::start(require_ebpf, None)?;
+    let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
     let bpf_report = serde_json::to_string_pretty(&kernel.report).unwrap_or_default();
     let table = RoutingTable::new(cfg.node.clone());
     let stop = Arc::new(Notify::new());
-    if let Some(file) = &cfg.routes.file {
+    // Health gating starts before the first load, so no replica is routable before its
+    // port has accepted a connection.
+    let health = HealthChecker::spawn(table.clone(), cfg.health.policy());
+    let mut store: Option<StatusHandle> = None;
+    if let Some(etcd) = cfg.etcd.clone() {
+        let source = EtcdSource::new(etcd, table.clone());
+        store = Some(source.status());
+        let s = stop.clone();
+        tokio::spawn(source.run(async move { s.notified().await }));
+    } else if let Some(file) = &cfg.routes.file {
         // Load once up front so a broken routing file fails start-up loudly; the watcher
         // then keeps the table in sync.
         let generation = load_into(&table, file)
@@ -102,11 +169,28 @@ async fn serve(cfg: RunConfig, require_ebpf: bool) -> Result<()> {
         FileSource::new(file.clone()).spawn(table.clone(), async move { s.notified().await });
     } else {
         tracing::warn!(
-            "no [routes] file: every domain answers {}",
+            "no [routes] file or [etcd]: every domain answers {}",
             cfg.proxy.unknown_domain_status
         );
     }
-    let mut server = Server::bind(cfg.proxy, table).await?;
+    let mut server = Server::bind(cfg.proxy, table.clone()).await?;
+    crate::admin::install(&mut server, &table, store);
+    let pins = kernel
+        .dataplane
+        .as_ref()
+        .and_then(|d| d.lock().ok().and_then(|d| d.pin_dir().map(Path::to_path_buf)));
+    crate::admin::install_kernel(&mut server, kernel.report.clone(), pins);
+    // Plaintext upgraded streams are spliced in the kernel where it can (probed).
+    if let Some(dp) = &kernel.dataplane
+        && kernel.report.has(sluice_dataplane::Feature::SkSkbVerdict)
+    {
+        match crate::splice::KernelSplice::new(dp.clone()) {
+            Ok(splice) => server.set_handoff(Arc::new(splice)),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace")
+            }
+        }
+    }
     server.admin_route(
         "/bpf",
         Arc::new(move |_req| {
@@ -114,9 +198,9 @@ async fn serve(cfg: RunConfig, require_ebpf: bool) -> Result<()> {
             async move { sluice_proxy::admin::text(http::StatusCode::OK, body) }
         }),
     );
-    // The kernel splice plugs in here: server.set_handoff(Arc::new(..)).
     server.run(sluice_proxy::shutdown::signal()).await?;
     stop.notify_waiters();
+    health.shutdown().await;
     drop(kernel);
     Ok(())
 }

@@ -1,0 +1,242 @@
+//! Admin routes the binary adds to the proxy's admin listener: the generation fence
+//! and the routing state.
+
+use std::{sync::Arc, time::Duration};
+
+use http::StatusCode;
+use sluice_proxy::{Server, admin::text};
+use sluice_routing::{RoutingTable, source::etcd::StatusHandle};
+
+/// Longest a `/generation?wait=` long-poll may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Query parameters of `/generation`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FenceQuery {
+    wait: Option<u64>,
+    timeout: Duration,
+}
+
+fn parse_fence_query(query: Option<&str>) -> Result<FenceQuery, String> {
+    let mut q = FenceQuery { wait: None, timeout: Duration::from_secs(10) };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "wait" => {
+                q.wait = Some(v.parse().map_err(|_| format!("wait: not a generation: {v:?}"))?)
+            }
+            "timeout" => {
+                let ms: u64 = v.parse().map_err(|_| format!("timeout: not milliseconds: {v:?}"))?;
+                q.timeout = Duration::from_millis(ms).min(MAX_WAIT);
+            }
+            other => return Err(format!("unknown parameter {other:?}")),
+        }
+    }
+    Ok(q)
+}
+
+/// Adds `/generation`, `/state` and `/store` to the admin listener.
+///
+/// `GET /generation` answers the applied routing generation (the store revision);
+/// `GET /generation?wait=N&timeout=MS` long-polls until generation N is applied *and*
+/// every replica it introduced has had its first health check, so a scheduler that
+/// waits on it knows the new replica is truly routable (504 at the timeout).
+pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHandle>) {
+    let t = table.clone();
+    server.admin_route(
+        "/generation",
+        Arc::new(move |req: http::Request<hyper::body::Incoming>| {
+            let t = t.clone();
+            let query = parse_fence_query(req.uri().query());
+            async move {
+                let q = match query {
+                    Ok(q) => q,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                };
+                if let Some(n) = q.wait
+                    && !t.wait_for_generation(n, q.timeout).await
+                {
+                    return text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "generation {n} not routable within {:?}; at {}\n",
+                            q.timeout,
+                            t.fence_generation()
+                        ),
+                    );
+                }
+                text(StatusCode::OK, format!("{}\n", t.fence_generation()))
+            }
+        }),
+    );
+    let t = table.clone();
+    server.admin_route(
+        "/state",
+        Arc::new(move |_req: http::Request<hyper::body::Incoming>| {
+            let snap = t.load_full();
+            async move {
+                match serde_json::to_string_pretty(&snap.state_view()) {
+                    Ok(body) => json(body),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("state: {e}\n")),
+                }
+            }
+        }),
+    );
+    if let Some(store) = store {
+        let st = store.clone();
+        server.readyz_detail(Arc::new(move |out: &mut String| {
+            out.push_str(&format!("store: {}\n", st.get().summary()));
+        }));
+        let st = store.clone();
+        server.metrics_extra(Arc::new(move |out: &mut String| store_metrics(&st.get(), out)));
+        server.admin_route(
+            "/store",
+            Arc::new(move |_req: http::Request<hyper::body::Incoming>| {
+                let status = store.get();
+                async move {
+                    let code = if status.is_stale() {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::OK
+                    };
+                    text(code, format!("{}\n", status.summary()))
+                }
+            }),
+        );
+    }
+}
+
+fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String) {
+    use std::fmt::Write as _;
+    let since_contact = s.last_contact.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+    let gauges: [(&str, &str, f64); 6] = [
+        (
+            "sluice_store_connected",
+            "1 while the routing store's watch is connected.",
+            f64::from(u8::from(s.connected)),
+        ),
+        (
+            "sluice_store_stale",
+            "1 while routing may be behind the store (never synced, or disconnected).",
+            f64::from(u8::from(s.is_stale())),
+        ),
+        (
+            "sluice_store_revision",
+            "Store revision the routing snapshot reflects.",
+            s.last_revision as f64,
+        ),
+        (
+            "sluice_store_seconds_since_contact",
+            "Seconds since the store last answered (-1: never).",
+            since_contact,
+        ),
+        (
+            "sluice_store_relists_total",
+            "Full re-lists (after compaction or first sync).",
+            s.relists as f64,
+        ),
+        (
+            "sluice_store_malformed_values_total",
+            "Store values ignored as malformed.",
+            s.malformed_values as f64,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+}
+
+/// Adds the kernel data plane's probe state and counters to `/metrics`, read from the
+/// pinned maps on each scrape (cheap, and the same numbers `bpftool` shows).
+pub fn install_kernel(
+    server: &mut Server,
+    report: sluice_dataplane::ProbeReport,
+    pin_dir: Option<std::path::PathBuf>,
+) {
+    server.metrics_extra(Arc::new(move |out: &mut String| {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP sluice_bpf_feature_available 1 if the kernel feature probed usable at start-up."
+        );
+        let _ = writeln!(out, "# TYPE sluice_bpf_feature_available gauge");
+        for f in &report.features {
+            let _ = writeln!(
+                out,
+                "sluice_bpf_feature_available{{feature=\"{}\"}} {}",
+                f.feature.name(),
+                u8::from(f.status.is_available())
+            );
+        }
+        let Some(dir) = &pin_dir else { return };
+        let live = sluice_dataplane::live::read(dir);
+        let mut counter = |name: &str, help: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            }
+        };
+        counter(
+            "sluice_bpf_redirect_bytes_total",
+            "Bytes sk_msg handed straight to a local peer socket.",
+            live.redirect.map(|r| r.bytes_redirected),
+        );
+        counter(
+            "sluice_bpf_splice_bytes_total",
+            "Bytes of upgraded streams spliced in the kernel.",
+            live.splice.map(|s| s.bytes),
+        );
+        counter(
+            "sluice_bpf_redirect_no_peer_total",
+            "Messages whose peer was not tracked (normal stack path).",
+            live.redirect.map(|r| r.no_peer),
+        );
+        counter(
+            "sluice_bpf_track_failed_total",
+            "Sockhash inserts the kernel refused.",
+            live.redirect.map(|r| r.track_failed),
+        );
+        counter(
+            "sluice_bpf_guard_dropped_denied_total",
+            "Packets the XDP guard dropped from denied sources.",
+            live.guard.map(|g| g.dropped_denied),
+        );
+        counter(
+            "sluice_bpf_guard_dropped_syn_rate_total",
+            "SYNs the XDP guard dropped over the per-source rate.",
+            live.guard.map(|g| g.dropped_syn_rate),
+        );
+        counter(
+            "sluice_bpf_vip_rewritten_total",
+            "Connects to a VIP rewritten to a replica.",
+            live.vip.map(|v| v.rewritten),
+        );
+        counter(
+            "sluice_bpf_steer_migrated_total",
+            "Connections migrated off a closing listener.",
+            live.steer.map(|s| s.migrated),
+        );
+    }));
+}
+
+fn json(body: String) -> http::Response<sluice_proxy::body::ProxyBody> {
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_queries_parse_and_bound_the_wait() {
+        assert_eq!(parse_fence_query(None).unwrap().wait, None);
+        let q = parse_fence_query(Some("wait=42&timeout=250")).unwrap();
+        assert_eq!((q.wait, q.timeout), (Some(42), Duration::from_millis(250)));
+        assert_eq!(parse_fence_query(Some("wait=1&timeout=999999999")).unwrap().timeout, MAX_WAIT);
+        assert!(parse_fence_query(Some("wait=x")).is_err());
+        assert!(parse_fence_query(Some("nope=1")).is_err());
+    }
+}

@@ -1,0 +1,80 @@
+//! `sluice autoscale`: follow the proxies' `GET /autoscaler/stream`, apply the scaling rule
+//! (docs/routing.md, "The rule" and "Windows") and write desired replica counts into the
+//! store (etcd `<prefix>desired/<server>`) or a JSON file, for an orchestrator to act on.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
+use sluice_routing::source::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdConfig, EtcdStore};
+
+/// `sluice autoscale --from ADMIN[,ADMIN..] [--file PATH | --endpoints URL,.. --prefix P]`
+#[derive(Debug, Args)]
+pub struct AutoscaleArgs {
+    /// Admin listeners (`host:port`) of the proxies to follow, comma-separated; a server's
+    /// in-flight requests are summed over them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub from: Vec<SocketAddr>,
+    /// Write the desired counts to this JSON file instead of etcd (for the file source).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// etcd client URLs, comma-separated [default: $SLUICE_ETCD_ENDPOINTS, else
+    /// http://127.0.0.1:2379].
+    #[arg(long, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Key prefix sluice's state lives under [default: $SLUICE_ETCD_PREFIX, else /sluice/].
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Ignore a proxy's numbers for a server after this many seconds without a record.
+    #[arg(long, default_value_t = 5.0)]
+    pub stale_after: f64,
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub fn main(args: AutoscaleArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: AutoscaleArgs) -> Result<()> {
+    if !(args.stale_after.is_finite() && args.stale_after > 0.0) {
+        bail!("--stale-after must be a positive number of seconds");
+    }
+    let sink = match args.file {
+        Some(path) => DesiredSink::File(path),
+        None => {
+            let endpoints = if args.endpoints.is_empty() {
+                match std::env::var("SLUICE_ETCD_ENDPOINTS") {
+                    Ok(v) if !v.trim().is_empty() => {
+                        v.split(',').map(|e| e.trim().to_owned()).collect()
+                    }
+                    _ => vec![DEFAULT_ENDPOINT.to_owned()],
+                }
+            } else {
+                args.endpoints
+            };
+            let prefix = args
+                .prefix
+                .or_else(|| std::env::var("SLUICE_ETCD_PREFIX").ok())
+                .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+            let cfg = EtcdConfig { endpoints: endpoints.clone(), prefix, ..EtcdConfig::default() };
+            let store = EtcdStore::connect(&cfg)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+            DesiredSink::Etcd(Box::new(store))
+        }
+    };
+    let mut settings = AutoscalerSettings::new(args.from);
+    settings.stale_after = Duration::from_secs_f64(args.stale_after);
+    tracing::info!(nodes = ?settings.nodes, "autoscaler following");
+    run_autoscaler(settings, sink, sluice_proxy::shutdown::signal())
+        .await
+        .context("reading the stored desired counts")?;
+    Ok(())
+}
