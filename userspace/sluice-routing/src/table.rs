@@ -684,3 +684,26 @@ mod tests {
         assert!(t.load().server_view("nope").is_none());
     }
 }
+
+#[cfg(test)]
+mod from_doc_token_tests {
+    use super::*;
+    use crate::{RoutingDoc, ServerSpec, TokenSpec, hash_secret};
+
+    #[test]
+    fn from_doc_keeps_tokens() {
+        let node =
+            NodeConfig { base_domains: vec!["example.test".into()], regions: vec!["r1".into()] };
+        let doc = RoutingDoc {
+            servers: vec![ServerSpec::new("s", "s")],
+            replicas: vec![],
+            tokens: vec![TokenSpec {
+                id: "demo".into(),
+                secret_hash: hash_secret("x"),
+                environments: vec!["demo".into()],
+            }],
+        };
+        let table = RoutingTable::from_doc(node, doc).unwrap();
+        assert!(table.load().token("demo").is_some(), "from_doc dropped the token");
+    }
+}

@@ -96,10 +96,9 @@ Try:
        http://{hello_host}:8080/ws          # 101, then a WebSocket echo (websocat ws://{hello_host}:8080/ws to chat)
   curl -X POST --data-binary @/etc/os-release http://{hello_host}:8080/echo
   curl -H 'Sluice-Key: demo' -H 'Sluice-Secret: {secret}' http://{private_host}:8080/
+  curl http://{private_host}:8080/          # 401 without the token
   curl http://{admin}/metrics
-
-Note: proxy auth is not enforced by this build yet (it arrives with the auth work); until
-then "private" answers without the token too.
+  curl --no-buffer http://{admin}/autoscaler/stream   # in-flight per server and replica, each second
 "#,
         h2c = hello_h2c.addr,
         h1 = hello_h1.addr,
