@@ -2,6 +2,8 @@
 //! namespaces created per test (the veth plays the node's ingress interface).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sluice_tests::require_root;
+
 use std::{
     net::{IpAddr, SocketAddr, TcpListener},
     sync::Arc,
@@ -11,30 +13,6 @@ use std::{
 
 use sluice_dataplane::{Dataplane, DataplaneOptions, Prefix};
 use sluice_tests::netns::Topology;
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "kernel-tier tests must run as root in CI"
-            );
-            eprintln!("SKIPPED (kernel tier): {} needs root", module_path!());
-            return;
-        }
-    };
-}
 
 const SHORT: Duration = Duration::from_millis(400);
 

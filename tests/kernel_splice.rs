@@ -3,6 +3,8 @@
 //! as the proxy does after an upgrade.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sluice_tests::require_root;
+
 use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
@@ -13,30 +15,6 @@ use std::{
 };
 
 use sluice_dataplane::{Dataplane, DataplaneOptions, SpliceEnd, SpliceWatcher};
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "kernel-tier tests must run as root in CI"
-            );
-            eprintln!("SKIPPED (kernel tier): {} needs root", module_path!());
-            return;
-        }
-    };
-}
 
 struct Kernel {
     dp: Arc<Mutex<Dataplane>>,

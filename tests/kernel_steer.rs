@@ -3,6 +3,8 @@
 //! processes do; a steady, bounded connection loop must see no failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sluice_tests::require_root;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -17,30 +19,6 @@ use std::{
 
 use sluice_dataplane::{Dataplane, DataplaneOptions, sys};
 use socket2::{Domain, Socket, Type};
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "kernel-tier tests must run as root in CI"
-            );
-            eprintln!("SKIPPED (kernel tier): {} needs root", module_path!());
-            return;
-        }
-    };
-}
 
 struct PinDir(PathBuf);
 

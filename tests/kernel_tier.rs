@@ -5,6 +5,8 @@
 //! loud SKIPPED line and pass, so unprivileged `cargo test` stays usable; CI is root.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sluice_tests::require_root;
+
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
@@ -17,36 +19,6 @@ use sluice_dataplane::{
     Dataplane, DataplaneOptions, Feature, probe,
     sys::{self, ScopedCgroup},
 };
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// In CI (`CI=true`) the kernel tier must run: a silent skip there would hide a
-/// broken kernel path, so not being root is a failure instead.
-fn must_run() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            assert!(!must_run(), "kernel-tier tests must run as root in CI");
-            eprintln!(
-                "SKIPPED (kernel tier): {} needs root; run as root to exercise the kernel path",
-                module_path!()
-            );
-            return;
-        }
-    };
-}
 
 fn unique(name: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -2,6 +2,8 @@
 //! connects to a VIP; the connect program sends it to the replica userspace chose.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sluice_tests::require_root;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener},
@@ -13,30 +15,6 @@ use std::{
 
 use sluice_dataplane::{Dataplane, DataplaneOptions, VipMode, VipReplica, hrw, sys::ScopedCgroup};
 use sluice_tests::netns::NetNs;
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "kernel-tier tests must run as root in CI"
-            );
-            eprintln!("SKIPPED (kernel tier): {} needs root", module_path!());
-            return;
-        }
-    };
-}
 
 fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -2,4 +2,5 @@
 
 pub mod etcd;
 pub mod netns;
+pub mod privilege;
 pub mod process;

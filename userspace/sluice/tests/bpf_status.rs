@@ -5,17 +5,6 @@
 
 use std::process::Command;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 fn status_json(cmd: &mut Command) -> serde_json::Value {
     let out = cmd.output().expect("run sluice bpf status");
     assert!(
@@ -38,11 +27,7 @@ fn feature<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value 
 
 #[test]
 fn status_as_root_reports_every_feature_available() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "must run as root in CI");
-        eprintln!("SKIPPED (kernel tier): needs root");
-        return;
-    }
+    sluice_tests::require_root!();
     let doc =
         status_json(Command::new(env!("CARGO_BIN_EXE_sluice")).args(["bpf", "status", "--json"]));
     for f in doc["probe"]["features"].as_array().unwrap() {
@@ -56,11 +41,7 @@ fn status_as_root_reports_every_feature_available() {
 
 #[test]
 fn status_without_bpf_capabilities_names_what_is_missing() {
-    if !is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "must run as root in CI");
-        eprintln!("SKIPPED (kernel tier): needs root to drop capabilities from");
-        return;
-    }
+    sluice_tests::require_root!();
     if Command::new("capsh").arg("--help").output().is_err() {
         panic!("capsh not found: run scripts/setup.sh (Debian package libcap2-bin)");
     }

@@ -11,17 +11,6 @@ use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 const HOST: &str = "hello.r1.example.test";
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// A WebSocket echo replica (HTTP/1.1 Upgrade).
 async fn echo_replica() -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -50,14 +39,7 @@ fn metric(text: &str, name: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_is_spliced_in_the_kernel_and_echoes_10k_messages() {
-    if !is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "kernel-tier tests must run as root in CI"
-        );
-        eprintln!("SKIPPED (kernel tier): splicing needs root");
-        return;
-    }
+    sluice_tests::require_root!();
     let replica = echo_replica().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
