@@ -215,42 +215,26 @@ impl Dataplane {
     /// Returns how many were removed.
     pub fn guard_expire_bans(&mut self) -> Result<usize, DataplaneError> {
         let now = monotonic_ns() / 1_000_000_000;
-        let mut removed = 0;
-        {
-            let name = names::GUARD_DENY_V4;
-            let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-            let mut trie: LpmTrie<&mut MapData, [u8; 4], BanValue> =
-                LpmTrie::try_from(map).map_err(map_err(name))?;
-            let expired: Vec<Key<[u8; 4]>> = trie
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| v.expires_s != 0 && u64::from(v.expires_s) <= now)
-                .map(|(k, _)| k)
-                .collect();
-            for k in expired {
-                if trie.remove(&k).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        {
-            let name = names::GUARD_DENY_V6;
-            let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-            let mut trie: LpmTrie<&mut MapData, [u8; 16], BanValue> =
-                LpmTrie::try_from(map).map_err(map_err(name))?;
-            let expired: Vec<Key<[u8; 16]>> = trie
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| v.expires_s != 0 && u64::from(v.expires_s) <= now)
-                .map(|(k, _)| k)
-                .collect();
-            for k in expired {
-                if trie.remove(&k).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
+        Ok(self.expire_in::<[u8; 4]>(names::GUARD_DENY_V4, now)?
+            + self.expire_in::<[u8; 16]>(names::GUARD_DENY_V6, now)?)
+    }
+
+    /// Removes the bans in one denylist trie whose deadline has passed.
+    fn expire_in<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        now: u64,
+    ) -> Result<usize, DataplaneError> {
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut trie: LpmTrie<&mut MapData, K, BanValue> =
+            LpmTrie::try_from(map).map_err(map_err(name))?;
+        let expired: Vec<Key<K>> = trie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_s != 0 && u64::from(v.expires_s) <= now)
+            .map(|(k, _)| k)
+            .collect();
+        Ok(expired.iter().filter(|k| trie.remove(k).is_ok()).count())
     }
 
     /// Guard counters summed over CPUs.
