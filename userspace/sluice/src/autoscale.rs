@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
-use sluice_routing::source::etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdConfig, EtcdStore};
 
 /// `sluice autoscale --from ADMIN[,ADMIN..] [--file PATH | --endpoints URL,.. --prefix P]`
 #[derive(Debug, Args)]
@@ -49,24 +48,8 @@ async fn run(args: AutoscaleArgs) -> Result<()> {
     let sink = match args.file {
         Some(path) => DesiredSink::File(path),
         None => {
-            let endpoints = if args.endpoints.is_empty() {
-                match std::env::var("SLUICE_ETCD_ENDPOINTS") {
-                    Ok(v) if !v.trim().is_empty() => {
-                        v.split(',').map(|e| e.trim().to_owned()).collect()
-                    }
-                    _ => vec![DEFAULT_ENDPOINT.to_owned()],
-                }
-            } else {
-                args.endpoints
-            };
-            let prefix = args
-                .prefix
-                .or_else(|| std::env::var("SLUICE_ETCD_PREFIX").ok())
-                .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
-            let cfg = EtcdConfig { endpoints: endpoints.clone(), prefix, ..EtcdConfig::default() };
-            let store = EtcdStore::connect(&cfg)
-                .await
-                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+            let store =
+                crate::ctl::connect(&crate::ctl::etcd_config(args.endpoints, args.prefix)).await?;
             DesiredSink::Etcd(Box::new(store))
         }
     };

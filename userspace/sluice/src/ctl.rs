@@ -196,6 +196,30 @@ fn parse_state(s: &str) -> Result<ReplicaState, String> {
         .map_err(|_| format!("{s:?}: expected starting, ready or draining"))
 }
 
+/// The store's endpoints and prefix: the flags, else `$SLUICE_ETCD_ENDPOINTS` (comma
+/// separated) and `$SLUICE_ETCD_PREFIX`, else the defaults. Shared with `sluice autoscale`.
+pub fn etcd_config(endpoints: Vec<String>, prefix: Option<String>) -> EtcdConfig {
+    let endpoints = if endpoints.is_empty() {
+        match std::env::var("SLUICE_ETCD_ENDPOINTS") {
+            Ok(v) if !v.trim().is_empty() => v.split(',').map(|e| e.trim().to_owned()).collect(),
+            _ => vec![DEFAULT_ENDPOINT.to_owned()],
+        }
+    } else {
+        endpoints
+    };
+    let prefix = prefix
+        .or_else(|| std::env::var("SLUICE_ETCD_PREFIX").ok())
+        .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+    EtcdConfig { endpoints, prefix, ..EtcdConfig::default() }
+}
+
+/// Connects the store writer, naming the endpoints on failure.
+pub async fn connect(cfg: &EtcdConfig) -> Result<EtcdStore> {
+    EtcdStore::connect(cfg)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", cfg.endpoints.join(",")))
+}
+
 /// Run `sluice ctl` (blocking; owns a small runtime).
 pub fn main(args: CtlArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -209,27 +233,11 @@ async fn run(args: CtlArgs) -> Result<()> {
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
         bail!("--timeout must be a positive number of seconds");
     }
-    let endpoints = if args.endpoints.is_empty() {
-        match std::env::var("SLUICE_ETCD_ENDPOINTS") {
-            Ok(v) if !v.trim().is_empty() => v.split(',').map(|e| e.trim().to_owned()).collect(),
-            _ => vec![DEFAULT_ENDPOINT.to_owned()],
-        }
-    } else {
-        args.endpoints
-    };
-    let prefix = args
-        .prefix
-        .or_else(|| std::env::var("SLUICE_ETCD_PREFIX").ok())
-        .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
     let cfg = EtcdConfig {
-        endpoints: endpoints.clone(),
-        prefix,
         request_timeout: Duration::from_secs_f64(args.timeout),
-        ..EtcdConfig::default()
+        ..etcd_config(args.endpoints, args.prefix)
     };
-    let store = EtcdStore::connect(&cfg)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+    let store = connect(&cfg).await?;
     match args.command {
         CtlCommand::Server { command } => server(&store, command).await,
         CtlCommand::Replica { command } => replica(&store, command).await,
