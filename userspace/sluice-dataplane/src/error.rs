@@ -62,3 +62,15 @@ impl DataplaneError {
         DataplaneError::Io { what: what.into(), source }
     }
 }
+
+/// Wraps an aya map error with the map's name.
+pub(crate) fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// Wraps an aya program error with the program's name.
+pub(crate) fn prog_err(
+    name: &'static str,
+) -> impl Fn(aya::programs::ProgramError) -> DataplaneError {
+    move |source| DataplaneError::Program { name, source }
+}

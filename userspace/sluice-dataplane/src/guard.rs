@@ -14,7 +14,7 @@ use serde::Serialize;
 use sluice_abi::{BanValue, GuardConfig, GuardStats, names};
 use tracing::info;
 
-use crate::{Dataplane, DataplaneError, loader::program, sys};
+use crate::{Dataplane, DataplaneError, error::map_err, loader::program, sys};
 
 /// How the guard got attached to one interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -77,10 +77,6 @@ fn monotonic_ns() -> u64 {
 fn ban_deadline_secs(now_ns: u64, ban: Duration) -> u32 {
     let end_ns = now_ns.saturating_add(u64::try_from(ban.as_nanos()).unwrap_or(u64::MAX));
     u32::try_from(end_ns.div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
-}
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
 }
 
 impl Dataplane {

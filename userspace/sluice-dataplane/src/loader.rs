@@ -15,7 +15,7 @@ use aya::{
 use sluice_abi::{AddrKey, RedirectStats, SockKey, ipv4_mapped, names};
 use tracing::{debug, info, warn};
 
-use crate::{DEFAULT_PIN_DIR, DataplaneError, KERNEL_LOG_TARGET, sys};
+use crate::{DEFAULT_PIN_DIR, DataplaneError, KERNEL_LOG_TARGET, error::prog_err, sys};
 
 /// How to load the data plane.
 #[derive(Clone, Debug)]
@@ -343,10 +343,6 @@ where
 {
     let prog = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
     prog.try_into().map_err(|source| DataplaneError::Program { name, source })
-}
-
-fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> DataplaneError {
-    move |source| DataplaneError::Program { name, source }
 }
 
 #[cfg(test)]

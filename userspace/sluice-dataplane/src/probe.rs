@@ -18,6 +18,8 @@ use sluice_abi::{SockKey, names};
 
 use crate::{
     DataplaneError,
+    error::prog_err,
+    loader::program,
     sys::{self, Capability, ScopedCgroup},
 };
 
@@ -367,18 +369,6 @@ type AttachCheck =
 
 fn cgroup_of(cg: &Result<ScopedCgroup, DataplaneError>) -> Result<&ScopedCgroup, DataplaneError> {
     cg.as_ref().map_err(|e| DataplaneError::Unsupported(format!("no probe cgroup: {e}")))
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    let prog = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
-    prog.try_into().map_err(|source| DataplaneError::Program { name, source })
-}
-
-fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> DataplaneError {
-    move |source| DataplaneError::Program { name, source }
 }
 
 fn probe_sockhash_sk_msg(

@@ -22,6 +22,7 @@ use sluice_abi::{SockKey, SplicePeer, SpliceStats, names};
 
 use crate::{
     Dataplane, DataplaneError,
+    error::map_err,
     loader::{addr_key, program},
 };
 
@@ -126,10 +127,6 @@ fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
         )
     };
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
 }
 
 fn ignore_missing(

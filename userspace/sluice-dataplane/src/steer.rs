@@ -17,7 +17,7 @@ use aya::{
 use sluice_abi::{STEER_HALF, SteerConfig, SteerStats, names};
 use tracing::info;
 
-use crate::{Dataplane, DataplaneError, loader::program};
+use crate::{Dataplane, DataplaneError, error::map_err, loader::program};
 
 /// A generation of listeners registered for steering.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,10 +26,6 @@ pub struct SteerGeneration {
     pub base: u32,
     /// Number of listeners.
     pub count: u32,
-}
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
 }
 
 impl Dataplane {

@@ -15,6 +15,7 @@ use tracing::info;
 
 use crate::{
     Dataplane, DataplaneError,
+    error::map_err,
     loader::{addr_key, program},
 };
 
@@ -35,10 +36,6 @@ pub struct VipReplica {
     /// The replica's id (hashed for HRW, so a session keeps its replica when others
     /// come and go).
     pub id: String,
-}
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
 }
 
 impl Dataplane {
