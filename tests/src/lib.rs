@@ -4,3 +4,4 @@ pub mod etcd;
 pub mod netns;
 pub mod privilege;
 pub mod process;
+pub mod replica;

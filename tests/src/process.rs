@@ -76,6 +76,13 @@ impl SluiceProcess {
     }
 }
 
+impl SluiceProcess {
+    /// The process id (e.g. to move sluice into a test cgroup).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for SluiceProcess {
     fn drop(&mut self) {
         // SIGTERM, so sluice drains and removes its pins; SIGKILL only if it hangs.

@@ -40,6 +40,8 @@ pub struct Dataplane {
     pub(crate) splice_attached: bool,
     pub(crate) vip_links:
         Vec<(&'static str, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId)>,
+    /// The long-lived local-replica redirect (sock_ops, sk_msg) of `sluice run`.
+    redirect_links: Option<(SockOpsLinkId, SkMsgLinkId)>,
     pinned: Vec<PathBuf>,
     pin_dir: Option<PathBuf>,
     logger_started: bool,
@@ -81,6 +83,7 @@ impl Dataplane {
             guard_links: Vec::new(),
             vip_links: Vec::new(),
             splice_attached: false,
+            redirect_links: None,
             pinned: Vec::new(),
             pin_dir: options.pin_dir,
             logger_started: false,
@@ -159,11 +162,39 @@ impl Dataplane {
 
     /// Loads sock_ops + sk_msg and attaches them to `cgroup` (a cgroup v2 directory
     /// descriptor): connections to or from local replicas opened by processes in that
-    /// cgroup are then recorded and their bytes redirected to the peer socket.
+    /// cgroup are then recorded and their bytes redirected to the peer socket. The
+    /// returned guard detaches both on drop (tests, scoped use).
     pub fn attach_redirect(
         &mut self,
         cgroup: impl AsFd,
     ) -> Result<RedirectPath<'_>, DataplaneError> {
+        let (ops_link, msg_link) = self.attach_redirect_links(cgroup)?;
+        Ok(RedirectPath { dp: self, ops_link: Some(ops_link), msg_link: Some(msg_link) })
+    }
+
+    /// Like [`Dataplane::attach_redirect`], but the attachment lives as long as the
+    /// data plane (or until [`Dataplane::detach_local_redirect`]): what a long-running
+    /// process that shares its data plane behind a lock needs.
+    pub fn attach_local_redirect(&mut self, cgroup: impl AsFd) -> Result<(), DataplaneError> {
+        if self.redirect_links.is_some() {
+            return Err(DataplaneError::Unsupported(
+                "the local-replica redirect is already attached".into(),
+            ));
+        }
+        self.redirect_links = Some(self.attach_redirect_links(cgroup)?);
+        Ok(())
+    }
+
+    /// Detaches the long-lived local-replica redirect, if attached.
+    pub fn detach_local_redirect(&mut self) -> Result<(), DataplaneError> {
+        let Some((ops_link, msg_link)) = self.redirect_links.take() else { return Ok(()) };
+        detach_redirect_links(&mut self.ebpf, Some(ops_link), Some(msg_link))
+    }
+
+    fn attach_redirect_links(
+        &mut self,
+        cgroup: impl AsFd,
+    ) -> Result<(SockOpsLinkId, SkMsgLinkId), DataplaneError> {
         let map_fd = {
             let map = self
                 .ebpf
@@ -182,10 +213,15 @@ impl Dataplane {
         if sock_ops.fd().is_err() {
             sock_ops.load().map_err(prog_err(names::PROG_TRACK))?;
         }
-        let ops_link = sock_ops
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(prog_err(names::PROG_TRACK))?;
-        Ok(RedirectPath { dp: self, ops_link: Some(ops_link), msg_link: Some(msg_link) })
+        let ops_link = match sock_ops.attach(cgroup, CgroupAttachMode::Single) {
+            Ok(link) => link,
+            Err(source) => {
+                // Leave nothing half-attached.
+                let _ = detach_redirect_links(&mut self.ebpf, None, Some(msg_link));
+                return Err(DataplaneError::Program { name: names::PROG_TRACK, source });
+            }
+        };
+        Ok((ops_link, msg_link))
     }
 
     fn local_replicas(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u8>, DataplaneError> {
@@ -298,16 +334,24 @@ impl RedirectPath<'_> {
     }
 
     fn detach_inner(&mut self) -> Result<(), DataplaneError> {
-        if let Some(link) = self.ops_link.take() {
-            let prog: &mut SockOps = program(&mut self.dp.ebpf, names::PROG_TRACK)?;
-            prog.detach(link).map_err(prog_err(names::PROG_TRACK))?;
-        }
-        if let Some(link) = self.msg_link.take() {
-            let prog: &mut SkMsg = program(&mut self.dp.ebpf, names::PROG_REDIRECT)?;
-            prog.detach(link).map_err(prog_err(names::PROG_REDIRECT))?;
-        }
-        Ok(())
+        detach_redirect_links(&mut self.dp.ebpf, self.ops_link.take(), self.msg_link.take())
     }
+}
+
+fn detach_redirect_links(
+    ebpf: &mut Ebpf,
+    ops_link: Option<SockOpsLinkId>,
+    msg_link: Option<SkMsgLinkId>,
+) -> Result<(), DataplaneError> {
+    if let Some(link) = ops_link {
+        let prog: &mut SockOps = program(ebpf, names::PROG_TRACK)?;
+        prog.detach(link).map_err(prog_err(names::PROG_TRACK))?;
+    }
+    if let Some(link) = msg_link {
+        let prog: &mut SkMsg = program(ebpf, names::PROG_REDIRECT)?;
+        prog.detach(link).map_err(prog_err(names::PROG_REDIRECT))?;
+    }
+    Ok(())
 }
 
 impl Drop for RedirectPath<'_> {

@@ -8,6 +8,7 @@ mod bpf;
 mod ctl;
 mod demo;
 mod kernel;
+mod local_redirect;
 mod run;
 mod splice;
 

@@ -77,6 +77,8 @@ pub struct RunConfig {
     pub etcd: Option<EtcdConfig>,
     /// Replica health checks.
     pub health: HealthConfig,
+    /// Proxy ↔ local-replica redirect in the kernel (`[local_replicas]`).
+    pub local_replicas: crate::local_redirect::LocalReplicasConfig,
     /// Proxy settings (top-level keys).
     pub proxy: ProxyConfig,
 }
@@ -104,11 +106,17 @@ impl RunConfig {
             Some(v) => HealthConfig::deserialize(v).context("in [health]")?,
             None => HealthConfig::default(),
         };
+        let local_replicas = match table.remove("local_replicas") {
+            Some(v) => crate::local_redirect::LocalReplicasConfig::deserialize(v)
+                .context("in [local_replicas]")?,
+            None => Default::default(),
+        };
+        local_replicas.parsed_prefixes()?;
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg = RunConfig { node, routes, etcd, health, proxy };
+        let mut cfg = RunConfig { node, routes, etcd, health, local_replicas, proxy };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -189,6 +197,24 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             Err(e) => {
                 tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace")
             }
+        }
+    }
+    // Proxy ↔ local-replica connections skip the TCP/IP stack where the operator scoped
+    // a cgroup for it.
+    if cfg.local_replicas.cgroup.is_some() {
+        let redirect = match &kernel.dataplane {
+            Some(dp) if kernel.report.has(sluice_dataplane::Feature::SockhashSkMsg) => {
+                crate::local_redirect::start(&cfg.local_replicas, dp, &table)
+            }
+            _ => Err(anyhow::anyhow!("sock_ops/sk_msg unavailable on this kernel")),
+        };
+        match redirect {
+            Ok(_) => {}
+            Err(e) if require_ebpf => return Err(e.context("--require-ebpf")),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "local-replica redirect off; replica connections use the TCP/IP stack"
+            ),
         }
     }
     server.admin_route(
