@@ -48,7 +48,7 @@ struct Scanner {
 }
 
 fn find_crlfcrlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4)
 }
 
 impl Scanner {
@@ -63,6 +63,14 @@ impl Scanner {
                         data = &data[skip..];
                         if data.is_empty() {
                             return;
+                        }
+                        // The common case: a whole head in one read, nothing carried over.
+                        // It is scanned where it lies, without a copy.
+                        if let Some(end) = find_crlfcrlf(data) {
+                            let (head, rest) = data.split_at(end);
+                            self.on_head(head);
+                            data = rest;
+                            continue;
                         }
                     }
                     let start = buf.len().saturating_sub(3);
@@ -149,9 +157,11 @@ impl Scanner {
     }
 
     fn on_head(&mut self, head: &[u8]) {
-        let mut headers = [httparse::EMPTY_HEADER; 256];
-        let mut req = httparse::Request::new(&mut headers);
-        let Ok(httparse::Status::Complete(_)) = req.parse(head) else {
+        // Uninitialised: zeroing 256 headers (8 KiB) per request cost more than the parse.
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 256];
+        let mut req = httparse::Request::new(&mut []);
+        let Ok(httparse::Status::Complete(_)) = req.parse_with_uninit_headers(head, &mut headers)
+        else {
             self.state = State::Off;
             return;
         };

@@ -309,6 +309,7 @@ async fn serve_connection(
     let verdicts = Arc::new(Verdicts::default());
     let info = Arc::new(ConnInfo {
         peer,
+        forwarded_for: crate::headers::forwarded_for(peer.ip()),
         tls: tls.is_some(),
         activity: activity.clone(),
         drain: drain.clone(),
