@@ -48,6 +48,7 @@ pub use model::{
     MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
     ServerSpec, ServerTimeouts, TokenSpec,
 };
+pub use model::SpliceMode;
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{
     Health, InFlightGuard, Replica, ReplicaStats, Server, ServerStats, Snapshot, StateView,
