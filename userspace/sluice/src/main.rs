@@ -10,6 +10,7 @@ mod demo;
 mod kernel;
 mod run;
 mod splice;
+mod splice_policy;
 
 use std::path::PathBuf;
 
