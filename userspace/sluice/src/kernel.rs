@@ -122,3 +122,49 @@ pub fn install_splice_admin(
     server.readyz_detail(Arc::new(move |out: &mut String| out.push_str(&line)));
     server.metrics_extra(Arc::new(move |out: &mut String| decisions.render(out)));
 }
+
+/// The behaviour probe for `sluice bpf status`, which runs in its own process: it
+/// loads a private, unpinned copy of the data plane (same programs, nothing shared
+/// with a running sluice) and splices its loopback pairs through that. `None` when
+/// the sk_skb verdict is unavailable anyway.
+pub fn behaviour_standalone(report: &ProbeReport) -> Option<BehaviourReport> {
+    if !report.has(Feature::SkSkbVerdict) {
+        return None;
+    }
+    let force = std::env::var(PROBE_FAIL_ENV).ok();
+    match Dataplane::load(DataplaneOptions { pin_dir: None }) {
+        Ok(dp) => Some(probe_behaviour(&Arc::new(Mutex::new(dp)), force.as_deref())),
+        Err(e) => {
+            warn!(error = %e, "behaviour probe skipped: the data plane did not load");
+            None
+        }
+    }
+}
+
+/// The behaviour section of `sluice bpf status`'s table output.
+pub fn print_behaviour(b: Option<&BehaviourReport>) {
+    let Some(b) = b else {
+        println!("splice behaviour: not probed (sk_skb verdict unavailable)");
+        println!();
+        return;
+    };
+    println!("{:<18} {:<10} DETAIL", "SPLICE CHECK", "STATUS");
+    for c in &b.checks {
+        let status = match c.status {
+            sluice_dataplane::CheckStatus::Passed => "ok",
+            sluice_dataplane::CheckStatus::Failed => "FAILED",
+            sluice_dataplane::CheckStatus::Skipped => "skipped",
+        };
+        println!("{:<18} {:<10} {}", c.check, status, c.detail);
+    }
+    if b.passed() {
+        println!("splice: enabled (upgraded streams may be spliced in the kernel)");
+    } else {
+        let failed: Vec<&str> = b.failed().map(|c| c.check).collect();
+        println!(
+            "splice: DISABLED: behaviour check failed: {}; upgraded streams relay in userspace",
+            failed.join(", ")
+        );
+    }
+    println!();
+}
