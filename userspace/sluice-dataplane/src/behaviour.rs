@@ -188,7 +188,12 @@ impl Probe {
             .splice(&proxy_front, &proxy_back)
             .map_err(|e| format!("splice: {e}"))?;
         let watcher = self.watcher.as_ref().ok_or("no splice watcher")?;
-        watcher.watch(pair, OwnedFd::from(proxy_front), OwnedFd::from(proxy_back), Box::new(|_| {}));
+        watcher.watch(
+            pair,
+            OwnedFd::from(proxy_front),
+            OwnedFd::from(proxy_back),
+            Box::new(|_| {}),
+        );
         Ok(Path { client, replica })
     }
 
@@ -205,7 +210,12 @@ fn pattern(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| ((i * 31 + j * 7) % 251) as u8).collect()
 }
 
-fn exchange(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8], what: &str) -> Result<(), String> {
+fn exchange(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    msg: &[u8],
+    what: &str,
+) -> Result<(), String> {
     from.write_all(msg).map_err(io_err(what))?;
     let mut got = vec![0u8; msg.len()];
     to.read_exact(&mut got).map_err(|e| {
@@ -337,7 +347,12 @@ fn check_half_close(probe: &Probe) -> Result<CheckStatus, String> {
     }
     read_eof(&mut p.replica, "replica after the client's shutdown(WR)")?;
     // The other direction still carries bytes after the half-close.
-    exchange(&mut p.replica, &mut p.client, &pattern(6, 300), "replica to client after half-close")?;
+    exchange(
+        &mut p.replica,
+        &mut p.client,
+        &pattern(6, 300),
+        "replica to client after half-close",
+    )?;
     p.replica.shutdown(Shutdown::Write).map_err(io_err("replica shutdown"))?;
     read_eof(&mut p.client, "client after the replica's shutdown(WR)")?;
     Ok(CheckStatus::Passed)

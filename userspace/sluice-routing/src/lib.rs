@@ -44,11 +44,11 @@ pub use change::{ApplyError, ApplyErrorKind, Change};
 pub use health::{HealthChecker, HealthPolicy};
 pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
+pub use model::SpliceMode;
 pub use model::{
     MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
     ServerSpec, ServerTimeouts, TokenSpec,
 };
-pub use model::SpliceMode;
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{
     Health, InFlightGuard, Replica, ReplicaStats, Server, ServerStats, Snapshot, StateView,

@@ -109,6 +109,7 @@ impl OpaqueStreamHandoff for KernelSplice {
                                 debug!(
                                     %server, %replica, up = moved.0, down = moved.1,
                                     bulk_windows = observer.bulk_windows(),
+                                    window = ?observer.last_window(),
                                     "splice policy: stream looks latency-bound; splicing"
                                 );
                                 this.splice(c, u, moved, Decision::AutoSpliced).await
@@ -116,6 +117,7 @@ impl OpaqueStreamHandoff for KernelSplice {
                                 debug!(
                                     %server, %replica, up = moved.0, down = moved.1,
                                     bulk_windows = observer.bulk_windows(),
+                                    window = ?observer.last_window(),
                                     "splice policy: stream ended in userspace"
                                 );
                                 this.decisions.count(Decision::AutoUserspace);
@@ -214,7 +216,14 @@ struct Dir {
 
 impl Dir {
     fn new() -> Self {
-        Dir { buf: vec![0; RELAY_BUF].into_boxed_slice(), pos: 0, len: 0, eof: false, shut: false, total: 0 }
+        Dir {
+            buf: vec![0; RELAY_BUF].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            eof: false,
+            shut: false,
+            total: 0,
+        }
     }
 
     fn empty(&self) -> bool {

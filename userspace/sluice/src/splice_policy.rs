@@ -41,6 +41,8 @@ pub struct PolicyConfig {
     pub small_percent: u32,
     /// A direction moving more than this (bytes per second over the window) is bulk,
     /// whatever its read sizes: many small writes at a high rate are faster copied.
+    /// Interactive traffic (tokens, chat, game state) stays far below it; a bulk
+    /// transfer exceeds it even while TCP is still in slow start.
     pub max_rate: u64,
 }
 
@@ -52,7 +54,7 @@ impl Default for PolicyConfig {
             min_reads: 8,
             small_read: 2048,
             small_percent: 80,
-            max_rate: 32 * 1024 * 1024,
+            max_rate: 4 * 1024 * 1024,
         }
     }
 }
@@ -84,12 +86,32 @@ pub struct Observer {
     dirs: [DirWindow; 2],
     /// Windows judged bulk so far (for the decision log).
     bulk_windows: u32,
+    /// The last judged window, for the decision log.
+    last: Option<WindowSummary>,
+}
+
+/// What the last judged window looked like (for the decision log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSummary {
+    /// Reads per direction.
+    pub reads: [u32; 2],
+    /// Small reads per direction.
+    pub small: [u32; 2],
+    /// Bytes per direction.
+    pub bytes: [u64; 2],
+    /// The window's length.
+    pub elapsed: Duration,
 }
 
 impl Observer {
     /// A fresh observer.
     pub fn new(cfg: PolicyConfig) -> Self {
-        Observer { cfg, start: None, dirs: [DirWindow::default(); 2], bulk_windows: 0 }
+        Observer { cfg, start: None, dirs: [DirWindow::default(); 2], bulk_windows: 0, last: None }
+    }
+
+    /// The last judged window.
+    pub fn last_window(&self) -> Option<WindowSummary> {
+        self.last
     }
 
     /// Windows judged bulk so far.
@@ -117,6 +139,13 @@ impl Observer {
         if verdict == Verdict::Bulk {
             self.bulk_windows += 1;
         }
+        let [a, b] = self.dirs;
+        self.last = Some(WindowSummary {
+            reads: [a.reads, b.reads],
+            small: [a.small, b.small],
+            bytes: [a.bytes, b.bytes],
+            elapsed,
+        });
         self.start = None;
         self.dirs = [DirWindow::default(); 2];
         verdict
@@ -225,7 +254,10 @@ mod tests {
     use super::*;
 
     fn feed(o: &mut Observer, t0: Instant, reads: &[(usize, usize, u64)]) -> Vec<Verdict> {
-        reads.iter().map(|&(dir, n, at_us)| o.observe(dir, n, t0 + Duration::from_micros(at_us))).collect()
+        reads
+            .iter()
+            .map(|&(dir, n, at_us)| o.observe(dir, n, t0 + Duration::from_micros(at_us)))
+            .collect()
     }
 
     #[test]
@@ -260,6 +292,15 @@ mod tests {
         let v = feed(&mut o, t0, &reads);
         assert!(v.iter().all(|v| *v != Verdict::Splice));
         assert!(v.contains(&Verdict::Bulk));
+    }
+
+    #[test]
+    fn small_reads_at_a_moderate_sustained_rate_are_bulk() {
+        let mut o = Observer::new(PolicyConfig::default());
+        let t0 = Instant::now();
+        // 1 KiB every 100 µs ≈ 10 MB/s: a slowed-down bulk copy, not an interaction.
+        let reads: Vec<_> = (0..32).map(|i| (0, 1024, i as u64 * 100)).collect();
+        assert_eq!(*feed(&mut o, t0, &reads).last().unwrap(), Verdict::Bulk);
     }
 
     #[test]
