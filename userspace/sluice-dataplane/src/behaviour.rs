@@ -361,17 +361,25 @@ fn check_half_close(probe: &Probe) -> Result<CheckStatus, String> {
 fn check_v4_mapped(probe: &Probe) -> Result<CheckStatus, String> {
     use socket2::{Domain, Socket, Type};
     // A dual-stack listener: an IPv4 client shows up with ::ffff:a.b.c.d addresses.
+    // Bound to the mapped loopback address, never to every interface.
     let listener = (|| -> io::Result<TcpListener> {
         let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
         s.set_only_v6(false)?;
-        let any: SocketAddr = "[::]:0".parse().map_err(io::Error::other)?;
-        s.bind(&any.into())?;
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:0".parse().map_err(io::Error::other)?;
+        s.bind(&mapped.into())?;
         s.listen(8)?;
         Ok(s.into())
     })();
     let Ok(front) = listener else { return Ok(CheckStatus::Skipped) };
     let port = front.local_addr().map_err(io_err("front address"))?.port();
-    let mut p = probe.path(front, ([127, 0, 0, 1], port).into(), |_, _| Ok(()))?;
+    let mut p =
+        probe.path(front, ([127, 0, 0, 1], port).into(), |_, proxy_front| {
+            match proxy_front.peer_addr() {
+                Ok(SocketAddr::V6(a)) if a.ip().to_ipv4_mapped().is_some() => Ok(()),
+                Ok(other) => Err(format!("expected an IPv4-mapped peer, got {other}")),
+                Err(e) => Err(format!("peer address: {e}")),
+            }
+        })?;
     round_trips(&mut p)?;
     Ok(CheckStatus::Passed)
 }

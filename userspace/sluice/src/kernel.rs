@@ -93,7 +93,12 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>) -> Result<Kernel> {
     let behaviour = match &dataplane {
         Some(dp) if report.has(Feature::SkSkbVerdict) => {
             let force = std::env::var(PROBE_FAIL_ENV).ok();
-            let b = tokio::task::block_in_place(|| probe_behaviour(dp, force.as_deref()));
+            let run = || probe_behaviour(dp, force.as_deref());
+            // Blocks for milliseconds; tell a multi-threaded runtime so it moves tasks.
+            let b = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+                _ => run(),
+            };
             if b.passed() {
                 info!(checks = %b.summary(), "splice behaviour probe passed");
             } else {

@@ -193,7 +193,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
     if let Some(dp) = &kernel.dataplane
         && kernel.splice_usable()
     {
-        match crate::splice::KernelSplice::new(dp.clone(), cfg.splice.mode, decisions) {
+        match crate::splice::KernelSplice::new(dp.clone(), cfg.splice, decisions) {
             Ok(splice) => server.set_handoff(Arc::new(splice)),
             Err(e) => {
                 tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace")

@@ -36,7 +36,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::splice_policy::{Decision, Decisions, Observer, PolicyConfig, Verdict, effective_mode};
+use crate::splice_policy::{
+    Decision, Decisions, Observer, PolicyConfig, SpliceConfig, Verdict, effective_mode,
+};
 
 /// Relay buffer per direction: what copy_bidirectional uses, doubled (fewer syscalls
 /// on bulk), small enough for many idle WebSockets.
@@ -59,11 +61,12 @@ struct Inner {
 }
 
 impl KernelSplice {
-    /// Starts the close watcher over the shared data plane. `node_mode` is the node's
-    /// `[splice] mode` (the default for servers at `auto`; `never` turns splicing off).
+    /// Starts the close watcher over the shared data plane. `config` is the node's
+    /// `[splice]` section: its `mode` is the default for servers at `auto` (`never`
+    /// turns splicing off) and its thresholds tune the `auto` policy.
     pub fn new(
         dp: Arc<Mutex<Dataplane>>,
-        node_mode: SpliceMode,
+        config: SpliceConfig,
         decisions: Arc<Decisions>,
     ) -> Result<KernelSplice, sluice_dataplane::DataplaneError> {
         let watcher = SpliceWatcher::spawn(dp.clone())?;
@@ -72,8 +75,8 @@ impl KernelSplice {
                 dp,
                 watcher,
                 warned: AtomicBool::new(false),
-                node_mode,
-                policy: PolicyConfig::default(),
+                node_mode: config.mode,
+                policy: config.policy(),
                 decisions,
             }),
         })

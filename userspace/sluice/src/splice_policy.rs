@@ -19,11 +19,42 @@ use std::{
 use sluice_routing::SpliceMode;
 
 /// The node's `[splice]` section of the run config.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpliceConfig {
     /// Default for servers left at `auto`; `never` turns splicing off node-wide.
     pub mode: SpliceMode,
+    /// `auto`: a read of at most this many bytes is a small message.
+    pub small_read_bytes: usize,
+    /// `auto`: a direction faster than this (bytes per second) is bulk.
+    pub max_rate_bytes_per_sec: u64,
+    /// `auto`: reads per judged window.
+    pub window_reads: u32,
+}
+
+impl Default for SpliceConfig {
+    fn default() -> Self {
+        let p = PolicyConfig::default();
+        SpliceConfig {
+            mode: SpliceMode::Auto,
+            small_read_bytes: p.small_read,
+            max_rate_bytes_per_sec: p.max_rate,
+            window_reads: p.window_reads,
+        }
+    }
+}
+
+impl SpliceConfig {
+    /// The `auto` policy's thresholds.
+    pub fn policy(&self) -> PolicyConfig {
+        PolicyConfig {
+            small_read: self.small_read_bytes,
+            max_rate: self.max_rate_bytes_per_sec,
+            // Fewer than min_reads per window would never be judged.
+            window_reads: self.window_reads.max(PolicyConfig::default().min_reads),
+            ..PolicyConfig::default()
+        }
+    }
 }
 
 /// Thresholds of the `auto` policy.
@@ -343,6 +374,24 @@ mod tests {
         assert_eq!(effective_mode(Always, Auto), Always);
         assert_eq!(effective_mode(Auto, Auto), Auto);
         assert_eq!(effective_mode(Always, Never), Never);
+    }
+
+    #[test]
+    fn the_run_config_takes_a_splice_section() {
+        let cfg = crate::run::RunConfig::parse(
+            "[splice]\nmode = \"never\"\nmax_rate_bytes_per_sec = 1000\n",
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(cfg.splice.mode, SpliceMode::Never);
+        assert_eq!(cfg.splice.policy().max_rate, 1000);
+        assert_eq!(cfg.splice.policy().small_read, PolicyConfig::default().small_read);
+        let default = crate::run::RunConfig::parse("", std::path::Path::new("/")).unwrap();
+        assert_eq!(default.splice, SpliceConfig::default());
+        assert!(
+            crate::run::RunConfig::parse("[splice]\nmod = \"x\"\n", std::path::Path::new("/"))
+                .is_err()
+        );
     }
 
     #[test]
