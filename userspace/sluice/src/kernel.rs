@@ -60,7 +60,9 @@ impl Kernel {
         }
         match &self.behaviour {
             Some(b) => format!("splice: disabled; behaviour probe: {}\n", b.summary()),
-            None => "splice: disabled; sk_skb verdict unavailable (see /bpf)\n".to_owned(),
+            None => {
+                "splice: disabled; data plane or sk_skb verdict unavailable (see /bpf)\n".to_owned()
+            }
         }
     }
 }
