@@ -214,3 +214,21 @@ fn bytes_queued_before_the_splice_are_not_stranded() {
     k.dp.lock().unwrap().unsplice(pair).unwrap();
     drop((proxy_front, proxy_back));
 }
+
+#[test]
+fn behaviour_probe_passes_here_and_a_forced_failure_is_named() {
+    require_root!();
+    let k = kernel();
+    let report = sluice_dataplane::probe_behaviour(&k.dp, None);
+    eprintln!("{report:?}");
+    assert!(report.passed(), "{}", report.summary());
+    for c in &report.checks {
+        assert_ne!(c.status, sluice_dataplane::CheckStatus::Failed, "{c:?}");
+    }
+    let forced = sluice_dataplane::probe_behaviour(&k.dp, Some("fionread"));
+    assert!(!forced.passed());
+    assert!(forced.summary().starts_with("fionread failed"), "{}", forced.summary());
+    // The probe's bytes really went through the kernel.
+    let stats = k.dp.lock().unwrap().splice_stats().unwrap();
+    assert!(stats.bytes > 0, "{stats:?}");
+}

@@ -99,3 +99,68 @@ impl Drop for SluiceProcess {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
+
+impl SluiceProcess {
+    /// Like [`SluiceProcess::start`], with extra environment variables for the child
+    /// and, optionally, a given pin directory (e.g. one a killed sluice left behind).
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        rest: &str,
+        env: &[(&str, &str)],
+        pin_dir: Option<PathBuf>,
+    ) -> SluiceProcess {
+        let (proxy, admin) = (free_port(), free_port());
+        let config = format!(
+            "[[listeners]]\naddr = \"127.0.0.1:{proxy}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n{rest}\n"
+        );
+        let path = dir.join("sluice.toml");
+        std::fs::write(&path, config).expect("write config");
+        static M: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let pin_dir = pin_dir.unwrap_or_else(|| {
+            let m = M.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // bpffs refuses names with a '.', so no temp-dir names here.
+            PathBuf::from(format!("/sys/fs/bpf/sluice-testw-{}-{m}", std::process::id()))
+        });
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn sluice");
+        let s = SluiceProcess {
+            child,
+            proxy: ([127, 0, 0, 1], proxy).into(),
+            admin: ([127, 0, 0, 1], admin).into(),
+            pin_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(s.admin, "admin", "/livez").map(|(c, _)| c) != Some(200) {
+            assert!(Instant::now() < deadline, "sluice did not come up");
+            thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// The pin directory this sluice was started with.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// SIGKILL, as a crash: no drain, and its pins stay behind under the returned pin
+    /// directory for the next sluice to find (pass it to [`SluiceProcess::start_with`],
+    /// whose drop then cleans up).
+    pub fn kill_hard(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let pin_dir = self.pin_dir.clone();
+        // Skips Drop's cleanup on purpose: the child is reaped, nothing else leaks.
+        std::mem::forget(self);
+        pin_dir
+    }
+}

@@ -10,6 +10,7 @@
 //! serving on its userspace path, and the probe report says what is missing and why.
 #![allow(unsafe_code)]
 
+pub mod behaviour;
 mod error;
 pub mod guard;
 pub mod live;
@@ -23,6 +24,7 @@ mod steer;
 pub mod sys;
 mod vip;
 
+pub use behaviour::{BehaviourReport, CheckStatus, probe_behaviour};
 pub use error::DataplaneError;
 pub use guard::{AuthFailureTracker, GuardAttachment, Prefix};
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};

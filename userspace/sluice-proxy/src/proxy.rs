@@ -508,6 +508,7 @@ async fn forward_upgrade(
     let drain = conn.drain.clone();
     let (server_id, replica_id, replica_addr) =
         (server.id().to_owned(), replica.id.clone(), replica.addr);
+    let splice_mode = server.spec.splice;
     let upstream_hold = up.hold;
     tokio::spawn(async move {
         // Counted in flight (autoscaling) for the whole life of the opaque stream.
@@ -533,6 +534,7 @@ async fn forward_upgrade(
                 server: server_id,
                 replica: replica_id,
                 replica_addr,
+                splice: splice_mode,
             })
             .await;
         metrics.opaque_streams_open.dec();

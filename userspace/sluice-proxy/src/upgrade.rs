@@ -27,6 +27,8 @@ pub struct OpaqueStream {
     pub replica: String,
     /// Replica address.
     pub replica_addr: SocketAddr,
+    /// The server's kernel splice setting (`auto`, `always`, `never`).
+    pub splice: sluice_routing::SpliceMode,
 }
 
 /// The one place opaque streams go. Implementations must relay until either side closes

@@ -44,6 +44,7 @@ pub use change::{ApplyError, ApplyErrorKind, Change};
 pub use health::{HealthChecker, HealthPolicy};
 pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
+pub use model::SpliceMode;
 pub use model::{
     MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
     ServerSpec, ServerTimeouts, TokenSpec,

@@ -35,6 +35,31 @@ pub enum Protocol {
     Http1,
 }
 
+/// Kernel splicing of a server's upgraded streams (`splice = "..."`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpliceMode {
+    /// Per stream, from observed message sizes and rates: latency-bound streams (small
+    /// messages) are spliced, bulk stays on the userspace relay, which is faster for it.
+    #[default]
+    Auto,
+    /// Splice every plaintext stream right after the upgrade.
+    Always,
+    /// Never splice: relay in userspace.
+    Never,
+}
+
+impl SpliceMode {
+    /// The mode's config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            SpliceMode::Auto => "auto",
+            SpliceMode::Always => "always",
+            SpliceMode::Never => "never",
+        }
+    }
+}
+
 /// A replica's lifecycle state as the orchestrator reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -124,6 +149,10 @@ pub struct ServerSpec {
     /// Per-server timeouts.
     #[serde(default)]
     pub timeouts: ServerTimeouts,
+    /// Whether upgraded streams (WebSockets) of this server are spliced in the kernel:
+    /// `auto` (the default) decides per stream from its observed traffic.
+    #[serde(default)]
+    pub splice: SpliceMode,
 }
 
 impl ServerSpec {
@@ -146,6 +175,7 @@ impl ServerSpec {
             mirror: None,
             limits: ServerLimits::default(),
             timeouts: ServerTimeouts::default(),
+            splice: SpliceMode::default(),
         }
     }
 }

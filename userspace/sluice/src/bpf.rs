@@ -30,11 +30,13 @@ pub fn main(command: BpfCommand) -> Result<()> {
 
 fn status(json: bool, pin_dir: &std::path::Path) -> Result<()> {
     let report = probe::probe();
+    let behaviour = crate::kernel::behaviour_standalone(&report);
     let pinned = pins::list(pin_dir);
     let state = live::read(pin_dir);
     if json {
         let doc = serde_json::json!({
             "probe": report,
+            "behaviour": behaviour,
             "pin_dir": pin_dir,
             "pinned": pinned,
             "live": state,
@@ -44,6 +46,7 @@ fn status(json: bool, pin_dir: &std::path::Path) -> Result<()> {
     }
     print!("{}", report.table());
     println!();
+    crate::kernel::print_behaviour(behaviour.as_ref());
     if pinned.is_empty() {
         println!(
             "pinned under {}: nothing (sluice is not running, or pins nothing)",

@@ -2,7 +2,9 @@
 //!
 //! The probe runs once; whatever is missing is said once, in one line, and sluice
 //! serves the same semantics on its userspace path. `--require-ebpf` makes a missing
-//! feature fatal instead.
+//! feature fatal instead. After the load, the behaviour probe splices a few loopback
+//! pairs through the loaded programs; a failed check disables splicing and is named
+//! in the log, `/readyz`, `/bpf` and `sluice bpf status`.
 
 use std::{
     path::PathBuf,
@@ -10,8 +12,15 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use sluice_dataplane::{Dataplane, DataplaneOptions, ProbeReport, probe};
+use sluice_dataplane::{
+    BehaviourReport, Dataplane, DataplaneOptions, Feature, ProbeReport, probe, probe_behaviour,
+};
+use sluice_proxy::Server;
 use tracing::{info, warn};
+
+/// Names a behaviour check to report failed without running it (`all` fails every
+/// check): the test and operations knob for the userspace fallback.
+pub const PROBE_FAIL_ENV: &str = "SLUICE_PROBE_FAIL";
 
 /// What start-up learned and loaded.
 pub struct Kernel {
@@ -20,10 +29,46 @@ pub struct Kernel {
     /// The loaded data plane, when the object loads here (shared with the splice
     /// hand-off and its close watcher).
     pub dataplane: Option<Arc<Mutex<Dataplane>>>,
+    /// The behaviour probe's findings, when splicing could be tried at all.
+    pub behaviour: Option<BehaviourReport>,
 }
 
-/// Probes the kernel and loads the data plane. Must run inside a Tokio runtime (the
-/// kernel log bridge is a task).
+impl Kernel {
+    /// True when opaque streams may be spliced: the verdict attaches and the kernel
+    /// behaved in every check.
+    pub fn splice_usable(&self) -> bool {
+        self.dataplane.is_some()
+            && self.report.has(Feature::SkSkbVerdict)
+            && self.behaviour.as_ref().is_some_and(BehaviourReport::passed)
+    }
+
+    /// The `/bpf` admin document: the feature probe plus the behaviour probe.
+    pub fn report_json(&self) -> String {
+        let doc = serde_json::json!({
+            "probe": self.report,
+            "behaviour": self.behaviour,
+            "splice": if self.splice_usable() { "enabled" } else { "disabled" },
+        });
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    }
+
+    /// One `/readyz` detail line on splicing.
+    pub fn splice_line(&self) -> String {
+        if self.splice_usable() {
+            let summary = self.behaviour.as_ref().map(BehaviourReport::summary);
+            return format!("splice: enabled; behaviour probe {}\n", summary.unwrap_or_default());
+        }
+        match &self.behaviour {
+            Some(b) => format!("splice: disabled; behaviour probe: {}\n", b.summary()),
+            None => {
+                "splice: disabled; data plane or sk_skb verdict unavailable (see /bpf)\n".to_owned()
+            }
+        }
+    }
+}
+
+/// Probes the kernel and loads the data plane. Must run inside a multi-threaded Tokio
+/// runtime (the kernel log bridge is a task; the behaviour probe blocks briefly).
 pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>) -> Result<Kernel> {
     let report = probe::probe();
     if let Some(missing) = report.summary_of_missing() {
@@ -47,5 +92,86 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>) -> Result<Kernel> {
             None
         }
     };
-    Ok(Kernel { report, dataplane })
+    let behaviour = match &dataplane {
+        Some(dp) if report.has(Feature::SkSkbVerdict) => {
+            let force = std::env::var(PROBE_FAIL_ENV).ok();
+            let run = || probe_behaviour(dp, force.as_deref());
+            // Blocks for milliseconds; tell a multi-threaded runtime so it moves tasks.
+            let b = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+                _ => run(),
+            };
+            if b.passed() {
+                info!(checks = %b.summary(), "splice behaviour probe passed");
+            } else {
+                let failed: Vec<&str> = b.failed().map(|c| c.check).collect();
+                warn!(
+                    failed = %failed.join(","),
+                    detail = %b.summary(),
+                    "splice behaviour probe failed; upgraded streams relay in userspace"
+                );
+            }
+            Some(b)
+        }
+        _ => None,
+    };
+    Ok(Kernel { report, dataplane, behaviour })
+}
+
+/// Adds the splice state to `/readyz` detail and the splice decision counters to
+/// `/metrics`.
+pub fn install_splice_admin(
+    server: &mut Server,
+    kernel: &Kernel,
+    decisions: Arc<crate::splice_policy::Decisions>,
+) {
+    let line = kernel.splice_line();
+    server.readyz_detail(Arc::new(move |out: &mut String| out.push_str(&line)));
+    server.metrics_extra(Arc::new(move |out: &mut String| decisions.render(out)));
+}
+
+/// The behaviour probe for `sluice bpf status`, which runs in its own process: it
+/// loads a private, unpinned copy of the data plane (same programs, nothing shared
+/// with a running sluice) and splices its loopback pairs through that. `None` when
+/// the sk_skb verdict is unavailable anyway.
+pub fn behaviour_standalone(report: &ProbeReport) -> Option<BehaviourReport> {
+    if !report.has(Feature::SkSkbVerdict) {
+        return None;
+    }
+    let force = std::env::var(PROBE_FAIL_ENV).ok();
+    match Dataplane::load(DataplaneOptions { pin_dir: None }) {
+        Ok(dp) => Some(probe_behaviour(&Arc::new(Mutex::new(dp)), force.as_deref())),
+        Err(e) => {
+            warn!(error = %e, "behaviour probe skipped: the data plane did not load");
+            None
+        }
+    }
+}
+
+/// The behaviour section of `sluice bpf status`'s table output.
+pub fn print_behaviour(b: Option<&BehaviourReport>) {
+    let Some(b) = b else {
+        println!("splice behaviour: not probed (sk_skb verdict unavailable)");
+        println!();
+        return;
+    };
+    println!("{:<18} {:<10} DETAIL", "SPLICE CHECK", "STATUS");
+    for c in &b.checks {
+        let status = match c.status {
+            sluice_dataplane::CheckStatus::Passed => "ok",
+            sluice_dataplane::CheckStatus::Failed => "FAILED",
+            sluice_dataplane::CheckStatus::Skipped => "skipped",
+        };
+        println!("{:<18} {:<10} {}", c.check, status, c.detail);
+    }
+    if b.passed() {
+        println!("splice: enabled (upgraded streams may be spliced in the kernel)");
+    } else {
+        let failed: Vec<&str> = b.failed().map(|c| c.check).collect();
+        println!(
+            "splice: DISABLED: behaviour check failed: {}; upgraded streams relay in userspace",
+            failed.join(", ")
+        );
+    }
+    println!();
 }

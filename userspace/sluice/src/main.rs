@@ -11,6 +11,7 @@ mod kernel;
 mod local_redirect;
 mod run;
 mod splice;
+mod splice_policy;
 
 use std::path::PathBuf;
 

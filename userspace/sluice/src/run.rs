@@ -81,6 +81,8 @@ pub struct RunConfig {
     pub local_replicas: crate::local_redirect::LocalReplicasConfig,
     /// Proxy settings (top-level keys).
     pub proxy: ProxyConfig,
+    /// Kernel splicing of upgraded streams (`[splice] mode`).
+    pub splice: crate::splice_policy::SpliceConfig,
 }
 
 impl RunConfig {
@@ -112,11 +114,15 @@ impl RunConfig {
             None => Default::default(),
         };
         local_replicas.parsed_prefixes()?;
+        let splice = match table.remove("splice") {
+            Some(v) => crate::splice_policy::SpliceConfig::deserialize(v).context("in [splice]")?,
+            None => Default::default(),
+        };
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg = RunConfig { node, routes, etcd, health, local_replicas, proxy };
+        let mut cfg = RunConfig { node, routes, etcd, health, local_replicas, proxy, splice };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -155,7 +161,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
     // Kept alive for the whole run: dropping it detaches the kernel programs.
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
-    let bpf_report = serde_json::to_string_pretty(&kernel.report).unwrap_or_default();
+    let bpf_report = kernel.report_json();
     let table = RoutingTable::new(cfg.node.clone());
     let stop = Arc::new(Notify::new());
     // Health gating starts before the first load, so no replica is routable before its
@@ -188,11 +194,14 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
         .as_ref()
         .and_then(|d| d.lock().ok().and_then(|d| d.pin_dir().map(Path::to_path_buf)));
     crate::admin::install_kernel(&mut server, kernel.report.clone(), pins);
-    // Plaintext upgraded streams are spliced in the kernel where it can (probed).
+    // Plaintext upgraded streams are spliced in the kernel where it can (probed, and
+    // behaving), as each server's splice mode and the adaptive policy say.
+    let decisions = Arc::new(crate::splice_policy::Decisions::default());
+    crate::kernel::install_splice_admin(&mut server, &kernel, decisions.clone());
     if let Some(dp) = &kernel.dataplane
-        && kernel.report.has(sluice_dataplane::Feature::SkSkbVerdict)
+        && kernel.splice_usable()
     {
-        match crate::splice::KernelSplice::new(dp.clone()) {
+        match crate::splice::KernelSplice::new(dp.clone(), cfg.splice, decisions) {
             Ok(splice) => server.set_handoff(Arc::new(splice)),
             Err(e) => {
                 tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace")
