@@ -46,7 +46,7 @@ pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
 pub use model::{
     MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
-    ServerSpec, ServerTimeouts, TokenSpec,
+    ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
 };
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{
