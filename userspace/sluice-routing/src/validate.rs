@@ -488,8 +488,12 @@ mod tests {
         let mut c = ServerSpec::new("c", "c");
         c.vip = Some("198.19.255.2:0".parse().unwrap());
         let doc = RoutingDoc { servers: vec![a, b, c], ..Default::default() };
-        let msgs: Vec<String> =
-            validate_doc(&node(), &doc).unwrap_err().errors.iter().map(ToString::to_string).collect();
+        let msgs: Vec<String> = validate_doc(&node(), &doc)
+            .unwrap_err()
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             msgs,
             [

@@ -10,6 +10,7 @@ mod demo;
 mod kernel;
 mod run;
 mod splice;
+mod vip;
 
 use std::path::PathBuf;
 

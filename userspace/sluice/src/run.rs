@@ -79,6 +79,8 @@ pub struct RunConfig {
     pub health: HealthConfig,
     /// Proxy settings (top-level keys).
     pub proxy: ProxyConfig,
+    /// Server virtual addresses (`[vip]`).
+    pub vip: crate::vip::VipConfig,
 }
 
 impl RunConfig {
@@ -104,11 +106,15 @@ impl RunConfig {
             Some(v) => HealthConfig::deserialize(v).context("in [health]")?,
             None => HealthConfig::default(),
         };
+        let vip = match table.remove("vip") {
+            Some(v) => crate::vip::VipConfig::deserialize(v).context("in [vip]")?,
+            None => Default::default(),
+        };
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg = RunConfig { node, routes, etcd, health, proxy };
+        let mut cfg = RunConfig { node, routes, etcd, health, proxy, vip };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -191,6 +197,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             }
         }
     }
+    crate::vip::start(&kernel, &table, cfg.vip, &mut server);
     server.admin_route(
         "/bpf",
         Arc::new(move |_req| {
