@@ -29,8 +29,9 @@ use tracing::{debug, info, warn};
 #[serde(deny_unknown_fields, default)]
 pub struct VipConfig {
     /// The cgroup v2 directory whose processes' connects to a VIP are rewritten (and
-    /// its descendants'). The default is the root: every process on the node.
-    pub cgroup: PathBuf,
+    /// its descendants'). Relative paths are relative to the cgroup v2 mount; the
+    /// default is the mount itself (usually `/sys/fs/cgroup`): every process on the node.
+    pub cgroup: Option<PathBuf>,
     /// How often `least_loaded` VIPs re-pick their replica (and a failed map write is
     /// retried).
     #[serde(with = "sluice_routing::model::duration_serde")]
@@ -39,10 +40,7 @@ pub struct VipConfig {
 
 impl Default for VipConfig {
     fn default() -> Self {
-        VipConfig {
-            cgroup: PathBuf::from("/sys/fs/cgroup"),
-            rebalance_interval: Duration::from_millis(100),
-        }
+        VipConfig { cgroup: None, rebalance_interval: Duration::from_millis(100) }
     }
 }
 
@@ -156,7 +154,7 @@ type Shown = Arc<Mutex<Vec<VipStatus>>>;
 /// The sync task's state: what the kernel map holds.
 struct VipSync {
     dp: Arc<Mutex<Dataplane>>,
-    cgroup: PathBuf,
+    cgroup: Option<PathBuf>,
     attached: bool,
     /// Attaching failed (said once): no VIPs for this run.
     attach_failed: bool,
@@ -267,24 +265,30 @@ impl VipSync {
 
     fn attach(&mut self) -> bool {
         self.attach_failed = true;
-        let dir = match std::fs::File::open(&self.cgroup) {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(cgroup = %self.cgroup.display(), error = %e, "VIP cgroup cannot be opened; no VIPs");
+        let cgroup = match (sluice_dataplane::sys::cgroup2_mount(), &self.cgroup) {
+            (_, Some(p)) if p.is_absolute() => p.clone(),
+            (Ok(mount), Some(p)) => mount.join(p),
+            (Ok(mount), None) => mount,
+            (Err(e), _) => {
+                warn!(error = %e, "no cgroup v2 to attach the VIP programs to; no VIPs");
                 return false;
             }
         };
-        let attached =
-            self.dp.lock().map_err(|_| None).and_then(|mut dp| dp.attach_vip(&dir).map_err(Some));
+        let attached = std::fs::File::open(&cgroup).map_err(|e| e.to_string()).and_then(|dir| {
+            match self.dp.lock() {
+                Ok(mut dp) => dp.attach_vip(&dir).map_err(|e| e.to_string()),
+                Err(_) => Err("data plane lock poisoned".into()),
+            }
+        });
         match attached {
             Ok(()) => {
-                info!(cgroup = %self.cgroup.display(), "VIP connect programs attached");
+                info!(cgroup = %cgroup.display(), "VIP connect programs attached");
                 self.attached = true;
                 self.attach_failed = false;
                 true
             }
             Err(e) => {
-                warn!(cgroup = %self.cgroup.display(), error = ?e.map(|e| e.to_string()), "VIP connect programs not attached; no VIPs");
+                warn!(cgroup = %cgroup.display(), error = %e, "VIP connect programs not attached; no VIPs");
                 false
             }
         }
@@ -558,12 +562,13 @@ mod tests {
     #[test]
     fn config_defaults_and_parses() {
         let c: VipConfig = toml::from_str("").unwrap();
-        assert_eq!(c.cgroup, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(c.cgroup, None);
         assert_eq!(c.rebalance_interval, Duration::from_millis(100));
         let c: VipConfig =
             toml::from_str("cgroup = \"/sys/fs/cgroup/t\"\nrebalance_interval = \"250ms\"")
                 .unwrap();
         assert_eq!(c.rebalance_interval, Duration::from_millis(250));
+        assert_eq!(c.cgroup.as_deref(), Some(std::path::Path::new("/sys/fs/cgroup/t")));
         assert!(toml::from_str::<VipConfig>("cgrup = \"/\"").is_err());
     }
 }
