@@ -193,10 +193,9 @@ impl Dataplane {
     /// Like [`close_connections_to`](Self::close_connections_to), but spares this
     /// process's own sockets: the VIP sync closes the callers' connections to a replica
     /// that left, while the proxy's connections to it drain on the proxy's terms.
-    pub fn close_client_connections_to(
-        &self,
-        replica: SocketAddr,
-    ) -> Result<usize, DataplaneError> {
+    /// Needs no data plane handle (sock_diag only), so callers can walk the sockets
+    /// without holding the data plane's lock.
+    pub fn close_client_connections_to(replica: SocketAddr) -> Result<usize, DataplaneError> {
         crate::sockdiag::destroy_other_connections_to(replica).map_err(|e| {
             DataplaneError::io(format!("closing connections to {replica} (SOCK_DESTROY)"), e)
         })

@@ -220,10 +220,11 @@ impl VipSync {
                 }
             }
         }
-        // After the map stops sending new connects there: a caller that reconnects
-        // lands on a live replica.
+        drop(dp);
+        // After the map stops sending new connects there, so a caller that reconnects
+        // lands on a live replica; without the lock (the socket walk takes a while).
         for addr in &plan.close {
-            match dp.close_client_connections_to(*addr) {
+            match Dataplane::close_client_connections_to(*addr) {
                 Ok(n) => {
                     info!(replica = %addr, closed = n, "replica left its VIP; connections closed")
                 }
@@ -232,7 +233,6 @@ impl VipSync {
                 }
             }
         }
-        drop(dp);
         self.retry = failed;
         self.publish();
     }

@@ -167,6 +167,15 @@ fn vip_connects_follow_the_routing_and_a_removed_replica_is_cut_off() {
     assert_eq!(shown["vip"], vip.to_string(), "{status}");
     assert_eq!(shown["server"], "hello", "{status}");
     assert_eq!(shown["replicas"], serde_json::json!([r1.to_string(), r2.to_string()]));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["bpf", "status", "--admin", &sluice.admin.to_string(), "--pin-dir"])
+        .arg(pin_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let line = table.lines().find(|l| l.contains(&vip.to_string())).unwrap_or_default();
+    assert!(line.contains("hello") && line.contains(&r1.to_string()), "{table}");
+    eprintln!("{line}");
 
     // A caller holds a connection to r1; then r1 leaves the routing.
     let mut holder = client(&cgroup, vip, true);
