@@ -1,6 +1,7 @@
 //! End to end through the real binary: server virtual addresses. `sluice run` with a
 //! watched routes.toml gives a server a VIP; a client in the `[vip]` cgroup that
-//! connects to it lands on the selected replica; when routes.toml drops that replica,
+//! connects to it lands on the selected replica (the least loaded: load on it moves new
+//! connects to the other); when routes.toml drops that replica,
 //! the client's established connection is closed and new connects land on the other
 //! one; connects from outside the cgroup are left alone.
 //!
@@ -18,24 +19,41 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_dataplane::sys::ScopedCgroup;
+use sluice_dataplane::{hrw, sys::ScopedCgroup};
 use sluice_tests::process::{SluiceProcess, free_port, http_get};
 
-/// A replica: answers every connection with its id and a newline, then holds it open
-/// until the client goes away.
+/// A replica: a VIP caller (who sends nothing) gets the replica's id and a newline; a
+/// proxied HTTP request gets no answer, so it stays in flight (load) until the client
+/// goes away. Either way the connection is held until the peer closes it.
 fn replica(id: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
         for mut s in listener.incoming().flatten() {
             thread::spawn(move || {
-                let _ = s.write_all(format!("{id}\n").as_bytes());
-                let mut buf = [0u8; 64];
+                let mut buf = [0u8; 512];
+                s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                match s.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {} // the proxy's request: hold it unanswered
+                    Err(_) => {
+                        let _ = s.write_all(format!("{id}\n").as_bytes());
+                    }
+                }
+                s.set_read_timeout(None).unwrap();
                 while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
             });
         }
     });
     addr
+}
+
+/// A session header value the proxy's HRW sends to replica `id` (of r1 and r2).
+fn session_for(id: &str) -> String {
+    let score =
+        |s: &str, r: &str| hrw::score(hrw::fnv1a64(s.as_bytes()), hrw::fnv1a64(r.as_bytes()));
+    let other = if id == "r1" { "r2" } else { "r1" };
+    (0..).map(|i| format!("s{i}")).find(|s| score(s, id) > score(s, other)).unwrap()
 }
 
 /// A bash client that first moves itself into `cgroup` (so its sockets belong to it),
@@ -176,6 +194,21 @@ fn vip_connects_follow_the_routing_and_a_removed_replica_is_cut_off() {
     let line = table.lines().find(|l| l.contains(&vip.to_string())).unwrap_or_default();
     assert!(line.contains("hello") && line.contains(&r1.to_string()), "{table}");
     eprintln!("{line}");
+
+    // Load on r1 (a proxied request held in flight) moves new VIP connects to r2; when
+    // it ends they come back.
+    let mut busy = TcpStream::connect(sluice.proxy).unwrap();
+    write!(
+        busy,
+        "GET / HTTP/1.1\r\nhost: hello.r1.example.test\r\nsluice-session-id: {}\r\n\r\n",
+        session_for("r1")
+    )
+    .unwrap();
+    wait_vips(sluice.admin, "r2 selected under load on r1", |v| v["selected"] == "r2");
+    assert_eq!(connect_once(&cgroup, vip), "got r2");
+    drop(busy);
+    wait_vips(sluice.admin, "r1 selected again", |v| v["selected"] == "r1");
+    assert_eq!(connect_once(&cgroup, vip), "got r1");
 
     // A caller holds a connection to r1; then r1 leaves the routing.
     let mut holder = client(&cgroup, vip, true);
