@@ -48,6 +48,13 @@ pub enum VipBalance {
     Hrw,
 }
 
+impl VipBalance {
+    /// Whether this is the default (`least_loaded`).
+    pub fn is_default(&self) -> bool {
+        *self == VipBalance::default()
+    }
+}
+
 /// A replica's lifecycle state as the orchestrator reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -133,7 +140,9 @@ pub struct ServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip: Option<SocketAddr>,
     /// How a connect to `vip` picks its replica.
-    #[serde(default)]
+    // Left out at its default, like `vip` when unset, so a spec without a VIP
+    // serializes as before and older nodes (deny_unknown_fields) still read it.
+    #[serde(default, skip_serializing_if = "VipBalance::is_default")]
     pub vip_balance: VipBalance,
     /// Shadow-copy a sampled fraction of requests.
     #[serde(default)]
@@ -511,6 +520,9 @@ mod tests {
         assert_eq!(back, doc);
         let back: RoutingDoc = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
         assert_eq!(back, doc);
+        // Without a VIP, neither field is written.
+        let plain = serde_json::to_string(&ServerSpec::new("s", "l")).unwrap();
+        assert!(!plain.contains("vip"), "{plain}");
     }
 
     #[test]
