@@ -30,8 +30,8 @@ pub use guard::{AuthFailureTracker, GuardAttachment, Prefix};
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
 pub use probe::{Feature, FeatureStatus, ProbeReport};
 pub use sluice_abi::{
-    AddrKey, GuardStats, RedirectStats, SockKey, SpliceStats, SteerConfig, SteerStats, VipStats,
-    hrw, names,
+    AddrKey, GuardStats, MAX_VIP_BACKENDS, RedirectStats, SockKey, SpliceStats, SteerConfig,
+    SteerStats, VipStats, hrw, names,
 };
 pub use splice_watch::{OnSpliceEnd, SpliceEnd, SpliceWatcher};
 pub use steer::SteerGeneration;

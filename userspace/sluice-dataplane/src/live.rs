@@ -34,6 +34,10 @@ pub struct VipView {
     pub selected: u32,
     /// Replicas by slot.
     pub replicas: Vec<SocketAddr>,
+    /// The server that owns the VIP: not in the kernel maps, so filled in by the
+    /// caller from the running sluice (its admin `GET /vips`) when it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// What the kernel side holds now; a section is `None` when its maps are not pinned.
@@ -159,6 +163,7 @@ pub fn read(pin_dir: &Path) -> LiveState {
                 mode: if svc.mode == vip_mode::HRW { "hrw" } else { "selected" },
                 selected: svc.selected,
                 replicas,
+                server: None,
             });
         }
         state.vips.sort_by_key(|v| v.vip);

@@ -4,6 +4,7 @@
 //! CONFIG_INET_DIAG_DESTROY.
 
 use std::{
+    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -24,11 +25,17 @@ const SOCKID_LEN: usize = 48;
 const STATES_NOT_LISTEN: u32 = 0xfff & !(1 << 10);
 const IPPROTO_TCP: u8 = 6;
 
+/// Offset of `idiag_inode` in `inet_diag_msg`: 4 header bytes, the sockid, then
+/// expires, rqueue, wqueue and uid (4 bytes each).
+const INODE_OFFSET: usize = 4 + SOCKID_LEN + 16;
+
 /// One socket as sock_diag identifies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SockId {
     family: u8,
     raw: [u8; SOCKID_LEN],
+    /// The socket's inode (0 when the kernel did not say).
+    inode: u32,
 }
 
 impl SockId {
@@ -143,7 +150,11 @@ fn dump(fd: &OwnedFd, family: u8) -> io::Result<Vec<SockId>> {
             if kind == SOCK_DIAG_BY_FAMILY && payload.len() >= 4 + SOCKID_LEN {
                 let mut raw = [0u8; SOCKID_LEN];
                 raw.copy_from_slice(&payload[4..4 + SOCKID_LEN]);
-                out.push(SockId { family: payload[0], raw });
+                let inode = payload
+                    .get(INODE_OFFSET..INODE_OFFSET + 4)
+                    .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                out.push(SockId { family: payload[0], raw, inode });
             }
         })?;
         if done || n == 0 {
@@ -171,18 +182,49 @@ fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
 /// IPv4-mapped IPv6 match each other). Their owners see ECONNABORTED or EOF and can
 /// reconnect, landing on a live replica. Returns how many sockets were destroyed.
 pub fn destroy_connections_to(dst: SocketAddr) -> io::Result<usize> {
+    destroy_matching(dst, false)
+}
+
+/// Like [`destroy_connections_to`], but leaves the sockets this process holds: its own
+/// connections to `dst` (the proxy's, to a draining replica) end on its own terms.
+pub fn destroy_other_connections_to(dst: SocketAddr) -> io::Result<usize> {
+    destroy_matching(dst, true)
+}
+
+/// Inodes of the sockets this process has open (`socket:[N]` in /proc/self/fd).
+fn own_socket_inodes() -> io::Result<HashSet<u32>> {
+    let mut out = HashSet::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue; // closed since the listing
+        };
+        if let Some(ino) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse().ok())
+        {
+            out.insert(ino);
+        }
+    }
+    Ok(out)
+}
+
+fn destroy_matching(dst: SocketAddr, spare_own: bool) -> io::Result<usize> {
     let fd = open()?;
-    let mut destroyed = 0;
+    let mut targets = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        for id in dump(&fd, family)? {
-            if same_endpoint(id.dst(), dst) {
-                match destroy(&fd, &id) {
-                    Ok(()) => destroyed += 1,
-                    // Already gone between the dump and the destroy.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        targets.extend(dump(&fd, family)?.into_iter().filter(|id| same_endpoint(id.dst(), dst)));
+    }
+    // Listed after the dump, so every own socket the dump saw is known here.
+    let own = if spare_own { own_socket_inodes()? } else { HashSet::new() };
+    let mut destroyed = 0;
+    for id in targets.iter().filter(|id| id.inode == 0 || !own.contains(&id.inode)) {
+        match destroy(&fd, id) {
+            Ok(()) => destroyed += 1,
+            // Already gone between the dump and the destroy.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(destroyed)

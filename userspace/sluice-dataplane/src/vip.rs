@@ -190,6 +190,17 @@ impl Dataplane {
         })
     }
 
+    /// Like [`close_connections_to`](Self::close_connections_to), but spares this
+    /// process's own sockets: the VIP sync closes the callers' connections to a replica
+    /// that left, while the proxy's connections to it drain on the proxy's terms.
+    /// Needs no data plane handle (sock_diag only), so callers can walk the sockets
+    /// without holding the data plane's lock.
+    pub fn close_client_connections_to(replica: SocketAddr) -> Result<usize, DataplaneError> {
+        crate::sockdiag::destroy_other_connections_to(replica).map_err(|e| {
+            DataplaneError::io(format!("closing connections to {replica} (SOCK_DESTROY)"), e)
+        })
+    }
+
     /// VIP counters summed over CPUs.
     pub fn vip_stats(&self) -> Result<VipStats, DataplaneError> {
         let name = names::VIP_STATS;

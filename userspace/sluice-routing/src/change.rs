@@ -189,6 +189,17 @@ impl Builder {
         }
         let domains: Vec<Arc<str>> =
             validate::server_domains(&self.snap.node, &spec).into_iter().map(Arc::from).collect();
+        // A VIP belongs to one server. Scanning is O(servers), paid only by VIP servers.
+        if !self.trusted
+            && let Some(vip) = spec.vip.map(validate::canonical_vip)
+            && let Some(owner) = self.snap.servers.values().find(|e| {
+                e.server.spec.id != spec.id
+                    && e.server.spec.vip.map(validate::canonical_vip) == Some(vip)
+            })
+        {
+            let e = validate::vip_conflict(&spec.id, vip, owner.server.id());
+            return Err(ApplyErrorKind::Invalid(ValidationError { errors: vec![e] }));
+        }
         if !self.trusted {
             for d in &domains {
                 if let Some(owner) = self.snap.domains.get(d)

@@ -47,7 +47,7 @@ pub use limits::{BytesPermit, OverLimit};
 pub use model::SpliceMode;
 pub use model::{
     MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
-    ServerSpec, ServerTimeouts, TokenSpec,
+    ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
 };
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{

@@ -60,6 +60,26 @@ impl SpliceMode {
     }
 }
 
+/// How connects to a server's virtual address pick a replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VipBalance {
+    /// Every new connection goes to the replica with the fewest in-flight requests,
+    /// re-chosen periodically by sluice.
+    #[default]
+    LeastLoaded,
+    /// Rendezvous hashing on the connecting process, so one client keeps its replica
+    /// while others come and go.
+    Hrw,
+}
+
+impl VipBalance {
+    /// Whether this is the default (`least_loaded`).
+    pub fn is_default(&self) -> bool {
+        *self == VipBalance::default()
+    }
+}
+
 /// A replica's lifecycle state as the orchestrator reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -140,6 +160,15 @@ pub struct ServerSpec {
     /// proxy's configured default (`Sluice-Session-Id`).
     #[serde(default)]
     pub session_header: Option<String>,
+    /// Virtual address (`ip:port`) that local clients on the node connect to; the
+    /// kernel's cgroup connect program rewrites such connects to a replica. `None`: no VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<SocketAddr>,
+    /// How a connect to `vip` picks its replica.
+    // Left out at its default, like `vip` when unset, so a spec without a VIP
+    // serializes as before and older nodes (deny_unknown_fields) still read it.
+    #[serde(default, skip_serializing_if = "VipBalance::is_default")]
+    pub vip_balance: VipBalance,
     /// Shadow-copy a sampled fraction of requests.
     #[serde(default)]
     pub mirror: Option<MirrorSpec>,
@@ -172,6 +201,8 @@ impl ServerSpec {
             scale_up_window: DEFAULT_SCALE_UP_WINDOW,
             scale_down_window: DEFAULT_SCALE_DOWN_WINDOW,
             session_header: None,
+            vip: None,
+            vip_balance: VipBalance::default(),
             mirror: None,
             limits: ServerLimits::default(),
             timeouts: ServerTimeouts::default(),
@@ -497,6 +528,31 @@ mod tests {
         let text = toml::to_string(&doc).unwrap();
         let back: RoutingDoc = toml::from_str(&text).unwrap();
         assert_eq!(back, doc, "{text}");
+    }
+
+    #[test]
+    fn vip_fields_round_trip() {
+        let doc: RoutingDoc = toml::from_str(
+            r#"
+            [[servers]]
+            id = "s1"
+            label = "hello"
+            vip = "198.19.255.1:80"
+            vip_balance = "hrw"
+            "#,
+        )
+        .unwrap();
+        let s = &doc.servers[0];
+        assert_eq!(s.vip, Some("198.19.255.1:80".parse().unwrap()));
+        assert_eq!(s.vip_balance, VipBalance::Hrw);
+        assert_eq!(ServerSpec::new("s", "l").vip_balance, VipBalance::LeastLoaded);
+        let back: RoutingDoc = toml::from_str(&toml::to_string(&doc).unwrap()).unwrap();
+        assert_eq!(back, doc);
+        let back: RoutingDoc = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
+        assert_eq!(back, doc);
+        // Without a VIP, neither field is written.
+        let plain = serde_json::to_string(&ServerSpec::new("s", "l")).unwrap();
+        assert!(!plain.contains("vip"), "{plain}");
     }
 
     #[test]

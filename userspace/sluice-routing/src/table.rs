@@ -467,6 +467,21 @@ mod tests {
     }
 
     #[test]
+    fn a_vip_taken_by_another_server_is_rejected_per_change() {
+        let table = RoutingTable::from_doc(node(), doc()).unwrap();
+        let mut a = ServerSpec::new("a", "hello");
+        a.vip = Some("198.19.255.1:80".parse().unwrap());
+        table.apply(vec![Change::PutServer(a.clone())], 2).unwrap();
+        let mut b = ServerSpec::new("b", "world");
+        b.vip = a.vip;
+        let errs = table.apply(vec![Change::PutServer(b)], 3).unwrap_err();
+        assert!(errs[0].reason.to_string().contains("also the VIP of server \"a\""), "{errs:?}");
+        assert_eq!(table.load().server("b").unwrap().spec.vip, None);
+        // The owner itself may be re-put with its VIP.
+        table.apply(vec![Change::PutServer(a)], 4).unwrap();
+    }
+
+    #[test]
     fn from_doc_lookups() {
         let t = RoutingTable::from_doc(node(), doc()).unwrap();
         assert_eq!(t.generation(), 1);

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::SocketAddr;
 
 use crate::authority::check_hostname;
 use crate::model::{NodeConfig, ReplicaSpec, RoutingDoc, ServerSpec, TokenSpec};
@@ -173,6 +174,11 @@ pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
     {
         err("session_header", format!("{h:?} is not a valid header name"));
     }
+    if let Some(vip) = s.vip
+        && (vip.port() == 0 || vip.ip().is_unspecified() || vip.ip().is_multicast())
+    {
+        err("vip", format!("{vip} must be a concrete unicast IP and a non-zero port"));
+    }
     if let Some(m) = &s.mirror {
         if !(m.fraction.is_finite() && (0.0..=1.0).contains(&m.fraction)) {
             err("mirror.fraction", "must be between 0.0 and 1.0".into());
@@ -298,12 +304,28 @@ pub fn server_domains(node: &NodeConfig, s: &ServerSpec) -> Vec<String> {
     out
 }
 
+/// A VIP in the form used to compare them: IPv4-mapped IPv6 as IPv4 (the kernel keys
+/// both the same way).
+pub fn canonical_vip(vip: SocketAddr) -> SocketAddr {
+    SocketAddr::new(vip.ip().to_canonical(), vip.port())
+}
+
+/// The error for a server whose VIP another server already has.
+pub fn vip_conflict(server: &str, vip: SocketAddr, owner: &str) -> FieldError {
+    FieldError::new(
+        ObjectRef::Server(server.to_owned()),
+        "vip",
+        format!("{vip} is also the VIP of server {owner:?} (a VIP belongs to one server)"),
+    )
+}
+
 /// Validate a whole document against a node configuration: every object, duplicate ids,
-/// replicas naming an unknown server, and domains claimed by two servers.
+/// replicas naming an unknown server, and domains or VIPs claimed by two servers.
 pub fn validate_doc(node: &NodeConfig, doc: &RoutingDoc) -> Result<(), ValidationError> {
     let mut errs = validate_node(node);
     let mut server_ids = HashSet::new();
     let mut domain_owner: HashMap<String, &str> = HashMap::new();
+    let mut vip_owner: HashMap<SocketAddr, &str> = HashMap::new();
     for s in &doc.servers {
         errs.extend(validate_server(s));
         if !server_ids.insert(s.id.as_str()) {
@@ -313,6 +335,14 @@ pub fn validate_doc(node: &NodeConfig, doc: &RoutingDoc) -> Result<(), Validatio
                 "duplicate server id",
             ));
             continue;
+        }
+        if let Some(vip) = s.vip {
+            match vip_owner.get(&canonical_vip(vip)) {
+                Some(other) => errs.push(vip_conflict(&s.id, vip, other)),
+                None => {
+                    vip_owner.insert(canonical_vip(vip), &s.id);
+                }
+            }
         }
         for d in server_domains(node, s) {
             match domain_owner.get(d.as_str()) {
@@ -447,6 +477,30 @@ mod tests {
         ];
         assert_eq!(msgs, want);
         assert!(!err.to_string().contains("plaintext"));
+    }
+
+    #[test]
+    fn vip_checks() {
+        let mut a = ServerSpec::new("a", "a");
+        a.vip = Some("198.19.255.1:80".parse().unwrap());
+        let mut b = ServerSpec::new("b", "b");
+        b.vip = Some("[::ffff:198.19.255.1]:80".parse().unwrap());
+        let mut c = ServerSpec::new("c", "c");
+        c.vip = Some("198.19.255.2:0".parse().unwrap());
+        let doc = RoutingDoc { servers: vec![a, b, c], ..Default::default() };
+        let msgs: Vec<String> = validate_doc(&node(), &doc)
+            .unwrap_err()
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                r#"server "b": vip: [::ffff:198.19.255.1]:80 is also the VIP of server "a" (a VIP belongs to one server)"#,
+                r#"server "c": vip: 198.19.255.2:0 must be a concrete unicast IP and a non-zero port"#,
+            ]
+        );
     }
 
     #[test]

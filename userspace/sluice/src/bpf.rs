@@ -18,21 +18,25 @@ pub enum BpfCommand {
         /// Pin directory to list.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Admin listener of the running sluice, asked which server owns each VIP.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: std::net::SocketAddr,
     },
 }
 
 /// Runs a `sluice bpf` subcommand.
 pub fn main(command: BpfCommand) -> Result<()> {
     match command {
-        BpfCommand::Status { json, pin_dir } => status(json, &pin_dir),
+        BpfCommand::Status { json, pin_dir, admin } => status(json, &pin_dir, admin),
     }
 }
 
-fn status(json: bool, pin_dir: &std::path::Path) -> Result<()> {
+fn status(json: bool, pin_dir: &std::path::Path, admin: std::net::SocketAddr) -> Result<()> {
     let report = probe::probe();
     let behaviour = crate::kernel::behaviour_standalone(&report);
     let pinned = pins::list(pin_dir);
-    let state = live::read(pin_dir);
+    let mut state = live::read(pin_dir);
+    crate::vip::name_servers(&mut state.vips, admin);
     if json {
         let doc = serde_json::json!({
             "probe": report,
@@ -104,8 +108,9 @@ fn print_live(s: &live::LiveState) {
         for vip in &s.vips {
             let replicas: Vec<String> = vip.replicas.iter().map(ToString::to_string).collect();
             println!(
-                "  {:<28} {:<8} selected {} -> [{}]",
+                "  {:<28} {:<16} {:<8} selected {} -> [{}]",
                 vip.vip,
+                vip.server.as_deref().unwrap_or("server ?"),
                 vip.mode,
                 vip.selected,
                 replicas.join(", ")

@@ -109,6 +109,17 @@ pub struct ServerPut {
     /// Serve without proxy auth.
     #[arg(long, conflicts_with = "file")]
     pub unauthenticated: bool,
+    /// Server virtual address (`ip:port`) local callers connect to.
+    #[arg(long, conflicts_with = "file")]
+    pub vip: Option<std::net::SocketAddr>,
+    /// How a VIP connect picks its replica: `least_loaded` or `hrw`.
+    #[arg(long, conflicts_with = "file", value_parser = parse_vip_balance)]
+    pub vip_balance: Option<sluice_routing::VipBalance>,
+}
+
+fn parse_vip_balance(s: &str) -> Result<sluice_routing::VipBalance, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("{s:?}: expected least_loaded or hrw"))
 }
 
 /// `sluice ctl replica ...`
@@ -262,6 +273,8 @@ async fn server(store: &EtcdStore, cmd: ServerCommand) -> Result<()> {
                     s.regions = put.regions;
                     s.custom_domains = put.custom_domains;
                     s.unauthenticated = put.unauthenticated;
+                    s.vip = put.vip;
+                    s.vip_balance = put.vip_balance.unwrap_or_default();
                     s
                 }
             };

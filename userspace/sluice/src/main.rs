@@ -12,6 +12,7 @@ mod local_redirect;
 mod run;
 mod splice;
 mod splice_policy;
+mod vip;
 
 use std::path::PathBuf;
 

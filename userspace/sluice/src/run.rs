@@ -83,6 +83,8 @@ pub struct RunConfig {
     pub proxy: ProxyConfig,
     /// Kernel splicing of upgraded streams (`[splice] mode`).
     pub splice: crate::splice_policy::SpliceConfig,
+    /// Server virtual addresses (`[vip]`).
+    pub vip: crate::vip::VipConfig,
 }
 
 impl RunConfig {
@@ -118,11 +120,16 @@ impl RunConfig {
             Some(v) => crate::splice_policy::SpliceConfig::deserialize(v).context("in [splice]")?,
             None => Default::default(),
         };
+        let vip = match table.remove("vip") {
+            Some(v) => crate::vip::VipConfig::deserialize(v).context("in [vip]")?,
+            None => Default::default(),
+        };
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg = RunConfig { node, routes, etcd, health, local_replicas, proxy, splice };
+        let mut cfg =
+            RunConfig { node, routes, etcd, health, local_replicas, proxy, splice, vip };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -226,6 +233,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             ),
         }
     }
+    crate::vip::start(&kernel, &table, cfg.vip, &mut server);
     server.admin_route(
         "/bpf",
         Arc::new(move |_req| {
