@@ -4,7 +4,8 @@
 //! `sluice_proxy::ProxyConfig`: `[[listeners]]`, `[limits]`, `[timeouts]`, `[admin]`, ...),
 //! plus `[node]` (base domains, regions), the routing source — `[routes] file =
 //! "routes.toml"` (watched for changes; relative paths are relative to the config file)
-//! or `[etcd]` (the distributed store's change stream) — and `[health]` (replica checks).
+//! or `[etcd]` (the distributed store's change stream) — `[health]` (replica checks) and
+//! `[guard]` (the XDP guard, see `crate::guard`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub struct RunConfig {
     pub health: HealthConfig,
     /// Proxy settings (top-level keys).
     pub proxy: ProxyConfig,
+    /// The XDP guard.
+    pub guard: crate::guard::GuardConfig,
 }
 
 impl RunConfig {
@@ -104,11 +107,16 @@ impl RunConfig {
             Some(v) => HealthConfig::deserialize(v).context("in [health]")?,
             None => HealthConfig::default(),
         };
+        let guard = match table.remove("guard") {
+            Some(v) => crate::guard::GuardConfig::deserialize(v).context("in [guard]")?,
+            None => crate::guard::GuardConfig::default(),
+        };
+        guard.validate().context("in [guard]")?;
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg = RunConfig { node, routes, etcd, health, proxy };
+        let mut cfg = RunConfig { node, routes, etcd, health, proxy, guard };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -147,7 +155,6 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
     // Kept alive for the whole run: dropping it detaches the kernel programs.
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
-    let bpf_report = serde_json::to_string_pretty(&kernel.report).unwrap_or_default();
     let table = RoutingTable::new(cfg.node.clone());
     let stop = Arc::new(Notify::new());
     // Health gating starts before the first load, so no replica is routable before its
@@ -191,6 +198,10 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             }
         }
     }
+    // Dropped at the end of serve(): detaches the guard.
+    let guard =
+        crate::guard::start(&cfg.guard, kernel.dataplane.as_ref(), &mut server, require_ebpf)?;
+    let bpf_report = crate::guard::bpf_report(&kernel.report, &guard);
     server.admin_route(
         "/bpf",
         Arc::new(move |_req| {
@@ -201,6 +212,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
     server.run(sluice_proxy::shutdown::signal()).await?;
     stop.notify_waiters();
     health.shutdown().await;
+    drop(guard);
     drop(kernel);
     Ok(())
 }
