@@ -224,6 +224,12 @@ fn program_and_attach(
     Ok(())
 }
 
+/// The address a rejected peer is counted and banned as: a dual-stack listener sees
+/// IPv4 clients as `::ffff:a.b.c.d`, but XDP looks IPv4 sources up in the v4 trie.
+fn ban_source(peer: IpAddr) -> IpAddr {
+    peer.to_canonical()
+}
+
 /// Counts auth failures per source and bans sources that reach the threshold; sweeps
 /// expired bans out of the kernel.
 async fn ban_loop(
@@ -244,9 +250,7 @@ async fn ban_loop(
             ev = rx.recv() => {
                 let Some(ip) = ev else { return };
                 counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-                // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; the v4
-                // trie is where XDP looks them up.
-                let ip = ip.to_canonical();
+                let ip = ban_source(ip);
                 let now = Instant::now();
                 if !tracker.record(ip, now) {
                     continue;
@@ -349,6 +353,16 @@ mod tests {
         assert_eq!((cfg.syn_rate, cfg.syn_burst, cfg.auth_fail_threshold), (200, 400, 20));
         assert!(cfg.validate().unwrap().is_empty());
         assert!(parse("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn mapped_peers_are_banned_as_ipv4() {
+        let mapped: IpAddr = "::ffff:198.18.1.2".parse().unwrap();
+        let v4: IpAddr = "198.18.1.2".parse().unwrap();
+        assert_eq!(ban_source(mapped), v4);
+        assert_eq!(Prefix::host(ban_source(mapped)).len, 32);
+        let v6: IpAddr = "2001:db8:1::2".parse().unwrap();
+        assert_eq!(ban_source(v6), v6);
     }
 
     #[test]
