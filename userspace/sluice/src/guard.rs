@@ -240,7 +240,8 @@ async fn ban_loop(
     ban: Duration,
     counters: Arc<Counters>,
 ) {
-    // Our own bans and their deadlines, for the active-bans gauge.
+    // Our bans and when the kernel's copy is surely past its deadline (it rounds up to
+    // whole seconds): the active-bans gauge, and whether a sweep has anything to do.
     let mut active: std::collections::HashMap<IpAddr, Instant> = Default::default();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -260,7 +261,7 @@ async fn ban_loop(
                 match result {
                     Ok(()) => {
                         counters.bans.fetch_add(1, Ordering::Relaxed);
-                        active.insert(ip, now + ban);
+                        active.insert(ip, now + ban + Duration::from_secs(1));
                         info!(source = %ip, ban = ?ban, "banned after repeated proxy-auth failures");
                     }
                     Err(e) => {
@@ -273,12 +274,17 @@ async fn ban_loop(
             _ = sweep.tick() => {
                 let now = Instant::now();
                 tracker.prune(now);
-                active.retain(|_, until| *until > now);
-                counters.active_bans.store(active.len() as u64, Ordering::Relaxed);
-                if let Ok(mut d) = dp.lock()
-                    && let Err(e) = d.guard_expire_bans()
-                {
-                    warn!(error = %e, "sweeping expired bans");
+                // Static denylist entries never expire, so with no ban of ours
+                // outstanding there is nothing to sweep (and no trie walk under the
+                // data plane lock).
+                if !active.is_empty() {
+                    if let Ok(mut d) = dp.lock()
+                        && let Err(e) = d.guard_expire_bans()
+                    {
+                        warn!(error = %e, "sweeping expired bans");
+                    }
+                    active.retain(|_, until| *until > now);
+                    counters.active_bans.store(active.len() as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -316,7 +322,7 @@ fn install_metrics(server: &mut Server, c: Arc<Counters>) {
             (
                 "sluice_guard_active_bans",
                 "gauge",
-                "Auth-failure bans in force now.",
+                "Auth-failure bans in force now (may lag expiry by a second).",
                 &c.active_bans,
             ),
         ];
