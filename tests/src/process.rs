@@ -83,6 +83,89 @@ impl SluiceProcess {
     }
 }
 
+/// One HTTP/1.1 request with extra `headers` on a fresh connection made from inside
+/// `ns`: the status code and body; `None` when the connection or exchange fails.
+pub fn http_get_in(
+    ns: &crate::netns::NetNs,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let mut s = ns.connect(addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut head = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+impl SluiceProcess {
+    /// Starts `bin run` inside the network namespace `ns`, with one client listener on
+    /// `0.0.0.0` (reachable on every address of the namespace) and the admin listener on
+    /// the namespace's loopback, plus `rest`; waits until `/livez` answers there.
+    /// `proxy` and `admin` are loopback addresses *inside* `ns` (use
+    /// [`http_get_in`]); clients elsewhere reach the proxy at the namespace's own
+    /// addresses on `proxy.port()`.
+    ///
+    /// Runs under `nsenter --net` rather than `ip netns exec`: the latter also remounts
+    /// `/sys`, which would hide the pins (bpffs at /sys/fs/bpf) from other processes.
+    pub fn start_in_netns(
+        bin: &Path,
+        dir: &Path,
+        ns: &crate::netns::NetNs,
+        rest: &str,
+    ) -> SluiceProcess {
+        let (proxy, admin) = (free_port(), free_port());
+        let config = format!(
+            "[[listeners]]\naddr = \"0.0.0.0:{proxy}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n{rest}\n"
+        );
+        let path = dir.join("sluice.toml");
+        std::fs::write(&path, config).expect("write config");
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin_dir =
+            PathBuf::from(format!("/sys/fs/bpf/sluice-test-ns-{}-{n}", std::process::id()));
+        // nsenter execs sluice in place, so the child's pid is sluice's (for SIGTERM).
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg("--")
+            .arg(bin)
+            .args(["run", "--config"])
+            .arg(&path)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn nsenter (util-linux) with sluice");
+        let s = SluiceProcess {
+            child,
+            proxy: ([127, 0, 0, 1], proxy).into(),
+            admin: ([127, 0, 0, 1], admin).into(),
+            pin_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get_in(ns, s.admin, "admin", "/livez", &[]).map(|(c, _)| c) != Some(200) {
+            assert!(Instant::now() < deadline, "sluice did not come up in {}", ns.name());
+            thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// The pin directory this sluice was told to use.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
 impl Drop for SluiceProcess {
     fn drop(&mut self) {
         // SIGTERM, so sluice drains and removes its pins; SIGKILL only if it hangs.
@@ -145,11 +228,6 @@ impl SluiceProcess {
             thread::sleep(Duration::from_millis(20));
         }
         s
-    }
-
-    /// The pin directory this sluice was started with.
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     /// SIGKILL, as a crash: no drain, and its pins stay behind under the returned pin

@@ -49,6 +49,10 @@ pub mod names {
     pub const GUARD_SYN_RATE: &str = "guard_syn_rate";
     /// Per-CPU [`super::GuardStats`].
     pub const GUARD_STATS: &str = "guard_stats";
+    /// Where the guard is attached and how (ifindex `u32` → [`super::GuardIface`]).
+    /// Written by userspace only, so another process (`sluice bpf status`, bpftool)
+    /// can read it through the pin.
+    pub const GUARD_IFACES: &str = "guard_ifaces";
     /// cgroup connect4 program that rewrites connects to server virtual addresses.
     pub const PROG_VIP4: &str = "sluice_vip4";
     /// cgroup connect6 program, the same for IPv6 (and v4-mapped) sockets.
@@ -261,6 +265,27 @@ pub struct GuardConfig {
     pub syn_burst: u32,
 }
 
+/// Length of an interface name buffer (the kernel's `IFNAMSIZ`).
+pub const IFNAMSIZ: usize = 16;
+
+/// One interface the XDP guard is attached to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct GuardIface {
+    /// Interface name, NUL-padded (the ifindex alone means nothing in another netns).
+    pub name: [u8; IFNAMSIZ],
+    /// One of [`xdp_mode`].
+    pub mode: u32,
+}
+
+/// How XDP runs on an interface ([`GuardIface::mode`]).
+pub mod xdp_mode {
+    /// Driver (native) XDP.
+    pub const NATIVE: u32 = 1;
+    /// Generic (skb) XDP, after the driver allocated the skb.
+    pub const GENERIC: u32 = 2;
+}
+
 /// One source's SYN token bucket, in nanotokens so integer refill stays exact.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -441,6 +466,7 @@ const _: () = assert!(core::mem::size_of::<BanValue>() == 4);
 const _: () = assert!(core::mem::size_of::<GuardConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<SynBucket>() == 16);
 const _: () = assert!(core::mem::size_of::<GuardStats>() == 32);
+const _: () = assert!(core::mem::size_of::<GuardIface>() == 20);
 const _: () = assert!(core::mem::size_of::<VipService>() == 16);
 const _: () = assert!(core::mem::size_of::<VipSlot>() == 24);
 const _: () = assert!(core::mem::size_of::<VipBackend>() == 32);
@@ -468,6 +494,8 @@ mod pod {
     unsafe impl aya::Pod for super::SynBucket {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuardStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardIface {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipService {}
     // SAFETY: as above.

@@ -26,9 +26,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use sluice_abi::{
-    AddrKey, BanValue, GuardConfig, GuardStats, MAX_VIP_BACKENDS, RedirectStats, STEER_SLOTS,
-    SockKey, SplicePeer, SpliceStats, SteerConfig, SteerStats, SynBucket, VipBackend, VipService,
-    VipSlot, VipStats, family, hrw, ipv4_mapped, vip_mode,
+    AddrKey, BanValue, GuardConfig, GuardIface, GuardStats, MAX_VIP_BACKENDS, RedirectStats,
+    STEER_SLOTS, SockKey, SplicePeer, SpliceStats, SteerConfig, SteerStats, SynBucket, VipBackend,
+    VipService, VipSlot, VipStats, family, hrw, ipv4_mapped, vip_mode,
 };
 
 // Maps are BTF-defined so `bpftool map dump` prints keys and values with their field
@@ -189,6 +189,11 @@ static GUARD_SYN_RATE: LruHashMap<[u8; 16], SynBucket, 131_072> = LruHashMap::ne
 /// Counters, one slot per CPU.
 #[btf_map(name = "guard_stats")]
 static GUARD_STATS: PerCpuArray<GuardStats, 1> = PerCpuArray::new();
+
+/// Interfaces the guard is attached to and in which XDP mode. Only userspace reads
+/// and writes it; it lives here so it is pinned with the rest and bpftool prints it.
+#[btf_map(name = "guard_ifaces")]
+static GUARD_IFACES: HashMap<u32, GuardIface, 64> = HashMap::new();
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -11,7 +11,7 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use serde::Serialize;
-use sluice_abi::{BanValue, GuardConfig, GuardStats, names};
+use sluice_abi::{BanValue, GuardConfig, GuardIface, GuardStats, IFNAMSIZ, names, xdp_mode};
 use tracing::info;
 
 use crate::{Dataplane, DataplaneError, error::map_err, loader::program, sys};
@@ -64,6 +64,21 @@ impl std::str::FromStr for Prefix {
     }
 }
 
+/// The index of `interface` in the current thread's network namespace.
+fn ifindex(interface: &str) -> Result<u32, DataplaneError> {
+    let c = std::ffi::CString::new(interface)
+        .map_err(|_| DataplaneError::Unsupported(format!("interface name {interface:?}")))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(DataplaneError::io(
+            format!("looking up interface {interface}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(index)
+}
+
 /// Nanoseconds of CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -98,6 +113,11 @@ impl Dataplane {
             }
         };
         self.guard_links.push((interface.to_owned(), link));
+        // Recorded for other processes (`sluice bpf status`); the attachment stands
+        // even if this bookkeeping fails.
+        if let Err(e) = self.record_guard_iface(interface, mode) {
+            tracing::warn!(interface, error = %e, "XDP guard mode not recorded");
+        }
         info!(interface, mode, "XDP guard attached");
         Ok(GuardAttachment { interface: interface.to_owned(), mode })
     }
@@ -112,8 +132,42 @@ impl Dataplane {
         sys::in_netns(netns, || self.attach_guard(interface))
     }
 
+    /// Writes `interface` and its XDP mode into the pinned interface map, keyed by the
+    /// ifindex in the current thread's network namespace.
+    fn record_guard_iface(&mut self, interface: &str, mode: &str) -> Result<(), DataplaneError> {
+        let name = names::GUARD_IFACES;
+        let ifindex = ifindex(interface)?;
+        let mut value = GuardIface {
+            name: [0; IFNAMSIZ],
+            mode: if mode == "native" { xdp_mode::NATIVE } else { xdp_mode::GENERIC },
+        };
+        // Keep the last byte NUL, as the kernel does for interface names.
+        let len = interface.len().min(IFNAMSIZ - 1);
+        value.name[..len].copy_from_slice(&interface.as_bytes()[..len]);
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut ifaces: HashMap<&mut MapData, u32, GuardIface> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        ifaces.insert(ifindex, value, 0).map_err(map_err(name))
+    }
+
+    /// Empties the pinned interface map.
+    fn clear_guard_ifaces(&mut self) -> Result<(), DataplaneError> {
+        let name = names::GUARD_IFACES;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut ifaces: HashMap<&mut MapData, u32, GuardIface> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let keys: Vec<u32> = ifaces.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = ifaces.remove(&k);
+        }
+        Ok(())
+    }
+
     /// Detaches the guard from every interface.
     pub fn detach_guard(&mut self) -> Result<(), DataplaneError> {
+        if let Err(e) = self.clear_guard_ifaces() {
+            tracing::warn!(error = %e, "XDP guard interface records not cleared");
+        }
         let links: Vec<(String, XdpLinkId)> = std::mem::take(&mut self.guard_links);
         let prog: &mut Xdp = program(&mut self.ebpf, names::PROG_GUARD)?;
         for (_, link) in links {

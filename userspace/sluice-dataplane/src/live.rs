@@ -10,8 +10,8 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use serde::Serialize;
 use sluice_abi::{
-    AddrKey, BanValue, GuardConfig, GuardStats, RedirectStats, SpliceStats, SteerConfig,
-    SteerStats, VipBackend, VipService, VipSlot, VipStats, names, vip_mode,
+    AddrKey, BanValue, GuardConfig, GuardIface, GuardStats, RedirectStats, SpliceStats,
+    SteerConfig, SteerStats, VipBackend, VipService, VipSlot, VipStats, names, vip_mode, xdp_mode,
 };
 
 /// A denylist entry as operators read it.
@@ -21,6 +21,17 @@ pub struct Denied {
     pub prefix: String,
     /// Seconds until a temporary ban expires; `None` for a permanent entry.
     pub expires_in_s: Option<u64>,
+}
+
+/// One interface the XDP guard is attached to.
+#[derive(Clone, Debug, Serialize)]
+pub struct GuardIfaceView {
+    /// Interface name.
+    pub interface: String,
+    /// Index in the network namespace sluice attached in.
+    pub ifindex: u32,
+    /// `native` or `generic`.
+    pub mode: &'static str,
 }
 
 /// One VIP and where its connects go.
@@ -53,6 +64,8 @@ pub struct LiveState {
     pub denied: Vec<Denied>,
     /// Guard counters.
     pub guard: Option<GuardStats>,
+    /// Interfaces the guard is attached to, with their XDP mode.
+    pub guard_interfaces: Vec<GuardIfaceView>,
     /// Virtual addresses.
     pub vips: Vec<VipView>,
     /// VIP counters.
@@ -105,6 +118,12 @@ fn ban_view(prefix: String, v: BanValue, now: u64) -> Denied {
     }
 }
 
+/// A NUL-padded interface name.
+fn iface_name(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
 /// Reads everything pinned under `pin_dir`.
 pub fn read(pin_dir: &Path) -> LiveState {
     let dir: PathBuf = pin_dir.to_path_buf();
@@ -122,6 +141,20 @@ pub fn read(pin_dir: &Path) -> LiveState {
     {
         state.guard_ports = ports.keys().filter_map(Result::ok).collect();
         state.guard_ports.sort_unstable();
+    }
+    if let Some(ifaces) = open(&dir, names::GUARD_IFACES)
+        .and_then(|m| HashMap::<MapData, u32, GuardIface>::try_from(m).ok())
+    {
+        state.guard_interfaces = ifaces
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, v)| GuardIfaceView {
+                interface: iface_name(&v.name),
+                ifindex,
+                mode: if v.mode == xdp_mode::NATIVE { "native" } else { "generic" },
+            })
+            .collect();
+        state.guard_interfaces.sort_by(|a, b| a.interface.cmp(&b.interface));
     }
     state.guard_config = open(&dir, names::GUARD_CONFIG)
         .and_then(|m| Array::<MapData, GuardConfig>::try_from(m).ok())

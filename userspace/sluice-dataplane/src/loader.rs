@@ -48,7 +48,7 @@ pub struct Dataplane {
 }
 
 /// Maps pinned for operators, in `bpftool map dump pinned <dir>/<name>` form.
-const PINNED_MAPS: [&str; 16] = [
+const PINNED_MAPS: [&str; 17] = [
     names::SPLICE_SOCKS,
     names::SPLICE_PEERS,
     names::SPLICE_STATS,
@@ -65,6 +65,7 @@ const PINNED_MAPS: [&str; 16] = [
     names::GUARD_CONFIG,
     names::GUARD_SYN_RATE,
     names::GUARD_STATS,
+    names::GUARD_IFACES,
 ];
 
 impl Dataplane {

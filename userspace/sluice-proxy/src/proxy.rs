@@ -51,6 +51,8 @@ pub(crate) struct ProxyState {
     pub(crate) upstreams: Upstreams,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) handoff: Arc<dyn OpaqueStreamHandoff>,
+    /// Told about each proxy-auth rejection (see `Server::on_auth_rejected`).
+    pub(crate) on_auth_rejected: Option<crate::server::AuthRejectedHook>,
     pub(crate) ids: RequestIds,
     pub(crate) request_id_header: HeaderName,
     pub(crate) trusted: Vec<Cidr>,
@@ -303,6 +305,9 @@ async fn proxy(
         };
         if decision != AuthDecision::Allow {
             server.stats.auth_rejected.fetch_add(1, Ordering::Relaxed);
+            if let Some(hook) = &state.on_auth_rejected {
+                hook(conn.peer.ip());
+            }
             let close = drain_rejected(&mut req, state.cfg.auth.drain_body_bytes).await;
             return Err(match decision {
                 AuthDecision::Forbidden => RequestError::Forbidden { close },

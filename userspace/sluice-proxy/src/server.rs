@@ -48,7 +48,13 @@ pub struct Server {
     admin_routes: AdminRoutes,
     metrics: Arc<Metrics>,
     handoff: Arc<dyn OpaqueStreamHandoff>,
+    on_auth_rejected: Option<AuthRejectedHook>,
 }
+
+/// Called with the client's socket peer address (never a forwarded header) each time
+/// proxy auth rejects a request. Runs on the request path: it must be cheap and must
+/// never block (hand the event off, e.g. with a channel's `try_send`).
+pub type AuthRejectedHook = Arc<dyn Fn(std::net::IpAddr) + Send + Sync>;
 
 impl Server {
     /// Validates the config, loads certificates and binds every listener (so port clashes
@@ -82,12 +88,19 @@ impl Server {
             admin_routes: AdminRoutes::default(),
             metrics: Arc::new(Metrics::default()),
             handoff: Arc::new(UserspaceRelay),
+            on_auth_rejected: None,
         })
     }
 
     /// Replaces the opaque-stream hand-off (the kernel data plane's splice).
     pub fn set_handoff(&mut self, handoff: Arc<dyn OpaqueStreamHandoff>) {
         self.handoff = handoff;
+    }
+
+    /// Reports every proxy-auth rejection (401/403 decided by sluice, not by a replica)
+    /// with the client's socket peer IP, e.g. to ban sources that keep failing.
+    pub fn on_auth_rejected(&mut self, hook: AuthRejectedHook) {
+        self.on_auth_rejected = Some(hook);
     }
 
     /// Adds (or replaces) an admin route, e.g. `/generation`.
@@ -147,6 +160,7 @@ impl Server {
             routing: self.routing,
             metrics: self.metrics,
             handoff: self.handoff,
+            on_auth_rejected: self.on_auth_rejected,
             ids: RequestIds::new(),
             request_id_header: header,
             trusted,

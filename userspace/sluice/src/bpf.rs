@@ -93,6 +93,9 @@ fn print_live(s: &live::LiveState) {
             g.dropped_denied,
             g.dropped_syn_rate
         );
+        for i in &s.guard_interfaces {
+            println!("  attached to {:<16} {} XDP (ifindex {})", i.interface, i.mode, i.ifindex);
+        }
         for d in &s.denied {
             match d.expires_in_s {
                 Some(secs) => println!("  banned {:<40} expires in {secs}s", d.prefix),

@@ -43,13 +43,12 @@ impl Kernel {
     }
 
     /// The `/bpf` admin document: the feature probe plus the behaviour probe.
-    pub fn report_json(&self) -> String {
-        let doc = serde_json::json!({
+    pub fn report_json(&self) -> serde_json::Value {
+        serde_json::json!({
             "probe": self.report,
             "behaviour": self.behaviour,
             "splice": if self.splice_usable() { "enabled" } else { "disabled" },
-        });
-        serde_json::to_string_pretty(&doc).unwrap_or_default()
+        })
     }
 
     /// One `/readyz` detail line on splicing.

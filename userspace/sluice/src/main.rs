@@ -7,6 +7,7 @@ mod autoscale;
 mod bpf;
 mod ctl;
 mod demo;
+mod guard;
 mod kernel;
 mod local_redirect;
 mod run;

@@ -4,7 +4,8 @@
 //! `sluice_proxy::ProxyConfig`: `[[listeners]]`, `[limits]`, `[timeouts]`, `[admin]`, ...),
 //! plus `[node]` (base domains, regions), the routing source — `[routes] file =
 //! "routes.toml"` (watched for changes; relative paths are relative to the config file)
-//! or `[etcd]` (the distributed store's change stream) — and `[health]` (replica checks).
+//! or `[etcd]` (the distributed store's change stream) — `[health]` (replica checks) and
+//! `[guard]` (the XDP guard, see `crate::guard`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -85,6 +86,8 @@ pub struct RunConfig {
     pub splice: crate::splice_policy::SpliceConfig,
     /// Server virtual addresses (`[vip]`).
     pub vip: crate::vip::VipConfig,
+    /// The XDP guard.
+    pub guard: crate::guard::GuardConfig,
 }
 
 impl RunConfig {
@@ -124,12 +127,26 @@ impl RunConfig {
             Some(v) => crate::vip::VipConfig::deserialize(v).context("in [vip]")?,
             None => Default::default(),
         };
+        let guard = match table.remove("guard") {
+            Some(v) => crate::guard::GuardConfig::deserialize(v).context("in [guard]")?,
+            None => crate::guard::GuardConfig::default(),
+        };
+        guard.validate().context("in [guard]")?;
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg =
-            RunConfig { node, routes, etcd, health, local_replicas, proxy, splice, vip };
+        let mut cfg = RunConfig {
+            node,
+            routes,
+            etcd,
+            health,
+            local_replicas,
+            proxy,
+            splice,
+            vip,
+            guard,
+        };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -168,7 +185,6 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
     // Kept alive for the whole run: dropping it detaches the kernel programs.
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
-    let bpf_report = kernel.report_json();
     let table = RoutingTable::new(cfg.node.clone());
     let stop = Arc::new(Notify::new());
     // Health gating starts before the first load, so no replica is routable before its
@@ -234,6 +250,12 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
         }
     }
     crate::vip::start(&kernel, &table, cfg.vip, &mut server);
+    // Dropped at the end of serve(): detaches the guard.
+    let guard =
+        crate::guard::start(&cfg.guard, kernel.dataplane.as_ref(), &mut server, require_ebpf)?;
+    let mut bpf_doc = kernel.report_json();
+    bpf_doc["guard"] = crate::guard::report_json(&guard);
+    let bpf_report = serde_json::to_string_pretty(&bpf_doc).unwrap_or_default();
     server.admin_route(
         "/bpf",
         Arc::new(move |_req| {
@@ -244,6 +266,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
     server.run(sluice_proxy::shutdown::signal()).await?;
     stop.notify_waiters();
     health.shutdown().await;
+    drop(guard);
     drop(kernel);
     Ok(())
 }

@@ -1,0 +1,380 @@
+//! The `[guard]` section of `sluice run`: the XDP guard on the node's ingress
+//! interfaces (static denylist, per-source SYN rate, protected ports) and temporary
+//! bans of sources that keep failing proxy auth.
+//!
+//! Auth-failure bans need the guard attached: the proxy reports each proxy-auth
+//! rejection with the client's socket peer IP, a task counts them per source and bans
+//! a source's host address in the kernel for `auth_ban`. When the guard cannot attach
+//! (no XDP, no data plane) sluice says so once and keeps serving; rejected requests
+//! are then still rejected (401/403) but nobody is banned.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use sluice_dataplane::{AuthFailureTracker, Dataplane, GuardAttachment, Prefix};
+use sluice_proxy::Server;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// Auth-failure events buffered between the request path and the ban task; beyond
+/// this, events are dropped (counted) rather than slowing requests down.
+const EVENT_QUEUE: usize = 4096;
+/// How often expired bans are swept from the kernel and closed windows forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// `[guard]`: the XDP guard. Off unless `interfaces` names at least one interface.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Ingress interfaces to attach to (in sluice's network namespace). Empty: off.
+    pub interfaces: Vec<String>,
+    /// Destination ports to protect. Empty (default): every client listener's port.
+    pub ports: Vec<u16>,
+    /// New connections (SYNs) per second allowed per source; 0 disables the limit.
+    /// Default 200.
+    pub syn_rate: u32,
+    /// SYNs a source may send in a burst. Default 400.
+    pub syn_burst: u32,
+    /// Prefixes whose packets to the protected ports are always dropped: `10.0.0.0/8`,
+    /// `2001:db8::/32`, or bare addresses (hosts).
+    pub deny: Vec<String>,
+    /// Proxy-auth failures from one source within `auth_fail_window` that ban it;
+    /// 0 disables auth-failure bans. Default 20.
+    pub auth_fail_threshold: u32,
+    /// The window the threshold counts in. Default 60s.
+    #[serde(with = "sluice_routing::model::duration_serde")]
+    pub auth_fail_window: Duration,
+    /// How long a ban lasts (rounded up to whole seconds). Default 10m.
+    #[serde(with = "sluice_routing::model::duration_serde")]
+    pub auth_ban: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            interfaces: Vec::new(),
+            ports: Vec::new(),
+            syn_rate: 200,
+            syn_burst: 400,
+            deny: Vec::new(),
+            auth_fail_threshold: 20,
+            auth_fail_window: Duration::from_secs(60),
+            auth_ban: Duration::from_secs(600),
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Checks the section at start-up; returns the parsed denylist.
+    pub fn validate(&self) -> Result<Vec<Prefix>> {
+        let deny = self
+            .deny
+            .iter()
+            .map(|s| s.parse::<Prefix>().map_err(|e| anyhow::anyhow!("deny: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        for i in &self.interfaces {
+            // IFNAMSIZ is 16 including the NUL.
+            if i.is_empty()
+                || i.len() > 15
+                || i.contains(['/', '\0'])
+                || i.contains(char::is_whitespace)
+            {
+                bail!("interfaces: {i:?} is not an interface name");
+            }
+        }
+        if self.auth_fail_threshold > 0 && self.auth_ban.is_zero() {
+            bail!("auth_ban: must be longer than 0s (or set auth_fail_threshold = 0)");
+        }
+        Ok(deny)
+    }
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+struct Counters {
+    auth_failures: AtomicU64,
+    events_dropped: AtomicU64,
+    bans: AtomicU64,
+    ban_errors: AtomicU64,
+    active_bans: AtomicU64,
+}
+
+/// The running guard; detaches from every interface when dropped.
+pub struct Guard {
+    dataplane: Option<Arc<Mutex<Dataplane>>>,
+    attachments: Vec<GuardAttachment>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Guard {
+    /// Where the guard is attached, and in which XDP mode.
+    pub fn attachments(&self) -> &[GuardAttachment] {
+        &self.attachments
+    }
+
+    fn inactive() -> Guard {
+        Guard { dataplane: None, attachments: Vec::new(), stop: None }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(dp) = &self.dataplane
+            && let Ok(mut dp) = dp.lock()
+            && let Err(e) = dp.detach_guard()
+        {
+            warn!(error = %e, "detaching the XDP guard");
+        }
+    }
+}
+
+/// Programs and attaches the guard (when configured) and hooks auth-failure bans into
+/// `server`. A failure to attach is fatal only with `require_ebpf`.
+pub fn start(
+    cfg: &GuardConfig,
+    dataplane: Option<&Arc<Mutex<Dataplane>>>,
+    server: &mut Server,
+    require_ebpf: bool,
+) -> Result<Guard> {
+    if cfg.interfaces.is_empty() {
+        return Ok(Guard::inactive());
+    }
+    let Some(dp) = dataplane else {
+        // With --require-ebpf a missing data plane already stopped start-up.
+        warn!(
+            interfaces = ?cfg.interfaces,
+            "[guard] configured but the kernel data plane is not loaded: no XDP guard, no auth-failure bans"
+        );
+        return Ok(Guard::inactive());
+    };
+    let deny = cfg.validate()?;
+    let ports: Vec<u16> = if cfg.ports.is_empty() {
+        server.local_addrs().iter().map(|a| a.port()).collect()
+    } else {
+        cfg.ports.clone()
+    };
+    let mut guard = Guard { dataplane: Some(dp.clone()), attachments: Vec::new(), stop: None };
+    let attached = {
+        let mut d = dp.lock().map_err(|_| anyhow::anyhow!("data plane lock poisoned"))?;
+        program_and_attach(&mut d, cfg, &deny, &ports, &mut guard.attachments)
+    };
+    if let Err(e) = attached {
+        if require_ebpf {
+            return Err(e.context("--require-ebpf: the XDP guard could not attach"));
+        }
+        warn!(error = %format!("{e:#}"), "XDP guard unavailable; serving without it (no auth-failure bans)");
+        // Dropping `guard` detaches whatever did attach.
+        return Ok(Guard::inactive());
+    }
+    info!(
+        interfaces = ?guard.attachments.iter().map(|a| format!("{}:{}", a.interface, a.mode)).collect::<Vec<_>>(),
+        ?ports,
+        denied = deny.len(),
+        "XDP guard active"
+    );
+    let counters = Arc::new(Counters::default());
+    install_metrics(server, counters.clone());
+    if cfg.auth_fail_threshold > 0 {
+        let (tx, rx) = mpsc::channel::<IpAddr>(EVENT_QUEUE);
+        let c = counters.clone();
+        server.on_auth_rejected(Arc::new(move |ip| {
+            // Never block the request path: a full queue drops the event (counted).
+            if tx.try_send(ip).is_err() {
+                c.events_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        guard.stop = Some(stop_tx);
+        let tracker = AuthFailureTracker::new(cfg.auth_fail_threshold, cfg.auth_fail_window);
+        tokio::spawn(ban_loop(rx, stop_rx, dp.clone(), tracker, cfg.auth_ban, counters));
+    }
+    Ok(guard)
+}
+
+fn program_and_attach(
+    dp: &mut Dataplane,
+    cfg: &GuardConfig,
+    deny: &[Prefix],
+    ports: &[u16],
+    out: &mut Vec<GuardAttachment>,
+) -> Result<()> {
+    // Maps first, so the program never runs unconfigured.
+    for &p in ports {
+        dp.guard_port(p).with_context(|| format!("protecting port {p}"))?;
+    }
+    dp.guard_syn_rate(cfg.syn_rate, cfg.syn_burst).context("setting the SYN rate")?;
+    for &prefix in deny {
+        dp.guard_deny(prefix, None)
+            .with_context(|| format!("denying {}/{}", prefix.addr, prefix.len))?;
+    }
+    for i in &cfg.interfaces {
+        out.push(dp.attach_guard(i).with_context(|| format!("attaching to {i}"))?);
+    }
+    Ok(())
+}
+
+/// The address a rejected peer is counted and banned as: a dual-stack listener sees
+/// IPv4 clients as `::ffff:a.b.c.d`, but XDP looks IPv4 sources up in the v4 trie.
+fn ban_source(peer: IpAddr) -> IpAddr {
+    peer.to_canonical()
+}
+
+/// Counts auth failures per source and bans sources that reach the threshold; sweeps
+/// expired bans out of the kernel.
+async fn ban_loop(
+    mut rx: mpsc::Receiver<IpAddr>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    dp: Arc<Mutex<Dataplane>>,
+    mut tracker: AuthFailureTracker,
+    ban: Duration,
+    counters: Arc<Counters>,
+) {
+    // Our bans and when the kernel's copy is surely past its deadline (it rounds up to
+    // whole seconds): the active-bans gauge, and whether a sweep has anything to do.
+    let mut active: std::collections::HashMap<IpAddr, Instant> = Default::default();
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            ev = rx.recv() => {
+                let Some(ip) = ev else { return };
+                counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                let ip = ban_source(ip);
+                let now = Instant::now();
+                if !tracker.record(ip, now) {
+                    continue;
+                }
+                let result = dp.lock().map_err(|_| "data plane lock poisoned".to_owned())
+                    .and_then(|mut d| d.guard_deny(Prefix::host(ip), Some(ban)).map_err(|e| e.to_string()));
+                match result {
+                    Ok(()) => {
+                        counters.bans.fetch_add(1, Ordering::Relaxed);
+                        active.insert(ip, now + ban + Duration::from_secs(1));
+                        info!(source = %ip, ban = ?ban, "banned after repeated proxy-auth failures");
+                    }
+                    Err(e) => {
+                        counters.ban_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(source = %ip, error = %e, "could not ban source");
+                    }
+                }
+                counters.active_bans.store(active.len() as u64, Ordering::Relaxed);
+            }
+            _ = sweep.tick() => {
+                let now = Instant::now();
+                tracker.prune(now);
+                // Static denylist entries never expire, so with no ban of ours
+                // outstanding there is nothing to sweep (and no trie walk under the
+                // data plane lock).
+                if !active.is_empty() {
+                    if let Ok(mut d) = dp.lock()
+                        && let Err(e) = d.guard_expire_bans()
+                    {
+                        warn!(error = %e, "sweeping expired bans");
+                    }
+                    active.retain(|_, until| *until > now);
+                    counters.active_bans.store(active.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn install_metrics(server: &mut Server, c: Arc<Counters>) {
+    server.metrics_extra(Arc::new(move |out: &mut String| {
+        use std::fmt::Write as _;
+        let rows: [(&str, &str, &str, &AtomicU64); 5] = [
+            (
+                "sluice_guard_auth_failures_total",
+                "counter",
+                "Proxy-auth rejections counted towards bans.",
+                &c.auth_failures,
+            ),
+            (
+                "sluice_guard_auth_events_dropped_total",
+                "counter",
+                "Proxy-auth rejections not counted because the ban queue was full.",
+                &c.events_dropped,
+            ),
+            (
+                "sluice_guard_bans_total",
+                "counter",
+                "Sources banned in the XDP guard after repeated proxy-auth failures.",
+                &c.bans,
+            ),
+            (
+                "sluice_guard_ban_errors_total",
+                "counter",
+                "Bans the kernel map refused.",
+                &c.ban_errors,
+            ),
+            (
+                "sluice_guard_active_bans",
+                "gauge",
+                "Auth-failure bans in force now (may lag expiry by a second).",
+                &c.active_bans,
+            ),
+        ];
+        for (name, kind, help, v) in rows {
+            let v = v.load(Ordering::Relaxed);
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+    }));
+}
+
+/// The guard's part of the `/bpf` admin document: where it is attached, in which mode.
+pub fn report_json(guard: &Guard) -> serde_json::Value {
+    serde_json::json!({ "interfaces": guard.attachments() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GuardConfig> {
+        Ok(GuardConfig::deserialize(toml::from_str::<toml::Value>(text)?)?)
+    }
+
+    #[test]
+    fn defaults_and_durations_parse() {
+        let cfg =
+            parse("interfaces = [\"eth0\"]\nauth_ban = \"30s\"\nauth_fail_window = 5").unwrap();
+        assert_eq!(cfg.auth_ban, Duration::from_secs(30));
+        assert_eq!(cfg.auth_fail_window, Duration::from_secs(5));
+        assert_eq!((cfg.syn_rate, cfg.syn_burst, cfg.auth_fail_threshold), (200, 400, 20));
+        assert!(cfg.validate().unwrap().is_empty());
+        assert!(parse("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn mapped_peers_are_banned_as_ipv4() {
+        let mapped: IpAddr = "::ffff:198.18.1.2".parse().unwrap();
+        let v4: IpAddr = "198.18.1.2".parse().unwrap();
+        assert_eq!(ban_source(mapped), v4);
+        assert_eq!(Prefix::host(ban_source(mapped)).len, 32);
+        let v6: IpAddr = "2001:db8:1::2".parse().unwrap();
+        assert_eq!(ban_source(v6), v6);
+    }
+
+    #[test]
+    fn deny_prefixes_are_validated() {
+        let cfg = parse("deny = [\"10.0.0.0/8\", \"2001:db8::/32\", \"198.18.0.7\"]").unwrap();
+        let deny = cfg.validate().unwrap();
+        assert_eq!(deny.iter().map(|p| p.len).collect::<Vec<_>>(), vec![8, 32, 32]);
+        let err = parse("deny = [\"10.0.0.0/40\"]").unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("10.0.0.0/40"), "{err}");
+        assert!(parse("deny = [\"example.com\"]").unwrap().validate().is_err());
+        assert!(parse("interfaces = [\"a/b\"]").unwrap().validate().is_err());
+    }
+}
