@@ -110,6 +110,13 @@ impl Server {
         self.listeners.iter().map(|l| l.addr).collect()
     }
 
+    /// The client listeners' sockets, in config order (one SO_REUSEPORT group each), for
+    /// the kernel's listener steering.
+    pub fn listener_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.listeners.iter().map(|l| l.listener.as_fd()).collect()
+    }
+
     /// Bound admin address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(_, a)| *a)
@@ -373,7 +380,8 @@ async fn serve_h1<I>(
         .serve_connection(io, svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state).await;
+    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state, H1_DRAIN_IDLE)
+        .await;
 }
 
 async fn serve_h2<I>(
@@ -397,8 +405,16 @@ async fn serve_h2<I>(
         .enable_connect_protocol()
         .serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
-    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state).await;
+    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state, Duration::ZERO)
+        .await;
 }
+
+/// How long an HTTP/1.1 connection must have been quiet, once the drain started, before
+/// it is closed. HTTP/1.1 has no GOAWAY: closing a keep-alive connection the moment the
+/// drain starts races a request the client is sending on it. Busy connections instead
+/// end cleanly with `connection: close` on their next response (see `proxy::handle`),
+/// and only connections the client left quiet this long are closed under it.
+const H1_DRAIN_IDLE: Duration = Duration::from_millis(500);
 
 /// Polls a connection to its end, starting a graceful shutdown when the drain begins and
 /// dropping it (closing the socket) when it has been idle or stalled too long.
@@ -408,17 +424,25 @@ async fn drive<F, E>(
     mut drain: watch::Receiver<bool>,
     activity: &Activity,
     state: &ProxyState,
+    drain_idle: Duration,
 ) where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let t = &state.cfg.timeouts;
     let mut draining = *drain.borrow();
-    if draining {
+    // Graceful shutdown (GOAWAY for h2; for h1, closing if idle) is started once the
+    // connection has been quiet for `drain_idle` after the drain began.
+    let mut shut = false;
+    if draining && drain_idle.is_zero() {
+        shut = true;
         graceful(conn.as_mut());
     }
     loop {
         tokio::select! {
+            // The connection first: a request that has just arrived is read (and the
+            // connection is busy) before the quiet-drain check below can close it.
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!("client connection: {e}");
@@ -427,6 +451,13 @@ async fn drive<F, E>(
             }
             _ = drain.changed(), if !draining => {
                 draining = true;
+                if drain_idle.is_zero() {
+                    shut = true;
+                    graceful(conn.as_mut());
+                }
+            }
+            _ = activity.idle_expired(drain_idle, t.stream_idle), if draining && !shut => {
+                shut = true;
                 graceful(conn.as_mut());
             }
             _ = activity.idle_expired(t.connection_idle, t.stream_idle) => {
