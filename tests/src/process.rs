@@ -76,6 +76,18 @@ impl SluiceProcess {
     }
 }
 
+impl SluiceProcess {
+    /// The process id (of the `sluice run` this handle started).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its pin directory (on bpffs).
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
 impl Drop for SluiceProcess {
     fn drop(&mut self) {
         // SIGTERM, so sluice drains and removes its pins; SIGKILL only if it hangs.

@@ -145,6 +145,8 @@ pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
 
 async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
     // Kept alive for the whole run: dropping it detaches the kernel programs.
+    // Before the pin dir is touched: refuses a second sluice beside a live one.
+    let mut handover = crate::upgrade::Handover::begin(&pin_dir)?;
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
     let bpf_report = serde_json::to_string_pretty(&kernel.report).unwrap_or_default();
@@ -198,9 +200,11 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             async move { sluice_proxy::admin::text(http::StatusCode::OK, body) }
         }),
     );
-    server.run(sluice_proxy::shutdown::signal()).await?;
+    handover.ready(&kernel, &server);
+    server.run(handover.until_shutdown()).await?;
     stop.notify_waiters();
     health.shutdown().await;
+    handover.finish(&kernel).await;
     drop(kernel);
     Ok(())
 }
