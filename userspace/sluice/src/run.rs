@@ -200,7 +200,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             async move { sluice_proxy::admin::text(http::StatusCode::OK, body) }
         }),
     );
-    handover.ready(&kernel, &server);
+    handover.ready(&kernel, &server, &table).await;
     server.run(handover.until_shutdown()).await?;
     stop.notify_waiters();
     health.shutdown().await;

@@ -32,6 +32,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use sluice_dataplane::{Dataplane, Feature, SteerGeneration};
 use sluice_proxy::Server;
+use sluice_routing::{RoutingTable, model::ReplicaState, snapshot::Health};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -43,6 +44,9 @@ const POLL: Duration = Duration::from_millis(200);
 
 /// Name of the owner record in the pin directory (bpffs refuses names with a '.').
 const RECORD: &str = "owner";
+
+/// Longest a taking-over process waits for its routing to be complete.
+const READY_WAIT: Duration = Duration::from_secs(10);
 
 /// `--takeover`: this start is an intended takeover of a running sluice.
 static TAKEOVER: AtomicBool = AtomicBool::new(false);
@@ -224,9 +228,14 @@ impl Handover {
         })
     }
 
-    /// Called once the server is bound and everything it serves is loaded: makes this
-    /// process the active generation (kernel steering when available) and the owner.
-    pub fn ready(&mut self, kernel: &Kernel, server: &Server) {
+    /// Called once the server is bound: waits until it can serve what the old process
+    /// serves (routing loaded, every ready replica past its first health check), then
+    /// makes this process the active generation (kernel steering when available) and
+    /// the owner.
+    pub async fn ready(&mut self, kernel: &Kernel, server: &Server, table: &RoutingTable) {
+        if self.previous.is_some() || TAKEOVER.load(Ordering::Relaxed) {
+            wait_until_routable(table).await;
+        }
         let fds = server.listener_fds();
         if let Some(dp) = &kernel.dataplane
             && kernel.report.has(Feature::SkReuseport)
@@ -350,6 +359,37 @@ impl Handover {
             info!("--linger-after-handover: idle until SIGTERM");
             sluice_proxy::shutdown::signal().await;
         }
+    }
+}
+
+/// Until the routing table is loaded and no ready replica still awaits its first health
+/// check: a new process activated earlier would answer 503 where the old one serves.
+/// Bounded, so a store that never answers does not hold an upgrade forever.
+async fn wait_until_routable(table: &RoutingTable) {
+    let deadline = tokio::time::Instant::now() + READY_WAIT;
+    loop {
+        let snap = table.load_full();
+        let unchecked = if snap.health_gated() {
+            snap.servers()
+                .flat_map(|s| snap.replica_specs(s.id()))
+                .filter(|(spec, health)| {
+                    spec.state == ReplicaState::Ready && *health == Health::Unknown
+                })
+                .count()
+        } else {
+            0
+        };
+        if snap.generation() > 0 && unchecked == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                generation = snap.generation(),
+                unchecked, "taking over before the routing is complete"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
