@@ -175,6 +175,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             cfg.proxy.unknown_domain_status
         );
     }
+    let routed = cfg.etcd.is_some() || cfg.routes.file.is_some();
     let mut server = Server::bind(cfg.proxy, table.clone()).await?;
     crate::admin::install(&mut server, &table, store);
     let pins = kernel
@@ -200,7 +201,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             async move { sluice_proxy::admin::text(http::StatusCode::OK, body) }
         }),
     );
-    handover.ready(&kernel, &server, &table).await;
+    handover.ready(&kernel, &server, &table, routed).await;
     server.run(handover.until_shutdown()).await?;
     stop.notify_waiters();
     health.shutdown().await;

@@ -232,9 +232,16 @@ impl Handover {
     /// serves (routing loaded, every ready replica past its first health check), then
     /// makes this process the active generation (kernel steering when available) and
     /// the owner.
-    pub async fn ready(&mut self, kernel: &Kernel, server: &Server, table: &RoutingTable) {
+    /// `routed`: a routing source is configured (without one the table stays empty).
+    pub async fn ready(
+        &mut self,
+        kernel: &Kernel,
+        server: &Server,
+        table: &RoutingTable,
+        routed: bool,
+    ) {
         if self.previous.is_some() || TAKEOVER.load(Ordering::Relaxed) {
-            wait_until_routable(table).await;
+            wait_until_routable(table, routed).await;
         }
         let fds = server.listener_fds();
         if let Some(dp) = &kernel.dataplane
@@ -365,7 +372,7 @@ impl Handover {
 /// Until the routing table is loaded and no ready replica still awaits its first health
 /// check: a new process activated earlier would answer 503 where the old one serves.
 /// Bounded, so a store that never answers does not hold an upgrade forever.
-async fn wait_until_routable(table: &RoutingTable) {
+async fn wait_until_routable(table: &RoutingTable, routed: bool) {
     let deadline = tokio::time::Instant::now() + READY_WAIT;
     loop {
         let snap = table.load_full();
@@ -379,7 +386,7 @@ async fn wait_until_routable(table: &RoutingTable) {
         } else {
             0
         };
-        if snap.generation() > 0 && unchecked == 0 {
+        if (snap.generation() > 0 || !routed) && unchecked == 0 {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
