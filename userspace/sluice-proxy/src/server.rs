@@ -345,9 +345,15 @@ async fn serve_connection(
             }
         }
         None => {
-            let is_h2 = match tokio::time::timeout(t.header_read, sniff_h2c(&tcp)).await {
-                Ok(Ok(h2)) => h2,
-                _ => return,
+            let is_h2 = tokio::select! {
+                biased;
+                r = tokio::time::timeout(t.header_read, sniff_h2c(&tcp)) => match r {
+                    Ok(Ok(h2)) => h2,
+                    _ => return,
+                },
+                // A client's pool may hold a connection it has not used yet: while
+                // draining it is an idle connection like any other.
+                () = drain_quiet(drain.clone()) => return,
             };
             let io = ConnIo::new(tcp, activity.clone());
             if is_h2 {
@@ -415,6 +421,16 @@ async fn serve_h2<I>(
 /// end cleanly with `connection: close` on their next response (see `proxy::handle`),
 /// and only connections the client left quiet this long are closed under it.
 const H1_DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// Resolves once the drain has been under way for [`H1_DRAIN_IDLE`]: a connection that
+/// has not sent a byte by then is closed like an idle keep-alive connection.
+async fn drain_quiet(mut drain: watch::Receiver<bool>) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        // The server is gone without a drain: nothing to wait for here.
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(H1_DRAIN_IDLE).await;
+}
 
 /// Polls a connection to its end, starting a graceful shutdown when the drain begins and
 /// dropping it (closing the socket) when it has been idle or stalled too long.
