@@ -144,9 +144,9 @@ pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
 }
 
 async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
-    // Kept alive for the whole run: dropping it detaches the kernel programs.
     // Before the pin dir is touched: refuses a second sluice beside a live one.
     let mut handover = crate::upgrade::Handover::begin(&pin_dir)?;
+    // Kept alive for the whole run: dropping it detaches the kernel programs.
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
     let bpf_report = serde_json::to_string_pretty(&kernel.report).unwrap_or_default();

@@ -1,6 +1,6 @@
 //! End to end through the real binary: `sluice upgrade` replaces a running `sluice run`
-//! under a steady, bounded request loop (new connection per request, and pooled
-//! keep-alive connections) with zero failed requests. The kernel steers new
+//! under a steady, bounded request loop (new connection per request, pooled HTTP/1.1
+//! keep-alive connections, and multiplexed h2c) with zero failed requests. The kernel steers new
 //! connections to the new process; the old one drains and exits.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,7 +18,13 @@ use std::{
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{HttpConnector, dns::Name},
+    },
+    rt::TokioExecutor,
+};
 use sluice_tests::process::{SluiceProcess, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -51,6 +57,28 @@ async fn replica() -> SocketAddr {
         }
     });
     addr
+}
+
+/// Resolves every name to the proxy, so the clients' URIs carry the routed host name
+/// (HTTP/2 takes it from `:authority`, not a `host` header).
+#[derive(Clone)]
+struct ToProxy(SocketAddr);
+
+impl tower_service::Service<Name> for ToProxy {
+    type Response = std::iter::Once<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Name) -> Self::Future {
+        std::future::ready(Ok(std::iter::once(self.0)))
+    }
 }
 
 /// The process that took over, from the owner record in the pin dir.
@@ -170,10 +198,11 @@ async fn upgrade_under_load_fails_no_request() {
     assert!(stderr.contains("another sluice"), "unexpected refusal: {stderr}");
 
     // The steady loop: 3 threads opening a connection per request, 3 tasks sharing a
-    // pooled keep-alive client.
+    // pooled keep-alive HTTP/1.1 client, 2 tasks sharing an h2c client.
     let stop = Arc::new(AtomicBool::new(false));
     let fresh = Arc::new(Tally::default());
     let pooled = Arc::new(Tally::default());
+    let multiplexed = Arc::new(Tally::default());
     let mut threads = Vec::new();
     for _ in 0..3 {
         let (stop, fresh) = (stop.clone(), fresh.clone());
@@ -184,15 +213,19 @@ async fn upgrade_under_load_fails_no_request() {
             }
         }));
     }
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let connector = HttpConnector::new_with_resolver(ToProxy(proxy));
+    let client = Client::builder(TokioExecutor::new()).build(connector.clone());
+    // Prior-knowledge HTTP/2 (h2c): one multiplexed connection, retired by GOAWAY.
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
     let mut tasks = Vec::new();
-    for _ in 0..3 {
-        let (stop, pooled, client) = (stop.clone(), pooled.clone(), client.clone());
+    for i in 0..5 {
+        let client = if i < 3 { client.clone() } else { h2.clone() };
+        let (stop, pooled) =
+            (stop.clone(), if i < 3 { pooled.clone() } else { multiplexed.clone() });
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
-                let req = hyper::Request::get(format!("http://{proxy}/"))
-                    .header("host", HOST)
+                let req = hyper::Request::get(format!("http://{HOST}:{}/", proxy.port()))
                     .body(Empty::<Bytes>::new())
                     .unwrap();
                 let res = async {
@@ -214,7 +247,11 @@ async fn upgrade_under_load_fails_no_request() {
             }
         }));
     }
-    let total = || fresh.ok.load(Ordering::Relaxed) + pooled.ok.load(Ordering::Relaxed);
+    let total = || {
+        fresh.ok.load(Ordering::Relaxed)
+            + pooled.ok.load(Ordering::Relaxed)
+            + multiplexed.ok.load(Ordering::Relaxed)
+    };
     let wait_for = |n: u64| async move {
         let deadline = Instant::now() + Duration::from_secs(10);
         while total() < n && Instant::now() < deadline {
@@ -263,17 +300,28 @@ async fn upgrade_under_load_fails_no_request() {
     let metrics = http_get(admin, "admin", "/metrics").unwrap().1;
     let served_after = total() - after_upgrade;
     eprintln!(
-        "upgrade {old_pid} -> {new_pid}: fresh {} ok / {} failed, pooled {} ok / {} failed; \
-         {served_after} after the handover; steering {before:?} -> {steering:?}, {steer:?}",
+        "upgrade {old_pid} -> {new_pid}: fresh {} ok / {} failed, pooled h1 {} ok / {} failed, \
+         h2 {} ok / {} failed; {served_after} after the handover; steering {before:?} -> \
+         {steering:?}, {steer:?}",
         fresh.ok.load(Ordering::Relaxed),
         fresh.failed.load(Ordering::Relaxed),
         pooled.ok.load(Ordering::Relaxed),
         pooled.failed.load(Ordering::Relaxed),
+        multiplexed.ok.load(Ordering::Relaxed),
+        multiplexed.failed.load(Ordering::Relaxed),
     );
     assert_eq!(fresh.failed.load(Ordering::Relaxed), 0, "{:?}", fresh.errors.lock().unwrap());
     assert_eq!(pooled.failed.load(Ordering::Relaxed), 0, "{:?}", pooled.errors.lock().unwrap());
+    assert_eq!(
+        multiplexed.failed.load(Ordering::Relaxed),
+        0,
+        "{:?}",
+        multiplexed.errors.lock().unwrap()
+    );
     assert!(served_after >= 300, "the new process did not serve the loop");
-    assert!(pooled.ok.load(Ordering::Relaxed) > 0 && fresh.ok.load(Ordering::Relaxed) > 0);
+    for t in [&fresh, &pooled, &multiplexed] {
+        assert!(t.ok.load(Ordering::Relaxed) > 0);
+    }
     assert_ne!(steering.base, before.base, "the new generation is not the active one");
     assert!(steer.selected > 0, "the kernel did not steer to the new process: {steer:?}");
     let selected = metrics.lines().find_map(|l| {
