@@ -95,20 +95,47 @@ fn running(pid: u32) -> bool {
         == Some(false)
 }
 
-/// The re-exec'd sluice is not this test's child: stop it by pid (SIGTERM, then
-/// SIGKILL), before the old process's handle removes the pin dir.
-struct Successor(Option<u32>);
+/// The re-exec'd sluice is not this test's child: on drop (also when the test fails
+/// half-way), every process started on this test's pin dir other than the one the
+/// `SluiceProcess` handle owns gets SIGTERM, then SIGKILL; before that handle removes
+/// the pin dir.
+struct Successors {
+    pin_dir: PathBuf,
+    old_pid: u32,
+}
 
-impl Drop for Successor {
+impl Successors {
+    fn pids(&self) -> Vec<u32> {
+        let needle = self.pin_dir.as_os_str().as_encoded_bytes();
+        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+        procs
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != self.old_pid && running(pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Successors {
     fn drop(&mut self) {
-        let Some(pid) = self.0 else { return };
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while running(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if running(pid) {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        // By pid from here on: an exiting process's cmdline reads empty before it is
+        // reaped.
+        let pids = self.pids();
+        for signal in ["-TERM", "-KILL"] {
+            let alive: Vec<u32> = pids.iter().copied().filter(|p| running(*p)).collect();
+            if alive.is_empty() {
+                return;
+            }
+            for pid in &alive {
+                let _ = Command::new("kill").args([signal, &pid.to_string()]).status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive.iter().any(|p| running(*p)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
@@ -184,6 +211,7 @@ async fn upgrade_under_load_fails_no_request() {
     let before = sluice_dataplane::live::read(&pin_dir).steering.expect("steering maps pinned");
     assert!(before.count > 0, "the first process did not activate steering: {before:?}");
     assert_eq!(owner_pid(&pin_dir), Some(old_pid));
+    let successors = Successors { pin_dir: pin_dir.clone(), old_pid };
 
     // A second, unintended `sluice run` on the same pin dir is refused before it binds.
     let second = Command::new(BIN)
@@ -274,7 +302,6 @@ async fn upgrade_under_load_fails_no_request() {
     .await
     .unwrap();
     let new_pid = owner_pid(&pin_dir);
-    let _successor = Successor(new_pid.filter(|p| *p != old_pid));
     let out = String::from_utf8_lossy(&upgrade.stdout);
     eprintln!("sluice upgrade: {out}{}", String::from_utf8_lossy(&upgrade.stderr));
     assert!(upgrade.status.success(), "sluice upgrade failed");
@@ -330,6 +357,8 @@ async fn upgrade_under_load_fails_no_request() {
     assert!(selected.is_some_and(|n| n > 0), "no steering in /metrics");
     // The new process serves on its own.
     assert_eq!(http_get(proxy, HOST, "/").map(|(c, _)| c), Some(200));
-    drop(_successor);
+    assert_eq!(successors.pids(), vec![new_pid], "exactly one new process");
+    drop(successors);
+    assert!(!running(new_pid), "the new process did not stop");
     drop(old);
 }
