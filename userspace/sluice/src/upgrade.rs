@@ -199,7 +199,10 @@ impl Handover {
                     previous = Some(owner);
                 }
                 None if takeover => {
-                    info!(record = %owner.encode(), "taking over from a sluice in another pid namespace");
+                    info!(
+                        record = %owner.encode(),
+                        "taking over from a sluice in another pid namespace"
+                    );
                     previous = Some(owner);
                 }
                 None => warn!(
@@ -279,16 +282,25 @@ impl Handover {
                 );
             } else {
                 info!(
-                    "no kernel listener steering: upgrades bind beside the old process and connections queued in its listeners may be {fate}"
+                    "no kernel listener steering: upgrades bind beside the old process and \
+                     connections queued in its listeners may be {fate}"
                 );
             }
         }
         match write_owner(&self.pin_dir, &self.me) {
             Ok(path) => {
-                info!(record = %path.display(), pid = self.me.pid, "serving; upgrade with SIGUSR2 or `sluice upgrade`")
+                info!(
+                    record = %path.display(),
+                    pid = self.me.pid,
+                    "serving; upgrade with SIGUSR2 or `sluice upgrade`"
+                )
             }
             Err(e) => {
-                warn!(error = %e, "no owner record: `sluice upgrade` and the second-instance check cannot find this process")
+                warn!(
+                    error = %e,
+                    "no owner record: `sluice upgrade` and the second-instance check \
+                     cannot find this process"
+                )
             }
         }
     }
@@ -319,7 +331,10 @@ impl Handover {
                                 info!(pid = c.id(), "SIGUSR2: started the new process");
                                 child = Some(c);
                             }
-                            Err(e) => error!(error = %e, "SIGUSR2: starting the new process failed; still serving"),
+                            Err(e) => error!(
+                                error = %e,
+                                "SIGUSR2: starting the new process failed; still serving"
+                            ),
                         }
                     }
                 }

@@ -189,11 +189,13 @@ async fn upgrade_under_load_fails_no_request() {
         dir.path().join("routes.toml"),
         format!(
             "[[servers]]\nid = \"hello\"\nlabel = \"hello\"\nunauthenticated = true\n\
-             [[replicas]]\nserver = \"hello\"\nid = \"r1\"\naddress = \"{upstream}\"\nprotocol = \"http1\"\n"
+             [[replicas]]\nserver = \"hello\"\nid = \"r1\"\naddress = \"{upstream}\"\n\
+             protocol = \"http1\"\n"
         ),
     )
     .unwrap();
-    let rest = "[timeouts]\ndrain = \"10s\"\n[node]\nbase_domains = [\"example.test\"]\nregions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n";
+    let rest = "[timeouts]\ndrain = \"10s\"\n[node]\nbase_domains = [\"example.test\"]\n\
+                regions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n";
     let old = tokio::task::spawn_blocking({
         let dir = dir.path().to_owned();
         move || SluiceProcess::start(Path::new(BIN), &dir, rest)
