@@ -156,6 +156,12 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Leaves the pins to the process that took over from this one: it pinned its own
+    /// maps under the same names, which this process's drop must not remove.
+    pub fn release_pins(&mut self) {
+        self.pinned.clear();
+    }
+
     /// The pin directory, if maps are pinned.
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()

@@ -126,6 +126,14 @@ pub(crate) async fn handle(
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert(state.request_id_header.clone(), v);
     }
+    if h1
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        && state.draining.load(Ordering::Relaxed)
+    {
+        // HTTP/1.1's only clean way to retire a keep-alive connection while draining:
+        // the client sends its next request on a new connection (to the new process).
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     state.metrics.observe(resp.status().as_u16(), start.elapsed());
     Ok(resp)
 }

@@ -123,6 +123,13 @@ impl Server {
         self.listeners.iter().map(|l| l.addr).collect()
     }
 
+    /// The client listeners' sockets, in config order (one SO_REUSEPORT group each), for
+    /// the kernel's listener steering.
+    pub fn listener_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.listeners.iter().map(|l| l.listener.as_fd()).collect()
+    }
+
     /// Bound admin address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(_, a)| *a)
@@ -353,9 +360,15 @@ async fn serve_connection(
             }
         }
         None => {
-            let is_h2 = match tokio::time::timeout(t.header_read, sniff_h2c(&tcp)).await {
-                Ok(Ok(h2)) => h2,
-                _ => return,
+            let is_h2 = tokio::select! {
+                biased;
+                r = tokio::time::timeout(t.header_read, sniff_h2c(&tcp)) => match r {
+                    Ok(Ok(h2)) => h2,
+                    _ => return,
+                },
+                // A client's pool may hold a connection it has not used yet: while
+                // draining it is an idle connection like any other.
+                () = drain_quiet(drain.clone()) => return,
             };
             let io = ConnIo::new(tcp, activity.clone());
             if is_h2 {
@@ -388,7 +401,8 @@ async fn serve_h1<I>(
         .serve_connection(io, svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state).await;
+    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state, H1_DRAIN_IDLE)
+        .await;
 }
 
 async fn serve_h2<I>(
@@ -412,7 +426,25 @@ async fn serve_h2<I>(
         .enable_connect_protocol()
         .serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
-    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state).await;
+    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state, Duration::ZERO)
+        .await;
+}
+
+/// How long an HTTP/1.1 connection must have been quiet, once the drain started, before
+/// it is closed. HTTP/1.1 has no GOAWAY: closing a keep-alive connection the moment the
+/// drain starts races a request the client is sending on it. Busy connections instead
+/// end cleanly with `connection: close` on their next response (see `proxy::handle`),
+/// and only connections the client left quiet this long are closed under it.
+const H1_DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// Resolves once the drain has been under way for [`H1_DRAIN_IDLE`]: a connection that
+/// has not sent a byte by then is closed like an idle keep-alive connection.
+async fn drain_quiet(mut drain: watch::Receiver<bool>) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        // The server is gone without a drain: nothing to wait for here.
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(H1_DRAIN_IDLE).await;
 }
 
 /// Polls a connection to its end, starting a graceful shutdown when the drain begins and
@@ -423,17 +455,25 @@ async fn drive<F, E>(
     mut drain: watch::Receiver<bool>,
     activity: &Activity,
     state: &ProxyState,
+    drain_idle: Duration,
 ) where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let t = &state.cfg.timeouts;
     let mut draining = *drain.borrow();
-    if draining {
+    // Graceful shutdown (GOAWAY for h2; for h1, closing if idle) is started once the
+    // connection has been quiet for `drain_idle` after the drain began.
+    let mut shut = false;
+    if draining && drain_idle.is_zero() {
+        shut = true;
         graceful(conn.as_mut());
     }
     loop {
         tokio::select! {
+            // The connection first: a request that has just arrived is read (and the
+            // connection is busy) before the quiet-drain check below can close it.
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!("client connection: {e}");
@@ -442,6 +482,13 @@ async fn drive<F, E>(
             }
             _ = drain.changed(), if !draining => {
                 draining = true;
+                if drain_idle.is_zero() {
+                    shut = true;
+                    graceful(conn.as_mut());
+                }
+            }
+            _ = activity.idle_expired(drain_idle, t.stream_idle), if draining && !shut => {
+                shut = true;
                 graceful(conn.as_mut());
             }
             _ = activity.idle_expired(t.connection_idle, t.stream_idle) => {

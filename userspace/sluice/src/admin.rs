@@ -212,6 +212,11 @@ pub fn install_kernel(
             live.vip.map(|v| v.rewritten),
         );
         counter(
+            "sluice_bpf_steer_selected_total",
+            "New connections the kernel steered to the active listener generation.",
+            live.steer.map(|s| s.selected),
+        );
+        counter(
             "sluice_bpf_steer_migrated_total",
             "Connections migrated off a closing listener.",
             live.steer.map(|s| s.migrated),

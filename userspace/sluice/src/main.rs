@@ -14,6 +14,7 @@ mod run;
 mod splice;
 mod splice_policy;
 mod vip;
+mod upgrade;
 
 use std::path::PathBuf;
 
@@ -42,7 +43,19 @@ enum Command {
         /// Where the kernel maps are pinned for bpftool (on bpffs).
         #[arg(long, default_value = sluice_dataplane::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// This start is meant to take over from a sluice already serving with this
+        /// pin dir (SIGUSR2 re-exec, or a new pod beside the old one); without it such
+        /// a start is refused.
+        #[arg(long)]
+        takeover: bool,
+        /// After handing over to a new process, stay idle until SIGTERM instead of
+        /// exiting (for orchestrators that restart a container that exits).
+        #[arg(long)]
+        linger_after_handover: bool,
     },
+    /// Replace the running `sluice run` without dropping connections: SIGUSR2 to it,
+    /// then wait until the new process serves and the old one drained and exited.
+    Upgrade(upgrade::UpgradeArgs),
     /// Run on the embedded default config with demo replicas it starts itself.
     Demo,
     /// Read and write the routing state in etcd (servers, replicas, tokens).
@@ -75,7 +88,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Run { config, require_ebpf, pin_dir } => run::main(&config, require_ebpf, pin_dir),
+        Command::Run { config, require_ebpf, pin_dir, takeover, linger_after_handover } => {
+            upgrade::set_flags(takeover, linger_after_handover);
+            run::main(&config, require_ebpf, pin_dir)
+        }
+        Command::Upgrade(args) => upgrade::command(args),
         Command::Demo => demo::main(),
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),

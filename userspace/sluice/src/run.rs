@@ -182,6 +182,8 @@ pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
 }
 
 async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
+    // Before the pin dir is touched: refuses a second sluice beside a live one.
+    let mut handover = crate::upgrade::Handover::begin(&pin_dir)?;
     // Kept alive for the whole run: dropping it detaches the kernel programs.
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
@@ -210,6 +212,7 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             cfg.proxy.unknown_domain_status
         );
     }
+    let routed = cfg.etcd.is_some() || cfg.routes.file.is_some();
     let mut server = Server::bind(cfg.proxy, table.clone()).await?;
     crate::admin::install(&mut server, &table, store);
     let pins = kernel
@@ -263,9 +266,11 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
             async move { sluice_proxy::admin::text(http::StatusCode::OK, body) }
         }),
     );
-    server.run(sluice_proxy::shutdown::signal()).await?;
+    handover.ready(&kernel, &server, &table, routed).await;
+    server.run(handover.until_shutdown()).await?;
     stop.notify_waiters();
     health.shutdown().await;
+    handover.finish(&kernel).await;
     drop(guard);
     drop(kernel);
     Ok(())

@@ -1,0 +1,579 @@
+//! Zero-downtime binary upgrade: `sluice upgrade`, SIGUSR2, and the handover between an
+//! old and a new `sluice run` on the same pin directory.
+//!
+//! The running process (the *owner*) is named by a record in the pin directory: a
+//! symlink `owner` whose target is `<pid>@<pid namespace inode>` (bpffs holds no regular
+//! files, but it does hold symlinks). SIGUSR2 makes the owner re-exec its binary with the
+//! same arguments plus `--takeover`. The new process binds its listeners beside the old
+//! ones (SO_REUSEPORT), and once it is ready to serve it registers them as the next
+//! listener generation, attaches the steering program and activates that generation:
+//! from then on the kernel sends every new connection to the new process. The old
+//! process polls the shared `steer_config` (and the owner record), sees that it is no
+//! longer active, and drains exactly as on SIGTERM. Closing its listeners then migrates
+//! whatever was still queued on them to the new listeners (the program is attached in
+//! select-or-migrate mode, which migrates whatever `net.ipv4.tcp_migrate_req` says).
+//!
+//! Without kernel steering the same handover runs degraded: the old process learns of
+//! its successor from the owner record only, and connections still queued on its
+//! listeners when it closes them may be reset (unless `net.ipv4.tcp_migrate_req = 1`).
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    pin::pin,
+    process::ExitStatus,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use sluice_dataplane::{Dataplane, Feature, SteerGeneration};
+use sluice_proxy::Server;
+use sluice_routing::{RoutingTable, model::ReplicaState, snapshot::Health};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::kernel::Kernel;
+
+/// How often a serving process checks whether a successor took over: cheap (one map
+/// lookup and one readlink), and short next to any drain deadline.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Name of the owner record in the pin directory (bpffs refuses names with a '.').
+const RECORD: &str = "owner";
+
+/// Longest a taking-over process waits for its routing to be complete.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// `--takeover`: this start is an intended takeover of a running sluice.
+static TAKEOVER: AtomicBool = AtomicBool::new(false);
+/// `--linger-after-handover`: after handing over, wait for SIGTERM instead of exiting.
+static LINGER: AtomicBool = AtomicBool::new(false);
+
+/// Records the `sluice run` flags that shape the handover (set once, before `run`).
+pub fn set_flags(takeover: bool, linger: bool) {
+    TAKEOVER.store(takeover, Ordering::Relaxed);
+    LINGER.store(linger, Ordering::Relaxed);
+}
+
+/// A sluice process as the owner record names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Owner {
+    pid: u32,
+    /// The pid namespace's inode: a pid means nothing outside its namespace (two pods).
+    ns: u64,
+}
+
+impl Owner {
+    fn me() -> Owner {
+        Owner { pid: std::process::id(), ns: own_pid_ns() }
+    }
+
+    fn encode(&self) -> String {
+        format!("{}@{}", self.pid, self.ns)
+    }
+
+    fn parse(s: &str) -> Option<Owner> {
+        let (pid, ns) = s.split_once('@')?;
+        Some(Owner { pid: pid.parse().ok()?, ns: ns.parse().ok()? })
+    }
+
+    /// Whether the process is a live sluice: `None` when it is in another pid namespace,
+    /// where this process cannot tell.
+    fn alive(&self) -> Option<bool> {
+        if self.ns != own_pid_ns() {
+            return None;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return Some(false);
+        };
+        // "pid (comm) S ...": the comm may hold spaces and parentheses, the state
+        // follows the last ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else { return Some(false) };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+        let state = tail.trim_start().chars().next().unwrap_or('X');
+        // A zombie has exited; a pid reused by another program is not a sluice.
+        Some(!matches!(state, 'Z' | 'X' | 'x') && comm.contains("sluice"))
+    }
+}
+
+fn own_pid_ns() -> u64 {
+    // "pid:[4026531836]"
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|p| {
+            let s = p.to_string_lossy().into_owned();
+            s.trim_start_matches("pid:[").trim_end_matches(']').parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Where the owner record lives: the pin directory, or (when that is not writable, e.g.
+/// no bpffs) a file in the temp dir named after the pin directory.
+fn record_paths(pin_dir: &Path) -> [PathBuf; 2] {
+    let flat: String = pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    [pin_dir.join(RECORD), std::env::temp_dir().join(format!("sluice-owner{flat}"))]
+}
+
+fn read_owner(pin_dir: &Path) -> Option<Owner> {
+    record_paths(pin_dir)
+        .iter()
+        .find_map(|p| std::fs::read_link(p).ok())
+        .and_then(|t| Owner::parse(&t.to_string_lossy()))
+}
+
+/// Replaces the record atomically (symlink then rename), so a reader never sees none.
+fn write_owner(pin_dir: &Path, owner: &Owner) -> io::Result<PathBuf> {
+    let mut last = io::Error::other("no record location");
+    for path in record_paths(pin_dir) {
+        let Some(dir) = path.parent() else { continue };
+        let tmp = dir.join(format!("{RECORD}-new-{}", owner.pid));
+        let res = std::fs::create_dir_all(dir)
+            .and_then(|()| {
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(owner.encode(), &tmp)
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        match res {
+            Ok(()) => return Ok(path),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Removes the record if it still names `me` (a successor's record stays).
+fn remove_owner(pin_dir: &Path, me: &Owner) {
+    for path in record_paths(pin_dir) {
+        let named = std::fs::read_link(&path).ok().and_then(|t| Owner::parse(&t.to_string_lossy()));
+        if named.as_ref() == Some(me) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// One `sluice run`'s side of the handover.
+pub struct Handover {
+    pin_dir: PathBuf,
+    me: Owner,
+    /// The live sluice this start takes over from.
+    previous: Option<Owner>,
+    usr2: Option<Signal>,
+    /// This process's active steering generation.
+    steer: Option<(Arc<Mutex<Dataplane>>, SteerGeneration)>,
+    superseded: bool,
+}
+
+impl Handover {
+    /// Runs before anything touches the pin directory or binds a port: refuses to start
+    /// beside a live sluice unless this is an intended takeover (`--takeover`), and
+    /// installs the SIGUSR2 handler (SIGUSR2's default action would kill the process).
+    pub fn begin(pin_dir: &Path) -> Result<Handover> {
+        let me = Owner::me();
+        let takeover = TAKEOVER.load(Ordering::Relaxed);
+        let mut previous = None;
+        if let Some(owner) = read_owner(pin_dir).filter(|o| *o != me) {
+            match owner.alive() {
+                Some(true) if !takeover => bail!(
+                    "another sluice (pid {}) is serving with pin dir {}; a second one would \
+                     silently share its ports (SO_REUSEPORT). Replace it with `sluice upgrade \
+                     --pin-dir {}` (or SIGUSR2 to pid {}), or pass --takeover if this start is \
+                     meant to take over from it",
+                    owner.pid,
+                    pin_dir.display(),
+                    pin_dir.display(),
+                    owner.pid
+                ),
+                Some(true) => {
+                    info!(pid = owner.pid, "taking over from the running sluice");
+                    previous = Some(owner);
+                }
+                None if takeover => {
+                    info!(
+                        record = %owner.encode(),
+                        "taking over from a sluice in another pid namespace"
+                    );
+                    previous = Some(owner);
+                }
+                None => warn!(
+                    record = %owner.encode(),
+                    "the pin dir names a sluice in another pid namespace, which this process \
+                     cannot check; if it still serves, these ports are now shared (start with \
+                     --takeover for an intended takeover)"
+                ),
+                Some(false) => {}
+            }
+        }
+        let usr2 = match signal(SignalKind::user_defined2()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "no SIGUSR2 handler: `sluice upgrade` cannot reach this process");
+                None
+            }
+        };
+        Ok(Handover {
+            pin_dir: pin_dir.to_path_buf(),
+            me,
+            previous,
+            usr2,
+            steer: None,
+            superseded: false,
+        })
+    }
+
+    /// Called once the server is bound: waits until it can serve what the old process
+    /// serves (routing loaded, every ready replica past its first health check), then
+    /// makes this process the active generation (kernel steering when available) and
+    /// the owner.
+    /// `routed`: a routing source is configured (without one the table stays empty).
+    pub async fn ready(
+        &mut self,
+        kernel: &Kernel,
+        server: &Server,
+        table: &RoutingTable,
+        routed: bool,
+    ) {
+        if self.previous.is_some() || TAKEOVER.load(Ordering::Relaxed) {
+            wait_until_routable(table, routed).await;
+        }
+        let fds = server.listener_fds();
+        if let Some(dp) = &kernel.dataplane
+            && kernel.report.has(Feature::SkReuseport)
+            && !fds.is_empty()
+        {
+            let res = match dp.lock() {
+                Ok(mut d) if d.pin_dir().is_some() => {
+                    activate(&mut d, &fds).map(Some).map_err(anyhow::Error::from)
+                }
+                Ok(_) => Ok(None),
+                Err(_) => Err(anyhow::anyhow!("data plane lock poisoned")),
+            };
+            match res {
+                Ok(Some(generation)) => self.steer = Some((dp.clone(), generation)),
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "listener steering unavailable"),
+            }
+        }
+        if self.steer.is_none() {
+            let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+                .map(|s| s.trim() == "1")
+                .unwrap_or(false);
+            let fate = if migrate {
+                "migrated (net.ipv4.tcp_migrate_req = 1)"
+            } else {
+                "reset (set net.ipv4.tcp_migrate_req = 1 to migrate them)"
+            };
+            if let Some(prev) = &self.previous {
+                warn!(
+                    pid = prev.pid,
+                    "no kernel listener steering: taking over by binding beside the old \
+                     process; connections queued in the old process's listeners when it \
+                     closes them will be {fate}"
+                );
+            } else {
+                info!(
+                    "no kernel listener steering: upgrades bind beside the old process and \
+                     connections queued in its listeners may be {fate}"
+                );
+            }
+        }
+        match write_owner(&self.pin_dir, &self.me) {
+            Ok(path) => {
+                info!(
+                    record = %path.display(),
+                    pid = self.me.pid,
+                    "serving; upgrade with SIGUSR2 or `sluice upgrade`"
+                )
+            }
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "no owner record: `sluice upgrade` and the second-instance check \
+                     cannot find this process"
+                )
+            }
+        }
+    }
+
+    /// Resolves when this process must drain: SIGTERM/SIGINT, or a successor became the
+    /// active generation. SIGUSR2 meanwhile starts that successor.
+    pub async fn until_shutdown(&mut self) {
+        let mut term = pin!(sluice_proxy::shutdown::signal());
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut child: Option<tokio::process::Child> = None;
+        loop {
+            tokio::select! {
+                () = &mut term => return,
+                _ = tick.tick() => {
+                    if let Some(why) = self.successor() {
+                        info!("{why}: draining and handing over");
+                        self.superseded = true;
+                        return;
+                    }
+                }
+                Some(()) = recv(&mut self.usr2) => {
+                    if child.is_some() {
+                        warn!("SIGUSR2: an upgrade is already under way");
+                    } else {
+                        match spawn_successor() {
+                            Ok(c) => {
+                                info!(pid = c.id(), "SIGUSR2: started the new process");
+                                child = Some(c);
+                            }
+                            Err(e) => error!(
+                                error = %e,
+                                "SIGUSR2: starting the new process failed; still serving"
+                            ),
+                        }
+                    }
+                }
+                status = wait(&mut child) => {
+                    error!(?status, "the new process exited before taking over; still serving");
+                    child = None;
+                }
+            }
+        }
+    }
+
+    /// Why this process is no longer the one to serve, if it is not.
+    fn successor(&self) -> Option<String> {
+        if let Some((dp, mine)) = &self.steer
+            && let Ok(d) = dp.lock()
+            && let Ok(active) = d.steer_active()
+            && active.count > 0
+            && (active.base, active.count) != (mine.base, mine.count)
+        {
+            return Some(format!(
+                "listener generation at slot {} is active (this process: slot {})",
+                active.base, mine.base
+            ));
+        }
+        let owner = read_owner(&self.pin_dir)?;
+        (owner != self.me && owner.alive() != Some(false))
+            .then(|| format!("sluice pid {} took over", owner.pid))
+    }
+
+    /// After the drain: a superseded process leaves the pins (and the record) to its
+    /// successor, and with `--linger-after-handover` waits for SIGTERM.
+    pub async fn finish(self, kernel: &Kernel) {
+        if !self.superseded {
+            remove_owner(&self.pin_dir, &self.me);
+            return;
+        }
+        if let Some(dp) = &kernel.dataplane
+            && let Ok(mut d) = dp.lock()
+        {
+            d.release_pins();
+        }
+        info!("handed over to the new process");
+        if LINGER.load(Ordering::Relaxed) {
+            info!("--linger-after-handover: idle until SIGTERM");
+            sluice_proxy::shutdown::signal().await;
+        }
+    }
+}
+
+/// Until the routing table is loaded and no ready replica still awaits its first health
+/// check: a new process activated earlier would answer 503 where the old one serves.
+/// Bounded, so a store that never answers does not hold an upgrade forever.
+async fn wait_until_routable(table: &RoutingTable, routed: bool) {
+    let deadline = tokio::time::Instant::now() + READY_WAIT;
+    loop {
+        let snap = table.load_full();
+        let unchecked = if snap.health_gated() {
+            snap.servers()
+                .flat_map(|s| snap.replica_specs(s.id()))
+                .filter(|(spec, health)| {
+                    spec.state == ReplicaState::Ready && *health == Health::Unknown
+                })
+                .count()
+        } else {
+            0
+        };
+        if (snap.generation() > 0 || !routed) && unchecked == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                generation = snap.generation(),
+                unchecked, "taking over before the routing is complete"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Registers the listeners as the next generation, attaches the steering program to
+/// every listener group and activates the generation. Steering picks among the first
+/// listener's group; the other groups get the program for its migrate path (queued
+/// connections move to a live listener when the old process closes its own).
+fn activate(
+    d: &mut Dataplane,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<SteerGeneration, sluice_dataplane::DataplaneError> {
+    let before = d.steer_active()?;
+    let generation = d.steer_register(&fds[..1])?;
+    for fd in fds {
+        d.steer_attach(fd)?;
+    }
+    d.steer_activate(generation)?;
+    info!(
+        slot = generation.base,
+        previous_slot = before.base,
+        previous_listeners = before.count,
+        "this process is the active listener generation"
+    );
+    Ok(generation)
+}
+
+async fn recv(sig: &mut Option<Signal>) -> Option<()> {
+    match sig {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait(child: &mut Option<tokio::process::Child>) -> io::Result<ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts this binary again with the same arguments plus `--takeover`. An upgrade
+/// usually replaced the file on disk: `/proc/self/exe` then reads "<path> (deleted)"
+/// and the path holds the new binary, which is the one to start; otherwise the running
+/// binary itself (`/proc/self/exe`) restarts.
+fn spawn_successor() -> io::Result<tokio::process::Child> {
+    let exe = std::fs::read_link("/proc/self/exe")
+        .ok()
+        .map(|p| {
+            let s = p.to_string_lossy();
+            PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
+        })
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+    let mut args: Vec<_> = std::env::args_os().skip(1).collect();
+    if !args.iter().any(|a| a == "--takeover") {
+        args.push("--takeover".into());
+    }
+    info!(exe = %exe.display(), "starting the new process");
+    tokio::process::Command::new(exe).args(args).stdin(std::process::Stdio::null()).spawn()
+}
+
+/// `sluice upgrade`.
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    /// The running sluice's pin directory (as passed to `sluice run --pin-dir`).
+    #[arg(long, default_value = sluice_dataplane::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Give up waiting after this many seconds (the old process's drain deadline
+    /// counts in it).
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+/// Sends SIGUSR2 to the running sluice and waits until the new process is the active
+/// one and the old one has exited.
+pub fn command(args: UpgradeArgs) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let dir = &args.pin_dir;
+    let old = read_owner(dir)
+        .with_context(|| format!("no running sluice recorded in {}", dir.display()))?;
+    match old.alive() {
+        Some(true) => {}
+        Some(false) => {
+            bail!("sluice pid {} (recorded in {}) is not running", old.pid, dir.display())
+        }
+        None => {
+            bail!("sluice pid {} runs in another pid namespace; send SIGUSR2 from there", old.pid)
+        }
+    }
+    let pid = rustix::process::Pid::from_raw(i32::try_from(old.pid)?)
+        .context("invalid pid in the owner record")?;
+    rustix::process::kill_process(pid, rustix::process::Signal::USR2)
+        .with_context(|| format!("signalling pid {}", old.pid))?;
+    println!("sent SIGUSR2 to sluice pid {}", old.pid);
+    let poll = || std::thread::sleep(Duration::from_millis(50));
+    let new = loop {
+        if let Some(o) = read_owner(dir).filter(|o| *o != old && o.alive() != Some(false)) {
+            break o;
+        }
+        if old.alive() == Some(false) {
+            bail!("sluice pid {} exited without a successor taking over", old.pid);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no new process took over within {}s; pid {} still serves (see its log)",
+                args.timeout,
+                old.pid
+            );
+        }
+        poll();
+    };
+    let steering = sluice_dataplane::live::read(dir).steering.filter(|s| s.count > 0);
+    match steering {
+        Some(s) => println!(
+            "new sluice pid {} is serving; the kernel steers new connections to it (slots {}..{})",
+            new.pid,
+            s.base,
+            s.base + s.count
+        ),
+        None => println!(
+            "new sluice pid {} is serving (no kernel steering: degraded handover)",
+            new.pid
+        ),
+    }
+    println!("waiting for pid {} to drain", old.pid);
+    while old.alive() == Some(true) {
+        if Instant::now() > deadline {
+            bail!("pid {} has not exited within {}s (still draining?)", old.pid, args.timeout);
+        }
+        poll();
+    }
+    println!("old sluice pid {} drained and exited; upgrade complete", old.pid);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_record_round_trips() {
+        let me = Owner::me();
+        assert_eq!(Owner::parse(&me.encode()), Some(me.clone()));
+        assert_eq!(Owner::parse("12"), None);
+        assert_eq!(Owner::parse("x@1"), None);
+        // The test binary is not called sluice: a live pid that is not a sluice.
+        assert_eq!(Owner { pid: u32::MAX - 1, ns: me.ns }.alive(), Some(false));
+        assert_eq!(Owner { pid: me.pid, ns: me.ns.wrapping_add(1) }.alive(), None);
+    }
+
+    #[test]
+    fn record_is_replaced_and_removed_only_by_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("pins");
+        let me = Owner::me();
+        write_owner(&pins, &me).unwrap();
+        assert_eq!(read_owner(&pins), Some(me.clone()));
+        let other = Owner { pid: 1, ns: me.ns };
+        write_owner(&pins, &other).unwrap();
+        remove_owner(&pins, &me);
+        assert_eq!(read_owner(&pins), Some(other.clone()));
+        remove_owner(&pins, &other);
+        assert_eq!(read_owner(&pins), None);
+    }
+}
