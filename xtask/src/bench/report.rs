@@ -206,7 +206,7 @@ pub fn from_json(text: &str) -> Result<(Results, Meta)> {
             better,
         );
         for (name, vals) in s["values"].as_object().into_iter().flatten() {
-            let Some(kind) = Kind::ALL.iter().find(|k| k.name() == name) else { continue };
+            let Some(kind) = Kind::EVERY.iter().find(|k| k.name() == name) else { continue };
             for v in vals.as_array().into_iter().flatten().filter_map(serde_json::Value::as_f64) {
                 r.add(&m, *kind, v);
             }
@@ -219,17 +219,24 @@ pub fn from_json(text: &str) -> Result<(Results, Meta)> {
     Ok((r, meta))
 }
 
-const TITLES: [(&str, &str); 7] = [
+const TITLES: [(&str, &str); 8] = [
     ("P1", "added latency, HTTP/1.1, 2k req/s open loop (oha, latency-corrected)"),
     ("P2", "saturation throughput, CPU per request, peak RSS"),
     ("P3", "TLS 1.3 + h2 termination (h2load)"),
-    ("P4", "stream splicing"),
+    (
+        "P4",
+        "upgraded streams: 64 B round trip and 1 KiB / 16 KiB stream throughput, userspace vs \
+         spliced vs auto",
+    ),
     ("P5", "route churn"),
     ("P6", "memory per idle connection"),
     ("P7", "LLM-shaped streaming: 64 SSE streams at 50 events/s over a 20k req/s background"),
+    ("P8", "new-connection rate with and without the kernel programs (XDP guard + steering)"),
 ];
 
-const PEERS: [Kind; 2] = [Kind::Nginx, Kind::Haproxy];
+/// Kinds every other row is also divided by, where a series holds them: the peers,
+/// P4's userspace relay (what splicing must beat) and P8's run without programs.
+const PEERS: [Kind; 4] = [Kind::Nginx, Kind::Haproxy, Kind::SluiceUserspace, Kind::NoPrograms];
 
 fn ratio_cell(s: &Series, kind: Kind, reference: Kind) -> String {
     if kind == reference {
