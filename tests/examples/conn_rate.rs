@@ -1,19 +1,27 @@
 //! New-connection rate with and without sluice's kernel programs (issue 7's benchmark),
 //! measured at the data plane: `cargo xtask bench P8` runs this.
 //!
-//! A node namespace with two client namespaces, each on its own veth link. The node
-//! runs two identical accept loops on SO_REUSEPORT listeners (as sluice's are): one
-//! bare, one behind the XDP guard (attached to its link, the listener's port protected,
-//! a SYN rate limit far above the load and a denylist entry, so every check runs) and
-//! listener steering (the sk_reuseport program over its listener group). Connector
-//! threads in the client namespaces each loop for a fixed time: a fresh TCP connection,
-//! one small HTTP/1.1 request, the response, close. Runs alternate between the two so
-//! drift hits both alike.
+//! A node namespace and a client namespace joined by a veth link. The node runs two
+//! identical accept loops on SO_REUSEPORT listeners (as sluice's are): one bare, one
+//! behind the XDP guard (attached to the link for its runs only, the listener's port
+//! protected, a SYN rate limit far above the load and a denylist entry, so every check
+//! runs) and listener steering (the sk_reuseport program over its listener group).
+//! Connector threads in the client namespace each loop for a fixed time: a fresh TCP
+//! connection, one small HTTP/1.1 request, the response, close. Runs alternate between
+//! the two so drift hits both alike. `--programs guard`, `steer` or `none` puts only that
+//! on the "with" side (`none`: an A/A run showing the noise floor).
 //!
-//! Output: one JSON line per run (`{"placement","programs","rate","ok","failed"}`),
-//! other lines are notes. Needs root; without it, says `skipped: …` and exits 0.
+//! With `--xdp-baseline OBJ` (an object whose `xdp` section only returns XDP_PASS) a
+//! third side runs the bare loop with that program on the link: a native XDP program on
+//! a veth moves the veth's receive onto NAPI, a cost any XDP program pays there, so
+//! programs ÷ xdp-pass is what the guard's own checks and steering add.
 //!
-//! `conn_rate [--placements A,B] [--runs N] [--secs S] [--connectors C]`; placement A
+//! Output: one JSON line per run (`{"placement","side","rate","ok","failed"}`, side
+//! `none`, `xdp-pass` or `programs`), other lines are notes. Needs root; without it,
+//! says `skipped: …` and exits 0.
+//!
+//! `conn_rate [--placements A,B] [--runs N] [--secs S] [--connectors C] [--programs
+//! guard,steer] [--xdp-baseline OBJ]`; placement A
 //! pins the accept loops to CPU 1 and the connectors to CPU 0, placement B everything to
 //! CPU 0.
 
@@ -48,6 +56,9 @@ struct Args {
     /// costs what).
     guard: bool,
     steer: bool,
+    /// An XDP object whose program only passes packets (section `xdp`): measured as a
+    /// third side, the cost of having any XDP program on the link at all.
+    xdp_baseline: Option<String>,
 }
 
 fn args() -> Res<Args> {
@@ -58,6 +69,7 @@ fn args() -> Res<Args> {
         connectors: 8,
         guard: true,
         steer: true,
+        xdp_baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +87,7 @@ fn args() -> Res<Args> {
             "--runs" => a.runs = value.parse()?,
             "--secs" => a.secs = value.parse()?,
             "--connectors" => a.connectors = value.parse()?,
+            "--xdp-baseline" => a.xdp_baseline = Some(value),
             "--programs" => {
                 a.guard = value.split(',').any(|p| p == "guard");
                 a.steer = value.split(',').any(|p| p == "steer");
@@ -101,33 +114,41 @@ fn main() -> Res<()> {
             return Ok(());
         }
     };
-    let topo = Topology::new(2);
-    for c in &topo.clients {
-        // Tens of thousands of connections per run: the default range would run dry.
-        let _ = Command::new("ip")
-            .args(["netns", "exec", c.ns.name(), "sysctl", "-qw"])
-            .arg("net.ipv4.ip_local_port_range=1024 65535")
-            .status();
-    }
+    let topo = Topology::new(1);
+    let client = &topo.clients[0];
+    // Tens of thousands of connections per run: the default range would run dry.
+    let _ = Command::new("ip")
+        .args(["netns", "exec", client.ns.name(), "sysctl", "-qw"])
+        .arg("net.ipv4.ip_local_port_range=1024 65535")
+        .status();
     let bare = listener(&topo)?;
     let guarded = listener(&topo)?;
     let bare_port = bare.local_addr()?.port();
     let guarded_port = guarded.local_addr()?.port();
 
-    // The programs, on client 2's link and the guarded listener only.
-    let node_if = topo.clients[1].node_if.clone();
+    // Steering stays on the guarded listener's group (a program attached to a group
+    // cannot be taken off it); the guard goes on the link only around runs with the
+    // programs, so both sides share one link and differ only by the programs.
     let mut with = Vec::new();
+    let mut guard_mode = "native";
     if args.guard {
-        let attached = dp.attach_guard_in(&topo.node.path(), &node_if)?;
         dp.guard_port(guarded_port)?;
         dp.guard_syn_rate(1_000_000, 1_000_000)?;
         dp.guard_deny("198.19.255.0/24".parse().map_err(|e: String| e)?, None)?;
+        let attached = dp.attach_guard_in(&topo.node.path(), &client.node_if)?;
+        dp.detach_guard()?;
+        guard_mode = attached.mode;
         with.push(format!(
-            "guard: XDP on the node side of the link ({} mode), the port protected, a SYN \
-             limit of 1M/s per source, one denylist entry",
+            "guard: XDP on the node side of the link ({} mode, attached for these runs only), \
+             the port protected, a SYN limit of 1M/s per source, one denylist entry",
             attached.mode
         ));
     }
+    // The baseline goes on in the guard's mode, so the two differ only by the program.
+    let baseline = args.xdp_baseline.as_ref().map(|obj| {
+        let mode = if guard_mode == "generic" { "xdpgeneric" } else { "xdpdrv" };
+        (obj.clone(), mode)
+    });
     if args.steer {
         let generation = dp.steer_register(std::slice::from_ref(&guarded))?;
         dp.steer_attach(&guarded)?;
@@ -135,9 +156,16 @@ fn main() -> Res<()> {
         with.push("steering: the sk_reuseport program over the listener's group".into());
     }
     println!(
-        "with programs: {}; without: the same accept loop on another port and link, untouched",
+        "with programs: {}; without: the same accept loop on another port of the same node, \
+         over the same link, no program on either",
         with.join("; ")
     );
+    if baseline.is_some() {
+        println!(
+            "xdp-pass: the bare accept loop with an XDP program that only passes packets on \
+             the link ({guard_mode} mode, its runs only): the cost of any XDP program there"
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let server_cpu = Arc::new(std::sync::Mutex::new("1"));
@@ -150,48 +178,77 @@ fn main() -> Res<()> {
         .collect();
 
     let bare_to = SocketAddr::new(Topology::node_v4(1), bare_port);
-    let guarded_to = SocketAddr::new(Topology::node_v4(2), guarded_port);
-    let ns = [topo.clients[0].ns.path(), topo.clients[1].ns.path()];
-    for (name, server, client) in &args.placements {
+    let guarded_to = SocketAddr::new(Topology::node_v4(1), guarded_port);
+    let ns = client.ns.path();
+    for (name, server, cpus) in &args.placements {
         if let Ok(mut c) = server_cpu.lock() {
             *c = server;
         }
-        // Wakes both accept loops so they re-pin before the first timed connection.
+        // Wakes both accept loops so they re-pin before the first timed connection, and
+        // warms both paths.
         for to in [bare_to, guarded_to] {
-            let ns = if to == bare_to { &ns[0] } else { &ns[1] };
-            let _ = run(ns, to, client, 1, 0.1);
+            let _ = run(&ns, to, cpus, args.connectors, 0.2);
         }
         println!(
             "placement {name}: accept loops pinned to CPU {server}; {} connector threads per \
-             run pinned to CPU {client}",
+             run pinned to CPU {cpus}",
             args.connectors
         );
         for r in 0..args.runs {
-            let order = if r % 2 == 0 { [false, true] } else { [true, false] };
-            for programs in order {
-                let (to, ns) = if programs { (guarded_to, &ns[1]) } else { (bare_to, &ns[0]) };
+            // Rotated each run so no side always goes first.
+            let mut order = vec![Side::Bare, Side::Programs];
+            if baseline.is_some() {
+                order.insert(1, Side::XdpPass);
+            }
+            let sides = order.len();
+            order.rotate_left(r % sides);
+            for side in order {
+                let to = if side == Side::Programs { guarded_to } else { bare_to };
+                match side {
+                    Side::Programs if args.guard => {
+                        dp.attach_guard_in(&topo.node.path(), &client.node_if)?;
+                    }
+                    Side::XdpPass => {
+                        if let Some((obj, mode)) = &baseline {
+                            xdp_ip(&topo, &client.node_if, &[mode, "obj", obj, "sec", "xdp"])?;
+                        }
+                    }
+                    _ => {}
+                }
                 let guard0 = dp.guard_stats().ok();
                 let steer0 = dp.steer_stats().ok();
-                let (ok, failed, secs) = run(ns, to, client, args.connectors, args.secs)?;
+                let measured = run(&ns, to, cpus, args.connectors, args.secs);
+                let (g1, s1) = (dp.guard_stats().ok(), dp.steer_stats().ok());
+                match side {
+                    Side::Programs if args.guard => dp.detach_guard()?,
+                    Side::XdpPass => {
+                        if let Some((_, mode)) = &baseline {
+                            xdp_ip(&topo, &client.node_if, &[mode, "off"])?;
+                        }
+                    }
+                    _ => {}
+                }
+                let (ok, failed, secs) = measured?;
                 println!(
-                    "{{\"placement\":\"{name}\",\"programs\":{programs},\"rate\":{:.1},\"ok\":{ok},\"failed\":{failed}}}",
+                    "{{\"placement\":\"{name}\",\"side\":\"{}\",\"rate\":{:.1},\"ok\":{ok},\"failed\":{failed}}}",
+                    side.name(),
                     ok as f64 / secs
                 );
-                if programs && r == 0 {
-                    let (g1, s1) = (dp.guard_stats().ok(), dp.steer_stats().ok());
-                    if let (Some(g0), Some(g1), Some(s0), Some(s1)) = (guard0, g1, steer0, s1) {
-                        println!(
-                            "placement {name}: one run with programs: the guard inspected {} \
-                             packets ({} SYNs, {} dropped), steering picked the listener for {} \
-                             connections ({} fell back), {ok} connections completed",
-                            g1.inspected - g0.inspected,
-                            g1.syns - g0.syns,
-                            (g1.dropped_denied + g1.dropped_syn_rate)
-                                - (g0.dropped_denied + g0.dropped_syn_rate),
-                            s1.selected - s0.selected,
-                            s1.fallback - s0.fallback,
-                        );
-                    }
+                if side == Side::Programs
+                    && r == 0
+                    && let (Some(g0), Some(g1), Some(s0), Some(s1)) = (guard0, g1, steer0, s1)
+                {
+                    println!(
+                        "placement {name}: one run with programs: the guard inspected {} \
+                         packets ({} SYNs, {} dropped), steering picked the listener for {} \
+                         connections ({} fell back), {ok} connections completed",
+                        g1.inspected - g0.inspected,
+                        g1.syns - g0.syns,
+                        (g1.dropped_denied + g1.dropped_syn_rate)
+                            - (g0.dropped_denied + g0.dropped_syn_rate),
+                        s1.selected - s0.selected,
+                        s1.fallback - s0.fallback,
+                    );
                 }
             }
         }
@@ -200,7 +257,39 @@ fn main() -> Res<()> {
     // the threads with the process (joining them could hang on a loop that never wakes).
     stop.store(true, Ordering::Release);
     drop(servers);
-    dp.detach_guard()?;
+    Ok(())
+}
+
+/// What a run measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// No program anywhere.
+    Bare,
+    /// Only the pass-everything XDP program on the link.
+    XdpPass,
+    /// The guard on the link and steering on the listener.
+    Programs,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Bare => "none",
+            Side::XdpPass => "xdp-pass",
+            Side::Programs => "programs",
+        }
+    }
+}
+
+/// `ip -n NODE link set dev IF ARGS…` (attaching or removing the baseline XDP program).
+fn xdp_ip(topo: &Topology, interface: &str, args: &[&str]) -> Res<()> {
+    let status = Command::new("ip")
+        .args(["-n", topo.node.name(), "link", "set", "dev", interface])
+        .args(args)
+        .status()?;
+    if !status.success() {
+        return Err(format!("ip link set dev {interface} {}: {status}", args.join(" ")).into());
+    }
     Ok(())
 }
 

@@ -235,8 +235,10 @@ const TITLES: [(&str, &str); 8] = [
 ];
 
 /// Kinds every other row is also divided by, where a series holds them: the peers,
-/// P4's userspace relay (what splicing must beat) and P8's run without programs.
-const PEERS: [Kind; 4] = [Kind::Nginx, Kind::Haproxy, Kind::SluiceUserspace, Kind::NoPrograms];
+/// P4's userspace relay (what splicing must beat), P8's runs without programs and with
+/// only a pass-everything XDP program.
+const PEERS: [Kind; 5] =
+    [Kind::Nginx, Kind::Haproxy, Kind::SluiceUserspace, Kind::NoPrograms, Kind::XdpPass];
 
 fn ratio_cell(s: &Series, kind: Kind, reference: Kind) -> String {
     if kind == reference {
@@ -677,14 +679,16 @@ raw bytes: a 64 B ping-pong (median and p99 over every round trip of the run), o
 or a spliced run it did not, is discarded and noted, and the notes say how often `auto` \
 spliced. A sluice that does not know the field yet is measured on its default path only.
 - **P8, new-connection rate:** issue 7's budget for the kernel programs is 2 %. Measured at \
-the data plane by the `conn_rate` example of `sluice-tests`: a node namespace and two client \
-namespaces on veth links; two identical accept loops on SO_REUSEPORT listeners, one bare, one \
-behind the XDP guard (on its link, port protected, SYN limit far above the load, a denylist \
+the data plane by the `conn_rate` example of `sluice-tests`: a node namespace and a client \
+namespace on a veth link; two identical accept loops on SO_REUSEPORT listeners, one bare, one \
+behind the XDP guard (on the link during its runs, port protected, SYN limit far above the load, a denylist \
 entry) and listener steering (sk_reuseport); 8 connector threads, each connection a fresh \
-TCP connect, one small HTTP/1.1 request and response, close. Runs alternate between the two; \
-the notes give the ratio of medians, the per-run ratios and whether the 2 % goal held. (A \
-native XDP program on a veth also switches that veth to NAPI receive, which is part of what \
-is measured there.)
+TCP connect, one small HTTP/1.1 request and response, close. A third side, `xdp-pass`, is the \
+bare loop with an XDP program that only passes packets: a native XDP program on a veth moves \
+the veth's receive onto NAPI, a cost any XDP program pays there (not on a NIC), so \
+`guard+steer ÷ xdp-pass` is what the guard's checks and steering themselves add. The sides run \
+in rotating order each run, over the same link; the notes give the ratios (of medians, and \
+the per-run ones) and whether the 2 % goal held.
 - **sluice's worker count:** `sluice run` sizes its Tokio runtime to the CPUs it may use, so \
 pinned to one CPU it runs one worker (plus its main and helper threads, shown in the notes).
 ";

@@ -53,6 +53,7 @@ pub fn colour(kind: Kind) -> &'static str {
         Kind::SluiceAuto => "#7048e8",
         Kind::NoPrograms => "#9aa0a6",
         Kind::GuardSteer => "#e8590c",
+        Kind::XdpPass => "#1c7ed6",
     }
 }
 

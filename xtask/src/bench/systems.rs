@@ -31,6 +31,9 @@ pub enum Kind {
     SluiceAuto,
     /// P8: accept loop with no kernel programs attached.
     NoPrograms,
+    /// P8: the bare accept loop with an XDP program that only passes packets (the cost
+    /// of any XDP program on the link).
+    XdpPass,
     /// P8: the same accept loop behind the XDP guard and listener steering.
     GuardSteer,
 }
@@ -41,7 +44,7 @@ impl Kind {
 
     /// Every kind a series may hold (the systems, then the variants single scenarios
     /// measure: P4's splice modes, P8's with and without kernel programs).
-    pub const EVERY: [Kind; 9] = [
+    pub const EVERY: [Kind; 10] = [
         Kind::Direct,
         Kind::Nginx,
         Kind::Haproxy,
@@ -50,6 +53,7 @@ impl Kind {
         Kind::SluiceSpliced,
         Kind::SluiceAuto,
         Kind::NoPrograms,
+        Kind::XdpPass,
         Kind::GuardSteer,
     ];
 
@@ -65,6 +69,7 @@ impl Kind {
             Kind::SluiceAuto => "sluice-auto",
             Kind::NoPrograms => "no-programs",
             Kind::GuardSteer => "guard+steer",
+            Kind::XdpPass => "xdp-pass",
         }
     }
 }
