@@ -286,6 +286,15 @@ impl Sluice {
         s.wait_routable()?;
         if s.servers.len() == 1 {
             s.classify_default()?;
+        } else if s.spliced_bytes().is_none() {
+            // No splice counter: the kernel data plane did not load (no root, no BPF).
+            // Auto still runs (it must then match userspace); "always" cannot.
+            s.servers.retain(|(k, _)| *k != Kind::SluiceSpliced);
+            s.notes.push(format!(
+                "{}: skipped: this sluice exports no splice counter, so its kernel data plane \
+                 is not loaded here (root and BPF needed; see the start-up lines)",
+                Kind::SluiceSpliced
+            ));
         }
         Ok(s)
     }
