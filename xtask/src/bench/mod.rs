@@ -8,7 +8,14 @@
 //! unpinned run flips between modes.) Each number is min / median / max over several
 //! runs, interleaved across systems so drift hits them all alike. Nothing here is
 //! pass/fail; CI never runs it.
+//!
+//! Scenarios: P1 added latency at 2k req/s; P2 saturation throughput, CPU per request,
+//! peak RSS; P3 TLS 1.3 + h2 termination; P4 upgraded streams through sluice (64 B round
+//! trip, 1 KiB / 16 KiB stream throughput: direct vs userspace vs spliced vs auto); P5
+//! route churn; P6 memory per idle connection; P7 SSE streaming under load; P8
+//! new-connection rate with and without the kernel programs (XDP guard + steering).
 
+mod connrate;
 mod idle;
 mod load;
 mod procs;
@@ -18,6 +25,7 @@ mod scenarios;
 mod sse;
 mod svg;
 mod systems;
+mod upgrade;
 mod upstream;
 
 use std::{
@@ -43,7 +51,10 @@ use self::{
     about = "Benchmarks sluice against direct, nginx and HAProxy"
 )]
 pub struct Opts {
-    /// Scenarios to run: P1 … P7 (default: all).
+    /// Scenarios to run (default: all): P1 added latency, P2 saturation throughput, P3 TLS
+    /// termination, P4 upgraded streams (userspace vs spliced vs auto), P5 route churn, P6
+    /// memory per idle connection, P7 SSE streaming, P8 new-connection rate with and
+    /// without the kernel programs.
     pub scenarios: Vec<String>,
     /// Short run (3 runs, 1 s loads, placement A only, 1k idle connections): under 2 min.
     #[arg(long)]
@@ -165,7 +176,7 @@ pub fn main(args: &[String]) -> Result<()> {
     run(opts)
 }
 
-const ALL_SCENARIOS: [&str; 7] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"];
+const ALL_SCENARIOS: [&str; 8] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"];
 
 fn run(opts: Opts) -> Result<()> {
     if let Some(saved) = &opts.replot {

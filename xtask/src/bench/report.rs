@@ -206,7 +206,7 @@ pub fn from_json(text: &str) -> Result<(Results, Meta)> {
             better,
         );
         for (name, vals) in s["values"].as_object().into_iter().flatten() {
-            let Some(kind) = Kind::ALL.iter().find(|k| k.name() == name) else { continue };
+            let Some(kind) = Kind::EVERY.iter().find(|k| k.name() == name) else { continue };
             for v in vals.as_array().into_iter().flatten().filter_map(serde_json::Value::as_f64) {
                 r.add(&m, *kind, v);
             }
@@ -219,17 +219,26 @@ pub fn from_json(text: &str) -> Result<(Results, Meta)> {
     Ok((r, meta))
 }
 
-const TITLES: [(&str, &str); 7] = [
+const TITLES: [(&str, &str); 8] = [
     ("P1", "added latency, HTTP/1.1, 2k req/s open loop (oha, latency-corrected)"),
     ("P2", "saturation throughput, CPU per request, peak RSS"),
     ("P3", "TLS 1.3 + h2 termination (h2load)"),
-    ("P4", "stream splicing"),
+    (
+        "P4",
+        "upgraded streams: 64 B round trip and 1 KiB / 16 KiB stream throughput, userspace vs \
+         spliced vs auto",
+    ),
     ("P5", "route churn"),
     ("P6", "memory per idle connection"),
     ("P7", "LLM-shaped streaming: 64 SSE streams at 50 events/s over a 20k req/s background"),
+    ("P8", "new-connection rate with and without the kernel programs (XDP guard + steering)"),
 ];
 
-const PEERS: [Kind; 2] = [Kind::Nginx, Kind::Haproxy];
+/// Kinds every other row is also divided by, where a series holds them: the peers,
+/// P4's userspace relay (what splicing must beat), P8's runs without programs and with
+/// only a pass-everything XDP program.
+const PEERS: [Kind; 5] =
+    [Kind::Nginx, Kind::Haproxy, Kind::SluiceUserspace, Kind::NoPrograms, Kind::XdpPass];
 
 fn ratio_cell(s: &Series, kind: Kind, reference: Kind) -> String {
     if kind == reference {
@@ -463,12 +472,30 @@ fn charts(r: &Results) -> Vec<(&'static str, &'static str, Option<String>)> {
             false,
         ),
     };
+    let upgraded = Chart {
+        title: "Upgraded streams: userspace relay, kernel splice and auto, against direct",
+        subtitle: "one-way stream throughput as a fraction of direct; median of runs, whiskers \
+                   min–max · higher is better",
+        unit: "× direct (client straight to the echo replica)",
+        reference: Some((1.0, "direct")),
+        log: false,
+        groups: groups(
+            r,
+            "P4",
+            &[
+                ("stream throughput, 1 KiB writes", "1 KiB writes"),
+                ("stream throughput, 16 KiB writes", "16 KiB writes"),
+            ],
+            true,
+        ),
+    };
     vec![
         ("throughput.svg", "Throughput relative to direct", svg::render(&throughput)),
         ("latency.svg", "Latency at 2k req/s", svg::render(&latency)),
         ("cpu.svg", "CPU per request", svg::render(&cpu)),
         ("memory.svg", "Memory per idle connection", svg::render(&memory)),
         ("streaming.svg", "Streaming", svg::render(&streaming)),
+        ("upgraded.svg", "Upgraded streams", svg::render(&upgraded)),
     ]
 }
 
@@ -612,9 +639,9 @@ pub fn write_docs(root: &Path, r: &Results, meta: &Meta) -> Result<Vec<PathBuf>>
 
 const METHOD: &str = "## How it is measured
 
-- **Run it:** `cargo xtask bench [P1 … P7] [--quick] [--runs N] [--placements A|B|AB] \
+- **Run it:** `cargo xtask bench [P1 … P8] [--quick] [--runs N] [--placements A|B|AB] \
 [--systems direct,nginx,haproxy,sluice]`. It installs the peers (`scripts/setup.sh --bench`: nginx, \
-HAProxy, wrk, h2load) and builds `oha` once into `.bench-cache/`. The default run takes under 10 \
+HAProxy, wrk, h2load) and builds `oha` once into `.bench-cache/`. The default run takes about 15 \
 minutes, `--quick` under 2 (and writes nothing unless `--write`).
 - **One upstream for all:** a single-threaded hyper server (HTTP/1.1 and h2c on one port, a fixed \
 17-byte body, plus an SSE endpoint) that the harness runs as a child. `direct` is the load \
@@ -642,6 +669,26 @@ scheduler autogroup too), so concurrent builds disturb it less, but not at all o
 idle machine: check the load average above. Tail latencies (p99 and beyond) in placement A \
 are the first to suffer, since anything else runnable on CPU 1 delays the proxy's wake-ups; \
 placement B shows the same proxies without that.
+- **P4, upgraded streams:** a sluice of its own serves three servers that differ only in \
+their `splice` routing field (`never` = userspace relay, `always` = kernel splice, `auto` = the \
+adaptive policy), all in front of one echo replica in the harness; `direct` is the client \
+talking to the replica. Every number is a fresh HTTP/1.1 `Upgrade: websocket` stream carrying \
+raw bytes: a 64 B ping-pong (median and p99 over every round trip of the run), or one-way \
+1 KiB / 16 KiB writes for a fixed time, counted by the replica. sluice's \
+`sluice_bpf_splice_bytes_total` is read around every run: a userspace run the kernel touched, \
+or a spliced run it did not, is discarded and noted, and the notes say how often `auto` \
+spliced. A sluice that does not know the field yet is measured on its default path only.
+- **P8, new-connection rate:** issue 7's budget for the kernel programs is 2 %. Measured at \
+the data plane by the `conn_rate` example of `sluice-tests`: a node namespace and a client \
+namespace on a veth link; two identical accept loops on SO_REUSEPORT listeners, one bare, one \
+behind the XDP guard (on the link during its runs, port protected, SYN limit far above the load, a denylist \
+entry) and listener steering (sk_reuseport); 8 connector threads, each connection a fresh \
+TCP connect, one small HTTP/1.1 request and response, close. A third side, `xdp-pass`, is the \
+bare loop with an XDP program that only passes packets: a native XDP program on a veth moves \
+the veth's receive onto NAPI, a cost any XDP program pays there (not on a NIC), so \
+`guard+steer ÷ xdp-pass` is what the guard's checks and steering themselves add. The sides run \
+in rotating order each run, over the same link; the notes give the ratios (of medians, and \
+the per-run ones) and whether the 2 % goal held.
 - **sluice's worker count:** `sluice run` sizes its Tokio runtime to the CPUs it may use, so \
 pinned to one CPU it runs one worker (plus its main and helper threads, shown in the notes).
 ";
@@ -674,5 +721,31 @@ mod tests {
         let (back, meta2) = from_json(&to_json(&r, &meta)).unwrap();
         assert_eq!(meta2.scenarios, ["P2"]);
         assert_eq!(text(&back, &meta2), text(&r, &meta));
+    }
+
+    #[test]
+    fn scenario_variants_divide_by_their_baseline_and_survive_json() {
+        let mut r = Results::default();
+        let m = Metric::new("P4", "A", "stream throughput, 16 KiB writes", "MB/s", Better::Higher);
+        r.add(&m, Kind::Direct, 2000.0);
+        r.add(&m, Kind::SluiceUserspace, 800.0);
+        r.add(&m, Kind::SluiceSpliced, 1600.0);
+        let s = r.find("P4", "stream throughput, 16 KiB writes", "A").unwrap();
+        let (head, rows) = rows(s);
+        assert_eq!(head, ["system", "min", "median", "max", "÷ direct", "÷ sluice-userspace"]);
+        assert_eq!(rows[2], ["sluice-spliced", "1600", "1600", "1600", "0.80", "2.00"]);
+        let meta = Meta {
+            date: "d".into(),
+            commit: "c".into(),
+            machine: "m".into(),
+            tools: vec![],
+            plan: "p".into(),
+            conditions: "x".into(),
+            first_placement: "A".into(),
+            scenarios: vec!["P4", "P8"],
+        };
+        let (back, _) = from_json(&to_json(&r, &meta)).unwrap();
+        assert_eq!(back.series[0].values.len(), 3);
+        assert!(charts(&r).iter().any(|(f, _, svg)| *f == "upgraded.svg" && svg.is_some()));
     }
 }

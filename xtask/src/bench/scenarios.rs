@@ -1,4 +1,4 @@
-//! The scenarios P1 … P7. Each one loops placements, then runs, then systems, so the
+//! The scenarios P1 … P8 (P4, P6, P7 and P8 live in modules of their own). Each one loops placements, then runs, then systems, so the
 //! systems' runs interleave and slow drift of the machine hits all of them alike.
 
 use anyhow::{Context, Result};
@@ -12,19 +12,17 @@ use super::{
     upstream,
 };
 
-/// Runs scenario `name` (`P1` … `P7`).
+/// Runs scenario `name` (`P1` … `P8`).
 pub fn run(ctx: &mut Ctx, name: &'static str) -> Result<()> {
     match name {
         "P1" => p1(ctx),
         "P2" => p2(ctx),
         "P3" => p3(ctx),
-        "P4" => {
-            ctx.results.note("P4", "skipped: kernel splice issue not landed");
-            Ok(())
-        }
+        "P4" => super::upgrade::p4(ctx),
         "P5" => p5(ctx),
         "P6" => super::idle::p6(ctx),
         "P7" => super::sse::p7(ctx),
+        "P8" => super::connrate::p8(ctx),
         _ => Ok(()),
     }
 }

@@ -48,6 +48,12 @@ pub fn colour(kind: Kind) -> &'static str {
         Kind::Nginx => "#2f9e44",
         Kind::Haproxy => "#1c7ed6",
         Kind::Sluice => "#e8590c",
+        Kind::SluiceUserspace => "#f59f00",
+        Kind::SluiceSpliced => "#c2255c",
+        Kind::SluiceAuto => "#7048e8",
+        Kind::NoPrograms => "#9aa0a6",
+        Kind::GuardSteer => "#e8590c",
+        Kind::XdpPass => "#1c7ed6",
     }
 }
 

@@ -23,11 +23,39 @@ pub enum Kind {
     Haproxy,
     /// sluice, pinned to one CPU.
     Sluice,
+    /// P4: sluice relaying upgraded streams in userspace (`splice = "never"`).
+    SluiceUserspace,
+    /// P4: sluice splicing upgraded streams in the kernel (`splice = "always"`).
+    SluiceSpliced,
+    /// P4: sluice's adaptive policy (`splice = "auto"`).
+    SluiceAuto,
+    /// P8: accept loop with no kernel programs attached.
+    NoPrograms,
+    /// P8: the bare accept loop with an XDP program that only passes packets (the cost
+    /// of any XDP program on the link).
+    XdpPass,
+    /// P8: the same accept loop behind the XDP guard and listener steering.
+    GuardSteer,
 }
 
 impl Kind {
-    /// Every system, reference first.
+    /// Every system `--systems` can name and [`start`] can start, reference first.
     pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Nginx, Kind::Haproxy, Kind::Sluice];
+
+    /// Every kind a series may hold (the systems, then the variants single scenarios
+    /// measure: P4's splice modes, P8's with and without kernel programs).
+    pub const EVERY: [Kind; 10] = [
+        Kind::Direct,
+        Kind::Nginx,
+        Kind::Haproxy,
+        Kind::Sluice,
+        Kind::SluiceUserspace,
+        Kind::SluiceSpliced,
+        Kind::SluiceAuto,
+        Kind::NoPrograms,
+        Kind::XdpPass,
+        Kind::GuardSteer,
+    ];
 
     /// Short lowercase name.
     pub fn name(self) -> &'static str {
@@ -36,6 +64,12 @@ impl Kind {
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::Sluice => "sluice",
+            Kind::SluiceUserspace => "sluice-userspace",
+            Kind::SluiceSpliced => "sluice-spliced",
+            Kind::SluiceAuto => "sluice-auto",
+            Kind::NoPrograms => "no-programs",
+            Kind::GuardSteer => "guard+steer",
+            Kind::XdpPass => "xdp-pass",
         }
     }
 }
@@ -125,6 +159,7 @@ pub fn start(kind: Kind, env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
         Kind::Nginx => start_nginx(env, cpus, tag),
         Kind::Haproxy => start_haproxy(env, cpus, tag),
         Kind::Sluice => start_sluice(env, cpus, tag),
+        other => anyhow::bail!("{other} is a scenario's variant, not a system to start"),
     }
 }
 
@@ -240,6 +275,19 @@ fn start_haproxy(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
 }
 
 fn start_sluice(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
+    start_sluice_routes(env, cpus, tag, None, None).map(|(r, _)| r)
+}
+
+/// Starts sluice like [`start`] does, but serving `routes` (a routing document; the
+/// bench's own when `None`) and pinning its maps under `pin_dir` (the default pin
+/// directory when `None`). Returns the admin address too, for `/metrics`.
+pub fn start_sluice_routes(
+    env: &Env,
+    cpus: Cpus,
+    tag: &str,
+    routes: Option<&str>,
+    pin_dir: Option<&Path>,
+) -> Result<(Running, SocketAddr)> {
     let bin = binary(&env.sluice, "sluice")?;
     let dir = env.dir.join(format!("sluice-{tag}"));
     fs::create_dir_all(&dir)?;
@@ -251,22 +299,30 @@ fn start_sluice(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
         ("TLS_PORT", tls.to_string()),
         ("ADMIN_PORT", admin.to_string()),
     ]);
-    fs::write(dir.join("routes.toml"), fill(ROUTES_TOML, &values)?)?;
+    let routes = match routes {
+        Some(r) => r.to_string(),
+        None => fill(ROUTES_TOML, &values)?,
+    };
+    fs::write(dir.join("routes.toml"), routes)?;
     let path = dir.join("sluice.toml");
     fs::write(&path, fill(SLUICE_TOML, &values)?)?;
-    let args: Vec<String> = vec!["run".into(), "--config".into(), path.display().to_string()];
+    let mut args: Vec<String> = vec!["run".into(), "--config".into(), path.display().to_string()];
+    if let Some(p) = pin_dir {
+        args.extend(["--pin-dir".into(), p.display().to_string()]);
+    }
     let mut guard = Guard::spawn("sluice", cpus, &bin, &args, dir.join("sluice.log"))
         .context("cannot start sluice")?;
     for p in [plain, tls] {
         guard.wait_port(addr(p))?;
     }
-    Ok(Running {
+    let running = Running {
         kind: Kind::Sluice,
         guard: Some(guard),
         h1: addr(plain),
         h2c: addr(plain),
         tls: Some(addr(tls)),
-    })
+    };
+    Ok((running, addr(admin)))
 }
 
 #[cfg(test)]
