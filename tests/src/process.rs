@@ -38,51 +38,6 @@ pub struct SluiceProcess {
     pin_dir: PathBuf,
 }
 
-impl SluiceProcess {
-    /// Starts `bin run` with `[[listeners]]` and `[admin]` on free ports plus `rest` (the
-    /// `[node]`, routing source and other sections), and waits until `/livez` answers.
-    pub fn start(bin: &Path, dir: &Path, rest: &str) -> SluiceProcess {
-        let (proxy, admin) = (free_port(), free_port());
-        let config = format!(
-            "[[listeners]]\naddr = \"127.0.0.1:{proxy}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n{rest}\n"
-        );
-        let path = dir.join("sluice.toml");
-        std::fs::write(&path, config).expect("write config");
-        // bpffs refuses names with a '.', so no temp-dir names here.
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{}-{n}", std::process::id()));
-        let child = Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&path)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn sluice");
-        let s = SluiceProcess {
-            child,
-            proxy: ([127, 0, 0, 1], proxy).into(),
-            admin: ([127, 0, 0, 1], admin).into(),
-            pin_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(s.admin, "admin", "/livez").map(|(c, _)| c) != Some(200) {
-            assert!(Instant::now() < deadline, "sluice did not come up");
-            thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-}
-
-impl SluiceProcess {
-    /// The process id (e.g. to move sluice into a test cgroup).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
 /// One HTTP/1.1 request with extra `headers` on a fresh connection made from inside
 /// `ns`: the status code and body; `None` when the connection or exchange fails.
 pub fn http_get_in(
@@ -107,45 +62,57 @@ pub fn http_get_in(
     Some((status, body))
 }
 
-impl SluiceProcess {
-    /// Starts `bin run` inside the network namespace `ns`, with one client listener on
-    /// `0.0.0.0` (reachable on every address of the namespace) and the admin listener on
-    /// the namespace's loopback, plus `rest`; waits until `/livez` answers there.
-    /// `proxy` and `admin` are loopback addresses *inside* `ns` (use
-    /// [`http_get_in`]); clients elsewhere reach the proxy at the namespace's own
-    /// addresses on `proxy.port()`.
-    ///
-    /// Runs under `nsenter --net` rather than `ip netns exec`: the latter also remounts
-    /// `/sys`, which would hide the pins (bpffs at /sys/fs/bpf) from other processes.
-    pub fn start_in_netns(
-        bin: &Path,
-        dir: &Path,
-        ns: &crate::netns::NetNs,
-        rest: &str,
-    ) -> SluiceProcess {
+/// How to launch `sluice run` for a test.
+struct Launch<'a> {
+    bin: &'a Path,
+    dir: &'a Path,
+    rest: &'a str,
+    /// The client listener's IP (`0.0.0.0` inside a namespace, so every address of it
+    /// reaches the proxy).
+    listen_ip: &'a str,
+    env: &'a [(&'a str, &'a str)],
+    pin_dir: Option<PathBuf>,
+    /// Run under `nsenter --net=<ns>`.
+    netns: Option<&'a crate::netns::NetNs>,
+}
+
+impl Launch<'_> {
+    /// Writes the config, spawns sluice, and waits (bounded) until `/livez` answers.
+    fn spawn(self) -> SluiceProcess {
         let (proxy, admin) = (free_port(), free_port());
         let config = format!(
-            "[[listeners]]\naddr = \"0.0.0.0:{proxy}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n{rest}\n"
+            "[[listeners]]\naddr = \"{}:{proxy}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n{}\n",
+            self.listen_ip, self.rest
         );
-        let path = dir.join("sluice.toml");
+        let path = self.dir.join("sluice.toml");
         std::fs::write(&path, config).expect("write config");
+        // bpffs refuses names with a '.', so no temp-dir names here.
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pin_dir =
-            PathBuf::from(format!("/sys/fs/bpf/sluice-test-ns-{}-{n}", std::process::id()));
-        // nsenter execs sluice in place, so the child's pid is sluice's (for SIGTERM).
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
-            .arg("--")
-            .arg(bin)
-            .args(["run", "--config"])
+        let pin_dir = self.pin_dir.unwrap_or_else(|| {
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            PathBuf::from(format!("/sys/fs/bpf/sluice-test-{}-{n}", std::process::id()))
+        });
+        let mut cmd = match self.netns {
+            // `nsenter --net` rather than `ip netns exec`: the latter also remounts /sys,
+            // which would hide the pins (bpffs) from other processes. nsenter execs sluice
+            // in place, so the child's pid is sluice's (for SIGTERM).
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display())).arg("--").arg(self.bin);
+                c
+            }
+            None => Command::new(self.bin),
+        };
+        cmd.args(["run", "--config"])
             .arg(&path)
             .arg("--pin-dir")
             .arg(&pin_dir)
             .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn nsenter (util-linux) with sluice");
+            .stdin(Stdio::null());
+        for (k, v) in self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn sluice");
         let s = SluiceProcess {
             child,
             proxy: ([127, 0, 0, 1], proxy).into(),
@@ -153,16 +120,72 @@ impl SluiceProcess {
             pin_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get_in(ns, s.admin, "admin", "/livez", &[]).map(|(c, _)| c) != Some(200) {
-            assert!(Instant::now() < deadline, "sluice did not come up in {}", ns.name());
+        let live = || match self.netns {
+            Some(ns) => http_get_in(ns, s.admin, "admin", "/livez", &[]),
+            None => http_get(s.admin, "admin", "/livez"),
+        };
+        while live().map(|(c, _)| c) != Some(200) {
+            assert!(Instant::now() < deadline, "sluice did not come up");
             thread::sleep(Duration::from_millis(20));
         }
         s
+    }
+}
+
+impl SluiceProcess {
+    /// Starts `bin run` with `[[listeners]]` and `[admin]` on free loopback ports plus
+    /// `rest` (the `[node]`, routing source and other sections), and waits until
+    /// `/livez` answers.
+    pub fn start(bin: &Path, dir: &Path, rest: &str) -> SluiceProcess {
+        Self::start_with(bin, dir, rest, &[], None)
+    }
+
+    /// Like [`SluiceProcess::start`], with extra environment variables for the child
+    /// and, optionally, a given pin directory (e.g. one a killed sluice left behind).
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        rest: &str,
+        env: &[(&str, &str)],
+        pin_dir: Option<PathBuf>,
+    ) -> SluiceProcess {
+        Launch { bin, dir, rest, listen_ip: "127.0.0.1", env, pin_dir, netns: None }.spawn()
+    }
+
+    /// Starts `bin run` inside the network namespace `ns`, with the client listener on
+    /// `0.0.0.0` and the admin listener on the namespace's loopback. `proxy` and `admin`
+    /// are loopback addresses *inside* `ns` (use [`http_get_in`]); clients elsewhere
+    /// reach the proxy at the namespace's own addresses on `proxy.port()`.
+    pub fn start_in_netns(
+        bin: &Path,
+        dir: &Path,
+        ns: &crate::netns::NetNs,
+        rest: &str,
+    ) -> SluiceProcess {
+        Launch { bin, dir, rest, listen_ip: "0.0.0.0", env: &[], pin_dir: None, netns: Some(ns) }
+            .spawn()
+    }
+
+    /// The process id (e.g. to move sluice into a test cgroup).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The pin directory this sluice was told to use.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// SIGKILL, as a crash: no drain, and its pins stay behind under the returned pin
+    /// directory for the next sluice to find (pass it to [`SluiceProcess::start_with`],
+    /// whose drop then cleans up).
+    pub fn kill_hard(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let pin_dir = self.pin_dir.clone();
+        // Skips Drop's cleanup on purpose: the child is reaped, nothing else leaks.
+        std::mem::forget(self);
+        pin_dir
     }
 }
 
@@ -180,65 +203,5 @@ impl Drop for SluiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-impl SluiceProcess {
-    /// Like [`SluiceProcess::start`], with extra environment variables for the child
-    /// and, optionally, a given pin directory (e.g. one a killed sluice left behind).
-    pub fn start_with(
-        bin: &Path,
-        dir: &Path,
-        rest: &str,
-        env: &[(&str, &str)],
-        pin_dir: Option<PathBuf>,
-    ) -> SluiceProcess {
-        let (proxy, admin) = (free_port(), free_port());
-        let config = format!(
-            "[[listeners]]\naddr = \"127.0.0.1:{proxy}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n{rest}\n"
-        );
-        let path = dir.join("sluice.toml");
-        std::fs::write(&path, config).expect("write config");
-        static M: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let pin_dir = pin_dir.unwrap_or_else(|| {
-            let m = M.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // bpffs refuses names with a '.', so no temp-dir names here.
-            PathBuf::from(format!("/sys/fs/bpf/sluice-testw-{}-{m}", std::process::id()))
-        });
-        let mut cmd = Command::new(bin);
-        cmd.args(["run", "--config"])
-            .arg(&path)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn sluice");
-        let s = SluiceProcess {
-            child,
-            proxy: ([127, 0, 0, 1], proxy).into(),
-            admin: ([127, 0, 0, 1], admin).into(),
-            pin_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(s.admin, "admin", "/livez").map(|(c, _)| c) != Some(200) {
-            assert!(Instant::now() < deadline, "sluice did not come up");
-            thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    /// SIGKILL, as a crash: no drain, and its pins stay behind under the returned pin
-    /// directory for the next sluice to find (pass it to [`SluiceProcess::start_with`],
-    /// whose drop then cleans up).
-    pub fn kill_hard(mut self) -> PathBuf {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let pin_dir = self.pin_dir.clone();
-        // Skips Drop's cleanup on purpose: the child is reaped, nothing else leaks.
-        std::mem::forget(self);
-        pin_dir
     }
 }

@@ -13,8 +13,8 @@ mod local_redirect;
 mod run;
 mod splice;
 mod splice_policy;
-mod vip;
 mod upgrade;
+mod vip;
 
 use std::path::PathBuf;
 

@@ -93,60 +93,27 @@ pub struct RunConfig {
 impl RunConfig {
     /// Parses a config file's text; relative paths resolve against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Self> {
-        // `[node]` and `[routes]` are split off by hand so the rest is deserialized as a
+        // The node's own sections are split off by hand so the rest is deserialized as a
         // `ProxyConfig` directly, where unknown keys (typos) are errors; serde's `flatten`
         // would silently ignore them.
         let mut table: toml::Table = toml::from_str(text)?;
-        let node = match table.remove("node") {
-            Some(v) => NodeConfig::deserialize(v).context("in [node]")?,
-            None => NodeConfig::default(),
-        };
-        let routes = match table.remove("routes") {
-            Some(v) => RoutesConfig::deserialize(v).context("in [routes]")?,
-            None => RoutesConfig::default(),
-        };
-        let etcd = match table.remove("etcd") {
-            Some(v) => Some(EtcdConfig::deserialize(v).context("in [etcd]")?),
-            None => None,
-        };
-        let health = match table.remove("health") {
-            Some(v) => HealthConfig::deserialize(v).context("in [health]")?,
-            None => HealthConfig::default(),
-        };
-        let local_replicas = match table.remove("local_replicas") {
-            Some(v) => crate::local_redirect::LocalReplicasConfig::deserialize(v)
-                .context("in [local_replicas]")?,
-            None => Default::default(),
-        };
+        let node: NodeConfig = section(&mut table, "node")?;
+        let routes: RoutesConfig = section(&mut table, "routes")?;
+        let etcd: Option<EtcdConfig> = section(&mut table, "etcd")?;
+        let health: HealthConfig = section(&mut table, "health")?;
+        let local_replicas: crate::local_redirect::LocalReplicasConfig =
+            section(&mut table, "local_replicas")?;
         local_replicas.parsed_prefixes()?;
-        let splice = match table.remove("splice") {
-            Some(v) => crate::splice_policy::SpliceConfig::deserialize(v).context("in [splice]")?,
-            None => Default::default(),
-        };
-        let vip = match table.remove("vip") {
-            Some(v) => crate::vip::VipConfig::deserialize(v).context("in [vip]")?,
-            None => Default::default(),
-        };
-        let guard = match table.remove("guard") {
-            Some(v) => crate::guard::GuardConfig::deserialize(v).context("in [guard]")?,
-            None => crate::guard::GuardConfig::default(),
-        };
+        let splice: crate::splice_policy::SpliceConfig = section(&mut table, "splice")?;
+        let vip: crate::vip::VipConfig = section(&mut table, "vip")?;
+        let guard: crate::guard::GuardConfig = section(&mut table, "guard")?;
         guard.validate().context("in [guard]")?;
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg = RunConfig {
-            node,
-            routes,
-            etcd,
-            health,
-            local_replicas,
-            proxy,
-            splice,
-            vip,
-            guard,
-        };
+        let mut cfg =
+            RunConfig { node, routes, etcd, health, local_replicas, proxy, splice, vip, guard };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -165,6 +132,17 @@ impl RunConfig {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// Takes `[name]` out of the config document: its value, or the default when absent.
+fn section<T: serde::de::DeserializeOwned + Default>(
+    table: &mut toml::Table,
+    name: &str,
+) -> Result<T> {
+    match table.remove(name) {
+        Some(v) => T::deserialize(v).with_context(|| format!("in [{name}]")),
+        None => Ok(T::default()),
     }
 }
 
