@@ -12,7 +12,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -112,6 +112,8 @@ pub struct Guard {
     dataplane: Option<Arc<Mutex<Dataplane>>>,
     attachments: Vec<GuardAttachment>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Set on drop: ends a pending attach after an upgrade.
+    stopped: Arc<AtomicBool>,
 }
 
 impl Guard {
@@ -121,12 +123,18 @@ impl Guard {
     }
 
     fn inactive() -> Guard {
-        Guard { dataplane: None, attachments: Vec::new(), stop: None }
+        Guard {
+            dataplane: None,
+            attachments: Vec::new(),
+            stop: None,
+            stopped: Arc::new(AtomicBool::new(true)),
+        }
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Relaxed);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -140,12 +148,14 @@ impl Drop for Guard {
 }
 
 /// Programs and attaches the guard (when configured) and hooks auth-failure bans into
-/// `server`. A failure to attach is fatal only with `require_ebpf`.
+/// `server`. A failure to attach is fatal only with `require_ebpf`. When `replacing` a
+/// running sluice, interfaces it still holds are attached as soon as it lets go.
 pub fn start(
     cfg: &GuardConfig,
     dataplane: Option<&Arc<Mutex<Dataplane>>>,
     server: &mut Server,
     require_ebpf: bool,
+    replacing: bool,
 ) -> Result<Guard> {
     if cfg.interfaces.is_empty() {
         return Ok(Guard::inactive());
@@ -164,10 +174,29 @@ pub fn start(
     } else {
         cfg.ports.clone()
     };
-    let mut guard = Guard { dataplane: Some(dp.clone()), attachments: Vec::new(), stop: None };
+    let mut guard = Guard {
+        dataplane: Some(dp.clone()),
+        attachments: Vec::new(),
+        stop: None,
+        stopped: Arc::new(AtomicBool::new(false)),
+    };
+    let mut waiting = Vec::new();
     let attached = {
         let mut d = dp.lock().map_err(|_| anyhow::anyhow!("data plane lock poisoned"))?;
-        program_and_attach(&mut d, cfg, &deny, &ports, &mut guard.attachments)
+        program_maps(&mut d, cfg, &deny, &ports).and_then(|()| {
+            for i in &cfg.interfaces {
+                match d.attach_guard(i) {
+                    Ok(a) => guard.attachments.push(a),
+                    // An upgrade: the process being replaced still holds the interface
+                    // (one XDP link per interface) until it exits.
+                    Err(e) if replacing && held_by_another(&e) => waiting.push(i.clone()),
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context(format!("attaching to {i}")));
+                    }
+                }
+            }
+            Ok(())
+        })
     };
     if let Err(e) = attached {
         if require_ebpf {
@@ -176,6 +205,13 @@ pub fn start(
         warn!(error = %format!("{e:#}"), "XDP guard unavailable; serving without it (no auth-failure bans)");
         // Dropping `guard` detaches whatever did attach.
         return Ok(Guard::inactive());
+    }
+    if !waiting.is_empty() {
+        info!(
+            interfaces = ?waiting,
+            "XDP guard waits for the sluice being replaced to release these interfaces"
+        );
+        tokio::spawn(attach_when_released(dp.clone(), waiting, guard.stopped.clone()));
     }
     info!(
         interfaces = ?guard.attachments.iter().map(|a| format!("{}:{}", a.interface, a.mode)).collect::<Vec<_>>(),
@@ -202,12 +238,58 @@ pub fn start(
     Ok(guard)
 }
 
-fn program_and_attach(
+/// Whether an attach failed because another XDP program (the previous sluice's, during
+/// an upgrade) holds the interface.
+fn held_by_another(e: &sluice_dataplane::DataplaneError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::ResourceBusy
+            )
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Attaches the guard to `interfaces` as soon as the process being replaced lets go of
+/// them (it detaches on exit), until the guard is dropped.
+async fn attach_when_released(
+    dp: Arc<Mutex<Dataplane>>,
+    mut interfaces: Vec<String>,
+    stopped: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !interfaces.is_empty() && !stopped.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let Ok(mut d) = dp.lock() else { return };
+        // Checked again under the lock: the guard's drop detaches under it too.
+        if stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        interfaces.retain(|i| match d.attach_guard(i) {
+            Ok(a) => {
+                info!(interface = %a.interface, mode = a.mode, "XDP guard attached after the handover");
+                false
+            }
+            Err(e) if held_by_another(&e) => true,
+            Err(e) => {
+                warn!(interface = %i, error = %e, "XDP guard could not attach after the handover");
+                false
+            }
+        });
+    }
+}
+
+fn program_maps(
     dp: &mut Dataplane,
     cfg: &GuardConfig,
     deny: &[Prefix],
     ports: &[u16],
-    out: &mut Vec<GuardAttachment>,
 ) -> Result<()> {
     // Maps first, so the program never runs unconfigured.
     for &p in ports {
@@ -217,9 +299,6 @@ fn program_and_attach(
     for &prefix in deny {
         dp.guard_deny(prefix, None)
             .with_context(|| format!("denying {}/{}", prefix.addr, prefix.len))?;
-    }
-    for i in &cfg.interfaces {
-        out.push(dp.attach_guard(i).with_context(|| format!("attaching to {i}"))?);
     }
     Ok(())
 }

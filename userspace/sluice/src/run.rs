@@ -232,8 +232,13 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
     }
     crate::vip::start(&kernel, &table, cfg.vip, &mut server);
     // Dropped at the end of serve(): detaches the guard.
-    let guard =
-        crate::guard::start(&cfg.guard, kernel.dataplane.as_ref(), &mut server, require_ebpf)?;
+    let guard = crate::guard::start(
+        &cfg.guard,
+        kernel.dataplane.as_ref(),
+        &mut server,
+        require_ebpf,
+        handover.replaces_another(),
+    )?;
     let mut bpf_doc = kernel.report_json();
     bpf_doc["guard"] = crate::guard::report_json(&guard);
     let bpf_report = serde_json::to_string_pretty(&bpf_doc).unwrap_or_default();

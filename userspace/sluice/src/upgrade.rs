@@ -231,6 +231,12 @@ impl Handover {
         })
     }
 
+    /// Whether this process is replacing a running sluice: kernel attachments that one
+    /// still holds (an interface's XDP link) are then waited for, not given up on.
+    pub fn replaces_another(&self) -> bool {
+        self.previous.is_some()
+    }
+
     /// Called once the server is bound: waits until it can serve what the old process
     /// serves (routing loaded, every ready replica past its first health check), then
     /// makes this process the active generation (kernel steering when available) and

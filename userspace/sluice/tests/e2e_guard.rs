@@ -268,3 +268,70 @@ fn syn_flood_from_one_source_is_limited_while_another_is_served() {
     let counted = metric(&metrics, "sluice_bpf_guard_dropped_syn_rate_total").unwrap_or(0);
     assert!(counted >= 3, "{metrics}");
 }
+
+/// The process a `sluice upgrade` started (not our child): stopped on drop.
+struct Replacement(Option<u32>);
+
+impl Drop for Replacement {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// The pid in the pin dir's owner record (`<pid>@<pid namespace>`).
+fn owner(pin_dir: &Path) -> Option<u32> {
+    let target = std::fs::read_link(pin_dir.join("owner")).ok()?;
+    target.to_str()?.split('@').next()?.parse().ok()
+}
+
+#[test]
+fn the_guard_moves_to_the_new_process_on_upgrade() {
+    sluice_tests::require_root!();
+    let topo = Topology::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = start(&topo, dir.path(), "deny = [\"198.18.1.0/24\"]");
+    assert!(
+        eventually(Duration::from_secs(10), || get(&topo, &sluice, 2, OPEN) == Some(200)),
+        "client 2 is not served"
+    );
+    let old = sluice.pid();
+
+    // One XDP link per interface: the new process can only attach once the old one has
+    // let go, and must then do so by itself.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["upgrade", "--timeout", "60", "--pin-dir"])
+        .arg(sluice.pin_dir())
+        .output()
+        .unwrap();
+    let new = Replacement(owner(sluice.pin_dir()).filter(|p| *p != old));
+    assert!(out.status.success(), "upgrade failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(new.0.is_some(), "no new owner after the upgrade");
+
+    let attached = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["bpf", "status", "--json", "--pin-dir"])
+            .arg(sluice.pin_dir())
+            .output()
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        doc["live"]["guard_interfaces"].as_array().map(Vec::len) == Some(2)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), attached),
+        "guard not re-attached: {}",
+        status(&sluice)
+    );
+    // The new process's guard enforces the configured denylist.
+    assert!(
+        eventually(Duration::from_secs(10), || get(&topo, &sluice, 2, OPEN) == Some(200)),
+        "client 2 is not served after the upgrade"
+    );
+    assert_eq!(get(&topo, &sluice, 1, OPEN), None, "denylisted client 1 got an answer");
+}
