@@ -381,6 +381,18 @@ impl Handover {
             && let Ok(mut d) = dp.lock()
         {
             d.release_pins();
+            // The successor's programs take over: an interface's XDP link is waited
+            // for by it, and this process's VIP selections stop following the routing
+            // now, so none of them may outlive the handover (nor linger with it).
+            for (what, res) in [
+                ("XDP guard", d.detach_guard()),
+                ("VIP connect programs", d.detach_vip()),
+                ("local-replica redirect", d.detach_local_redirect()),
+            ] {
+                if let Err(e) = res {
+                    warn!(error = %e, "detaching the {what} after the handover");
+                }
+            }
         }
         info!("handed over to the new process");
         if LINGER.load(Ordering::Relaxed) {
