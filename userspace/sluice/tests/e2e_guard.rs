@@ -107,6 +107,17 @@ fn status(sluice: &SluiceProcess) -> String {
     doc["live"].to_string()
 }
 
+/// Starts sluice with client 1's subnet denylisted and waits until client 2 is served
+/// (the health checker must have seen the replica first).
+fn start_denying_client_1(topo: &Topology, dir: &Path) -> SluiceProcess {
+    let sluice = start(topo, dir, "deny = [\"198.18.1.0/24\"]");
+    assert!(
+        eventually(Duration::from_secs(10), || get(topo, &sluice, 2, OPEN) == Some(200)),
+        "client 2 is not served"
+    );
+    sluice
+}
+
 fn metric(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
@@ -116,13 +127,7 @@ fn denylisted_source_is_dropped_and_status_shows_the_guard() {
     sluice_tests::require_root!();
     let topo = Topology::new(2);
     let dir = tempfile::tempdir().unwrap();
-    let sluice = start(&topo, dir.path(), "deny = [\"198.18.1.0/24\"]");
-
-    // The health checker must have seen the replica before the open server answers.
-    assert!(
-        eventually(Duration::from_secs(10), || get(&topo, &sluice, 2, OPEN) == Some(200)),
-        "client 2 is not served"
-    );
+    let sluice = start_denying_client_1(&topo, dir.path());
     assert_eq!(get(&topo, &sluice, 1, OPEN), None, "denylisted client 1 got an answer");
     assert_eq!(get(&topo, &sluice, 2, OPEN), Some(200), "client 2 after client 1's attempt");
 
@@ -296,11 +301,7 @@ fn the_guard_moves_to_the_new_process_on_upgrade() {
     sluice_tests::require_root!();
     let topo = Topology::new(2);
     let dir = tempfile::tempdir().unwrap();
-    let sluice = start(&topo, dir.path(), "deny = [\"198.18.1.0/24\"]");
-    assert!(
-        eventually(Duration::from_secs(10), || get(&topo, &sluice, 2, OPEN) == Some(200)),
-        "client 2 is not served"
-    );
+    let sluice = start_denying_client_1(&topo, dir.path());
     let old = sluice.pid();
 
     // One XDP link per interface: the new process can only attach once the old one has
