@@ -378,6 +378,16 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+        // The run's bpffs pin directories (what the stopped sluices left: the listener
+        // steering maps outlive a process by design).
+        let prefix = systems::bench_pin_prefix();
+        if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
+            for e in entries.flatten() {
+                if e.path().display().to_string().starts_with(&prefix) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
     }
 }
 

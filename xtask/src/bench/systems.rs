@@ -278,9 +278,24 @@ fn start_sluice(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
     start_sluice_routes(env, cpus, tag, None, None).map(|(r, _)| r)
 }
 
+/// This run's pin directory for the sluice started as `tag`: each bench sluice has its
+/// own, because sluice refuses to start beside a live one that owns its pin directory
+/// (P6 starts a fresh sluice while the main one runs). [`super::Scratch`] removes them.
+pub fn bench_pin_dir(tag: &str) -> PathBuf {
+    // bpffs refuses names with a '.'.
+    let tag: String =
+        tag.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    PathBuf::from(format!("{}-{tag}", bench_pin_prefix()))
+}
+
+/// What every pin directory of this run starts with.
+pub fn bench_pin_prefix() -> String {
+    format!("/sys/fs/bpf/sluice-bench-{}", std::process::id())
+}
+
 /// Starts sluice like [`start`] does, but serving `routes` (a routing document; the
-/// bench's own when `None`) and pinning its maps under `pin_dir` (the default pin
-/// directory when `None`). Returns the admin address too, for `/metrics`.
+/// bench's own when `None`) and pinning its maps under `pin_dir` ([`bench_pin_dir`] of
+/// `tag` when `None`). Returns the admin address too, for `/metrics`.
 pub fn start_sluice_routes(
     env: &Env,
     cpus: Cpus,
@@ -306,10 +321,14 @@ pub fn start_sluice_routes(
     fs::write(dir.join("routes.toml"), routes)?;
     let path = dir.join("sluice.toml");
     fs::write(&path, fill(SLUICE_TOML, &values)?)?;
-    let mut args: Vec<String> = vec!["run".into(), "--config".into(), path.display().to_string()];
-    if let Some(p) = pin_dir {
-        args.extend(["--pin-dir".into(), p.display().to_string()]);
-    }
+    let pin_dir = pin_dir.map(Path::to_path_buf).unwrap_or_else(|| bench_pin_dir(tag));
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--config".into(),
+        path.display().to_string(),
+        "--pin-dir".into(),
+        pin_dir.display().to_string(),
+    ];
     let mut guard = Guard::spawn("sluice", cpus, &bin, &args, dir.join("sluice.log"))
         .context("cannot start sluice")?;
     for p in [plain, tls] {

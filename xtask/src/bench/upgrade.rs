@@ -15,7 +15,6 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -59,7 +58,7 @@ pub fn p4(ctx: &mut Ctx) -> Result<()> {
         return Ok(());
     }
     let replica = EchoReplica::start()?;
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sluice-bench-{}-p4", std::process::id()));
+    let pin_dir = super::systems::bench_pin_dir("p4");
     let started = Sluice::start(ctx, replica.addr, &pin_dir);
     let sluice = match started {
         Ok(s) => s,
