@@ -80,6 +80,10 @@ pub fn is_h1_upgrade(version: Version, headers: &HeaderMap) -> bool {
 /// Proxy-*, TE (except `trailers`, which is kept as `te: trailers`), Transfer-Encoding,
 /// Upgrade (unless `keep_upgrade`) and HTTP2-Settings.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names spares the lookups below.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -121,6 +125,17 @@ pub fn forwarded_for(peer: IpAddr) -> HeaderValue {
     };
     // An IP address's text is always a valid header value.
     HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Whether `name` is one [`strip_hop_by_hop`] may remove or act on.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == KEEP_ALIVE
+        || *name == HTTP2_SETTINGS
+        || name.as_str().starts_with("proxy-")
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host. A trusted edge's values are extended; anyone
@@ -197,7 +212,8 @@ impl RequestIds {
         for (i, c) in out.iter_mut().enumerate() {
             *c = HEX[((both >> (124 - 4 * i)) & 0xf) as usize];
         }
-        out.iter().map(|&c| c as char).collect()
+        // Hex digits are ASCII, so this never falls back to the empty default.
+        std::str::from_utf8(&out).unwrap_or_default().to_owned()
     }
 
     /// Keeps a request id from a trusted edge if it is sane, else makes a new one.
