@@ -497,6 +497,8 @@ fn daemonset_like_run() {
         for map in PINNED_MAPS {
             assert!(!Path::new(PIN_DIR).join(map).exists(), "{map} still pinned after exit");
         }
+        // The directory itself, once empty (a real sluice on this host would keep it).
+        let _ = std::fs::remove_dir(PIN_DIR);
     }
     eprintln!("podman image: daemonset-like run passed in {:.1}s", started.elapsed().as_secs_f64());
 }
@@ -539,6 +541,8 @@ fn without_cap_bpf() {
     assert!(kill.status.success(), "{kill:?}");
     let code = c.wait_exit(WAIT);
     assert_eq!(code, 0, "sluice exited with {code} after SIGTERM:\n{}", c.logs());
+    // The owner record's directory, once empty.
+    let _ = std::fs::remove_dir(PIN_DIR);
 }
 
 /// The image's own default (ENTRYPOINT + CMD and the baked-in config, the same files as
