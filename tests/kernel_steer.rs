@@ -8,6 +8,7 @@ use sluice_tests::require_root;
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd,
     path::PathBuf,
     sync::{
         Arc,
@@ -189,5 +190,55 @@ fn handover_to_a_new_generation_loses_no_connection() {
     assert_eq!(failed, 0, "connections failed during the handover");
     assert!(answered_by_new >= 200, "the new generation did not take over");
     assert!(stats.migrated >= 1, "queued connections were not migrated: {stats:?}");
+    drop(old);
+}
+
+/// The tag of the listener that answered a fresh connection to `addr`.
+fn answer(addr: SocketAddr) -> u8 {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    b[0]
+}
+
+#[test]
+fn every_listening_address_follows_the_active_generation() {
+    require_root!();
+    let pins = PinDir::new();
+    // Two addresses (say :80 and :443), each its own SO_REUSEPORT group; one socket per
+    // address per generation, all registered as the generation.
+    let (a1, b1) = (
+        reuseport_listener("127.0.0.1:0".parse().unwrap()),
+        reuseport_listener("127.0.0.1:0".parse().unwrap()),
+    );
+    let (a, b) = (a1.local_addr().unwrap(), b1.local_addr().unwrap());
+    let mut old =
+        Dataplane::load(DataplaneOptions { pin_dir: Some(pins.0.clone()) }).expect("load old");
+    let g_old = old.steer_register(&[a1.as_fd(), b1.as_fd()]).unwrap();
+    old.steer_attach(&a1).unwrap();
+    old.steer_attach(&b1).unwrap();
+    old.steer_activate(g_old).unwrap();
+    let old_gen = Generation::serve(vec![a1, b1], b'A');
+
+    let (a2, b2) = (reuseport_listener(a), reuseport_listener(b));
+    let mut new =
+        Dataplane::load(DataplaneOptions { pin_dir: Some(pins.0.clone()) }).expect("load new");
+    let g_new = new.steer_register(&[a2.as_fd(), b2.as_fd()]).unwrap();
+    new.steer_attach(&a2).unwrap();
+    new.steer_attach(&b2).unwrap();
+    let new_gen = Generation::serve(vec![a2, b2], b'B');
+    // Both generations listen on both addresses; only the active one gets connections.
+    for _ in 0..20 {
+        assert_eq!((answer(a), answer(b)), (b'A', b'A'), "the old generation is active");
+    }
+    new.steer_activate(g_new).unwrap();
+    for _ in 0..20 {
+        assert_eq!((answer(a), answer(b)), (b'B', b'B'), "the new generation is active");
+    }
+    let stats = new.steer_stats().unwrap();
+    assert_eq!(stats.fallback, 0, "a connection fell back to the kernel's hash: {stats:?}");
+    old_gen.close();
+    new_gen.close();
     drop(old);
 }

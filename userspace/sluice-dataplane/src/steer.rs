@@ -37,8 +37,10 @@ impl Dataplane {
         cfg.get(&0, 0).map_err(map_err(name))
     }
 
-    /// Registers `listeners` (one SO_REUSEPORT group, e.g. one per worker) in the half
-    /// of the socket array that is not active, without activating them.
+    /// Registers `listeners` (one process's listening sockets: several per address for
+    /// workers, and any number of addresses, each its own SO_REUSEPORT group; the
+    /// kernel picks among the ones of a connection's group) in the half of the socket
+    /// array that is not active, without activating them.
     pub fn steer_register<S: AsRawFd>(
         &mut self,
         listeners: &[S],

@@ -442,7 +442,9 @@ fn activate(
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<SteerGeneration, sluice_dataplane::DataplaneError> {
     let before = d.steer_active()?;
-    let generation = d.steer_register(&fds[..1])?;
+    // Every listening address's socket: the kernel picks the one of the connection's
+    // group.
+    let generation = d.steer_register(fds)?;
     for fd in fds {
         d.steer_attach(fd)?;
     }
