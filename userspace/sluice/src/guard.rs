@@ -181,9 +181,10 @@ pub fn start(
         stopped: Arc::new(AtomicBool::new(false)),
     };
     let mut waiting = Vec::new();
-    let attached = {
+    let mut failed = Vec::new();
+    let programmed = {
         let mut d = dp.lock().map_err(|_| anyhow::anyhow!("data plane lock poisoned"))?;
-        program_maps(&mut d, cfg, &deny, &ports).and_then(|()| {
+        program_maps(&mut d, cfg, &deny, &ports).map(|()| {
             for i in &cfg.interfaces {
                 match d.attach_guard(i) {
                     Ok(a) => guard.attachments.push(a),
@@ -191,20 +192,32 @@ pub fn start(
                     // (one XDP link per interface) until it exits.
                     Err(e) if replacing && held_by_another(&e) => waiting.push(i.clone()),
                     Err(e) => {
-                        return Err(anyhow::Error::new(e).context(format!("attaching to {i}")));
+                        failed.push(anyhow::Error::new(e).context(format!("attaching to {i}")))
                     }
                 }
             }
-            Ok(())
         })
     };
-    if let Err(e) = attached {
+    let unavailable = match programmed {
+        Err(e) => Some(e),
+        // Not one interface guarded (nor about to be): the guard is off altogether.
+        Ok(()) if guard.attachments.is_empty() && waiting.is_empty() => failed.pop(),
+        Ok(()) => None,
+    };
+    if let Some(e) = unavailable {
         if require_ebpf {
             return Err(e.context("--require-ebpf: the XDP guard could not attach"));
         }
         warn!(error = %format!("{e:#}"), "XDP guard unavailable; serving without it (no auth-failure bans)");
         // Dropping `guard` detaches whatever did attach.
         return Ok(Guard::inactive());
+    }
+    // Some interfaces guarded, some not: protect what can be protected, and say which.
+    for e in failed {
+        if require_ebpf {
+            return Err(e.context("--require-ebpf: the XDP guard could not attach"));
+        }
+        warn!(error = %format!("{e:#}"), "XDP guard left off one interface; the others are guarded");
     }
     if !waiting.is_empty() {
         info!(

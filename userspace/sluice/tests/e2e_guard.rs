@@ -58,6 +58,12 @@ fn serve(s: TcpStream) {
 /// Starts sluice in `topo`'s node namespace with an open and an auth-locked server,
 /// and the guard on both client links configured by `guard` (extra `[guard]` keys).
 fn start(topo: &Topology, dir: &Path, guard: &str) -> SluiceProcess {
+    let ifaces: Vec<String> = topo.clients.iter().map(|c| c.node_if.clone()).collect();
+    start_on(topo, dir, &ifaces, guard)
+}
+
+/// [`start`] with the guard on `interfaces`.
+fn start_on(topo: &Topology, dir: &Path, interfaces: &[String], guard: &str) -> SluiceProcess {
     let replica = replica(&topo.node);
     std::fs::write(
         dir.join("routes.toml"),
@@ -69,7 +75,7 @@ fn start(topo: &Topology, dir: &Path, guard: &str) -> SluiceProcess {
         ),
     )
     .unwrap();
-    let ifaces: Vec<String> = topo.clients.iter().map(|c| format!("\"{}\"", c.node_if)).collect();
+    let ifaces: Vec<String> = interfaces.iter().map(|i| format!("\"{i}\"")).collect();
     let rest = format!(
         "[node]\nbase_domains = [\"example.test\"]\nregions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n\
          [guard]\ninterfaces = [{}]\n{guard}\n",
@@ -243,6 +249,28 @@ fn guard_that_cannot_attach_warns_or_with_require_ebpf_stops_start_up() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started without its guard: {stderr}");
     assert!(stderr.contains("XDP guard") && stderr.contains("nosuch0"), "{stderr}");
+}
+
+#[test]
+fn an_interface_that_cannot_be_guarded_leaves_the_others_guarded() {
+    sluice_tests::require_root!();
+    let topo = Topology::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    // Both clients denied; only n1 can be guarded (nosuch0 does not exist, n2 is not
+    // listed): client 1 is dropped, client 2 still reaches sluice.
+    let ifaces = ["n1".to_owned(), "nosuch0".to_owned()];
+    let sluice = start_on(&topo, dir.path(), &ifaces, "deny = [\"198.18.0.0/15\"]");
+    assert!(
+        eventually(Duration::from_secs(10), || get(&topo, &sluice, 2, OPEN) == Some(200)),
+        "client 2 (unguarded link) is not served"
+    );
+    assert_eq!(get(&topo, &sluice, 1, OPEN), None, "client 1 got past the guard on n1");
+    let (code, body) = http_get_in(&topo.node, sluice.admin, "admin", "/bpf", &[]).unwrap();
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ifaces = doc["guard"]["interfaces"].as_array().unwrap();
+    assert_eq!(ifaces.len(), 1, "{doc}");
+    assert_eq!(ifaces[0]["interface"], "n1", "{doc}");
 }
 
 #[test]
