@@ -28,6 +28,13 @@ pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String
     Some((status, body))
 }
 
+/// The pid a pin dir's owner record names (`<pid>@<pid namespace>`): the sluice that
+/// serves with that pin dir, e.g. the one a `sluice upgrade` started.
+pub fn owner_pid(pin_dir: &Path) -> Option<u32> {
+    let target = std::fs::read_link(pin_dir.join("owner")).ok()?;
+    target.to_string_lossy().split_once('@')?.0.parse().ok()
+}
+
 /// A running `sluice run`.
 pub struct SluiceProcess {
     child: Child,

@@ -16,7 +16,7 @@ use std::{
 
 use sluice_tests::{
     netns::{NetNs, Topology},
-    process::{SluiceProcess, http_get_in},
+    process::{SluiceProcess, http_get_in, owner_pid},
 };
 
 const OPEN: &str = "open.r1.example.test";
@@ -102,15 +102,20 @@ fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// `sluice bpf status --json` for failure messages.
-fn status(sluice: &SluiceProcess) -> String {
+/// The live state `sluice bpf status --json` reads through `sluice`'s pins.
+fn live(sluice: &SluiceProcess) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["bpf", "status", "--json", "--pin-dir"])
         .arg(sluice.pin_dir())
         .output()
         .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    doc["live"].to_string()
+    doc["live"].clone()
+}
+
+/// [`live`] as text, for failure messages.
+fn status(sluice: &SluiceProcess) -> String {
+    live(sluice).to_string()
 }
 
 /// Starts sluice with client 1's subnet denylisted and waits until client 2 is served
@@ -318,12 +323,6 @@ impl Drop for Replacement {
     }
 }
 
-/// The pid in the pin dir's owner record (`<pid>@<pid namespace>`).
-fn owner(pin_dir: &Path) -> Option<u32> {
-    let target = std::fs::read_link(pin_dir.join("owner")).ok()?;
-    target.to_str()?.split('@').next()?.parse().ok()
-}
-
 #[test]
 fn the_guard_moves_to_the_new_process_on_upgrade() {
     sluice_tests::require_root!();
@@ -339,19 +338,11 @@ fn the_guard_moves_to_the_new_process_on_upgrade() {
         .arg(sluice.pin_dir())
         .output()
         .unwrap();
-    let new = Replacement(owner(sluice.pin_dir()).filter(|p| *p != old));
+    let new = Replacement(owner_pid(sluice.pin_dir()).filter(|p| *p != old));
     assert!(out.status.success(), "upgrade failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(new.0.is_some(), "no new owner after the upgrade");
 
-    let attached = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["bpf", "status", "--json", "--pin-dir"])
-            .arg(sluice.pin_dir())
-            .output()
-            .unwrap();
-        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        doc["live"]["guard_interfaces"].as_array().map(Vec::len) == Some(2)
-    };
+    let attached = || live(&sluice)["guard_interfaces"].as_array().map(Vec::len) == Some(2);
     assert!(
         eventually(Duration::from_secs(10), attached),
         "guard not re-attached: {}",

@@ -25,7 +25,7 @@ use hyper_util::{
     },
     rt::TokioExecutor,
 };
-use sluice_tests::process::{SluiceProcess, http_get};
+use sluice_tests::process::{SluiceProcess, http_get, owner_pid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOST: &str = "hello.r1.example.test";
@@ -79,12 +79,6 @@ impl tower_service::Service<Name> for ToProxy {
     fn call(&mut self, _: Name) -> Self::Future {
         std::future::ready(Ok(std::iter::once(self.0)))
     }
-}
-
-/// The process that took over, from the owner record in the pin dir.
-fn owner_pid(pin_dir: &Path) -> Option<u32> {
-    let target = std::fs::read_link(pin_dir.join("owner")).ok()?;
-    target.to_string_lossy().split_once('@')?.0.parse().ok()
 }
 
 /// Running and not a zombie.
