@@ -152,11 +152,23 @@ pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new("."));
     let cfg = RunConfig::parse(&text, base).with_context(|| format!("in {}", config.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = runtime()?;
     let res = rt.block_on(serve(cfg, require_ebpf, pin_dir));
     // Connections past the drain deadline are cut here instead of holding the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res
+}
+
+/// One worker per CPU this process may run on. On one CPU that is a current-thread
+/// runtime: every task, the I/O driver and the timers share the one thread, so a request
+/// never pays a cross-thread wake-up or the work-stealing scheduler's bookkeeping.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cpus).enable_all().build()
+    }
 }
 
 async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {

@@ -268,7 +268,7 @@ fn run(opts: Opts) -> Result<()> {
     eprintln!("bench: scratch directory {}", dir.display());
     procs::on_interrupt(dir.clone());
     let (cert, key, combined) = write_cert(&dir, "bench.r1.sluice.test")?;
-    let exe = std::env::current_exe()?.display().to_string();
+    let exe = release_upstream()?.display().to_string();
     // Niced before the upstream starts so that every measured process inherits it.
     let reniced = procs::renice_self(NICE);
     let load_before = procs::loadavg();
@@ -441,6 +441,35 @@ fn ensure_oha() -> Result<PathBuf> {
 
 /// The oha release known to build with rustc 1.95.
 const OHA_VERSION: &str = "1.16.0";
+
+/// The upstream every system forwards to is this binary's `__upstream` role, and it must
+/// be an optimised build: `cargo xtask` runs a debug build, whose hyper server costs
+/// about four times the CPU per request, so the upstream (sharing CPU 0 with the load
+/// generator) and not the proxy would set every throughput figure.
+fn release_upstream() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    if me.parent().and_then(|d| d.file_name()).is_some_and(|d| d == "release") {
+        return Ok(me);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("bench: $ cargo build --release -p xtask (the upstream)");
+    let status = Command::new(cargo)
+        .current_dir(super::root())
+        .args(["build", "--release", "-q", "-p", "xtask"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p xtask failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::root().join("target"));
+    let bin = target.join("release/xtask");
+    if !bin.exists() {
+        bail!("{} missing after the build", bin.display());
+    }
+    Ok(bin)
+}
 
 /// Builds the release sluice binary and returns its path.
 fn build_sluice() -> Result<PathBuf> {
