@@ -271,7 +271,7 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
-            h1_max_idle_per_replica: 64,
+            h1_max_idle_per_replica: 256,
             h2_stream_window: 1024 * 1024,
             h2_connection_window: 8 * 1024 * 1024,
             h2_max_streams_per_connection: 1000,

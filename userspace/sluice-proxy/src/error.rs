@@ -125,6 +125,55 @@ impl RequestError {
         )
     }
 
+    /// The plain-text body every answer of sluice's own carries: status, reason, request id.
+    fn text(&self, request_id: &str) -> String {
+        let status = self.status();
+        format!(
+            "{} {}: {}\nrequest id: {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self,
+            request_id
+        )
+    }
+
+    /// The same answer as [`Self::into_response`], written as HTTP/1.1 bytes onto `out`
+    /// (the HTTP/1.1 fast path frames its own responses); `close` adds `connection: close`.
+    pub(crate) fn write_h1(
+        &self,
+        request_id_header: &header::HeaderName,
+        request_id: &str,
+        close: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let status = self.status();
+        let text = self.text(request_id);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(
+            b"\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n",
+        );
+        out.extend_from_slice(request_id_header.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(request_id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if status == StatusCode::UNAUTHORIZED {
+            out.extend_from_slice(b"www-authenticate: Sluice realm=\"sluice\"\r\n");
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            out.extend_from_slice(b"retry-after: 1\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(text.len()).as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(text.as_bytes());
+    }
+
     /// A short plain-text response carrying the reason and the request id.
     pub fn into_response(
         self,
@@ -132,13 +181,7 @@ impl RequestError {
         request_id: &str,
     ) -> Response<ProxyBody> {
         let status = self.status();
-        let text = format!(
-            "{} {}: {}\nrequest id: {}\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
-            self,
-            request_id
-        );
+        let text = self.text(request_id);
         let mut resp = Response::new(full(Bytes::from(text)));
         *resp.status_mut() = status;
         let h = resp.headers_mut();

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -33,7 +34,8 @@ impl Activity {
         Arc::new(Self { last_ms: AtomicU64::new(now_ms()), active: AtomicUsize::new(0) })
     }
 
-    fn touch(&self) {
+    /// Records that bytes moved now.
+    pub(crate) fn touch(&self) {
         self.last_ms.store(now_ms(), Ordering::Relaxed);
     }
 
@@ -80,18 +82,27 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        // Bytes read from `inner` before this wrapper took over (the HTTP/1.1 fast path
+        // hands a connection to hyper with the request it declined): read first.
+        prefix: Bytes,
     }
 }
 
 impl<T> ConnIo<T> {
     /// Wraps `inner`.
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self { inner, activity, prefix: Bytes::new() }
     }
 
-    /// The wrapped stream (for handing a raw socket to the kernel data plane).
-    pub fn into_inner(self) -> T {
-        self.inner
+    /// Wraps `inner`, whose next bytes are `prefix` (already read from it).
+    pub fn with_prefix(inner: T, activity: Arc<Activity>, prefix: Bytes) -> Self {
+        Self { inner, activity, prefix }
+    }
+
+    /// The wrapped stream (for handing a raw socket to the kernel data plane) and the
+    /// prefix bytes not read yet, which come before anything still in the stream.
+    pub fn into_parts(self) -> (T, Bytes) {
+        (self.inner, self.prefix)
     }
 
     /// The wrapped stream.
@@ -107,6 +118,11 @@ impl<T: AsyncRead> AsyncRead for ConnIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {

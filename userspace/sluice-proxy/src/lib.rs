@@ -23,6 +23,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+mod h1proxy;
 pub mod h1scan;
 pub mod headers;
 pub mod io;

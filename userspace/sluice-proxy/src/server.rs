@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, ProxyState, handle};
 use crate::upgrade::{OpaqueStreamHandoff, UserspaceRelay};
 use crate::upstream::{UpstreamSettings, Upstreams};
-use crate::{listener, tls};
+use crate::{h1proxy, listener, tls};
 
 /// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -352,11 +352,13 @@ async fn serve_connection(
                 }
             };
             let h2 = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
+            // Boxed, here and below: a connection's task is as large as its largest
+            // future, and an idle fast-path connection should not pay for hyper's.
             if h2 {
-                serve_h2(state, TokioIo::new(stream), info, drain).await;
+                Box::pin(serve_h2(state, TokioIo::new(stream), info, drain)).await;
             } else {
                 let io = TokioIo::new(H1Scan::new(stream, max_head, verdicts));
-                serve_h1(state, io, info, drain).await;
+                Box::pin(serve_h1(state, io, info, drain)).await;
             }
         }
         None => {
@@ -370,13 +372,20 @@ async fn serve_connection(
                 // draining it is an idle connection like any other.
                 () = drain_quiet(drain.clone()) => return,
             };
-            let io = ConnIo::new(tcp, activity.clone());
             if is_h2 {
-                serve_h2(state, TokioIo::new(io), info, drain).await;
-            } else {
-                let io = TokioIo::new(H1Scan::new(io, max_head, verdicts));
-                serve_h1(state, io, info, drain).await;
+                let io = ConnIo::new(tcp, activity.clone());
+                Box::pin(serve_h2(state, TokioIo::new(io), info, drain)).await;
+                return;
             }
+            // HTTP/1.1: the fast path first; what it declines continues on hyper, with
+            // the bytes it had read.
+            let (tcp, read) = match h1proxy::serve(state, tcp, &info, drain.clone()).await {
+                h1proxy::Served::Closed => return,
+                h1proxy::Served::Declined(tcp, read) => (tcp, read),
+            };
+            let io = ConnIo::with_prefix(tcp, activity.clone(), read);
+            let io = TokioIo::new(H1Scan::new(io, max_head, verdicts));
+            Box::pin(serve_h1(state, io, info, drain)).await;
         }
     }
 }
@@ -439,7 +448,7 @@ const H1_DRAIN_IDLE: Duration = Duration::from_millis(500);
 
 /// Resolves once the drain has been under way for [`H1_DRAIN_IDLE`]: a connection that
 /// has not sent a byte by then is closed like an idle keep-alive connection.
-async fn drain_quiet(mut drain: watch::Receiver<bool>) {
+pub(crate) async fn drain_quiet(mut drain: watch::Receiver<bool>) {
     if drain.wait_for(|d| *d).await.is_err() {
         // The server is gone without a drain: nothing to wait for here.
         std::future::pending::<()>().await;

@@ -61,11 +61,31 @@ pub fn into_tcp(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
         Err(u) => u,
     };
     let upgraded = match upgraded.downcast::<TokioIo<H1Scan<ConnIo<TcpStream>>>>() {
-        Ok(parts) => return Ok((parts.io.into_inner().into_inner().into_inner(), parts.read_buf)),
+        Ok(parts) => {
+            let (tcp, prefix) = parts.io.into_inner().into_inner().into_parts();
+            return Ok((tcp, joined(parts.read_buf, prefix)));
+        }
         Err(u) => u,
     };
     match upgraded.downcast::<TokioIo<ConnIo<TcpStream>>>() {
-        Ok(parts) => Ok((parts.io.into_inner().into_inner(), parts.read_buf)),
+        Ok(parts) => {
+            let (tcp, prefix) = parts.io.into_inner().into_parts();
+            Ok((tcp, joined(parts.read_buf, prefix)))
+        }
         Err(u) => Err(u),
     }
+}
+
+/// Bytes hyper had read past the upgrade, then the wrapper's prefix it had not read yet.
+fn joined(read: Bytes, prefix: Bytes) -> Bytes {
+    if prefix.is_empty() {
+        return read;
+    }
+    if read.is_empty() {
+        return prefix;
+    }
+    let mut all = bytes::BytesMut::with_capacity(read.len() + prefix.len());
+    all.extend_from_slice(&read);
+    all.extend_from_slice(&prefix);
+    all.freeze()
 }

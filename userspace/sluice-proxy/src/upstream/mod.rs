@@ -79,6 +79,47 @@ struct ReplicaPool {
     /// replica opens one connection and multiplexes onto it instead of one per request.
     h2_connecting: tokio::sync::Mutex<()>,
     h1_idle: Mutex<Vec<(H1Conn, Instant)>>,
+    /// Idle raw connections of the HTTP/1.1 fast path ([`WireConn`]), most recent last.
+    wire_idle: Mutex<Vec<(WireConn, Instant)>>,
+}
+
+/// A raw HTTP/1.1 connection to a replica, framed by the HTTP/1.1 fast path itself
+/// (`crate::h1proxy`) in the client connection's own task: no driver task, no channel.
+/// Dropping it closes the connection.
+pub(crate) struct WireConn {
+    /// The socket.
+    pub(crate) tcp: TcpStream,
+    _open: OpenH1,
+}
+
+/// Counts a replica HTTP/1.1 connection in `upstream_h1_open` for as long as it lives.
+struct OpenH1(Arc<Metrics>);
+
+impl OpenH1 {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.upstream_h1_open.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for OpenH1 {
+    fn drop(&mut self) {
+        self.0.upstream_h1_open.dec();
+    }
+}
+
+impl WireConn {
+    /// Whether an idle connection can no longer carry a request: the replica closed it or
+    /// sent bytes nobody asked for. Costs no system call unless the socket is flagged
+    /// readable, which an idle keep-alive connection never is while it is usable.
+    fn is_stale(&self) -> bool {
+        use futures_util::FutureExt as _;
+        if self.tcp.readable().now_or_never().is_none() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        !matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 /// All upstream connection sets, keyed by replica address.
@@ -130,6 +171,37 @@ impl Upstreams {
         http1::send(self, &pool, addr, ct, req, true).await
     }
 
+    /// An idle raw HTTP/1.1 connection to `addr` (the most recently used), if one is usable.
+    pub(crate) fn take_wire(&self, addr: SocketAddr) -> Option<WireConn> {
+        let pool = self.pool(addr);
+        let mut idle = pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((conn, _)) = idle.pop() {
+            if !conn.is_stale() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a raw connection whose last exchange ended cleanly to `addr`'s pool.
+    pub(crate) fn put_wire(&self, addr: SocketAddr, conn: WireConn) {
+        let pool = self.pool(addr);
+        let mut idle = pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.settings.cfg.h1_max_idle_per_replica {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// A new raw HTTP/1.1 connection to `addr`.
+    pub(crate) async fn connect_wire(
+        &self,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Result<WireConn, RequestError> {
+        let tcp = self.connect(addr, timeout.unwrap_or(self.settings.connect_timeout)).await?;
+        Ok(WireConn { tcp, _open: OpenH1::new(&self.metrics) })
+    }
+
     /// Closes idle connections older than the pool idle timeout and forgets replicas not
     /// in `live` (their in-flight exchanges finish on the handles they hold).
     pub fn reap(&self, live: &dyn Fn(&SocketAddr) -> bool) {
@@ -143,6 +215,10 @@ impl Upstreams {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|(c, since)| !c.is_closed() && now.duration_since(*since) < idle);
+            pool.wire_idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(c, since)| !c.is_stale() && now.duration_since(*since) < idle);
         }
     }
 

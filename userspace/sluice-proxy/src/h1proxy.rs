@@ -1,0 +1,963 @@
+//! The HTTP/1.1 fast path: plaintext HTTP/1.1 requests to HTTP/1.1 replicas, framed by
+//! sluice itself in the client connection's own task.
+//!
+//! Why hand-rolled: through hyper, each request crossed tasks four times (the client
+//! connection's dispatcher, the upstream connection's driver, a channel and a oneshot
+//! back, a task returning the connection to its pool), rebuilt every header into a map
+//! twice and kept 8 KiB read buffers on every idle connection. Here a request is parsed
+//! once (httparse), its head rewritten straight into the bytes sent upstream, the
+//! response head rewritten into the bytes sent back, and bodies copied through as they
+//! arrive, with backpressure, in one task, with no buffer held while a connection is idle.
+//!
+//! The path only takes what it fully understands. Anything else (HTTP/1.0, upgrades,
+//! `Expect`, `Transfer-Encoding` request bodies, hop-by-hop or forwarding headers, a
+//! trusted edge, auth that does not pass, a server with a mirror or an HTTP/2 replica,
+//! any error answer decided before forwarding) is *declined*: the connection, with the
+//! bytes already read, continues on the hyper path (`crate::proxy`), which stays the
+//! authority for every rule. Declining happens before anything is counted or sent, so
+//! each request is judged by exactly one path.
+//!
+//! A request's life, in phases:
+//! 1. read a head (no buffer while idle; `header_read` bounds a slow head);
+//! 2. plan: hygiene, authority, route, proxy auth, replica selection and accounting,
+//!    and the forwarded head (hop-by-hop, credentials, X-Forwarded-*, request id);
+//! 3. forward the head and stream the body (a pooled connection that turns out closed is
+//!    replaced once, for a request not yet sent);
+//! 4. read the response head, rewrite it, stream the body (length, chunked, or to EOF,
+//!    which is re-chunked for the client); the client going away cancels the exchange;
+//! 5. finish: a clean exchange returns the replica connection to its pool.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::StatusCode;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, authorize};
+
+use crate::error::RequestError;
+use crate::proxy::{ConnInfo, ProxyState};
+use crate::upstream::WireConn;
+
+/// Header slots per parse; a head with more is declined (hyper answers it).
+const MAX_HEADERS: usize = 64;
+/// Read size while a head is incomplete.
+const HEAD_READ: usize = 4 * 1024;
+/// Read size for bodies and replica responses.
+const BODY_READ: usize = 16 * 1024;
+/// Longest chunk-size or trailer line accepted from a replica.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Bytes of a next (pipelined) request read while a response is pending; past this the
+/// client is no longer read until the response is done.
+const MAX_PIPELINED: usize = 64 * 1024;
+
+/// How the fast path left a connection.
+pub(crate) enum Served {
+    /// Finished (closed or to be closed).
+    Closed,
+    /// Declined: serve the rest of the connection on the hyper path, starting with these
+    /// bytes already read from it.
+    Declined(TcpStream, Bytes),
+}
+
+/// A client connection on the fast path.
+struct Client {
+    tcp: TcpStream,
+    /// Bytes read and not yet used; unallocated while the connection is idle.
+    buf: BytesMut,
+}
+
+/// What phase 2 decided for one request.
+struct Plan {
+    server: Arc<Server>,
+    replica: Arc<Replica>,
+    _in_flight: InFlightGuard,
+    head_len: usize,
+    body_len: u64,
+    head_method: bool,
+    client_close: bool,
+    rid: String,
+}
+
+enum Planned {
+    /// Forward it; the forwarded head is in `out`.
+    Go(Plan),
+    /// More bytes are needed for a whole head.
+    Partial,
+    /// The hyper path decides this one.
+    Decline,
+}
+
+/// Serves `tcp` until it closes, or hands it over to the hyper path.
+pub(crate) async fn serve(
+    state: &Arc<ProxyState>,
+    tcp: TcpStream,
+    conn: &Arc<ConnInfo>,
+    mut drain: watch::Receiver<bool>,
+) -> Served {
+    // A trusted edge's forwarding headers and request ids are kept and extended: the
+    // hyper path does that.
+    if state.trusted.iter().any(|c| c.contains(conn.peer.ip())) {
+        return Served::Declined(tcp, Bytes::new());
+    }
+    let mut client = Client { tcp, buf: BytesMut::new() };
+    let mut out = Vec::new();
+    loop {
+        // Phase 1: a head.
+        if client.buf.is_empty() {
+            // Idle: hold no buffers.
+            client.buf = BytesMut::new();
+            out = Vec::new();
+            if !wait_request(state, &client.tcp, &mut drain).await {
+                return Served::Closed;
+            }
+        }
+        let deadline = Instant::now() + state.cfg.timeouts.header_read;
+        let start = Instant::now();
+        let plan = loop {
+            if !client.buf.is_empty() {
+                out.clear();
+                match plan(state, conn, &client.buf, &mut out) {
+                    Planned::Go(p) => break p,
+                    Planned::Decline => return Served::Declined(client.tcp, client.buf.freeze()),
+                    Planned::Partial => {
+                        if client.buf.len() > state.cfg.limits.max_header_bytes {
+                            // hyper answers 431.
+                            return Served::Declined(client.tcp, client.buf.freeze());
+                        }
+                    }
+                }
+            }
+            match read_some(&client.tcp, &mut client.buf, HEAD_READ, deadline).await {
+                Ok(0) | Err(_) => return Served::Closed,
+                Ok(_) => conn.activity.touch(),
+            }
+        };
+        let _active = conn.activity.request();
+        match exchange(state, conn, &mut client, plan, &mut out, start).await {
+            Next::KeepAlive => {}
+            Next::Close => {
+                let _ = client.tcp.shutdown().await;
+                return Served::Closed;
+            }
+            Next::Abort => return Served::Closed,
+        }
+    }
+}
+
+/// Waits for the first byte of a next request; `false` when the connection should close
+/// instead (idle too long, or quiet once the drain started).
+async fn wait_request(
+    state: &ProxyState,
+    tcp: &TcpStream,
+    drain: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        biased;
+        r = tcp.readable() => r.is_ok(),
+        () = crate::server::drain_quiet(drain.clone()) => false,
+        () = tokio::time::sleep(state.cfg.timeouts.connection_idle) => false,
+    }
+}
+
+/// Reads at most `max` more bytes into `buf` by `deadline`; `Ok(0)` at end of stream.
+async fn read_some(
+    tcp: &TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+    deadline: Instant,
+) -> io::Result<usize> {
+    buf.reserve(max);
+    loop {
+        match tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+        match tokio::time::timeout_at(deadline, tcp.readable()).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+/// What kind of request header a name is, for the fast path's rules.
+#[derive(PartialEq, Eq)]
+enum Field {
+    Host,
+    ContentLength,
+    Connection,
+    /// sluice sets it (X-Forwarded-*, the request id): the client's copy is dropped.
+    Replaced,
+    /// The hyper path handles requests carrying it.
+    Decline,
+    /// Proxy-auth credentials and look-alikes: read, never forwarded.
+    Auth,
+    Other,
+}
+
+fn field(state: &ProxyState, name: &str) -> Field {
+    let n = name.as_bytes();
+    let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
+    if is("host") {
+        Field::Host
+    } else if is("content-length") {
+        Field::ContentLength
+    } else if is("connection") {
+        Field::Connection
+    } else if is("x-forwarded-for")
+        || is("x-forwarded-proto")
+        || is("x-forwarded-host")
+        || is(state.request_id_header.as_str())
+    {
+        Field::Replaced
+    } else if is("transfer-encoding")
+        || is("upgrade")
+        || is("expect")
+        || is("te")
+        || is("keep-alive")
+        || is("http2-settings")
+        || (n.len() >= 6 && n[..6].eq_ignore_ascii_case(b"proxy-"))
+    {
+        Field::Decline
+    } else if state.auth.is_auth_header(n) {
+        Field::Auth
+    } else {
+        Field::Other
+    }
+}
+
+/// A header value the hyper path would also accept unchanged (`headers::check_safe`).
+fn safe_value(v: &[u8]) -> bool {
+    !v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+        && !v.first().is_some_and(u8::is_ascii_whitespace)
+        && !v.last().is_some_and(u8::is_ascii_whitespace)
+}
+
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Phase 2 for the head at the start of `buf`; on `Go`, the forwarded head is in `out`.
+fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> Planned {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Planned::Partial,
+        Err(_) => return Planned::Decline,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Planned::Decline;
+    };
+    // Hygiene: origin form only, within the limits.
+    if method == "CONNECT"
+        || !path.starts_with('/')
+        || path.len() > state.cfg.limits.max_uri_bytes
+        || head_len > state.cfg.limits.max_header_bytes
+    {
+        return Planned::Decline;
+    }
+    let (mut host, mut length, mut close) = (None, None, false);
+    let (mut key, mut secret) = (None, None);
+    let (mut keys, mut secrets) = (0, 0);
+    for h in req.headers.iter() {
+        if !safe_value(h.value) {
+            return Planned::Decline;
+        }
+        match field(state, h.name) {
+            Field::Host if host.is_none() => host = Some(h.value),
+            Field::ContentLength if length.is_none() => match digits(h.value) {
+                Some(n) => length = Some(n),
+                None => return Planned::Decline,
+            },
+            Field::Connection => {
+                if h.value.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !h.value.eq_ignore_ascii_case(b"keep-alive") {
+                    return Planned::Decline;
+                }
+            }
+            Field::Auth => {
+                if h.name.eq_ignore_ascii_case(state.auth.key()) {
+                    keys += 1;
+                    key = Some(h.value);
+                } else if h.name.eq_ignore_ascii_case(state.auth.secret()) {
+                    secrets += 1;
+                    secret = Some(h.value);
+                }
+            }
+            Field::Host | Field::ContentLength | Field::Decline => return Planned::Decline,
+            Field::Replaced | Field::Other => {}
+        }
+    }
+    // Phase 2b: authority and route.
+    let Some(raw_host) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
+        return Planned::Decline;
+    };
+    let Ok(authority) = sluice_routing::canonical_authority_cow(raw_host) else {
+        return Planned::Decline;
+    };
+    let snap = state.routing.load();
+    let Some(server) = snap.lookup(&authority) else { return Planned::Decline };
+    // Phase 2c: proxy auth; a request that does not pass is answered (and counted) there.
+    if !server.spec.unauthenticated {
+        let key = if keys == 1 { key } else { None };
+        let secret = if secrets == 1 { secret } else { None };
+        if authorize(&snap, server, key, secret) != AuthDecision::Allow {
+            return Planned::Decline;
+        }
+    }
+    let limit = server.spec.limits.max_body_bytes.or(state.cfg.limits.max_body_bytes);
+    if server.replicas.is_empty()
+        || server.spec.mirror.is_some()
+        || server.at_in_flight_cap()
+        || server.replicas.iter().any(|r| r.protocol != Protocol::Http1)
+        || limit.is_some_and(|l| length.unwrap_or(0) > l)
+    {
+        return Planned::Decline;
+    }
+    // Phase 2d: select and count.
+    let session_name =
+        server.spec.session_header.as_deref().unwrap_or(state.session_header.as_str());
+    let session =
+        req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(session_name)).map(|h| h.value);
+    let Some(replica) = sluice_routing::lb::select(server, session, &state.lb) else {
+        return Planned::Decline;
+    };
+    let Ok(in_flight) = server.try_begin_request(replica) else { return Planned::Decline };
+    let rid = state.ids.next_id();
+
+    // Phase 2e: the forwarded head.
+    out.reserve(head_len + 160);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in req.headers.iter() {
+        if field(state, h.name) == Field::Other || h.name.eq_ignore_ascii_case("content-length") {
+            put_header(out, h.name.as_bytes(), h.value);
+        } else if h.name.eq_ignore_ascii_case("host") {
+            put_header(out, b"host", h.value);
+        }
+    }
+    put_header(out, b"x-forwarded-for", conn.forwarded_for.as_bytes());
+    put_header(out, b"x-forwarded-proto", b"http");
+    put_header(out, b"x-forwarded-host", raw_host.as_bytes());
+    put_header(out, state.request_id_header.as_str().as_bytes(), rid.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    Planned::Go(Plan {
+        server: server.clone(),
+        replica: replica.clone(),
+        _in_flight: in_flight,
+        head_len,
+        body_len: length.unwrap_or(0),
+        head_method: method == "HEAD",
+        client_close: close,
+        rid,
+    })
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What the connection does after an exchange.
+enum Next {
+    KeepAlive,
+    /// Close cleanly (after `connection: close`).
+    Close,
+    /// Close now: the response was cut short, so the client must see it fail.
+    Abort,
+}
+
+/// How a replica's response body is framed.
+#[derive(Clone, Copy)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the replica closes; re-chunked towards the client.
+    UntilClose,
+}
+
+/// Phases 3-5 for one planned request.
+async fn exchange(
+    state: &ProxyState,
+    conn: &ConnInfo,
+    client: &mut Client,
+    plan: Plan,
+    out: &mut Vec<u8>,
+    start: Instant,
+) -> Next {
+    let t = &state.cfg.timeouts;
+    let idle = plan.server.spec.timeouts.idle.or(t.upstream_idle);
+    let addr = plan.replica.addr;
+    client.buf.advance(plan.head_len);
+    // The body bytes that came with the head travel with it.
+    let first = plan.body_len.min(client.buf.len() as u64) as usize;
+    out.extend_from_slice(&client.buf[..first]);
+    client.buf.advance(first);
+    let mut body_left = plan.body_len - first as u64;
+
+    // Phase 3: forward. A pooled connection the replica closed meanwhile fails at once;
+    // the request, held whole in `out`, then goes once to a fresh connection.
+    let mut reused = true;
+    let mut up = state.upstreams.take_wire(addr);
+    let mut up = loop {
+        let mut c = match up.take() {
+            Some(c) => c,
+            None => {
+                reused = false;
+                match state.upstreams.connect_wire(addr, plan.server.spec.timeouts.connect).await {
+                    Ok(c) => c,
+                    Err(e) => return fail(state, client, &plan, e, start, body_left > 0).await,
+                }
+            }
+        };
+        match c.tcp.write_all(out).await {
+            Ok(()) => break c,
+            Err(_) if reused => continue,
+            Err(e) => {
+                let e = RequestError::Upstream(format!("replica {addr}: {e}"));
+                return fail(state, client, &plan, e, start, body_left > 0).await;
+            }
+        }
+    };
+    // A request sent whole on a pooled connection is kept until the replica answers: if
+    // the connection turns out closed before any response byte, it goes once more.
+    let sent = if reused && body_left == 0 {
+        Some(std::mem::take(out))
+    } else {
+        out.clear();
+        None
+    };
+    // The rest of the body, unless the replica answers first (then the client's
+    // connection closes after the response: its body was not read to the end).
+    let mut body_unread = false;
+    while body_left > 0 {
+        tokio::select! {
+            biased;
+            _ = up.tcp.readable() => {
+                body_unread = true;
+                break;
+            }
+            r = read_some(&client.tcp, &mut client.buf, BODY_READ, Instant::now() + t.stream_idle) => {
+                match r {
+                    Ok(0) | Err(_) => return Next::Abort,
+                    Ok(_) => conn.activity.touch(),
+                }
+            }
+        }
+        let n = body_left.min(client.buf.len() as u64) as usize;
+        if up.tcp.write_all(&client.buf[..n]).await.is_err() {
+            body_unread = true;
+            break;
+        }
+        client.buf.advance(n);
+        body_left -= n as u64;
+    }
+    if body_left > 0 {
+        body_unread = true;
+    }
+
+    // Phase 4: the response head (informational responses are skipped).
+    let mut rbuf = BytesMut::new();
+    let mut attempt_fresh = sent.is_some();
+    let (framing, replica_close, status) = loop {
+        if !rbuf.is_empty() {
+            out.clear();
+            let close = plan.client_close
+                || body_unread
+                || state.draining.load(std::sync::atomic::Ordering::Relaxed);
+            match response_head(state, &plan, &rbuf, close, out) {
+                Ok(Some((len, head))) => {
+                    rbuf.advance(len);
+                    match head {
+                        Some(h) => break h,
+                        None => continue, // 1xx
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return fail(state, client, &plan, e, start, body_unread).await,
+            }
+        }
+        match read_response(client, &up, &mut rbuf, idle).await {
+            Ok(n) if n > 0 => attempt_fresh = false,
+            Ok(_) if attempt_fresh && rbuf.is_empty() => {
+                // The pooled connection was closed under the request: the replica never
+                // read it, so a fresh connection is not a retry.
+                attempt_fresh = false;
+                let request = sent.as_deref().unwrap_or_default();
+                up = match state
+                    .upstreams
+                    .connect_wire(addr, plan.server.spec.timeouts.connect)
+                    .await
+                {
+                    Ok(mut c) => match c.tcp.write_all(request).await {
+                        Ok(()) => c,
+                        Err(e) => {
+                            let e = RequestError::Upstream(format!("replica {addr}: {e}"));
+                            return fail(state, client, &plan, e, start, false).await;
+                        }
+                    },
+                    Err(e) => return fail(state, client, &plan, e, start, false).await,
+                };
+            }
+            Ok(_) => {
+                let e = RequestError::Upstream(format!(
+                    "replica {addr} closed the connection before responding"
+                ));
+                return fail(state, client, &plan, e, start, body_unread).await;
+            }
+            Err(Failure::ClientGone) => return Next::Abort,
+            Err(Failure::Timeout) => {
+                let e = RequestError::UpstreamTimeout;
+                return fail(state, client, &plan, e, start, body_unread).await;
+            }
+            Err(Failure::Io(e)) => {
+                let e = RequestError::Upstream(format!("replica {addr}: {e}"));
+                return fail(state, client, &plan, e, start, body_unread).await;
+            }
+        }
+    };
+    if let Some(mut request) = sent
+        && out.capacity() == 0
+    {
+        // Keep the connection's output buffer for the response head's successors.
+        request.clear();
+        *out = request;
+    }
+    state.metrics.observe(status, start.elapsed());
+    let close_after = plan.client_close
+        || body_unread
+        || state.draining.load(std::sync::atomic::Ordering::Relaxed);
+
+    // Phase 4b: the body, as it arrives.
+    let complete = match stream_body(state, client, &mut up, &mut rbuf, out, framing, idle).await {
+        Ok(()) => true,
+        Err(()) => return Next::Abort,
+    };
+
+    // Phase 5: finish.
+    let reusable = complete
+        && !replica_close
+        && !body_unread
+        && rbuf.is_empty()
+        && !matches!(framing, Framing::UntilClose);
+    if reusable {
+        state.upstreams.put_wire(addr, up);
+    }
+    if close_after { Next::Close } else { Next::KeepAlive }
+}
+
+/// Why waiting for a replica's bytes ended without any.
+enum Failure {
+    ClientGone,
+    Timeout,
+    Io(io::Error),
+}
+
+/// Reads replica bytes into `rbuf`, watching the client meanwhile: a client that closes
+/// cancels the exchange (the replica sees its connection close), and bytes of a next
+/// request are kept for later. `Ok(0)` when the replica closed.
+async fn read_response(
+    client: &mut Client,
+    up: &WireConn,
+    rbuf: &mut BytesMut,
+    idle: Option<Duration>,
+) -> Result<usize, Failure> {
+    rbuf.reserve(BODY_READ);
+    let deadline = idle.map(|d| Instant::now() + d);
+    loop {
+        match up.tcp.try_read_buf(rbuf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Ok(n) => return Ok(n),
+            Err(e) => return Err(Failure::Io(e)),
+        }
+        let watch_client = client.buf.len() < MAX_PIPELINED;
+        tokio::select! {
+            biased;
+            r = up.tcp.readable() => r.map_err(Failure::Io)?,
+            r = client.tcp.readable(), if watch_client => {
+                r.map_err(|_| Failure::ClientGone)?;
+                client.buf.reserve(HEAD_READ);
+                match client.tcp.try_read_buf(&mut client.buf) {
+                    Ok(0) => return Err(Failure::ClientGone),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(Failure::ClientGone),
+                }
+            }
+            () = sleep_until_opt(deadline) => return Err(Failure::Timeout),
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Parses a response head at the start of `rbuf`. `Ok(None)`: incomplete.
+/// `Ok(Some((len, None)))`: an informational response to skip. Otherwise the client's
+/// head is written to `out`, with the framing, whether the replica closes, and the status.
+#[allow(clippy::type_complexity)]
+fn response_head(
+    state: &ProxyState,
+    plan: &Plan,
+    rbuf: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<(usize, Option<(Framing, bool, u16)>)>, RequestError> {
+    let addr = plan.replica.addr;
+    let invalid = |what: &str| RequestError::Upstream(format!("replica {addr}: {what}"));
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(rbuf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if rbuf.len() > state.cfg.limits.max_header_bytes {
+                return Err(invalid("response head too large"));
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(invalid(&format!("invalid response head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    if code == 101 {
+        return Err(invalid("switched protocols without being asked"));
+    }
+    if (100..200).contains(&code) {
+        return Ok(Some((len, None)));
+    }
+    let Ok(status) = StatusCode::from_u16(code) else {
+        return Err(invalid("invalid status code"));
+    };
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut replica_close = resp.version == Some(0);
+    let mut named: Vec<&str> = Vec::new();
+    for h in resp.headers.iter() {
+        let n = h.name.as_bytes();
+        if n.eq_ignore_ascii_case(b"content-length") {
+            let v = digits(h.value).ok_or_else(|| invalid("invalid content-length"))?;
+            if length.is_some_and(|l| l != v) {
+                return Err(invalid("conflicting content-length"));
+            }
+            length = Some(v);
+        } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
+            let v =
+                std::str::from_utf8(h.value).map_err(|_| invalid("invalid transfer-encoding"))?;
+            let last = v.rsplit(',').next().unwrap_or("").trim();
+            if !last.eq_ignore_ascii_case("chunked") || chunked {
+                return Err(invalid("unsupported transfer-encoding"));
+            }
+            chunked = true;
+        } else if n.eq_ignore_ascii_case(b"connection") {
+            let v = std::str::from_utf8(h.value).unwrap_or("");
+            for token in v.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    replica_close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    if resp.version == Some(0) {
+                        replica_close = false;
+                    }
+                } else if !token.is_empty() {
+                    named.push(token);
+                }
+            }
+        }
+    }
+    let framing = if plan.head_method || code == 204 || code == 304 {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    if chunked && length.is_some() {
+        return Err(invalid("both content-length and transfer-encoding"));
+    }
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let n = h.name.as_bytes();
+        let hop = n.eq_ignore_ascii_case(b"connection")
+            || n.eq_ignore_ascii_case(b"keep-alive")
+            || n.eq_ignore_ascii_case(b"te")
+            || n.eq_ignore_ascii_case(b"transfer-encoding")
+            || n.eq_ignore_ascii_case(b"upgrade")
+            || n.eq_ignore_ascii_case(b"http2-settings")
+            || (n.len() >= 6 && n[..6].eq_ignore_ascii_case(b"proxy-"))
+            || n.eq_ignore_ascii_case(state.request_id_header.as_str().as_bytes())
+            || named.iter().any(|x| x.as_bytes().eq_ignore_ascii_case(n));
+        if !hop {
+            put_header(out, n, h.value);
+        }
+    }
+    if matches!(framing, Framing::Chunked | Framing::UntilClose) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    put_header(out, state.request_id_header.as_str().as_bytes(), plan.rid.as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some((len, Some((framing, replica_close, code)))))
+}
+
+/// Streams the response body after the head in `out`; `Err` when either side failed
+/// mid-body (the client must then see the connection fail, never a clean end).
+async fn stream_body(
+    state: &ProxyState,
+    client: &mut Client,
+    up: &mut WireConn,
+    rbuf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    idle: Option<Duration>,
+) -> Result<(), ()> {
+    let stall = state.cfg.timeouts.stream_idle;
+    match framing {
+        Framing::None => write_client(client, out, stall).await,
+        Framing::Length(n) => {
+            let first = n.min(rbuf.len() as u64) as usize;
+            out.extend_from_slice(&rbuf[..first]);
+            rbuf.advance(first);
+            write_client(client, out, stall).await?;
+            let mut left = n - first as u64;
+            while left > 0 {
+                read_body(client, up, rbuf, idle).await?;
+                let k = left.min(rbuf.len() as u64) as usize;
+                write_client(client, &rbuf[..k], stall).await?;
+                rbuf.advance(k);
+                left -= k as u64;
+            }
+            Ok(())
+        }
+        Framing::Chunked => {
+            let mut dec = Chunks::default();
+            loop {
+                let (used, done) = dec.advance(rbuf)?;
+                out.extend_from_slice(&rbuf[..used]);
+                rbuf.advance(used);
+                if done || !out.is_empty() {
+                    write_client(client, out, stall).await?;
+                    out.clear();
+                }
+                if done {
+                    return Ok(());
+                }
+                read_body(client, up, rbuf, idle).await?;
+            }
+        }
+        Framing::UntilClose => {
+            loop {
+                if !rbuf.is_empty() {
+                    out.extend_from_slice(format!("{:x}\r\n", rbuf.len()).as_bytes());
+                    out.extend_from_slice(rbuf);
+                    out.extend_from_slice(b"\r\n");
+                    rbuf.clear();
+                }
+                if !out.is_empty() {
+                    write_client(client, out, stall).await?;
+                    out.clear();
+                }
+                rbuf.reserve(BODY_READ);
+                match read_response(client, up, rbuf, idle).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return Err(()),
+                }
+            }
+            write_client(client, b"0\r\n\r\n", stall).await
+        }
+    }
+}
+
+/// More body bytes from the replica; `Err` if it closed, failed, went silent for `idle`,
+/// or the client went away.
+async fn read_body(
+    client: &mut Client,
+    up: &WireConn,
+    rbuf: &mut BytesMut,
+    idle: Option<Duration>,
+) -> Result<(), ()> {
+    match read_response(client, up, rbuf, idle).await {
+        Ok(n) if n > 0 => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn write_client(client: &mut Client, bytes: &[u8], stall: Duration) -> Result<(), ()> {
+    match tokio::time::timeout(stall, client.tcp.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Answers a request the fast path had taken with sluice's own error (502/504), counted
+/// as the hyper path counts it (against the replica, and in the status metrics). The
+/// connection stays usable unless `body_unread` (the rest of the request body is still
+/// on it), the client asked to close, or sluice is draining.
+async fn fail(
+    state: &ProxyState,
+    client: &mut Client,
+    plan: &Plan,
+    e: RequestError,
+    start: Instant,
+    body_unread: bool,
+) -> Next {
+    tracing::debug!(request_id = %plan.rid, status = e.status().as_u16(), "rejected: {e}");
+    plan.replica.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.observe(e.status().as_u16(), start.elapsed());
+    let close = body_unread
+        || plan.client_close
+        || state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let mut out = Vec::with_capacity(256);
+    e.write_h1(&state.request_id_header, &plan.rid, close, &mut out);
+    if write_client(client, &out, state.cfg.timeouts.stream_idle).await.is_err() {
+        return Next::Abort;
+    }
+    if close { Next::Close } else { Next::KeepAlive }
+}
+
+/// Finds the end of a chunked body while its bytes pass through unchanged.
+#[derive(Default)]
+struct Chunks {
+    state: ChunkState,
+}
+
+#[derive(Default)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+impl Chunks {
+    /// Consumes what it can of `buf`: returns how many bytes belong to the body so far and
+    /// whether the body ended there. A partial line is left for the next call.
+    fn advance(&mut self, buf: &[u8]) -> Result<(usize, bool), ()> {
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            match self.state {
+                ChunkState::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, 0))) => {
+                        at += n;
+                        self.state = ChunkState::Trailers;
+                    }
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        at += n;
+                        self.state = ChunkState::Data(size);
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        if rest.len() > MAX_CHUNK_LINE {
+                            return Err(());
+                        }
+                        return Ok((at, false));
+                    }
+                    Err(_) => return Err(()),
+                },
+                ChunkState::Data(left) => {
+                    if rest.is_empty() {
+                        return Ok((at, false));
+                    }
+                    let k = left.min(rest.len() as u64);
+                    at += k as usize;
+                    self.state =
+                        if k == left { ChunkState::DataEnd } else { ChunkState::Data(left - k) };
+                }
+                ChunkState::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok((at, false));
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(());
+                    }
+                    at += 2;
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => match memchr::memmem::find(rest, b"\r\n") {
+                    Some(0) => return Ok((at + 2, true)),
+                    Some(i) => at += i + 2,
+                    None => {
+                        if rest.len() > MAX_CHUNK_LINE {
+                            return Err(());
+                        }
+                        return Ok((at, false));
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end_of(body: &[u8]) -> Option<usize> {
+        let mut c = Chunks::default();
+        match c.advance(body) {
+            Ok((n, true)) => Some(n),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn chunked_end() {
+        assert_eq!(end_of(b"5\r\nhello\r\n0\r\n\r\nNEXT"), Some(15));
+        assert_eq!(end_of(b"5;ext=1\r\nhello\r\n0\r\nx-trailer: 1\r\n\r\n"), Some(35));
+        assert_eq!(end_of(b"5\r\nhel"), None);
+        assert!(Chunks::default().advance(b"zz\r\n").is_err());
+        assert!(Chunks::default().advance(b"1\r\nabc\r\n").is_err());
+    }
+
+    #[test]
+    fn chunked_across_reads() {
+        let body = b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n";
+        for split in 1..body.len() {
+            let mut c = Chunks::default();
+            let (a, done) = c.advance(&body[..split]).unwrap();
+            assert!(!done || split == body.len());
+            let mut rest = body[a..split].to_vec();
+            rest.extend_from_slice(&body[split..]);
+            let (b, done) = c.advance(&rest).unwrap();
+            assert!(done, "split at {split}");
+            assert_eq!(a + b, body.len());
+        }
+    }
+
+    #[test]
+    fn values() {
+        assert!(safe_value(b"a b"));
+        assert!(!safe_value(b" a"));
+        assert!(!safe_value(b"a\0"));
+        assert_eq!(digits(b"007"), Some(7));
+        assert_eq!(digits(b"+7"), None);
+        assert_eq!(digits(b""), None);
+    }
+}
