@@ -22,11 +22,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of glibc's malloc: freed pages go back to the kernel (glibc held on
-/// to the heap the kernel data plane's start-up used, about 22 MiB), and its per-thread
-/// free lists make the request path's small allocations cheaper.
+/// mimalloc (see `sluice_alloc`): cheaper small allocations on the request path, and
+/// the start-up heap given back once the process serves.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_alloc::Allocator = sluice_alloc::Allocator;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Node-level data plane for serverless HTTP servers")]

@@ -262,6 +262,9 @@ async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<(
         }),
     );
     handover.ready(&kernel, &server, &table, routed).await;
+    // Start-up (the eBPF object, the kernel's BTF, the probes) peaked at tens of MiB on
+    // this thread; hand what it freed back before serving.
+    sluice_alloc::release_free_memory();
     server.run(handover.until_shutdown()).await?;
     stop.notify_waiters();
     health.shutdown().await;
