@@ -410,7 +410,10 @@ async fn proxy(
             {
                 return Err(RequestError::BodyTooLarge(limit));
             }
-            replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+            // A malformed request body is the client's fault, not the replica's.
+            if matches!(e, RequestError::Upstream(_) | RequestError::UpstreamTimeout) {
+                replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+            }
             return Err(e);
         }
     };

@@ -5,6 +5,7 @@
 
 mod http1;
 mod http2;
+mod wire;
 
 use std::collections::HashMap;
 use std::io;
@@ -78,7 +79,6 @@ struct ReplicaPool {
     /// One h2 connect at a time per replica, so a burst against a cold (or saturated)
     /// replica opens one connection and multiplexes onto it instead of one per request.
     h2_connecting: tokio::sync::Mutex<()>,
-    h1_idle: Mutex<Vec<(H1Conn, Instant)>>,
     /// Idle raw connections of the HTTP/1.1 fast path ([`WireConn`]), most recent last.
     wire_idle: Mutex<Vec<(WireConn, Instant)>>,
 }
@@ -105,6 +105,16 @@ impl OpenH1 {
 impl Drop for OpenH1 {
     fn drop(&mut self) {
         self.0.upstream_h1_open.dec();
+    }
+}
+
+impl ReplicaPool {
+    /// Keeps `conn` for the next request, unless `max` are idle already.
+    fn put_wire(&self, conn: WireConn, max: usize) {
+        let mut idle = self.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < max {
+            idle.push((conn, Instant::now()));
+        }
     }
 }
 
@@ -154,7 +164,7 @@ impl Upstreams {
         let ct = connect_timeout.unwrap_or(self.settings.connect_timeout);
         match proto {
             WireProtocol::H2c => http2::send(self, &pool, addr, ct, req).await,
-            WireProtocol::Http1 => http1::send(self, &pool, addr, ct, req, false).await,
+            WireProtocol::Http1 => wire::send(self, &pool, addr, ct, req).await,
         }
     }
 
@@ -166,9 +176,8 @@ impl Upstreams {
         connect_timeout: Option<Duration>,
         req: Request<UpstreamReqBody>,
     ) -> Result<UpstreamResponse, RequestError> {
-        let pool = self.pool(addr);
         let ct = connect_timeout.unwrap_or(self.settings.connect_timeout);
-        http1::send(self, &pool, addr, ct, req, true).await
+        http1::send_upgrade(self, addr, ct, req).await
     }
 
     /// An idle raw HTTP/1.1 connection to `addr` (the most recently used), if one is usable.
@@ -185,11 +194,12 @@ impl Upstreams {
 
     /// Returns a raw connection whose last exchange ended cleanly to `addr`'s pool.
     pub(crate) fn put_wire(&self, addr: SocketAddr, conn: WireConn) {
-        let pool = self.pool(addr);
-        let mut idle = pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.settings.cfg.h1_max_idle_per_replica {
-            idle.push((conn, Instant::now()));
-        }
+        self.pool(addr).put_wire(conn, self.max_idle());
+    }
+
+    /// Idle HTTP/1.1 connections kept per replica.
+    fn max_idle(&self) -> usize {
+        self.settings.cfg.h1_max_idle_per_replica
     }
 
     /// A new raw HTTP/1.1 connection to `addr`.
@@ -211,10 +221,6 @@ impl Upstreams {
         pools.retain(|addr, _| live(addr));
         for pool in pools.values() {
             pool.h2.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.keep(now, idle));
-            pool.h1_idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(c, since)| !c.is_closed() && now.duration_since(*since) < idle);
             pool.wire_idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

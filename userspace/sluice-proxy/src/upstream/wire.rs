@@ -1,0 +1,584 @@
+//! HTTP/1.1 to replicas for the hyper path (HTTP/2 and TLS clients, and what the fast
+//! path declines), framed by sluice on the raw pooled connections the fast path uses.
+//!
+//! hyper's client connection needs a driver task per connection, a channel hop per
+//! request, a oneshot back and a task to pool the connection again: four wake-ups per
+//! request. Here the request is written and the response head read inside the
+//! request's own task, and the response body ([`WireBody`]) reads the socket when the
+//! client side polls it, returning the connection to its pool at its clean end.
+//!
+//! Request bodies are framed by what is known of them: none, `content-length` when the
+//! size is exact, otherwise `transfer-encoding: chunked`, whatever the method (a `GET`
+//! with a body keeps it). An error of the client's body is the client's fault: it
+//! becomes a 400, never a replica failure.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use tokio::io::AsyncWriteExt as _;
+
+use super::{ReplicaPool, UpstreamReqBody, UpstreamResponse, Upstreams, WireConn};
+use crate::body::BoxError;
+use crate::error::RequestError;
+
+/// Header slots when parsing a replica's response head.
+const MAX_HEADERS: usize = 128;
+/// Socket read size.
+const READ: usize = 16 * 1024;
+/// Longest chunk-size or trailer line accepted from a replica.
+const MAX_LINE: usize = 4 * 1024;
+
+fn upstream_err(addr: SocketAddr, what: impl std::fmt::Display) -> RequestError {
+    RequestError::Upstream(format!("replica {addr}: {what}"))
+}
+
+/// Sends `req` (origin-form URI, Host set, hop-by-hop headers gone) to `addr`.
+pub(super) async fn send(
+    up: &Upstreams,
+    pool: &Arc<ReplicaPool>,
+    addr: SocketAddr,
+    timeout: Duration,
+    req: Request<UpstreamReqBody>,
+) -> Result<UpstreamResponse, RequestError> {
+    let (parts, mut body) = req.into_parts();
+    let head_method = parts.method == Method::HEAD;
+    let known_empty = body.is_end_stream();
+    let chunked = !known_empty && body.size_hint().exact().is_none();
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    let had_length = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+    for (name, value) in &parts.headers {
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        put(&mut head, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else {
+        let n = body.size_hint().exact().unwrap_or(0);
+        // An empty body is stated where the method implies one (or the client said so).
+        let implied = !matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+        );
+        if n > 0 || had_length || implied {
+            put(&mut head, b"content-length", itoa::Buffer::new().format(n).as_bytes());
+        }
+    }
+    head.extend_from_slice(b"\r\n");
+
+    // A pooled connection closed meanwhile fails at once: a fresh one is not a retry.
+    let mut pooled = up.take_wire(addr);
+    let mut reused = pooled.is_some();
+    let mut conn = loop {
+        let mut c = match pooled.take() {
+            Some(c) => c,
+            None => {
+                reused = false;
+                up.connect_wire(addr, Some(timeout)).await?
+            }
+        };
+        match c.tcp.write_all(&head).await {
+            Ok(()) => break c,
+            Err(_) if reused => continue,
+            Err(e) => return Err(upstream_err(addr, e)),
+        }
+    };
+
+    // The body, unless the replica answers first (then its rest is dropped, and the
+    // connection is not reused).
+    let mut body_unsent = false;
+    if !known_empty {
+        let mut trailers_sent = false;
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = conn.tcp.readable() => {
+                    body_unsent = true;
+                    break;
+                }
+                f = body.frame() => f,
+            };
+            let frame = match frame {
+                None => break,
+                Some(Ok(f)) => f,
+                Some(Err(e)) => return Err(client_body_error(&*e)),
+            };
+            let written = match frame.into_data() {
+                Ok(data) if data.is_empty() => Ok(()),
+                Ok(data) if chunked => {
+                    let mut framed = Vec::with_capacity(data.len() + 12);
+                    framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    framed.extend_from_slice(&data);
+                    framed.extend_from_slice(b"\r\n");
+                    conn.tcp.write_all(&framed).await
+                }
+                Ok(data) => conn.tcp.write_all(&data).await,
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) if chunked => {
+                        let mut end = b"0\r\n".to_vec();
+                        for (name, value) in &trailers {
+                            put(&mut end, name.as_str().as_bytes(), value.as_bytes());
+                        }
+                        end.extend_from_slice(b"\r\n");
+                        trailers_sent = true;
+                        conn.tcp.write_all(&end).await
+                    }
+                    _ => Ok(()),
+                },
+            };
+            if written.is_err() {
+                // The replica stopped reading: its answer (if any) says why.
+                body_unsent = true;
+                break;
+            }
+        }
+        if chunked
+            && !trailers_sent
+            && !body_unsent
+            && conn.tcp.write_all(b"0\r\n\r\n").await.is_err()
+        {
+            body_unsent = true;
+        }
+    }
+
+    // The response head; informational responses are skipped.
+    let mut rbuf = BytesMut::new();
+    let mut fresh_retry = reused && known_empty;
+    let parsed = loop {
+        if !rbuf.is_empty() {
+            match parse_head(addr, &rbuf, head_method)? {
+                Head::Partial => {}
+                Head::Informational(n) => {
+                    rbuf.advance(n);
+                    continue;
+                }
+                Head::Final(p) => break p,
+            }
+        }
+        rbuf.reserve(READ);
+        let n = read_some(&conn, &mut rbuf).await.map_err(|e| upstream_err(addr, e))?;
+        if n > 0 {
+            fresh_retry = false;
+            continue;
+        }
+        if fresh_retry && rbuf.is_empty() {
+            // Closed under the request before any answer: the replica never took it.
+            fresh_retry = false;
+            conn = up.connect_wire(addr, Some(timeout)).await?;
+            conn.tcp.write_all(&head).await.map_err(|e| upstream_err(addr, e))?;
+            continue;
+        }
+        return Err(upstream_err(addr, "connection closed before the response"));
+    };
+    rbuf.advance(parsed.len);
+    let reusable = !parsed.close && !body_unsent;
+    let mut response = Response::new(());
+    *response.status_mut() = parsed.status;
+    *response.version_mut() = Version::HTTP_11;
+    *response.headers_mut() = parsed.headers;
+    let body = WireBody::new(conn, rbuf, parsed.framing, reusable, pool.clone(), up.max_idle());
+    let response = response.map(|()| body.boxed_unsync());
+    Ok(UpstreamResponse { response, hold: Box::new(()), on_complete: None })
+}
+
+/// A request body that failed while sluice read it is the client's fault (a malformed
+/// chunk, a client that went away), never the replica's; the size limit has its own
+/// answer (413), which the caller decides from `LimitedBody`'s flag.
+fn client_body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> RequestError {
+    tracing::debug!("request body: {e}");
+    RequestError::BadRequest("malformed or incomplete request body")
+}
+
+fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+async fn read_some(conn: &WireConn, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        match conn.tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.tcp.readable().await?,
+            r => return r,
+        }
+    }
+}
+
+/// How a response body is framed on the replica connection.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// No body (HEAD, 204, 304, or `content-length: 0`).
+    Empty,
+    Length(u64),
+    Chunked(ChunkState),
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+struct Parsed {
+    len: usize,
+    status: StatusCode,
+    headers: HeaderMap,
+    framing: Framing,
+    close: bool,
+}
+
+enum Head {
+    Partial,
+    Informational(usize),
+    Final(Parsed),
+}
+
+fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, RequestError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > 64 * 1024 => {
+            return Err(upstream_err(addr, "response head too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(Head::Partial),
+        Err(e) => return Err(upstream_err(addr, format!("invalid response head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    if code == 101 {
+        return Err(upstream_err(addr, "switched protocols without being asked"));
+    }
+    if (100..200).contains(&code) {
+        return Ok(Head::Informational(len));
+    }
+    let status =
+        StatusCode::from_u16(code).map_err(|_| upstream_err(addr, "invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut close = resp.version == Some(0);
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| upstream_err(addr, "invalid header name"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| upstream_err(addr, "invalid header value"))?;
+        if name == http::header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| upstream_err(addr, "invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(upstream_err(addr, "conflicting content-length"));
+            }
+            length = Some(n);
+        } else if name == http::header::TRANSFER_ENCODING {
+            let v = value.to_str().unwrap_or("");
+            let last = v.rsplit(',').next().unwrap_or("").trim();
+            if chunked || !last.eq_ignore_ascii_case("chunked") {
+                return Err(upstream_err(addr, "unsupported transfer-encoding"));
+            }
+            chunked = true;
+            // De-chunked here: the client side frames the body its own way.
+            continue;
+        } else if name == http::header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") && resp.version == Some(0) {
+                    close = false;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    if chunked && length.is_some() {
+        return Err(upstream_err(addr, "both content-length and transfer-encoding"));
+    }
+    let framing = if head_method || code == 204 || code == 304 {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked(ChunkState::Size)
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    if chunked {
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
+    Ok(Head::Final(Parsed { len, status, headers, framing, close }))
+}
+
+/// The replica's response body, read from its connection as the client side polls it.
+/// Dropped before its end, it closes the connection: the replica's only cancellation
+/// signal in HTTP/1.1.
+pub(crate) struct WireBody {
+    conn: Option<WireConn>,
+    rbuf: BytesMut,
+    framing: Framing,
+    reusable: bool,
+    pool: Arc<ReplicaPool>,
+    max_idle: usize,
+    done: bool,
+}
+
+/// The replica's body ended before its framing said it would.
+#[derive(Debug, thiserror::Error)]
+#[error("replica closed the connection mid-body")]
+struct Truncated;
+
+/// The replica's body framing is invalid.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid chunked body from the replica")]
+struct BadChunk;
+
+impl WireBody {
+    fn new(
+        conn: WireConn,
+        rbuf: BytesMut,
+        framing: Framing,
+        reusable: bool,
+        pool: Arc<ReplicaPool>,
+        max_idle: usize,
+    ) -> Self {
+        let mut body =
+            Self { conn: Some(conn), rbuf, framing, reusable, pool, max_idle, done: false };
+        if matches!(framing, Framing::Empty) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body ended cleanly: the connection goes back to its pool if it can carry more.
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && self.rbuf.is_empty()
+            && !matches!(self.framing, Framing::UntilClose)
+        {
+            self.pool.put_wire(conn, self.max_idle);
+        }
+        self.rbuf = BytesMut::new();
+    }
+
+    /// One step of decoding what is buffered: a frame, the end, or `None` for more bytes.
+    #[allow(clippy::type_complexity)]
+    fn decode(&mut self) -> Result<Option<Option<Frame<Bytes>>>, BoxError> {
+        loop {
+            match &mut self.framing {
+                Framing::Empty => return Ok(Some(None)),
+                Framing::Length(left) => {
+                    if *left == 0 {
+                        return Ok(Some(None));
+                    }
+                    if self.rbuf.is_empty() {
+                        return Ok(None);
+                    }
+                    let k = (*left).min(self.rbuf.len() as u64);
+                    *left -= k;
+                    return Ok(Some(Some(Frame::data(self.rbuf.split_to(k as usize).freeze()))));
+                }
+                Framing::UntilClose => {
+                    if self.rbuf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Some(Frame::data(self.rbuf.split().freeze()))));
+                }
+                Framing::Chunked(state) => match *state {
+                    ChunkState::Size => match httparse::parse_chunk_size(&self.rbuf) {
+                        Ok(httparse::Status::Complete((n, size))) => {
+                            self.rbuf.advance(n);
+                            *state = if size == 0 {
+                                ChunkState::Trailers
+                            } else {
+                                ChunkState::Data(size)
+                            };
+                        }
+                        Ok(httparse::Status::Partial) if self.rbuf.len() <= MAX_LINE => {
+                            return Ok(None);
+                        }
+                        _ => return Err(Box::new(BadChunk)),
+                    },
+                    ChunkState::Data(left) => {
+                        if self.rbuf.is_empty() {
+                            return Ok(None);
+                        }
+                        let k = left.min(self.rbuf.len() as u64);
+                        *state = if k == left {
+                            ChunkState::DataEnd
+                        } else {
+                            ChunkState::Data(left - k)
+                        };
+                        return Ok(Some(Some(Frame::data(
+                            self.rbuf.split_to(k as usize).freeze(),
+                        ))));
+                    }
+                    ChunkState::DataEnd => {
+                        if self.rbuf.len() < 2 {
+                            return Ok(None);
+                        }
+                        if &self.rbuf[..2] != b"\r\n" {
+                            return Err(Box::new(BadChunk));
+                        }
+                        self.rbuf.advance(2);
+                        *state = ChunkState::Size;
+                    }
+                    ChunkState::Trailers => {
+                        let mut slots = [httparse::EMPTY_HEADER; 32];
+                        match httparse::parse_headers(&self.rbuf, &mut slots) {
+                            Ok(httparse::Status::Complete((n, fields))) => {
+                                let mut trailers = HeaderMap::new();
+                                for f in fields {
+                                    if let (Ok(k), Ok(v)) = (
+                                        HeaderName::from_bytes(f.name.as_bytes()),
+                                        HeaderValue::from_bytes(f.value),
+                                    ) {
+                                        trailers.append(k, v);
+                                    }
+                                }
+                                self.rbuf.advance(n);
+                                self.framing = Framing::Empty;
+                                if trailers.is_empty() {
+                                    return Ok(Some(None));
+                                }
+                                return Ok(Some(Some(Frame::trailers(trailers))));
+                            }
+                            Ok(httparse::Status::Partial) if self.rbuf.len() <= MAX_LINE * 4 => {
+                                return Ok(None);
+                            }
+                            _ => return Err(Box::new(BadChunk)),
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl Body for WireBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.decode() {
+                Ok(Some(Some(frame))) => {
+                    // Finish at once when the last byte is out: hyper's HTTP/1.1 server
+                    // drops a length-framed body without polling it to its end.
+                    if matches!(this.framing, Framing::Length(0)) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Some(None)) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    this.done = true;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let Some(conn) = this.conn.as_ref() else { return Poll::Ready(None) };
+            this.rbuf.reserve(READ);
+            match conn.tcp.try_read_buf(&mut this.rbuf) {
+                Ok(0) => {
+                    if matches!(this.framing, Framing::UntilClose) {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    this.done = true;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(Truncated))));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = ready!(conn.tcp.poll_read_ready(cx)) {
+                        this.done = true;
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                }
+                Err(e) => {
+                    this.done = true;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    #[test]
+    fn heads() {
+        let h = parse_head(addr(), b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false);
+        let Ok(Head::Final(p)) = h else { panic!("not final") };
+        assert_eq!(p.len, 38);
+        assert!(matches!(p.framing, Framing::Length(5)));
+        let h = parse_head(addr(), b"HTTP/1.1 100 Continue\r\n\r\n", false);
+        assert!(matches!(h, Ok(Head::Informational(25))));
+        let h = parse_head(addr(), b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false);
+        assert!(h.is_err());
+        let h = parse_head(
+            addr(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            false,
+        );
+        assert!(h.is_err());
+        let h = parse_head(addr(), b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", false);
+        let Ok(Head::Final(p)) = h else { panic!("not final") };
+        assert!(p.close && matches!(p.framing, Framing::UntilClose));
+    }
+}
