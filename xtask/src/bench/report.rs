@@ -230,7 +230,11 @@ const TITLES: [(&str, &str); 9] = [
     ),
     ("P5", "route churn"),
     ("P6", "memory per idle connection"),
-    ("P7", "LLM-shaped streaming: 64 SSE streams at 50 events/s over a 20k req/s background"),
+    (
+        "P7",
+        "LLM-shaped streaming: 64 SSE streams at 50 events/s over a background at 60 % of the \
+         weakest proxy's saturation throughput",
+    ),
     ("P8", "new-connection rate with and without the kernel programs (XDP guard + steering)"),
     (
         "P9",
@@ -466,7 +470,8 @@ fn charts(r: &Results) -> Vec<(&'static str, &'static str, Option<String>)> {
         ),
     };
     let streaming = Chart {
-        title: "Streaming: 64 SSE streams at 50 events/s each over a 20k req/s background",
+        title: "Streaming: 64 SSE streams at 50 events/s each over a background at 60 % of the \
+                weakest proxy's throughput",
         subtitle: "median time to first event; p99 gap between events sent every 20 ms · \
                    median of runs, whiskers min–max · lower is better",
         unit: "ms",
@@ -688,6 +693,14 @@ raw bytes: a 64 B ping-pong (median and p99 over every round trip of the run), o
 `sluice_bpf_splice_bytes_total` is read around every run: a userspace run the kernel touched, \
 or a spliced run it did not, is discarded and noted, and the notes say how often `auto` \
 spliced. A sluice that does not know the field yet is measured on its default path only.
+- **P7, streaming under load:** 64 SSE streams through each proxy, one event every 20 ms from \
+the upstream, while oha (64 connections, open loop) pushes HTTP/1.1 background requests through \
+the same proxy. The background rate is 60 % of the weakest proxy's saturation throughput: P2's \
+median wrk HTTP/1.1 figure from the same run, or, when P2 did not run, a short wrk run of each \
+proxy just before (10k req/s only if neither could be measured); the notes give the rate and \
+where it came from. Every proxy is then busy but below capacity, so the added time to first \
+event and p99 inter-event gap show how a proxy schedules streams under load, not how deep its \
+overload queue gets. The same rate is used for direct.
 - **P8, new-connection rate:** issue 7's budget for the kernel programs is 2 %. Measured at \
 the data plane by the `conn_rate` example of `sluice-tests`: a node namespace and a client \
 namespace on a veth link; two identical accept loops on SO_REUSEPORT listeners, one bare, one \
