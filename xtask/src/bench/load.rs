@@ -112,6 +112,23 @@ pub fn h2load(at: &At<'_>, url: &str, secs: f64) -> Result<Outcome> {
     parse_h2load(&text)
 }
 
+/// `h2load` sending exactly `n` requests (not for a duration), one thread, in the shape
+/// of [`SHAPE`]: HTTP/1.1 keep-alive (`--h1`, wrk's connection count, no pipelining) or
+/// h2c prior knowledge (h2load's connections and streams). `url` is `http://…`.
+pub fn h2load_count(at: &At<'_>, url: &str, n: u32, h1: bool) -> Result<Outcome> {
+    let mut args: Vec<String> = vec!["-t1".into(), format!("-n{n}")];
+    if h1 {
+        args.extend(["--h1".into(), format!("-c{}", SHAPE.wrk_connections), "-m1".into()]);
+    } else {
+        args.extend([format!("-c{}", SHAPE.h2_connections), format!("-m{}", SHAPE.h2_streams)]);
+    }
+    // h2load turns `:authority` into `Host` for HTTP/1.1.
+    args.extend(["-H".into(), format!(":authority: {}", at.host), url.to_string()]);
+    let guard = Guard::spawn("h2load", at.cpus, "h2load", &args, at.dir.join("h2load.log"))?;
+    let text = guard.finish(Duration::from_secs(180))?;
+    parse_h2load(&text)
+}
+
 fn parse_h2load(text: &str) -> Result<Outcome> {
     let mut o = Outcome::default();
     let mut seen = false;

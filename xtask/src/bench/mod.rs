@@ -13,9 +13,11 @@
 //! peak RSS; P3 TLS 1.3 + h2 termination; P4 upgraded streams through sluice (64 B round
 //! trip, 1 KiB / 16 KiB stream throughput: direct vs userspace vs spliced vs auto); P5
 //! route churn; P6 memory per idle connection; P7 SSE streaming under load; P8
-//! new-connection rate with and without the kernel programs (XDP guard + steering).
+//! new-connection rate with and without the kernel programs (XDP guard + steering); P9
+//! instructions and allocations per proxied request (callgrind).
 
 mod connrate;
+mod counts;
 mod idle;
 mod load;
 mod procs;
@@ -54,7 +56,7 @@ pub struct Opts {
     /// Scenarios to run (default: all): P1 added latency, P2 saturation throughput, P3 TLS
     /// termination, P4 upgraded streams (userspace vs spliced vs auto), P5 route churn, P6
     /// memory per idle connection, P7 SSE streaming, P8 new-connection rate with and
-    /// without the kernel programs.
+    /// without the kernel programs, P9 instructions and allocations per request.
     pub scenarios: Vec<String>,
     /// Short run (3 runs, 1 s loads, placement A only, 1k idle connections): under 2 min.
     #[arg(long)]
@@ -84,6 +86,10 @@ pub struct Opts {
     /// Use this sluice binary instead of building `-p sluice` in release mode.
     #[arg(long)]
     pub sluice_bin: Option<PathBuf>,
+    /// P9 also measures this (older) sluice binary, as `sluice-baseline`: the "before"
+    /// of a change, e.g. one built from an earlier commit in another worktree.
+    #[arg(long, value_name = "PATH")]
+    pub baseline_bin: Option<PathBuf>,
 }
 
 /// Where processes run.
@@ -159,6 +165,8 @@ pub struct Ctx {
     pub upstream_pid: u32,
     /// Placements whose warm-up already ran.
     pub warmed: Vec<&'static str>,
+    /// An older sluice binary P9 measures too (`--baseline-bin`).
+    pub baseline: Option<PathBuf>,
 }
 
 /// Entry point: `args` are everything after `cargo xtask bench`.
@@ -176,7 +184,7 @@ pub fn main(args: &[String]) -> Result<()> {
     run(opts)
 }
 
-const ALL_SCENARIOS: [&str; 8] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"];
+const ALL_SCENARIOS: [&str; 9] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"];
 
 fn run(opts: Opts) -> Result<()> {
     if let Some(saved) = &opts.replot {
@@ -327,8 +335,23 @@ fn run(opts: Opts) -> Result<()> {
         }
     }
     let upstream_pid = upstream.pid();
-    let mut ctx =
-        Ctx { plan, env, systems, oha, results, wanted, upstream_pid, warmed: Vec::new() };
+    if let Some(b) = &opts.baseline_bin
+        && !b.exists()
+    {
+        bail!("--baseline-bin {}: no such file", b.display());
+    }
+    let baseline = opts.baseline_bin.clone();
+    let mut ctx = Ctx {
+        plan,
+        env,
+        systems,
+        oha,
+        results,
+        wanted,
+        upstream_pid,
+        warmed: Vec::new(),
+        baseline,
+    };
     for s in &scenarios {
         let t = Instant::now();
         eprintln!("bench: === {s} ===");

@@ -159,16 +159,21 @@ impl Guard {
         Ok(())
     }
 
-    /// Waits until `addr` accepts TCP connections (bounded).
-    pub fn wait_port(&mut self, addr: SocketAddr) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Waits up to `limit` until `addr` accepts TCP connections (a proxy started under
+    /// valgrind takes seconds to read its debug info).
+    pub fn wait_port_within(&mut self, addr: SocketAddr, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
         loop {
             self.check_alive()?;
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} does not accept on {addr} after 10 s:\n{}", self.name, self.log_tail());
+                bail!(
+                    "{} does not accept on {addr} after {limit:?}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }

@@ -219,7 +219,7 @@ pub fn from_json(text: &str) -> Result<(Results, Meta)> {
     Ok((r, meta))
 }
 
-const TITLES: [(&str, &str); 8] = [
+const TITLES: [(&str, &str); 9] = [
     ("P1", "added latency, HTTP/1.1, 2k req/s open loop (oha, latency-corrected)"),
     ("P2", "saturation throughput, CPU per request, peak RSS"),
     ("P3", "TLS 1.3 + h2 termination (h2load)"),
@@ -230,15 +230,29 @@ const TITLES: [(&str, &str); 8] = [
     ),
     ("P5", "route churn"),
     ("P6", "memory per idle connection"),
-    ("P7", "LLM-shaped streaming: 64 SSE streams at 50 events/s over a 20k req/s background"),
+    (
+        "P7",
+        "LLM-shaped streaming: 64 SSE streams at 50 events/s over a background at 60 % of the \
+         weakest proxy's saturation throughput",
+    ),
     ("P8", "new-connection rate with and without the kernel programs (XDP guard + steering)"),
+    (
+        "P9",
+        "instructions and heap allocations per proxied request (callgrind, fixed request counts)",
+    ),
 ];
 
 /// Kinds every other row is also divided by, where a series holds them: the peers,
 /// P4's userspace relay (what splicing must beat), P8's runs without programs and with
-/// only a pass-everything XDP program.
-const PEERS: [Kind; 5] =
-    [Kind::Nginx, Kind::Haproxy, Kind::SluiceUserspace, Kind::NoPrograms, Kind::XdpPass];
+/// only a pass-everything XDP program, P9's older sluice (`--baseline-bin`).
+const PEERS: [Kind; 6] = [
+    Kind::Nginx,
+    Kind::Haproxy,
+    Kind::SluiceUserspace,
+    Kind::NoPrograms,
+    Kind::XdpPass,
+    Kind::SluiceBaseline,
+];
 
 fn ratio_cell(s: &Series, kind: Kind, reference: Kind) -> String {
     if kind == reference {
@@ -456,7 +470,8 @@ fn charts(r: &Results) -> Vec<(&'static str, &'static str, Option<String>)> {
         ),
     };
     let streaming = Chart {
-        title: "Streaming: 64 SSE streams at 50 events/s each over a 20k req/s background",
+        title: "Streaming: 64 SSE streams at 50 events/s each over a background at 60 % of the \
+                weakest proxy's throughput",
         subtitle: "median time to first event; p99 gap between events sent every 20 ms · \
                    median of runs, whiskers min–max · lower is better",
         unit: "ms",
@@ -639,7 +654,7 @@ pub fn write_docs(root: &Path, r: &Results, meta: &Meta) -> Result<Vec<PathBuf>>
 
 const METHOD: &str = "## How it is measured
 
-- **Run it:** `cargo xtask bench [P1 … P8] [--quick] [--runs N] [--placements A|B|AB] \
+- **Run it:** `cargo xtask bench [P1 … P9] [--quick] [--runs N] [--placements A|B|AB] \
 [--systems direct,nginx,haproxy,sluice]`. It installs the peers (`scripts/setup.sh --bench`: nginx, \
 HAProxy, wrk, h2load) and builds `oha` once into `.bench-cache/`. The default run takes about 15 \
 minutes, `--quick` under 2 (and writes nothing unless `--write`).
@@ -678,6 +693,14 @@ raw bytes: a 64 B ping-pong (median and p99 over every round trip of the run), o
 `sluice_bpf_splice_bytes_total` is read around every run: a userspace run the kernel touched, \
 or a spliced run it did not, is discarded and noted, and the notes say how often `auto` \
 spliced. A sluice that does not know the field yet is measured on its default path only.
+- **P7, streaming under load:** 64 SSE streams through each proxy, one event every 20 ms from \
+the upstream, while oha (64 connections, open loop) pushes HTTP/1.1 background requests through \
+the same proxy. The background rate is 60 % of the weakest proxy's saturation throughput: P2's \
+median wrk HTTP/1.1 figure from the same run, or, when P2 did not run, a short wrk run of each \
+proxy just before (10k req/s only if neither could be measured); the notes give the rate and \
+where it came from. Every proxy is then busy but below capacity, so the added time to first \
+event and p99 inter-event gap show how a proxy schedules streams under load, not how deep its \
+overload queue gets. The same rate is used for direct.
 - **P8, new-connection rate:** issue 7's budget for the kernel programs is 2 %. Measured at \
 the data plane by the `conn_rate` example of `sluice-tests`: a node namespace and a client \
 namespace on a veth link; two identical accept loops on SO_REUSEPORT listeners, one bare, one \
@@ -689,6 +712,20 @@ the veth's receive onto NAPI, a cost any XDP program pays there (not on a NIC), 
 `guard+steer ÷ xdp-pass` is what the guard's checks and steering themselves add. The sides run \
 in rotating order each run, over the same link; the notes give the ratios (of medians, and \
 the per-run ones) and whether the 2 % goal held.
+- **P9, instructions and allocations per request:** each proxy (not direct) runs under \
+`valgrind --tool=callgrind`, pinned like the others, so its counts reproduce where timings \
+do not (valgrind slows it about 50×, which changes no count). h2load sends a fixed number of \
+requests in P2's shapes (HTTP/1.1 keep-alive: `--h1`, 64 connections; h2c: 8 connections × 32 \
+streams): a warm-up, then per run and protocol 2000 and 4000 requests with a \
+`callgrind_control --dump` after each; per request is the difference of the two over the \
+difference in requests, which cancels start-up, connection set-up and idle cost. \
+Instructions are user space only. Allocations are callgrind's call counts into the \
+allocator's entry points (glibc's `malloc` / `calloc` / `realloc` / aligned variants and \
+mimalloc's `mi_*alloc*`, which sluice uses as its global allocator and valgrind's malloc \
+replacement cannot see) from outside the allocator; frees are not counted. \
+`--baseline-bin PATH` adds an older sluice binary as `sluice-baseline`, for a before / after \
+of a change. sluice's kernel programs may fail to load under valgrind; it then serves on its \
+userspace path, the same HTTP path (the notes say).
 - **sluice's worker count:** `sluice run` sizes its Tokio runtime to the CPUs it may use, so \
 pinned to one CPU it runs one worker (plus its main and helper threads, shown in the notes).
 ";

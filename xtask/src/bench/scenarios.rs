@@ -1,4 +1,4 @@
-//! The scenarios P1 … P8 (P4, P6, P7 and P8 live in modules of their own). Each one loops placements, then runs, then systems, so the
+//! The scenarios P1 … P9 (P4, P6, P7, P8 and P9 live in modules of their own). Each one loops placements, then runs, then systems, so the
 //! systems' runs interleave and slow drift of the machine hits all of them alike.
 
 use anyhow::{Context, Result};
@@ -12,7 +12,7 @@ use super::{
     upstream,
 };
 
-/// Runs scenario `name` (`P1` … `P8`).
+/// Runs scenario `name` (`P1` … `P9`).
 pub fn run(ctx: &mut Ctx, name: &'static str) -> Result<()> {
     match name {
         "P1" => p1(ctx),
@@ -23,6 +23,7 @@ pub fn run(ctx: &mut Ctx, name: &'static str) -> Result<()> {
         "P6" => super::idle::p6(ctx),
         "P7" => super::sse::p7(ctx),
         "P8" => super::connrate::p8(ctx),
+        "P9" => super::counts::p9(ctx),
         _ => Ok(()),
     }
 }

@@ -1,7 +1,12 @@
 //! P7: LLM-shaped streaming. 64 server-sent-event streams at 50 events/s each (one
-//! event every 20 ms, like tokens) through the proxy while oha pushes a 20k requests/s
-//! background load through the same proxy; the client records time to first event and
-//! every gap between events as they arrive.
+//! event every 20 ms, like tokens) through the proxy while oha pushes a background load
+//! through the same proxy; the client records time to first event and every gap between
+//! events as they arrive.
+//!
+//! The background runs at 60 % of the weakest proxy's saturation throughput (P2's
+//! HTTP/1.1 median in this run, or a short wrk run per proxy when P2 did not run), so
+//! every proxy is busy but none is overloaded: at a fixed rate above a proxy's capacity
+//! P7 would measure its overload queue, not streaming under load.
 
 use std::{
     net::SocketAddr,
@@ -16,7 +21,7 @@ use tokio::{
 };
 
 use super::{
-    Ctx,
+    Ctx, Placement,
     load::{self, At},
     results::{Better, Metric, summary},
     scenarios,
@@ -25,8 +30,64 @@ use super::{
 
 const STREAMS: usize = 64;
 const INTERVAL_MS: u64 = 20;
-const BACKGROUND_RPS: u32 = 20_000;
 const BACKGROUND_CONNECTIONS: u32 = 64;
+/// Share of the weakest proxy's saturation throughput the background asks for.
+const BACKGROUND_SHARE: f64 = 0.6;
+/// Background rate when no saturation figure could be measured at all.
+const FALLBACK_RPS: u32 = 10_000;
+
+/// The background rate for placement `p` and how it was chosen.
+fn background_rate(ctx: &mut Ctx, p: Placement) -> (u32, String) {
+    let proxies: Vec<Kind> =
+        ctx.systems.iter().map(|s| s.kind).filter(|k| *k != Kind::Direct).collect();
+    // P2 in this invocation: the medians of its wrk runs.
+    let from_p2: Vec<(Kind, f64)> = ctx
+        .results
+        .find("P2", "rps, wrk HTTP/1.1", p.name)
+        .map(|s| proxies.iter().filter_map(|k| Some((*k, s.median(*k)?))).collect())
+        .unwrap_or_default();
+    let (measured, source) = if from_p2.is_empty() {
+        // A short saturation run per proxy, as P2 does it.
+        let secs = ctx.plan.load_secs;
+        let mut v = Vec::new();
+        for sys in ctx.systems.iter().filter(|s| s.kind != Kind::Direct) {
+            let at = At { cpus: p.load, dir: &ctx.env.dir, host: &ctx.env.host };
+            match load::wrk(&at, sys.h1, secs) {
+                Ok(o) if o.valid() => v.push((sys.kind, o.rps)),
+                Ok(o) => ctx.results.note(
+                    "P7",
+                    format!(
+                        "{}: saturation run invalid: {} of {} bad",
+                        sys.kind, o.bad, o.requests
+                    ),
+                ),
+                Err(e) => {
+                    ctx.results.note("P7", format!("{}: saturation run failed: {e:#}", sys.kind))
+                }
+            }
+        }
+        (v, format!("a {secs} s wrk HTTP/1.1 saturation run per proxy (P2 did not run)"))
+    } else {
+        (from_p2, "P2's median wrk HTTP/1.1 throughput in this run".to_string())
+    };
+    let Some((weakest, rps)) = measured.into_iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+        return (
+            FALLBACK_RPS,
+            format!(
+                "background {FALLBACK_RPS} req/s: the fixed fallback (no proxy's saturation throughput measured)"
+            ),
+        );
+    };
+    let rate = ((rps * BACKGROUND_SHARE) as u32).max(1);
+    (
+        rate,
+        format!(
+            "background {rate} req/s = {:.0} % of the weakest proxy's saturation throughput \
+             ({weakest}: {rps:.0} req/s, from {source})",
+            BACKGROUND_SHARE * 100.0
+        ),
+    )
+}
 
 /// Runs P7 in the first placement.
 pub fn p7(ctx: &mut Ctx) -> Result<()> {
@@ -39,6 +100,8 @@ pub fn p7(ctx: &mut Ctx) -> Result<()> {
     };
     let Some(p) = ctx.plan.placements.first().copied() else { return Ok(()) };
     scenarios::place(ctx, "P7", p)?;
+    let (background_rps, why) = background_rate(ctx, p);
+    ctx.results.note("P7", why);
     let secs = ctx.plan.sse_secs;
     let events = (secs * 1000.0 / INTERVAL_MS as f64) as u32;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -56,7 +119,7 @@ pub fn p7(ctx: &mut Ctx) -> Result<()> {
             // The background outlasts the streams by a margin on both ends.
             let bg_secs = secs + 0.6;
             let bg =
-                load::oha_start(&oha, &at, to, BACKGROUND_RPS, BACKGROUND_CONNECTIONS, bg_secs);
+                load::oha_start(&oha, &at, to, background_rps, BACKGROUND_CONNECTIONS, bg_secs);
             let bg = match bg {
                 Ok(g) => g,
                 Err(e) => {
@@ -98,7 +161,7 @@ pub fn p7(ctx: &mut Ctx) -> Result<()> {
         ctx,
         "P7",
         p,
-        &format!("oha background ({BACKGROUND_RPS} req/s) + {STREAMS} SSE streams in the harness"),
+        &format!("oha background ({background_rps} req/s) + {STREAMS} SSE streams in the harness"),
     );
     Ok(())
 }

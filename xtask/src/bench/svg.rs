@@ -54,6 +54,7 @@ pub fn colour(kind: Kind) -> &'static str {
         Kind::NoPrograms => "#9aa0a6",
         Kind::GuardSteer => "#e8590c",
         Kind::XdpPass => "#1c7ed6",
+        Kind::SluiceBaseline => "#adb5bd",
     }
 }
 

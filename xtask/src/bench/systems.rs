@@ -6,6 +6,7 @@ use std::{
     fmt, fs,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -36,6 +37,8 @@ pub enum Kind {
     XdpPass,
     /// P8: the same accept loop behind the XDP guard and listener steering.
     GuardSteer,
+    /// P9: an older sluice binary (`--baseline-bin`), the "before" of a change.
+    SluiceBaseline,
 }
 
 impl Kind {
@@ -44,7 +47,7 @@ impl Kind {
 
     /// Every kind a series may hold (the systems, then the variants single scenarios
     /// measure: P4's splice modes, P8's with and without kernel programs).
-    pub const EVERY: [Kind; 10] = [
+    pub const EVERY: [Kind; 11] = [
         Kind::Direct,
         Kind::Nginx,
         Kind::Haproxy,
@@ -55,6 +58,7 @@ impl Kind {
         Kind::NoPrograms,
         Kind::XdpPass,
         Kind::GuardSteer,
+        Kind::SluiceBaseline,
     ];
 
     /// Short lowercase name.
@@ -70,6 +74,7 @@ impl Kind {
             Kind::NoPrograms => "no-programs",
             Kind::GuardSteer => "guard+steer",
             Kind::XdpPass => "xdp-pass",
+            Kind::SluiceBaseline => "sluice-baseline",
         }
     }
 }
@@ -81,6 +86,7 @@ impl fmt::Display for Kind {
 }
 
 /// What every system needs to know to start.
+#[derive(Clone)]
 pub struct Env {
     /// The run's scratch directory (configs, logs, pid files, certs).
     pub dir: PathBuf,
@@ -152,15 +158,54 @@ impl Running {
 
 /// Starts `kind` pinned to `cpus`; `tag` distinguishes restarts' files.
 pub fn start(kind: Kind, env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
+    start_under(kind, env, cpus, tag, &[])
+}
+
+/// Starts `kind` like [`start`], but as the last arguments of the command `wrap` (e.g.
+/// `valgrind --tool=callgrind`); with an empty `wrap` this is [`start`].
+pub fn start_under(
+    kind: Kind,
+    env: &Env,
+    cpus: Cpus,
+    tag: &str,
+    wrap: &[String],
+) -> Result<Running> {
     match kind {
         Kind::Direct => {
             Ok(Running { kind, guard: None, h1: env.upstream, h2c: env.upstream, tls: None })
         }
-        Kind::Nginx => start_nginx(env, cpus, tag),
-        Kind::Haproxy => start_haproxy(env, cpus, tag),
-        Kind::Sluice => start_sluice(env, cpus, tag),
+        Kind::Nginx => start_nginx(env, cpus, tag, wrap),
+        Kind::Haproxy => start_haproxy(env, cpus, tag, wrap),
+        Kind::Sluice => start_sluice(env, cpus, tag, wrap),
         other => anyhow::bail!("{other} is a scenario's variant, not a system to start"),
     }
+}
+
+/// Spawns `bin args…`, or `wrap… bin args…`, and waits for `ports` (longer when wrapped:
+/// valgrind reads the binary's debug info first).
+fn spawn_wrapped(
+    name: &str,
+    cpus: Cpus,
+    bin: &str,
+    args: Vec<String>,
+    log: PathBuf,
+    wrap: &[String],
+    ports: &[u16],
+) -> Result<Guard> {
+    let mut guard = match wrap.split_first() {
+        None => Guard::spawn(name, cpus, bin, &args, log)?,
+        Some((program, pre)) => {
+            let mut all = pre.to_vec();
+            all.push(bin.to_string());
+            all.extend(args);
+            Guard::spawn(name, cpus, program, &all, log)?
+        }
+    };
+    let limit = Duration::from_secs(if wrap.is_empty() { 10 } else { 120 });
+    for p in ports {
+        guard.wait_port_within(addr(*p), limit)?;
+    }
+    Ok(guard)
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -210,7 +255,7 @@ fn common(env: &Env, dir: &Path) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn start_nginx(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
+fn start_nginx(env: &Env, cpus: Cpus, tag: &str, wrap: &[String]) -> Result<Running> {
     let bin = binary(&env.nginx, "nginx")?;
     let dir = env.dir.join(format!("nginx-{tag}"));
     fs::create_dir_all(dir.join("tmp"))?;
@@ -233,10 +278,8 @@ fn start_nginx(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
         "-c".into(),
         path.display().to_string(),
     ];
-    let mut guard = Guard::spawn("nginx", cpus, &bin, &args, dir.join("stdout.log"))?;
-    for p in [h1, h2c, tls] {
-        guard.wait_port(addr(p))?;
-    }
+    let guard =
+        spawn_wrapped("nginx", cpus, &bin, args, dir.join("stdout.log"), wrap, &[h1, h2c, tls])?;
     Ok(Running {
         kind: Kind::Nginx,
         guard: Some(guard),
@@ -246,7 +289,7 @@ fn start_nginx(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
     })
 }
 
-fn start_haproxy(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
+fn start_haproxy(env: &Env, cpus: Cpus, tag: &str, wrap: &[String]) -> Result<Running> {
     let bin = binary(&env.haproxy, "haproxy")?;
     let dir = env.dir.join(format!("haproxy-{tag}"));
     fs::create_dir_all(&dir)?;
@@ -261,10 +304,8 @@ fn start_haproxy(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
     let path = dir.join("haproxy.cfg");
     fs::write(&path, fill(HAPROXY_CFG, &values)?)?;
     let args: Vec<String> = vec!["-db".into(), "-f".into(), path.display().to_string()];
-    let mut guard = Guard::spawn("haproxy", cpus, &bin, &args, dir.join("haproxy.log"))?;
-    for p in [h1, h2c, tls] {
-        guard.wait_port(addr(p))?;
-    }
+    let guard =
+        spawn_wrapped("haproxy", cpus, &bin, args, dir.join("haproxy.log"), wrap, &[h1, h2c, tls])?;
     Ok(Running {
         kind: Kind::Haproxy,
         guard: Some(guard),
@@ -274,8 +315,8 @@ fn start_haproxy(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
     })
 }
 
-fn start_sluice(env: &Env, cpus: Cpus, tag: &str) -> Result<Running> {
-    start_sluice_routes(env, cpus, tag, None, None).map(|(r, _)| r)
+fn start_sluice(env: &Env, cpus: Cpus, tag: &str, wrap: &[String]) -> Result<Running> {
+    start_sluice_wrapped(env, cpus, tag, None, None, wrap).map(|(r, _)| r)
 }
 
 /// This run's pin directory for the sluice started as `tag`: each bench sluice has its
@@ -303,6 +344,17 @@ pub fn start_sluice_routes(
     routes: Option<&str>,
     pin_dir: Option<&Path>,
 ) -> Result<(Running, SocketAddr)> {
+    start_sluice_wrapped(env, cpus, tag, routes, pin_dir, &[])
+}
+
+fn start_sluice_wrapped(
+    env: &Env,
+    cpus: Cpus,
+    tag: &str,
+    routes: Option<&str>,
+    pin_dir: Option<&Path>,
+    wrap: &[String],
+) -> Result<(Running, SocketAddr)> {
     let bin = binary(&env.sluice, "sluice")?;
     let dir = env.dir.join(format!("sluice-{tag}"));
     fs::create_dir_all(&dir)?;
@@ -329,11 +381,9 @@ pub fn start_sluice_routes(
         "--pin-dir".into(),
         pin_dir.display().to_string(),
     ];
-    let mut guard = Guard::spawn("sluice", cpus, &bin, &args, dir.join("sluice.log"))
-        .context("cannot start sluice")?;
-    for p in [plain, tls] {
-        guard.wait_port(addr(p))?;
-    }
+    let guard =
+        spawn_wrapped("sluice", cpus, &bin, args, dir.join("sluice.log"), wrap, &[plain, tls])
+            .context("cannot start sluice")?;
     let running = Running {
         kind: Kind::Sluice,
         guard: Some(guard),
