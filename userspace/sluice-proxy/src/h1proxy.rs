@@ -42,6 +42,7 @@ use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, aut
 
 use crate::error::RequestError;
 use crate::proxy::{ConnInfo, ProxyState};
+use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
 
 /// Header slots per parse; a head with more is declined (hyper answers it).
@@ -139,7 +140,8 @@ pub(crate) async fn serve(
             }
         };
         let _active = conn.activity.request();
-        match exchange(state, conn, &mut client, plan, &mut out, start).await {
+        // Boxed: an idle connection's task then holds only the small waiting state.
+        match Box::pin(exchange(state, conn, &mut client, plan, &mut out, start)).await {
             Next::KeepAlive => {}
             Next::Close => {
                 let _ = client.tcp.shutdown().await;
@@ -151,17 +153,30 @@ pub(crate) async fn serve(
 }
 
 /// Waits for the first byte of a next request; `false` when the connection should close
-/// instead (idle too long, or quiet once the drain started).
+/// instead: idle for `connection_idle`, or quiet for `H1_DRAIN_IDLE` once the drain
+/// started. One timer, reset when the drain starts: this is the state an idle
+/// connection's task sits in, so it is kept small.
 async fn wait_request(
     state: &ProxyState,
     tcp: &TcpStream,
     drain: &mut watch::Receiver<bool>,
 ) -> bool {
-    tokio::select! {
-        biased;
-        r = tcp.readable() => r.is_ok(),
-        () = crate::server::drain_quiet(drain.clone()) => false,
-        () = tokio::time::sleep(state.cfg.timeouts.connection_idle) => false,
+    let mut draining = *drain.borrow();
+    let first = if draining { H1_DRAIN_IDLE } else { state.cfg.timeouts.connection_idle };
+    let timer = tokio::time::sleep(first);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            biased;
+            r = tcp.readable() => return r.is_ok(),
+            changed = drain.changed(), if !draining => {
+                draining = true;
+                if changed.is_ok() && *drain.borrow() {
+                    timer.as_mut().reset(Instant::now() + H1_DRAIN_IDLE);
+                }
+            }
+            () = &mut timer => return false,
+        }
     }
 }
 

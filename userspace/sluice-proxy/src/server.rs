@@ -288,13 +288,14 @@ async fn accept_loop(
         let state = state.clone();
         let drain = drain.clone();
         let tls = l.tls.clone();
-        tokio::spawn(async move {
+        let fut = async move {
             state.metrics.client_connections_total.inc();
             state.metrics.client_connections_open.inc();
             serve_connection(&state, tcp, peer, tls, drain).await;
             state.metrics.client_connections_open.dec();
             drop(permit);
-        });
+        };
+        tokio::spawn(fut);
     }
 }
 
@@ -338,39 +339,23 @@ async fn serve_connection(
     });
     let max_head = state.cfg.limits.max_header_bytes;
     match tls {
+        // Boxed, here and below: a connection's task is as large as its largest state,
+        // and an idle fast-path connection should not pay for TLS's or hyper's.
         Some(acceptor) => {
-            let io = ConnIo::new(tcp, activity.clone());
-            let stream = match tokio::time::timeout(t.tls_handshake, acceptor.accept(io)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "tls handshake: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "tls handshake timed out");
-                    return;
-                }
-            };
-            let h2 = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
-            // Boxed, here and below: a connection's task is as large as its largest
-            // future, and an idle fast-path connection should not pay for hyper's.
-            if h2 {
-                Box::pin(serve_h2(state, TokioIo::new(stream), info, drain)).await;
-            } else {
-                let io = TokioIo::new(H1Scan::new(stream, max_head, verdicts));
-                Box::pin(serve_h1(state, io, info, drain)).await;
-            }
+            Box::pin(serve_tls(state, tcp, acceptor, activity, verdicts, info, drain)).await;
         }
         None => {
+            // Boxed: the sniff's timers would otherwise stay in every idle connection's
+            // task (a task is as large as its largest state).
             let is_h2 = tokio::select! {
                 biased;
-                r = tokio::time::timeout(t.header_read, sniff_h2c(&tcp)) => match r {
+                r = Box::pin(tokio::time::timeout(t.header_read, sniff_h2c(&tcp))) => match r {
                     Ok(Ok(h2)) => h2,
                     _ => return,
                 },
                 // A client's pool may hold a connection it has not used yet: while
                 // draining it is an idle connection like any other.
-                () = drain_quiet(drain.clone()) => return,
+                () = Box::pin(drain_quiet(drain.clone())) => return,
             };
             if is_h2 {
                 let io = ConnIo::new(tcp, activity.clone());
@@ -387,6 +372,41 @@ async fn serve_connection(
             let io = TokioIo::new(H1Scan::new(io, max_head, verdicts));
             Box::pin(serve_h1(state, io, info, drain)).await;
         }
+    }
+}
+
+/// A TLS connection: the handshake (ALPN picks HTTP/2 or HTTP/1.1), then hyper.
+async fn serve_tls(
+    state: &Arc<ProxyState>,
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    activity: Arc<Activity>,
+    verdicts: Arc<Verdicts>,
+    info: Arc<ConnInfo>,
+    drain: watch::Receiver<bool>,
+) {
+    let t = &state.cfg.timeouts;
+    let peer = info.peer;
+    let max_head = state.cfg.limits.max_header_bytes;
+    let io = ConnIo::new(tcp, activity.clone());
+    let accept = Box::pin(acceptor.accept(io));
+    let stream = match tokio::time::timeout(t.tls_handshake, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "tls handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "tls handshake timed out");
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
+    if h2 {
+        Box::pin(serve_h2(state, TokioIo::new(stream), info, drain)).await;
+    } else {
+        let io = TokioIo::new(H1Scan::new(stream, max_head, verdicts));
+        Box::pin(serve_h1(state, io, info, drain)).await;
     }
 }
 
@@ -444,11 +464,11 @@ async fn serve_h2<I>(
 /// drain starts races a request the client is sending on it. Busy connections instead
 /// end cleanly with `connection: close` on their next response (see `proxy::handle`),
 /// and only connections the client left quiet this long are closed under it.
-const H1_DRAIN_IDLE: Duration = Duration::from_millis(500);
+pub(crate) const H1_DRAIN_IDLE: Duration = Duration::from_millis(500);
 
 /// Resolves once the drain has been under way for [`H1_DRAIN_IDLE`]: a connection that
 /// has not sent a byte by then is closed like an idle keep-alive connection.
-pub(crate) async fn drain_quiet(mut drain: watch::Receiver<bool>) {
+async fn drain_quiet(mut drain: watch::Receiver<bool>) {
     if drain.wait_for(|d| *d).await.is_err() {
         // The server is gone without a drain: nothing to wait for here.
         std::future::pending::<()>().await;
