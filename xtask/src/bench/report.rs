@@ -620,6 +620,12 @@ pub fn write_docs(root: &Path, r: &Results, meta: &Meta) -> Result<Vec<PathBuf>>
     if let Some(h) = headline(r, meta) {
         let _ = writeln!(md, "## At a glance\n\n{h}");
     }
+    // The hand-written reading of the latest run (targets met and missed, what the
+    // profile says) is kept beside the results and carried into every rewrite.
+    if let Ok(reading) = fs::read_to_string(root.join("docs/bench/reading.md")) {
+        let _ = writeln!(md, "{}", reading.trim_end());
+        let _ = writeln!(md);
+    }
     let _ = writeln!(md, "{}", METHOD);
     for (file, alt) in &plots {
         let _ = writeln!(md, "![{alt}](bench/{file})\n");
@@ -659,7 +665,9 @@ const METHOD: &str = "## How it is measured
 HAProxy, wrk, h2load) and builds `oha` once into `.bench-cache/`. The default run takes about 15 \
 minutes, `--quick` under 2 (and writes nothing unless `--write`).
 - **One upstream for all:** a single-threaded hyper server (HTTP/1.1 and h2c on one port, a fixed \
-17-byte body, plus an SSE endpoint) that the harness runs as a child. `direct` is the load \
+17-byte body, plus an SSE endpoint) that the harness runs as a child, from a release build of \
+xtask (a debug build cost four times the CPU per request and, sharing CPU 0 with the load \
+generator, capped every figure; runs before 2026-12-02 had that). `direct` is the load \
 generator talking to it with no proxy; every ratio divides by direct in the same placement.
 - **Equivalent configs:** one worker each (nginx `worker_processes 1`, HAProxy `nbthread 1`, \
 sluice pinned to one CPU), keep-alive to the upstream over HTTP/1.1, access logs off, TLS 1.3 \
