@@ -196,22 +196,5 @@ fn xdp_pass_object(dir: &Path) -> Result<PathBuf> {
 
 /// Builds the example and returns its path.
 fn build() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("bench: $ cargo build --release -p sluice-tests --example conn_rate");
-    let status = Command::new(cargo)
-        .current_dir(crate::root())
-        .args(["build", "--release", "-q", "-p", "sluice-tests", "--example", "conn_rate"])
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p sluice-tests --example conn_rate failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::root().join("target"));
-    let bin = target.join("release/examples/conn_rate");
-    if !bin.exists() {
-        bail!("{} missing after the build", bin.display());
-    }
-    Ok(bin)
+    super::release_build(&["-p", "sluice-tests", "--example", "conn_rate"], "examples/conn_rate")
 }

@@ -474,24 +474,7 @@ fn release_upstream() -> Result<PathBuf> {
     if me.parent().and_then(|d| d.file_name()).is_some_and(|d| d == "release") {
         return Ok(me);
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("bench: $ cargo build --release -p xtask (the upstream)");
-    let status = Command::new(cargo)
-        .current_dir(super::root())
-        .args(["build", "--release", "-q", "-p", "xtask"])
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p xtask failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| super::root().join("target"));
-    let bin = target.join("release/xtask");
-    if !bin.exists() {
-        bail!("{} missing after the build", bin.display());
-    }
-    Ok(bin)
+    release_build(&["-p", "xtask"], "xtask")
 }
 
 /// Builds the release sluice binary and returns its path.
@@ -501,22 +484,28 @@ fn build_sluice() -> Result<PathBuf> {
     if std::env::var_os("SLUICE_EBPF_OBJECT").is_none() && !object.exists() {
         super::build_ebpf()?;
     }
+    release_build(&["-p", "sluice"], "sluice")
+}
+
+/// `cargo build --release <args>` in the workspace; returns `target/release/<bin>`.
+pub(crate) fn release_build(args: &[&str], bin: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("bench: $ cargo build --release -p sluice");
+    eprintln!("bench: $ cargo build --release {}", args.join(" "));
     let status = Command::new(cargo)
         .current_dir(super::root())
-        .args(["build", "--release", "-p", "sluice"])
+        .args(["build", "--release", "-q"])
+        .args(args)
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
-        bail!("cargo build --release -p sluice failed");
+        bail!("cargo build --release {} failed", args.join(" "));
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| super::root().join("target"));
-    let bin = target.join("release/sluice");
-    if !bin.exists() {
-        bail!("{} missing after the build", bin.display());
+    let path = target.join("release").join(bin);
+    if !path.exists() {
+        bail!("{} missing after the build", path.display());
     }
-    Ok(bin)
+    Ok(path)
 }
