@@ -189,7 +189,7 @@ async fn read_some(
 ) -> io::Result<usize> {
     buf.reserve(max);
     loop {
-        match tcp.try_read_buf(buf) {
+        match crate::io::read_drained(tcp, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return r,
         }
@@ -595,7 +595,7 @@ async fn read_response(
     rbuf.reserve(BODY_READ);
     let deadline = idle.map(|d| Instant::now() + d);
     loop {
-        match up.tcp.try_read_buf(rbuf) {
+        match crate::io::read_drained(&up.tcp, rbuf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Ok(n) => return Ok(n),
             Err(e) => return Err(Failure::Io(e)),
@@ -607,7 +607,7 @@ async fn read_response(
             r = client.tcp.readable(), if watch_client => {
                 r.map_err(|_| Failure::ClientGone)?;
                 client.buf.reserve(HEAD_READ);
-                match client.tcp.try_read_buf(&mut client.buf) {
+                match crate::io::read_drained(&client.tcp, &mut client.buf) {
                     Ok(0) => return Err(Failure::ClientGone),
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

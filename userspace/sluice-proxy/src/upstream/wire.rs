@@ -213,7 +213,7 @@ fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 async fn read_some(conn: &WireConn, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
-        match conn.tcp.try_read_buf(buf) {
+        match crate::io::read_drained(&conn.tcp, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.tcp.readable().await?,
             r => return r,
         }
@@ -513,7 +513,7 @@ impl Body for WireBody {
             }
             let Some(conn) = this.conn.as_ref() else { return Poll::Ready(None) };
             this.rbuf.reserve(READ);
-            match conn.tcp.try_read_buf(&mut this.rbuf) {
+            match crate::io::read_drained(&conn.tcp, &mut this.rbuf) {
                 Ok(0) => {
                     if matches!(this.framing, Framing::UntilClose) {
                         this.finish();
