@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{ProxyBody, full};
+use crate::headers::{put_field, put_status_line};
 
 /// A configuration problem.
 #[derive(Debug, thiserror::Error)]
@@ -148,17 +149,11 @@ impl RequestError {
     ) {
         let status = self.status();
         let text = self.text(request_id);
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        put_status_line(out, status);
         out.extend_from_slice(
-            b"\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n",
+            b"content-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n",
         );
-        out.extend_from_slice(request_id_header.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(request_id.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, request_id_header.as_str().as_bytes(), request_id.as_bytes());
         if status == StatusCode::UNAUTHORIZED {
             out.extend_from_slice(b"www-authenticate: Sluice realm=\"sluice\"\r\n");
         }

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, authorize};
 
 use crate::error::RequestError;
+use crate::headers::{content_length, is_safe_value, put_field, put_status_line};
 use crate::proxy::{ConnInfo, ProxyState};
 use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
@@ -246,20 +247,6 @@ fn field(state: &ProxyState, name: &str) -> Field {
     }
 }
 
-/// A header value the hyper path would also accept unchanged (`headers::check_safe`).
-fn safe_value(v: &[u8]) -> bool {
-    !v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
-        && !v.first().is_some_and(u8::is_ascii_whitespace)
-        && !v.last().is_some_and(u8::is_ascii_whitespace)
-}
-
-fn digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
 /// Phase 2 for the head at the start of `buf`; on `Go`, the forwarded head is in `out`.
 fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> Planned {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -284,12 +271,12 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     let (mut key, mut secret) = (None, None);
     let (mut keys, mut secrets) = (0, 0);
     for h in req.headers.iter() {
-        if !safe_value(h.value) {
+        if !is_safe_value(h.value) {
             return Planned::Decline;
         }
         match field(state, h.name) {
             Field::Host if host.is_none() => host = Some(h.value),
-            Field::ContentLength if length.is_none() => match digits(h.value) {
+            Field::ContentLength if length.is_none() => match content_length(h.value) {
                 Some(n) => length = Some(n),
                 None => return Planned::Decline,
             },
@@ -358,15 +345,15 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
         if field(state, h.name) == Field::Other || h.name.eq_ignore_ascii_case("content-length") {
-            put_header(out, h.name.as_bytes(), h.value);
+            put_field(out, h.name.as_bytes(), h.value);
         } else if h.name.eq_ignore_ascii_case("host") {
-            put_header(out, b"host", h.value);
+            put_field(out, b"host", h.value);
         }
     }
-    put_header(out, b"x-forwarded-for", conn.forwarded_for.as_bytes());
-    put_header(out, b"x-forwarded-proto", b"http");
-    put_header(out, b"x-forwarded-host", raw_host.as_bytes());
-    put_header(out, state.request_id_header.as_str().as_bytes(), rid.as_bytes());
+    put_field(out, b"x-forwarded-for", conn.forwarded_for.as_bytes());
+    put_field(out, b"x-forwarded-proto", b"http");
+    put_field(out, b"x-forwarded-host", raw_host.as_bytes());
+    put_field(out, state.request_id_header.as_str().as_bytes(), rid.as_bytes());
     out.extend_from_slice(b"\r\n");
     Planned::Go(Plan {
         server: server.clone(),
@@ -378,13 +365,6 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
         client_close: close,
         rid,
     })
-}
-
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// What the connection does after an exchange.
@@ -668,7 +648,7 @@ fn response_head(
     for h in resp.headers.iter() {
         let n = h.name.as_bytes();
         if n.eq_ignore_ascii_case(b"content-length") {
-            let v = digits(h.value).ok_or_else(|| invalid("invalid content-length"))?;
+            let v = content_length(h.value).ok_or_else(|| invalid("invalid content-length"))?;
             if length.is_some_and(|l| l != v) {
                 return Err(invalid("conflicting content-length"));
             }
@@ -709,11 +689,7 @@ fn response_head(
         return Err(invalid("both content-length and transfer-encoding"));
     }
 
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    put_status_line(out, status);
     for h in resp.headers.iter() {
         let n = h.name.as_bytes();
         let hop = n.eq_ignore_ascii_case(b"connection")
@@ -726,13 +702,13 @@ fn response_head(
             || n.eq_ignore_ascii_case(state.request_id_header.as_str().as_bytes())
             || named.iter().any(|x| x.as_bytes().eq_ignore_ascii_case(n));
         if !hop {
-            put_header(out, n, h.value);
+            put_field(out, n, h.value);
         }
     }
     if matches!(framing, Framing::Chunked | Framing::UntilClose) {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    put_header(out, state.request_id_header.as_str().as_bytes(), plan.rid.as_bytes());
+    put_field(out, state.request_id_header.as_str().as_bytes(), plan.rid.as_bytes());
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -964,15 +940,5 @@ mod tests {
             assert!(done, "split at {split}");
             assert_eq!(a + b, body.len());
         }
-    }
-
-    #[test]
-    fn values() {
-        assert!(safe_value(b"a b"));
-        assert!(!safe_value(b" a"));
-        assert!(!safe_value(b"a\0"));
-        assert_eq!(digits(b"007"), Some(7));
-        assert_eq!(digits(b"+7"), None);
-        assert_eq!(digits(b""), None);
     }
 }

@@ -57,16 +57,52 @@ pub fn check_safe(headers: &HeaderMap) -> Result<(), RequestError> {
             return Err(RequestError::BadRequest("empty header name"));
         }
         let v = value.as_bytes();
-        if v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n') {
+        if has_line_break_or_nul(v) {
             return Err(RequestError::BadRequest("CR, LF or NUL in a header value"));
         }
-        if let (Some(first), Some(last)) = (v.first(), v.last())
-            && (first.is_ascii_whitespace() || last.is_ascii_whitespace())
-        {
+        if has_outer_whitespace(v) {
             return Err(RequestError::BadRequest("whitespace around a header value"));
         }
     }
     Ok(())
+}
+
+fn has_line_break_or_nul(v: &[u8]) -> bool {
+    v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+}
+
+fn has_outer_whitespace(v: &[u8]) -> bool {
+    v.first().is_some_and(u8::is_ascii_whitespace) || v.last().is_some_and(u8::is_ascii_whitespace)
+}
+
+/// Whether a raw header value passes [`check_safe`] (for heads sluice parses itself).
+pub(crate) fn is_safe_value(v: &[u8]) -> bool {
+    !has_line_break_or_nul(v) && !has_outer_whitespace(v)
+}
+
+/// A `Content-Length` value: ASCII digits only (no sign, no spaces), within u64.
+pub(crate) fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Writes an HTTP/1.1 status line (`HTTP/1.1 200 OK`) onto `out`.
+pub(crate) fn put_status_line(out: &mut Vec<u8>, status: http::StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one HTTP/1.1 header field (`name: value`) onto `out`.
+pub(crate) fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Whether the request asks for an HTTP/1.1 protocol upgrade (e.g. WebSocket).
@@ -287,6 +323,17 @@ mod tests {
         assert!(check_safe(&map(&[("a", "b")])).is_ok());
         assert!(check_safe(&map(&[("a", " b")])).is_err());
         assert!(check_safe(&map(&[("a", "b\t")])).is_err());
+    }
+
+    #[test]
+    fn raw_values() {
+        assert!(is_safe_value(b"a b"));
+        assert!(!is_safe_value(b" a"));
+        assert!(!is_safe_value(b"a\0"));
+        assert_eq!(content_length(b"007"), Some(7));
+        assert_eq!(content_length(b"+7"), None);
+        assert_eq!(content_length(b""), None);
+        assert_eq!(content_length(b"99999999999999999999"), None);
     }
 
     #[test]

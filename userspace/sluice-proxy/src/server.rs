@@ -288,14 +288,13 @@ async fn accept_loop(
         let state = state.clone();
         let drain = drain.clone();
         let tls = l.tls.clone();
-        let fut = async move {
+        tokio::spawn(async move {
             state.metrics.client_connections_total.inc();
             state.metrics.client_connections_open.inc();
             serve_connection(&state, tcp, peer, tls, drain).await;
             state.metrics.client_connections_open.dec();
             drop(permit);
-        };
-        tokio::spawn(fut);
+        });
     }
 }
 

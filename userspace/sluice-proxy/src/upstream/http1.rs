@@ -4,7 +4,6 @@
 //! its end, so the replica sees the TCP connection close.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
@@ -13,7 +12,7 @@ use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::task::AbortHandle;
 
-use super::{UpstreamReqBody, UpstreamResponse, Upstreams, error_chain};
+use super::{OpenH1, UpstreamReqBody, UpstreamResponse, Upstreams, error_chain};
 use crate::error::RequestError;
 
 /// An HTTP/1.1 connection to a replica; dropping it closes the connection.
@@ -47,16 +46,9 @@ async fn connect(
         .handshake::<_, UpstreamReqBody>(TokioIo::new(tcp))
         .await
         .map_err(|e| RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e))))?;
-    let metrics = up.metrics.clone();
-    metrics.upstream_h1_open.inc();
-    struct OnEnd(Arc<crate::metrics::Metrics>);
-    impl Drop for OnEnd {
-        fn drop(&mut self) {
-            self.0.upstream_h1_open.dec();
-        }
-    }
+    let open = OpenH1::new(&up.metrics);
     let driver = tokio::spawn(async move {
-        let _end = OnEnd(metrics);
+        let _open = open;
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(%addr, "upstream http/1.1 connection ended: {e}");
         }

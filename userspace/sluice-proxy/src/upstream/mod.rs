@@ -79,12 +79,13 @@ struct ReplicaPool {
     /// One h2 connect at a time per replica, so a burst against a cold (or saturated)
     /// replica opens one connection and multiplexes onto it instead of one per request.
     h2_connecting: tokio::sync::Mutex<()>,
-    /// Idle raw connections of the HTTP/1.1 fast path ([`WireConn`]), most recent last.
+    /// Idle raw HTTP/1.1 connections ([`WireConn`]), most recent last; shared by the
+    /// fast path and [`wire`].
     wire_idle: Mutex<Vec<(WireConn, Instant)>>,
 }
 
-/// A raw HTTP/1.1 connection to a replica, framed by the HTTP/1.1 fast path itself
-/// (`crate::h1proxy`) in the client connection's own task: no driver task, no channel.
+/// A raw HTTP/1.1 connection to a replica, framed by sluice itself (`crate::h1proxy`,
+/// [`wire`]) in the task of the request using it: no driver task, no channel.
 /// Dropping it closes the connection.
 pub(crate) struct WireConn {
     /// The socket.
@@ -96,7 +97,7 @@ pub(crate) struct WireConn {
 struct OpenH1(Arc<Metrics>);
 
 impl OpenH1 {
-    fn new(metrics: &Arc<Metrics>) -> Self {
+    pub(super) fn new(metrics: &Arc<Metrics>) -> Self {
         metrics.upstream_h1_open.inc();
         Self(metrics.clone())
     }

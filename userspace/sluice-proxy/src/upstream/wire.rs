@@ -29,6 +29,7 @@ use tokio::io::AsyncWriteExt as _;
 use super::{ReplicaPool, UpstreamReqBody, UpstreamResponse, Upstreams, WireConn};
 use crate::body::BoxError;
 use crate::error::RequestError;
+use crate::headers::{content_length, put_field};
 
 /// Header slots when parsing a replica's response head.
 const MAX_HEADERS: usize = 128;
@@ -64,7 +65,7 @@ pub(super) async fn send(
         if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
             continue;
         }
-        put(&mut head, name.as_str().as_bytes(), value.as_bytes());
+        put_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
     if chunked {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -76,7 +77,7 @@ pub(super) async fn send(
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
         );
         if n > 0 || had_length || implied {
-            put(&mut head, b"content-length", itoa::Buffer::new().format(n).as_bytes());
+            put_field(&mut head, b"content-length", itoa::Buffer::new().format(n).as_bytes());
         }
     }
     head.extend_from_slice(b"\r\n");
@@ -132,7 +133,7 @@ pub(super) async fn send(
                     Ok(trailers) if chunked => {
                         let mut end = b"0\r\n".to_vec();
                         for (name, value) in &trailers {
-                            put(&mut end, name.as_str().as_bytes(), value.as_bytes());
+                            put_field(&mut end, name.as_str().as_bytes(), value.as_bytes());
                         }
                         end.extend_from_slice(b"\r\n");
                         trailers_sent = true;
@@ -202,13 +203,6 @@ pub(super) async fn send(
 fn client_body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> RequestError {
     tracing::debug!("request body: {e}");
     RequestError::BadRequest("malformed or incomplete request body")
-}
-
-fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 async fn read_some(conn: &WireConn, buf: &mut BytesMut) -> io::Result<usize> {
@@ -282,10 +276,7 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| upstream_err(addr, "invalid header value"))?;
         if name == http::header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
+            let n = content_length(h.value)
                 .ok_or_else(|| upstream_err(addr, "invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(upstream_err(addr, "conflicting content-length"));
