@@ -202,7 +202,7 @@ async fn read_some(
 }
 
 /// What kind of request header a name is, for the fast path's rules.
-#[derive(PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Field {
     Host,
     ContentLength,
@@ -270,11 +270,14 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     let (mut host, mut length, mut close) = (None, None, false);
     let (mut key, mut secret) = (None, None);
     let (mut keys, mut secrets) = (0, 0);
-    for h in req.headers.iter() {
+    // Each name is classified once; the forwarding pass below reuses it.
+    let mut kinds = [Field::Other; MAX_HEADERS];
+    for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
         if !is_safe_value(h.value) {
             return Planned::Decline;
         }
-        match field(state, h.name) {
+        *kind = field(state, h.name);
+        match *kind {
             Field::Host if host.is_none() => host = Some(h.value),
             Field::ContentLength if length.is_none() => match content_length(h.value) {
                 Some(n) => length = Some(n),
@@ -343,11 +346,11 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in req.headers.iter() {
-        if field(state, h.name) == Field::Other || h.name.eq_ignore_ascii_case("content-length") {
-            put_field(out, h.name.as_bytes(), h.value);
-        } else if h.name.eq_ignore_ascii_case("host") {
-            put_field(out, b"host", h.value);
+    for (h, kind) in req.headers.iter().zip(kinds) {
+        match kind {
+            Field::Other | Field::ContentLength => put_field(out, h.name.as_bytes(), h.value),
+            Field::Host => put_field(out, b"host", h.value),
+            _ => {}
         }
     }
     put_field(out, b"x-forwarded-for", conn.forwarded_for.as_bytes());
