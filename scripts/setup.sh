@@ -39,7 +39,7 @@ packages=(
   python3-venv  # scripts/validate-manifests.sh installs kubernetes-validate into a venv
 )
 if [ "$want_bench" = 1 ]; then
-  packages+=(nginx-light haproxy wrk linux-perf util-linux procps)  # taskset, prlimit, setpriv, renice, kill
+  packages+=(nginx-light haproxy wrk linux-perf util-linux procps valgrind)  # taskset, prlimit, setpriv, renice, kill; valgrind for P9
 fi
 if [ "$want_image" = 1 ]; then
   # buildah builds FROM scratch offline; podman runs it (runc: crun refuses hybrid
