@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::instrument::WithSubscriber;
 
-/// The latency the issue asks for: committed → routable. Asserted once, in
+/// The latency the design promises: committed → routable. Asserted once, in
 /// `list_then_watch_applies_puts_and_deletes_fast`; elsewhere the point is correctness, and
 /// a generous bound keeps a loaded CI machine from failing them.
 const APPLY_LATENCY: Duration = Duration::from_millis(100);

@@ -1,4 +1,4 @@
-//! New-connection rate with and without sluice's kernel programs (issue 7's benchmark),
+//! New-connection rate with and without sluice's kernel programs,
 //! measured at the data plane: `cargo xtask bench P8` runs this.
 //!
 //! A node namespace and a client namespace joined by a veth link. The node runs two

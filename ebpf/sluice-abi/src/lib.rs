@@ -7,7 +7,7 @@
 //! Addresses are always stored in one normalised form: a 16-byte IPv6 address, with
 //! IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), kept as four `u32` words in network
 //! byte order exactly as the kernel's socket contexts expose them. Ports are host
-//! byte order. Mixing IPv4 and mapped keys breaks lookups (DESIGN.md §7), so both
+//! byte order. Mixing IPv4 and mapped keys breaks lookups (docs/design.md, What bites), so both
 //! sides build keys only through the constructors here.
 #![no_std]
 

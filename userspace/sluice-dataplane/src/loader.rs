@@ -73,7 +73,7 @@ impl Dataplane {
     ///
     /// Stale pins from a previous process are replaced: maps are per-process state
     /// here, and reusing an old sockhash can leave sockets that make inserts fail with
-    /// EBUSY (DESIGN.md §7).
+    /// EBUSY (docs/design.md, What bites).
     pub fn load(options: DataplaneOptions) -> Result<Dataplane, DataplaneError> {
         if options.pin_dir.is_some() {
             sys::ensure_bpffs()?;

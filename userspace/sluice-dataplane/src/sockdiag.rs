@@ -1,6 +1,6 @@
 //! Closing TCP sockets by destination with netlink sock_diag `SOCK_DESTROY`, so
 //! connections that connect-time steering pinned to a replica that has left do not
-//! stay stuck on it (DESIGN.md §7). Needs CAP_NET_ADMIN and a kernel built with
+//! stay stuck on it (docs/design.md, What bites). Needs CAP_NET_ADMIN and a kernel built with
 //! CONFIG_INET_DIAG_DESTROY.
 
 use std::{

@@ -2,7 +2,7 @@
 //! stream and scale-from-zero demand, per-server caps, mirroring.
 //!
 //! The mirrored upload's size comes from `SLUICE_MIRROR_TEST_BYTES` (default 128 MiB, so CI
-//! stays quick; the 1 GiB: `SLUICE_MIRROR_TEST_BYTES=1073741824`).
+//! stays quick; 1 GiB: `SLUICE_MIRROR_TEST_BYTES=1073741824`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -1,6 +1,6 @@
 //! Large bodies stream through sluice with bounded memory, both directions.
 //!
-//! Size: `SLUICE_STREAM_BYTES` (default 256 MiB so debug-build CI stays fast; the issue's
+//! Size: `SLUICE_STREAM_BYTES` (default 256 MiB so debug-build CI stays fast; a
 //! 2 GiB run is `SLUICE_STREAM_BYTES=2147483648 cargo test --release -p sluice-proxy --test
 //! streaming`). Memory: peak VmRSS of this test process (proxy, replica and client are all
 //! in it) must grow less than 64 MiB.

@@ -1,5 +1,5 @@
 //! Benchmark: change→routable latency with many servers loaded, and lookup latency on
-//! reader threads while changes stream in (issue: routing state, benchmark).
+//! reader threads while changes stream in.
 //!
 //! ```sh
 //! cargo run --release -p sluice-routing --example apply_bench -- \

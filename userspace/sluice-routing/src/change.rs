@@ -405,7 +405,7 @@ impl Builder {
 }
 
 /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes plain IPv4, so the same replica has one key
-/// everywhere (DESIGN.md §7).
+/// everywhere (docs/design.md, What bites).
 pub fn normalize_addr(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

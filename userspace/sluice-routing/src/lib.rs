@@ -2,7 +2,7 @@
 //! immutable snapshot the request path reads lock-free, incremental application of store
 //! changes, the file source, and the replica health checker.
 //!
-//! This crate knows nothing of HTTP plumbing or BPF (DESIGN.md §5): the proxy reads a
+//! This crate knows nothing of HTTP plumbing or BPF (docs/design.md, Layering): the proxy reads a
 //! [`Snapshot`] from a [`RoutingTable`]; sources and the health checker write to it.
 //!
 //! ```

@@ -1,4 +1,4 @@
-//! P8: new-connection rate with and without sluice's kernel programs (issue 7: the XDP
+//! P8: new-connection rate with and without sluice's kernel programs (the XDP
 //! guard and listener steering must cost at most 2 %).
 //!
 //! `sluice run` does not attach the guard from its config on every branch yet, so this
@@ -29,7 +29,7 @@ use super::{
 
 /// Concurrent connector threads.
 const CONNECTORS: usize = 8;
-/// The issue's budget for the programs' cost.
+/// The budget for the programs' cost: they must stay cheap next to a connection.
 const GOAL: f64 = 0.02;
 
 /// A BPF program that passes every packet, in LLVM IR (no C compiler needed: `llc`

@@ -709,7 +709,7 @@ proxy just before (10k req/s only if neither could be measured); the notes give 
 where it came from. Every proxy is then busy but below capacity, so the added time to first \
 event and p99 inter-event gap show how a proxy schedules streams under load, not how deep its \
 overload queue gets. The same rate is used for direct.
-- **P8, new-connection rate:** issue 7's budget for the kernel programs is 2 %. Measured at \
+- **P8, new-connection rate:** the budget for the kernel programs is 2 %. Measured at \
 the data plane by the `conn_rate` example of `sluice-tests`: a node namespace and a client \
 namespace on a veth link; two identical accept loops on SO_REUSEPORT listeners, one bare, one \
 behind the XDP guard (on the link during its runs, port protected, SYN limit far above the load, a denylist \
