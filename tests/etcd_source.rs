@@ -494,3 +494,151 @@ async fn listing_pages_through_thousands_of_keys_and_batches_apply_at_once() {
     assert_eq!(src.table.load().server_count(), N + 100);
     src.stop().await;
 }
+
+/// A CA, a serving certificate for 127.0.0.1 and a client certificate, written as PEM
+/// files into `dir`.
+struct TestPki {
+    ca: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+}
+
+impl TestPki {
+    fn write(dir: &std::path::Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "sluice test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            (params.signed_by(&key, &ca, &ca_key).unwrap(), key)
+        };
+        let (server, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "etcd",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client, client_key) =
+            leaf(Vec::new(), "sluice-node", ExtendedKeyUsagePurpose::ClientAuth);
+        let put = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        TestPki {
+            ca: put("ca.pem", ca.pem()),
+            server_cert: put("server.pem", server.pem()),
+            server_key: put("server-key.pem", server_key.serialize_pem()),
+            client_cert: put("client.pem", client.pem()),
+            client_key: put("client-key.pem", client_key.serialize_pem()),
+        }
+    }
+
+    fn client_tls(&self, with_identity: bool) -> sluice_routing::source::etcd::EtcdTls {
+        sluice_routing::source::etcd::EtcdTls {
+            ca_file: Some(self.ca.clone()),
+            cert_file: with_identity.then(|| self.client_cert.clone()),
+            key_file: with_identity.then(|| self.client_key.clone()),
+            server_name: None,
+        }
+    }
+}
+
+/// etcd serving TLS and requiring client certificates: the store writer and the
+/// watching source work with the CA and a client certificate, and a client without
+/// either is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::write(dir.path());
+    let etcd = Etcd::start_tls(sluice_tests::etcd::EtcdServerTls {
+        cert_file: pki.server_cert.clone(),
+        key_file: pki.server_key.clone(),
+        client_ca: Some(pki.ca.clone()),
+    });
+    assert!(etcd.endpoint().starts_with("https://"));
+    let tls_cfg = |tls| EtcdConfig { tls, ..cfg(etcd.endpoint()) };
+
+    // No CA: etcd's certificate is not trusted. CA but no client certificate: etcd
+    // refuses the handshake. Either way the write fails and says so.
+    for (what, tls) in [("no CA", None), ("no client certificate", Some(pki.client_tls(false)))] {
+        let outcome = match EtcdStore::connect(&tls_cfg(tls)).await {
+            Ok(st) => st.put_server(&server("s0", "nope")).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(outcome.is_err(), "{what}: a write succeeded");
+    }
+
+    let cfg = tls_cfg(Some(pki.client_tls(true)));
+    let st = EtcdStore::connect(&cfg).await.unwrap();
+    st.put_server(&server("s1", "secure")).await.unwrap();
+    let mut src = Running::start(cfg.clone());
+    src.synced().await;
+    let rev = st.put_replica(&replica("s1", "a", 1000)).await.unwrap();
+    src.routable_by(rev, SETTLE_WITHIN).await;
+    assert_eq!(src.replicas_of("secure"), Some(1), "routable through the TLS watch");
+    src.stop().await;
+
+    // Half an identity is a configuration error, named before any connection.
+    let half = EtcdConfig {
+        tls: Some(sluice_routing::source::etcd::EtcdTls { key_file: None, ..pki.client_tls(true) }),
+        ..cfg
+    };
+    let err = EtcdStore::connect(&half).await.unwrap_err();
+    assert!(matches!(err, EtcdError::Credentials(_)), "{err}");
+}
+
+/// etcd with authentication enabled: the password from `password_file` is used, a
+/// wrong one fails to connect, and none at all is refused on the first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_authentication() {
+    let etcd = Etcd::start();
+    let mut admin = Client::connect(etcd.endpoints(), None).await.unwrap();
+    admin.user_add("root", "root-pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.user_add("sluice", "s3cret", None).await.unwrap();
+    admin.user_grant_role("sluice", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let password = |name: &str, pw: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{pw}\n")).unwrap();
+        path
+    };
+    let auth_cfg = |file| EtcdConfig {
+        auth: Some(sluice_routing::source::etcd::EtcdAuth {
+            user: "sluice".into(),
+            password_file: file,
+        }),
+        ..cfg(etcd.endpoint())
+    };
+
+    let good = auth_cfg(password("good", "s3cret"));
+    let st = EtcdStore::connect(&good).await.unwrap();
+    st.put_server(&server("s1", "authed")).await.unwrap();
+    let mut src = Running::start(good.clone());
+    src.synced().await;
+    assert_eq!(src.replicas_of("authed"), Some(0));
+    src.stop().await;
+
+    let wrong = auth_cfg(password("wrong", "guess"));
+    assert!(EtcdStore::connect(&wrong).await.is_err(), "a wrong password connected");
+
+    let anonymous = EtcdStore::connect(&cfg(etcd.endpoint())).await.unwrap();
+    assert!(anonymous.put_server(&server("s2", "anon")).await.is_err(), "anonymous write");
+
+    let missing = auth_cfg(dir.path().join("absent"));
+    let err = EtcdStore::connect(&missing).await.unwrap_err();
+    assert!(err.to_string().contains("absent"), "names the file: {err}");
+    assert!(!err.to_string().contains("s3cret"));
+}

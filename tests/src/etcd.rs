@@ -48,12 +48,27 @@ pub enum EtcdError {
     },
 }
 
+/// Files for an etcd that serves TLS.
+#[derive(Clone, Debug)]
+pub struct EtcdServerTls {
+    /// PEM serving certificate (valid for 127.0.0.1).
+    pub cert_file: PathBuf,
+    /// PEM key of `cert_file`.
+    pub key_file: PathBuf,
+    /// PEM CA that client certificates must chain to; `None` accepts any client.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// A running (or deliberately killed) etcd member.
 pub struct Etcd {
     bin: PathBuf,
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP port for `/health` (etcd's metrics listener), so readiness can be
+    /// checked without speaking TLS.
+    metrics_port: u16,
+    tls: Option<EtcdServerTls>,
     starts: usize,
     // Dropped last: the data dir outlives the process.
     dir: TempDir,
@@ -70,6 +85,19 @@ impl Etcd {
 
     /// Starts etcd on free loopback ports and waits until it is healthy.
     pub fn try_start() -> Result<Self, EtcdError> {
+        Self::try_start_with(None)
+    }
+
+    /// Starts etcd serving TLS on its client port, with these files; with
+    /// `client_ca` set it also requires client certificates signed by it.
+    pub fn start_tls(tls: EtcdServerTls) -> Self {
+        match Self::try_start_with(Some(tls)) {
+            Ok(etcd) => etcd,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn try_start_with(tls: Option<EtcdServerTls>) -> Result<Self, EtcdError> {
         let bin = std::env::var_os("SLUICE_ETCD_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD_BIN));
@@ -84,6 +112,8 @@ impl Etcd {
                 child: None,
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                metrics_port: free_port()?,
+                tls: tls.clone(),
                 starts: 0,
                 dir,
             };
@@ -98,9 +128,10 @@ impl Etcd {
         }))
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    /// The client URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The client URLs (one member), in the form the etcd clients take.
@@ -161,9 +192,17 @@ impl Etcd {
     fn spawn_and_wait(&mut self) -> Result<(), EtcdError> {
         self.starts += 1;
         let log = File::options().create(true).append(true).open(self.log_path())?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", self.metrics_port);
         let mut cmd = Command::new(&self.bin);
+        cmd.arg("--listen-metrics-urls").arg(&metrics);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file").arg(&tls.cert_file).arg("--key-file").arg(&tls.key_file);
+            if let Some(ca) = &tls.client_ca {
+                cmd.arg("--client-cert-auth").arg("--trusted-ca-file").arg(ca);
+            }
+        }
         cmd.arg("--name")
             .arg("default")
             .arg("--data-dir")
@@ -195,7 +234,7 @@ impl Etcd {
                 self.child = None;
                 return Err(self.not_ready(format!("etcd exited with {status}")));
             }
-            if health_ok(self.client_addr()) {
+            if health_ok(SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port))) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
