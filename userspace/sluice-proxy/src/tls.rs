@@ -90,7 +90,7 @@ pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<CertifiedKe
     let key = rustls_pemfile::private_key(&mut read(key_pem)?)
         .map_err(|e| ConfigError::Tls(format!("{}: {e}", key_pem.display())))?
         .ok_or_else(|| ConfigError::Tls(format!("{}: no private key", key_pem.display())))?;
-    certified_key(certs, key)
+    certified_key(certs, key).map_err(|e| ConfigError::Tls(format!("{}: {e}", cert_pem.display())))
 }
 
 /// Builds a signing key from DER parts.
@@ -103,7 +103,12 @@ pub fn certified_key(
     }
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| ConfigError::Tls(format!("unsupported key: {e}")))?;
-    Ok(CertifiedKey::new(certs, signer))
+    let ck = CertifiedKey::new(certs, signer);
+    // A key of another certificate would load fine and fail every handshake later.
+    ck.keys_match().map_err(|e| {
+        ConfigError::Tls(format!("the private key does not match the certificate ({e})"))
+    })?;
+    Ok(ck)
 }
 
 /// Builds the rustls server config of a TLS listener.

@@ -5,6 +5,7 @@
 mod admin;
 mod autoscale;
 mod bpf;
+mod check;
 mod ctl;
 mod demo;
 mod guard;
@@ -17,6 +18,7 @@ mod upgrade;
 mod vip;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -61,6 +63,9 @@ enum Command {
     /// Replace the running `sluice run` without dropping connections: SIGUSR2 to it,
     /// then wait until the new process serves and the old one drained and exited.
     Upgrade(upgrade::UpgradeArgs),
+    /// Validate a config (node config, certificates, routing file) without serving:
+    /// print what would run, or `file:line:col` of the first error and exit non-zero.
+    Check(check::CheckArgs),
     /// Run on the embedded default config with demo replicas it starts itself.
     Demo,
     /// Read and write the routing state in etcd (servers, replicas, tokens).
@@ -89,10 +94,11 @@ fn init_tracing() {
         .init();
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_tracing();
-    match cli.command {
+    let done = match cli.command {
+        Command::Check(args) => return check::main(args),
         Command::Run { config, require_ebpf, pin_dir, takeover, linger_after_handover } => {
             upgrade::set_flags(takeover, linger_after_handover);
             run::main(&config, require_ebpf, pin_dir)
@@ -102,5 +108,6 @@ fn main() -> Result<()> {
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),
         Command::Bpf { command } => bpf::main(command),
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }

@@ -67,6 +67,11 @@ impl HealthConfig {
     }
 }
 
+/// The tables of the config file that belong to the node rather than the proxy; the
+/// rest of the file is the proxy's config.
+pub const NODE_SECTIONS: &[&str] =
+    &["node", "routes", "etcd", "health", "local_replicas", "splice", "vip", "guard"];
+
 /// The whole `sluice run` config file.
 #[derive(Debug, Default)]
 pub struct RunConfig {
@@ -111,6 +116,7 @@ impl RunConfig {
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
+        debug_assert!(NODE_SECTIONS.iter().all(|s| !table.contains_key(*s)));
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
         let mut cfg =
             RunConfig { node, routes, etcd, health, local_replicas, proxy, splice, vip, guard };

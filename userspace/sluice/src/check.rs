@@ -1,0 +1,202 @@
+//! `sluice check --config FILE`: load and validate the node config, its certificates and
+//! the routing document without serving, print what would run, and exit non-zero naming
+//! `file:line:col` on an error (as `nginx -t` does).
+//!
+//! It runs the checks `sluice run` applies before it serves ([`RunConfig::parse`], the
+//! proxy config's validation, loading every certificate, loading the routing file), so
+//! a config that passes here does not fail start-up on its content.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use sluice_proxy::ProxyConfig;
+use sluice_routing::RoutingTable;
+use sluice_routing::source::file::{line_col, load_into};
+
+use crate::run::{NODE_SECTIONS, RunConfig};
+
+/// `sluice check` arguments.
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// Path to the sluice config (TOML), as given to `sluice run`.
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
+
+/// Checks the config; prints a summary on success, `file:line:col: message` on failure.
+pub fn main(args: CheckArgs) -> Result<ExitCode> {
+    let path = &args.config;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    match check(path, &text) {
+        Ok(summary) => {
+            print!("{summary}");
+            println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// What would run, or the first error with its place.
+fn check(path: &Path, text: &str) -> Result<String, String> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let cfg = RunConfig::parse(text, base).map_err(|e| located(path, text, &e))?;
+    let at_file = |e: &dyn std::fmt::Display| format!("{}: error: {e}", path.display());
+    cfg.proxy.validate().map_err(|e| at_file(&e))?;
+    let mut out = String::new();
+    for l in &cfg.proxy.listeners {
+        match &l.tls {
+            Some(tls) => {
+                // Loads and matches every certificate with its key, as binding does.
+                sluice_proxy::tls::server_config(tls).map_err(|e| at_file(&e))?;
+                let names: Vec<&str> =
+                    tls.certs.iter().flat_map(|c| c.names.iter().map(String::as_str)).collect();
+                out += &format!("listener {} tls [{}]\n", l.addr, names.join(", "));
+            }
+            None => out += &format!("listener {} plaintext\n", l.addr),
+        }
+    }
+    match cfg.proxy.admin.addr {
+        Some(addr) => out += &format!("admin {addr}\n"),
+        None => out += "admin off\n",
+    }
+    out += &format!(
+        "node base domains [{}], regions [{}]\n",
+        cfg.node.base_domains.join(", "),
+        cfg.node.regions.join(", ")
+    );
+    if let Some(file) = &cfg.routes.file {
+        let table = RoutingTable::new(cfg.node.clone());
+        load_into(&table, file).map_err(|e| format!("{e}"))?;
+        let snap = table.load();
+        let replicas: usize = snap.servers().map(|s| s.replicas.len()).sum();
+        out += &format!(
+            "routes {}: {} servers, {replicas} replicas\n",
+            file.display(),
+            snap.server_count()
+        );
+    } else if let Some(etcd) = &cfg.etcd {
+        out += &format!(
+            "routes from etcd {} prefix {} (not contacted){}\n",
+            etcd.endpoints.join(","),
+            etcd.prefix,
+            if etcd.tls.is_some() { ", TLS" } else { "" }
+        );
+    } else {
+        out += &format!(
+            "no routing source: every domain answers {}\n",
+            cfg.proxy.unknown_domain_status
+        );
+    }
+    if !cfg.guard.deny.is_empty() {
+        out += &format!("guard deny list: {} prefixes\n", cfg.guard.deny.len());
+    }
+    Ok(out)
+}
+
+/// `file:line:col: error: ...` for a parse error. The parse itself works on a detached
+/// TOML value, which has no positions, so the failing part is deserialized once more from
+/// the text, where the TOML parser knows where each value sits.
+fn located(path: &Path, text: &str, err: &anyhow::Error) -> String {
+    let offset = span_of_error(text);
+    match offset {
+        Some(offset) => {
+            let (line, col) = line_col(text, offset);
+            format!("{}:{line}:{col}: error: {err:#}", path.display())
+        }
+        None => format!("{}: error: {err:#}", path.display()),
+    }
+}
+
+/// The byte offset the TOML parser gives for the first error in `text`: a syntax error,
+/// an error inside one of the node's own sections, or one in the proxy's top-level keys.
+fn span_of_error(text: &str) -> Option<usize> {
+    if let Err(e) = toml::from_str::<toml::Table>(text) {
+        return e.span().map(|s| s.start);
+    }
+    macro_rules! section {
+        ($name:ident: $ty:ty) => {{
+            #[derive(Deserialize)]
+            struct Only {
+                #[serde(default)]
+                #[allow(dead_code)]
+                $name: Option<$ty>,
+            }
+            if let Err(e) = toml::from_str::<Only>(text) {
+                return e.span().map(|s| s.start);
+            }
+        }};
+    }
+    section!(node: sluice_routing::NodeConfig);
+    section!(routes: crate::run::RoutesConfig);
+    section!(etcd: sluice_routing::source::etcd::EtcdConfig);
+    section!(health: crate::run::HealthConfig);
+    section!(local_replicas: crate::local_redirect::LocalReplicasConfig);
+    section!(splice: crate::splice_policy::SpliceConfig);
+    section!(vip: crate::vip::VipConfig);
+    section!(guard: crate::guard::GuardConfig);
+    // The proxy's keys are the top level minus the node's sections: blank those lines
+    // (keeping offsets) and parse what is left as the proxy config.
+    let masked = mask_sections(text, NODE_SECTIONS);
+    toml::from_str::<ProxyConfig>(&masked).err().and_then(|e| e.span()).map(|s| s.start)
+}
+
+/// `text` with every table whose header names one of `sections` (`[etcd]`,
+/// `[etcd.tls]`, `[[guard.x]]`) blanked to spaces.
+fn mask_sections(text: &str, sections: &[&str]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut masking = false;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            let header = trimmed.trim_start_matches('[').trim_start();
+            masking = sections.iter().any(|s| {
+                header
+                    .strip_prefix(s)
+                    .is_some_and(|rest| rest.trim_start().starts_with(']') || rest.starts_with('.'))
+            });
+        }
+        if masking {
+            // Same byte length, so offsets into the masked text are offsets into `text`.
+            let body = line.trim_end_matches('\n');
+            out.extend(std::iter::repeat_n(' ', body.len()));
+            out.push_str(&line[body.len()..]);
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_of(text: &str) -> String {
+        check(Path::new("/etc/sluice/sluice.toml"), text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let syntax = err_of("[[listeners]]\naddr = \n");
+        assert!(syntax.starts_with("/etc/sluice/sluice.toml:2:"), "{syntax}");
+        let in_section = err_of("[node]\nregions = [\"r1\"]\n\n[etcd]\nendpoint = []\n");
+        assert!(in_section.starts_with("/etc/sluice/sluice.toml:5:1: error:"), "{in_section}");
+        let in_proxy = err_of("[node]\nregions = [\"r1\"]\n[timeouts]\nheader_rd = \"5s\"\n");
+        assert!(in_proxy.starts_with("/etc/sluice/sluice.toml:4:1: error:"), "{in_proxy}");
+    }
+
+    #[test]
+    fn masking_keeps_line_numbers() {
+        let text = "a = 1\n[etcd]\nx = 2\n[etcd.tls]\ny = 3\n[timeouts]\nz = 4\n";
+        let masked = mask_sections(text, &["etcd"]);
+        assert_eq!(masked.len(), text.len());
+        assert_eq!(masked, "a = 1\n      \n     \n          \n     \n[timeouts]\nz = 4\n");
+    }
+}

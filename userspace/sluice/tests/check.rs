@@ -1,0 +1,114 @@
+//! `sluice check --config FILE` through the binary: a good config prints what would run
+//! and exits 0; a broken config, routing file or certificate exits 1 naming the place.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn check(config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice check")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+const ROUTES: &str = r#"
+[[servers]]
+id = "s1"
+label = "hello"
+unauthenticated = true
+
+[[replicas]]
+server = "s1"
+id = "a"
+address = "127.0.0.1:9001"
+"#;
+
+fn write_certs(dir: &Path) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["*.r1.example.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(dir.join("other-key.pem"), other.serialize_pem()).unwrap();
+}
+
+fn config(key_file: &str, extra: &str) -> String {
+    format!(
+        r#"[[listeners]]
+addr = "127.0.0.1:0"
+
+[[listeners]]
+addr = "127.0.0.1:0"
+tls = {{ certs = [{{ names = ["*.r1.example.test"], cert_pem = "cert.pem", key_pem = "{key_file}" }}] }}
+
+[node]
+base_domains = ["example.test"]
+regions = ["r1"]
+
+[routes]
+file = "routes.toml"
+{extra}"#
+    )
+}
+
+#[test]
+fn good_config_prints_what_would_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path());
+    std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(&cfg, config("key.pem", "")).unwrap();
+    let out = check(&cfg);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    assert!(stdout.contains("tls [*.r1.example.test]"), "{stdout}");
+    assert!(stdout.contains("1 servers, 1 replicas"), "{stdout}");
+    assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+}
+
+#[test]
+fn errors_exit_non_zero_naming_the_place() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path());
+    std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    let cases = [
+        // A misspelt key in a node section: line 16 is `intervl`.
+        (config("key.pem", "\n[health]\nintervl = \"2s\"\n"), "sluice.toml:16:1"),
+        // A key that does not belong to the certificate.
+        (config("other-key.pem", ""), "cert.pem"),
+    ];
+    for (text_cfg, want) in cases {
+        std::fs::write(&cfg, text_cfg).unwrap();
+        let out = check(&cfg);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{want}: {stderr}");
+        assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
+    }
+    // A broken routing document is named by its own file, line and column.
+    std::fs::write(&cfg, config("key.pem", "")).unwrap();
+    std::fs::write(dir.path().join("routes.toml"), "[[servers]]\nid = \"s1\"\nlabl = \"x\"\n")
+        .unwrap();
+    let out = check(&cfg);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("routes.toml:3:"), "{stderr}");
+}
+
+/// The example config the repository ships (and the container image uses) stays valid.
+#[test]
+fn shipped_config_passes() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/sluice.toml");
+    let out = check(&cfg);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
