@@ -196,30 +196,30 @@ impl Default for Limits {
 pub struct Timeouts {
     /// Time to receive a complete request header block (slowloris guard); also closes
     /// HTTP/1.1 keep-alive connections idle for that long between requests.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub header_read: Duration,
     /// Time to complete a TLS handshake.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub tls_handshake: Duration,
     /// Time to connect to a replica; over → 502.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub connect: Duration,
     /// A client connection with no request in flight and no bytes moving is closed after this.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub connection_idle: Duration,
     /// A client connection with requests in flight but no bytes moving in either direction
     /// (e.g. a client keeping its window at zero) is closed after this.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub stream_idle: Duration,
     /// Default per-request upstream idle timeout (no response bytes from the replica for
     /// this long → error); servers may set their own. `None` = none.
-    #[serde(with = "opt_duration")]
+    #[serde(with = "sluice_routing::model::duration_serde::option")]
     pub upstream_idle: Option<Duration>,
     /// How long graceful shutdown waits for in-flight requests.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub drain: Duration,
     /// Idle pooled upstream connections are closed after this.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub upstream_pool_idle: Duration,
 }
 
@@ -332,7 +332,7 @@ impl Default for LbConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AutoscalerConfig {
     /// One record per server per `interval`.
-    #[serde(with = "duration")]
+    #[serde(with = "sluice_routing::model::duration_serde")]
     pub interval: Duration,
 }
 
@@ -386,98 +386,24 @@ impl Cidr {
     }
 }
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&s[..i], s[i..].trim()),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(secs).ok()
-}
-
-fn format_duration(d: &Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum DurationRepr {
-    Secs(u64),
-    Float(f64),
-    Text(String),
-}
-
-impl DurationRepr {
-    fn into_duration<E: serde::de::Error>(self) -> Result<Duration, E> {
-        match self {
-            DurationRepr::Secs(s) => Ok(Duration::from_secs(s)),
-            DurationRepr::Float(f) => Duration::try_from_secs_f64(f).map_err(E::custom),
-            DurationRepr::Text(t) => {
-                parse_duration(&t).ok_or_else(|| E::custom(format!("bad duration {t:?}")))
-            }
-        }
-    }
-}
-
-/// Serde for `Duration` as `"30s"` or seconds.
-pub mod duration {
-    use super::*;
-
-    /// Serializes as `"30s"` / `"250ms"`.
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_duration(d))
-    }
-
-    /// Deserializes `"30s"`, `"250ms"`, `"5m"` or a number of seconds.
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        DurationRepr::deserialize(d)?.into_duration()
-    }
-}
-
-/// Serde for `Option<Duration>`.
-pub mod opt_duration {
-    use super::*;
-
-    /// Serializes `Some` as `"30s"`, `None` as nothing.
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&format_duration(d)),
-            None => s.serialize_none(),
-        }
-    }
-
-    /// Deserializes like [`super::duration`].
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        Option::<DurationRepr>::deserialize(d)?.map(|r| r.into_duration()).transpose()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// One duration grammar for the whole config file: the proxy's tables accept what
+    /// the node's do (`"1m 30s"`), and the forms they accepted before.
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("x"), None);
+        let drain = |v: &str| {
+            toml::from_str::<ProxyConfig>(&format!("[timeouts]\ndrain = {v}\n"))
+                .map(|c| c.timeouts.drain)
+        };
+        assert_eq!(drain("\"250ms\"").unwrap(), Duration::from_millis(250));
+        assert_eq!(drain("\"30s\"").unwrap(), Duration::from_secs(30));
+        assert_eq!(drain("\"1m 30s\"").unwrap(), Duration::from_secs(90));
+        assert_eq!(drain("\"7\"").unwrap(), Duration::from_secs(7));
+        assert_eq!(drain("7").unwrap(), Duration::from_secs(7));
+        assert!(drain("\"x\"").is_err());
     }
 
     #[test]

@@ -395,6 +395,10 @@ pub mod duration_serde {
         }
 
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            // A quoted bare number is seconds, like an unquoted one.
+            if let Ok(secs) = v.trim().parse::<f64>() {
+                return self.visit_f64(secs);
+            }
             humantime::parse_duration(v.trim())
                 .map_err(|e| E::custom(format!("invalid duration {v:?}: {e}")))
         }
