@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sluice_routing::backoff::Backoff;
 use sluice_routing::source::etcd::{EtcdError, EtcdStore};
 use sluice_routing::{DesiredReplicas, Recommender, ServerRecord};
 use tokio::sync::mpsc;
@@ -207,8 +208,8 @@ async fn follow(
     reconnect_max: Duration,
     tx: mpsc::UnboundedSender<(usize, ServerRecord)>,
 ) {
-    let initial = Duration::from_millis(100);
-    let mut backoff = initial;
+    // Jittered, so the proxies of a region are not all reconnected to at once.
+    let mut backoff = Backoff::new(Duration::from_millis(100), reconnect_max);
     loop {
         let mut got = false;
         let res = follow_autoscaler_stream(addr, |rec| {
@@ -224,10 +225,9 @@ async fn follow(
             Err(e) => tracing::warn!(%addr, "autoscaler stream: {e}; reconnecting"),
         }
         if got {
-            backoff = initial;
+            backoff.reset();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(reconnect_max);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -24,6 +24,7 @@ pub mod auth;
 pub mod authority;
 pub mod authz;
 pub mod autoscale;
+pub mod backoff;
 pub mod change;
 pub mod health;
 pub mod lb;

@@ -24,13 +24,12 @@
 //! and creates tokens with a random secret of which only the hash is stored.
 //!
 //! Modules: [`config`] (how to reach etcd, TLS and authentication), `keys` (the key
-//! layout and value codec), [`status`], the reconciler (`watch`), `backoff`, and the
+//! layout and value codec), [`status`], the reconciler (`watch`), and the
 //! writer (`store`).
 
 use std::future::Future;
 use std::time::Duration;
 
-mod backoff;
 mod config;
 mod keys;
 mod status;

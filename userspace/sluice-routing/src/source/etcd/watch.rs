@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchResponse};
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::model::{RoutingDoc, ServerSpec};
 use crate::table::RoutingTable;
 use crate::validate::ObjectRef;
 
-use super::backoff::Backoff;
 use super::config::{EtcdConfig, connect};
 use super::keys::{Keys, Object, StoreKey, decode, delete_change, prefix_end};
 use super::status::{StatusHandle, StoreStatus};

@@ -1,4 +1,5 @@
-//! Retry delays for the reconciler.
+//! Retry delays: capped exponential backoff with jitter, for everything in sluice that
+//! reconnects (the etcd source, the autoscaler's streams).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -7,7 +8,7 @@ use std::time::Duration;
 /// Capped exponential backoff with jitter (each delay is drawn from [d/2, d]), so a fleet
 /// of nodes does not reconnect in lockstep after an etcd outage.
 #[derive(Debug)]
-pub(super) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
@@ -16,7 +17,8 @@ pub(super) struct Backoff {
 }
 
 impl Backoff {
-    pub(super) fn new(initial: Duration, max: Duration) -> Self {
+    /// Delays start at `initial` (at least 1 ms) and double up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
         let initial = initial.max(Duration::from_millis(1));
         Backoff {
             initial,
@@ -27,11 +29,13 @@ impl Backoff {
         }
     }
 
-    pub(super) fn reset(&mut self) {
+    /// Back to the initial delay (after a success).
+    pub fn reset(&mut self) {
         self.current = self.initial;
     }
 
-    pub(super) fn next_delay(&mut self) -> Duration {
+    /// The next delay to wait, drawn from [d/2, d] of the current step.
+    pub fn next_delay(&mut self) -> Duration {
         let d = self.current;
         self.current = (self.current * 2).min(self.max);
         // Randomly keyed hasher over a counter: enough randomness for jitter, no RNG dep.
