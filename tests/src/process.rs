@@ -16,6 +16,21 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
+/// The first of `n` consecutive free loopback ports (probed, then released).
+pub fn free_port_run(n: u16) -> u16 {
+    for _ in 0..50 {
+        let base = free_port();
+        let held: Vec<_> = (0..n)
+            .map_while(|i| base.checked_add(i))
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return base;
+        }
+    }
+    free_port()
+}
+
 /// One HTTP/1.1 request on a fresh connection: the status code and body.
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
@@ -81,6 +96,8 @@ struct Launch<'a> {
     pin_dir: Option<PathBuf>,
     /// Run under `nsenter --net=<ns>`.
     netns: Option<&'a crate::netns::NetNs>,
+    /// `sluice demo` (its own embedded config) instead of `sluice run --config`.
+    demo: bool,
 }
 
 impl Launch<'_> {
@@ -110,9 +127,16 @@ impl Launch<'_> {
             }
             None => Command::new(self.bin),
         };
-        cmd.args(["run", "--config"])
-            .arg(&path)
-            .arg("--pin-dir")
+        if self.demo {
+            let port = |p: u16| format!("127.0.0.1:{p}");
+            cmd.arg("demo")
+                .args(["--http", &port(proxy), "--admin", &port(admin)])
+                .args(["--https", &port(free_port())])
+                .args(["--replica-port-base", &free_port_run(3).to_string()]);
+        } else {
+            cmd.args(["run", "--config"]).arg(&path);
+        }
+        cmd.arg("--pin-dir")
             .arg(&pin_dir)
             .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null());
@@ -156,7 +180,24 @@ impl SluiceProcess {
         env: &[(&str, &str)],
         pin_dir: Option<PathBuf>,
     ) -> SluiceProcess {
-        Launch { bin, dir, rest, listen_ip: "127.0.0.1", env, pin_dir, netns: None }.spawn()
+        Launch { bin, dir, rest, listen_ip: "127.0.0.1", env, pin_dir, netns: None, demo: false }
+            .spawn()
+    }
+
+    /// Starts `bin demo` with its listeners and replicas moved to free loopback ports,
+    /// and waits until `/livez` answers. `proxy` is its plaintext listener.
+    pub fn start_demo(bin: &Path, dir: &Path) -> SluiceProcess {
+        Launch {
+            bin,
+            dir,
+            rest: "",
+            listen_ip: "127.0.0.1",
+            env: &[],
+            pin_dir: None,
+            netns: None,
+            demo: true,
+        }
+        .spawn()
     }
 
     /// Starts `bin run` inside the network namespace `ns`, with the client listener on
@@ -169,8 +210,17 @@ impl SluiceProcess {
         ns: &crate::netns::NetNs,
         rest: &str,
     ) -> SluiceProcess {
-        Launch { bin, dir, rest, listen_ip: "0.0.0.0", env: &[], pin_dir: None, netns: Some(ns) }
-            .spawn()
+        Launch {
+            bin,
+            dir,
+            rest,
+            listen_ip: "0.0.0.0",
+            env: &[],
+            pin_dir: None,
+            netns: Some(ns),
+            demo: false,
+        }
+        .spawn()
     }
 
     /// The process id (e.g. to move sluice into a test cgroup).

@@ -52,7 +52,16 @@ impl Drop for DemoReplica {
 
 /// Starts a demo replica on `127.0.0.1:0`.
 pub async fn spawn_replica(id: &str, protocol: DemoProtocol) -> io::Result<DemoReplica> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    spawn_replica_at(id, protocol, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// Starts a demo replica listening on `addr`.
+pub async fn spawn_replica_at(
+    id: &str,
+    protocol: DemoProtocol,
+    addr: SocketAddr,
+) -> io::Result<DemoReplica> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let id: Arc<str> = Arc::from(id);
     let task = tokio::spawn(async move {

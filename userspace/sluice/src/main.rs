@@ -66,8 +66,8 @@ enum Command {
     /// Validate a config (node config, certificates, routing file) without serving:
     /// print what would run, or `file:line:col` of the first error and exit non-zero.
     Check(check::CheckArgs),
-    /// Run on the embedded default config with demo replicas it starts itself.
-    Demo,
+    /// `sluice run` on an embedded default config, with demo replicas it starts itself.
+    Demo(demo::DemoArgs),
     /// Read and write the routing state in etcd (servers, replicas, tokens).
     Ctl(ctl::CtlArgs),
     /// Follow the proxies' autoscaler streams and write desired replica counts into the
@@ -104,7 +104,7 @@ fn main() -> Result<ExitCode> {
             run::main(&config, require_ebpf, pin_dir)
         }
         Command::Upgrade(args) => upgrade::command(args),
-        Command::Demo => demo::main(),
+        Command::Demo(args) => demo::main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),
         Command::Bpf { command } => bpf::main(command),

@@ -158,8 +158,13 @@ pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new("."));
     let cfg = RunConfig::parse(&text, base).with_context(|| format!("in {}", config.display()))?;
+    block_on(serve(cfg, require_ebpf, pin_dir))
+}
+
+/// Runs `fut` on the runtime `sluice run` serves with, then shuts the runtime down.
+pub(crate) fn block_on(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
     let rt = runtime()?;
-    let res = rt.block_on(serve(cfg, require_ebpf, pin_dir));
+    let res = rt.block_on(fut);
     // Connections past the drain deadline are cut here instead of holding the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res
@@ -177,7 +182,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
+/// Serves `cfg` until SIGTERM/SIGINT (or a handover): what `sluice run` and `sluice demo`
+/// both do once they have a config.
+pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
     // Before the pin dir is touched: refuses a second sluice beside a live one.
     let mut handover = crate::upgrade::Handover::begin(&pin_dir)?;
     // Kept alive for the whole run: dropping it detaches the kernel programs.
