@@ -126,6 +126,18 @@ impl RequestError {
         )
     }
 
+    /// The reason the client is told. A 503 for a domain no server claims reads exactly
+    /// like one for a server without a ready replica, so a prober cannot tell which names
+    /// exist; logs keep the difference ([`std::fmt::Display`]).
+    fn public_reason(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            RequestError::UnknownDomain(s) if *s == StatusCode::SERVICE_UNAVAILABLE => {
+                RequestError::NoReplica.to_string().into()
+            }
+            other => other.to_string().into(),
+        }
+    }
+
     /// The plain-text body every answer of sluice's own carries: status, reason, request id.
     fn text(&self, request_id: &str) -> String {
         let status = self.status();
@@ -133,7 +145,7 @@ impl RequestError {
             "{} {}: {}\nrequest id: {}\n",
             status.as_u16(),
             status.canonical_reason().unwrap_or(""),
-            self,
+            self.public_reason(),
             request_id
         )
     }

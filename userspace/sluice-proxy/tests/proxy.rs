@@ -92,7 +92,8 @@ async fn unknown_domain_503_or_404() {
     assert_eq!(resp.headers()["retry-after"], "1");
     let rid = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     let body = body_string(resp).await;
-    assert!(body.contains("no server for this domain") && body.contains(&rid), "{body}");
+    // Worded as a server without a ready replica: a 503 must not tell which names exist.
+    assert!(body.contains("no ready replica") && body.contains(&rid), "{body}");
 
     let mut c = cfg();
     c.unknown_domain_status = 404;
