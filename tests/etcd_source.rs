@@ -14,7 +14,7 @@ use sluice_routing::source::etcd::{
     EtcdConfig, EtcdError, EtcdSource, EtcdStore, StatusHandle, StoreStatus,
 };
 use sluice_routing::{NodeConfig, ReplicaSpec, RoutingTable, ServerSpec, verify_secret};
-use sluice_tests::etcd::{Etcd, TcpGate};
+use sluice_tests::etcd::{Etcd, TcpGate, TestPki};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::instrument::WithSubscriber;
@@ -495,64 +495,6 @@ async fn listing_pages_through_thousands_of_keys_and_batches_apply_at_once() {
     src.stop().await;
 }
 
-/// A CA, a serving certificate for 127.0.0.1 and a client certificate, written as PEM
-/// files into `dir`.
-struct TestPki {
-    ca: std::path::PathBuf,
-    server_cert: std::path::PathBuf,
-    server_key: std::path::PathBuf,
-    client_cert: std::path::PathBuf,
-    client_key: std::path::PathBuf,
-}
-
-impl TestPki {
-    fn write(dir: &std::path::Path) -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        };
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "sluice test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(sans).unwrap();
-            params.distinguished_name.push(DnType::CommonName, cn);
-            params.extended_key_usages = vec![usage];
-            (params.signed_by(&key, &ca, &ca_key).unwrap(), key)
-        };
-        let (server, server_key) = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            "etcd",
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        let (client, client_key) =
-            leaf(Vec::new(), "sluice-node", ExtendedKeyUsagePurpose::ClientAuth);
-        let put = |name: &str, pem: String| {
-            let path = dir.join(name);
-            std::fs::write(&path, pem).unwrap();
-            path
-        };
-        TestPki {
-            ca: put("ca.pem", ca.pem()),
-            server_cert: put("server.pem", server.pem()),
-            server_key: put("server-key.pem", server_key.serialize_pem()),
-            client_cert: put("client.pem", client.pem()),
-            client_key: put("client-key.pem", client_key.serialize_pem()),
-        }
-    }
-
-    fn client_tls(&self, with_identity: bool) -> sluice_routing::source::etcd::EtcdTls {
-        sluice_routing::source::etcd::EtcdTls {
-            ca_file: Some(self.ca.clone()),
-            cert_file: with_identity.then(|| self.client_cert.clone()),
-            key_file: with_identity.then(|| self.client_key.clone()),
-            server_name: None,
-        }
-    }
-}
-
 /// etcd serving TLS and requiring client certificates: the store writer and the
 /// watching source work with the CA and a client certificate, and a client without
 /// either is refused.
@@ -560,11 +502,7 @@ impl TestPki {
 async fn tls_with_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::write(dir.path());
-    let etcd = Etcd::start_tls(sluice_tests::etcd::EtcdServerTls {
-        cert_file: pki.server_cert.clone(),
-        key_file: pki.server_key.clone(),
-        client_ca: Some(pki.ca.clone()),
-    });
+    let etcd = Etcd::start_tls(pki.server_tls(true));
     assert!(etcd.endpoint().starts_with("https://"));
     let tls_cfg = |tls| EtcdConfig { tls, ..cfg(etcd.endpoint()) };
 

@@ -48,6 +48,81 @@ pub enum EtcdError {
     },
 }
 
+/// A CA, a serving certificate for 127.0.0.1 and a client certificate, written as PEM
+/// files into `dir`.
+pub struct TestPki {
+    /// The CA certificate.
+    pub ca: std::path::PathBuf,
+    /// etcd's serving certificate (127.0.0.1, localhost).
+    pub server_cert: std::path::PathBuf,
+    /// Its key.
+    pub server_key: std::path::PathBuf,
+    /// A client certificate the CA signed.
+    pub client_cert: std::path::PathBuf,
+    /// Its key.
+    pub client_key: std::path::PathBuf,
+}
+
+impl TestPki {
+    /// The server side, for [`Etcd::start_tls`]; with `client_auth` etcd requires client
+    /// certificates signed by the CA.
+    pub fn server_tls(&self, client_auth: bool) -> EtcdServerTls {
+        EtcdServerTls {
+            cert_file: self.server_cert.clone(),
+            key_file: self.server_key.clone(),
+            client_ca: client_auth.then(|| self.ca.clone()),
+        }
+    }
+
+    /// Makes the certificates and writes them into `dir`.
+    pub fn write(dir: &std::path::Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let ca_key = KeyPair::generate().expect("test certificate");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("test certificate");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "sluice test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("test certificate");
+        let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("test certificate");
+            let mut params = CertificateParams::new(sans).expect("test certificate");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            (params.signed_by(&key, &ca, &ca_key).expect("test certificate"), key)
+        };
+        let (server, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "etcd",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client, client_key) =
+            leaf(Vec::new(), "sluice-node", ExtendedKeyUsagePurpose::ClientAuth);
+        let put = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("write test certificate");
+            path
+        };
+        TestPki {
+            ca: put("ca.pem", ca.pem()),
+            server_cert: put("server.pem", server.pem()),
+            server_key: put("server-key.pem", server_key.serialize_pem()),
+            client_cert: put("client.pem", client.pem()),
+            client_key: put("client-key.pem", client_key.serialize_pem()),
+        }
+    }
+
+    /// The client side of TLS for the store: the CA, and the client identity if asked.
+    pub fn client_tls(&self, with_identity: bool) -> sluice_routing::source::etcd::EtcdTls {
+        sluice_routing::source::etcd::EtcdTls {
+            ca_file: Some(self.ca.clone()),
+            cert_file: with_identity.then(|| self.client_cert.clone()),
+            key_file: with_identity.then(|| self.client_key.clone()),
+            server_name: None,
+        }
+    }
+}
+
 /// Files for an etcd that serves TLS.
 #[derive(Clone, Debug)]
 pub struct EtcdServerTls {

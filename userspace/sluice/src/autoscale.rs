@@ -20,13 +20,9 @@ pub struct AutoscaleArgs {
     /// Write the desired counts to this JSON file instead of etcd (for the file source).
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// etcd client URLs, comma-separated [default: $SLUICE_ETCD_ENDPOINTS, else
-    /// http://127.0.0.1:2379].
-    #[arg(long, value_delimiter = ',')]
-    pub endpoints: Vec<String>,
-    /// Key prefix sluice's state lives under [default: $SLUICE_ETCD_PREFIX, else /sluice/].
-    #[arg(long)]
-    pub prefix: Option<String>,
+    /// Where etcd is and how to authenticate (unless --file).
+    #[command(flatten)]
+    pub etcd: crate::etcd_args::EtcdArgs,
     /// Ignore a proxy's numbers for a server after this many seconds without a record.
     #[arg(long, default_value_t = 5.0)]
     pub stale_after: f64,
@@ -48,8 +44,7 @@ async fn run(args: AutoscaleArgs) -> Result<()> {
     let sink = match args.file {
         Some(path) => DesiredSink::File(path),
         None => {
-            let store =
-                crate::ctl::connect(&crate::ctl::etcd_config(args.endpoints, args.prefix)).await?;
+            let store = crate::etcd_args::connect(&args.etcd.config()).await?;
             DesiredSink::Etcd(Box::new(store))
         }
     };

@@ -13,21 +13,17 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use sluice_routing::source::etcd::{
-    DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdConfig, EtcdStore, Listing, StoreKey,
-};
+use sluice_routing::source::etcd::{EtcdConfig, EtcdError, EtcdStore, Listing, StoreKey};
+
+use crate::etcd_args::{EtcdArgs, connect};
 use sluice_routing::{Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec, TokenSpec};
 
-/// `sluice ctl [--endpoints URL,..] [--prefix P] <object> <verb> ...`
+/// `sluice ctl [--endpoints URL,..] [--prefix P] [TLS and user flags] <object> <verb> ...`
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// etcd client URLs, comma-separated [default: $SLUICE_ETCD_ENDPOINTS, else
-    /// http://127.0.0.1:2379].
-    #[arg(long, value_delimiter = ',')]
-    pub endpoints: Vec<String>,
-    /// Key prefix sluice's state lives under [default: $SLUICE_ETCD_PREFIX, else /sluice/].
-    #[arg(long)]
-    pub prefix: Option<String>,
+    /// Where etcd is and how to authenticate.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Bound on each etcd request, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
@@ -207,30 +203,6 @@ fn parse_state(s: &str) -> Result<ReplicaState, String> {
         .map_err(|_| format!("{s:?}: expected starting, ready or draining"))
 }
 
-/// The store's endpoints and prefix: the flags, else `$SLUICE_ETCD_ENDPOINTS` (comma
-/// separated) and `$SLUICE_ETCD_PREFIX`, else the defaults. Shared with `sluice autoscale`.
-pub fn etcd_config(endpoints: Vec<String>, prefix: Option<String>) -> EtcdConfig {
-    let endpoints = if endpoints.is_empty() {
-        match std::env::var("SLUICE_ETCD_ENDPOINTS") {
-            Ok(v) if !v.trim().is_empty() => v.split(',').map(|e| e.trim().to_owned()).collect(),
-            _ => vec![DEFAULT_ENDPOINT.to_owned()],
-        }
-    } else {
-        endpoints
-    };
-    let prefix = prefix
-        .or_else(|| std::env::var("SLUICE_ETCD_PREFIX").ok())
-        .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
-    EtcdConfig { endpoints, prefix, ..EtcdConfig::default() }
-}
-
-/// Connects the store writer, naming the endpoints on failure.
-pub async fn connect(cfg: &EtcdConfig) -> Result<EtcdStore> {
-    EtcdStore::connect(cfg)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", cfg.endpoints.join(",")))
-}
-
 /// Run `sluice ctl` (blocking; owns a small runtime).
 pub fn main(args: CtlArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -244,17 +216,23 @@ async fn run(args: CtlArgs) -> Result<()> {
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
         bail!("--timeout must be a positive number of seconds");
     }
-    let cfg = EtcdConfig {
-        request_timeout: Duration::from_secs_f64(args.timeout),
-        ..etcd_config(args.endpoints, args.prefix)
-    };
+    let cfg =
+        EtcdConfig { request_timeout: Duration::from_secs_f64(args.timeout), ..args.etcd.config() };
     let store = connect(&cfg).await?;
-    match args.command {
+    let done = match args.command {
         CtlCommand::Server { command } => server(&store, command).await,
         CtlCommand::Replica { command } => replica(&store, command).await,
         CtlCommand::Token { command } => token(&store, command).await,
         CtlCommand::Apply { file } => apply(&store, &file).await,
-    }
+    };
+    // The client connects lazily, so a TLS or network failure surfaces on the first
+    // request: say which store it was.
+    done.map_err(|e| {
+        let unreachable = e.chain().any(|c| {
+            matches!(c.downcast_ref(), Some(EtcdError::Client(_) | EtcdError::Timeout(_)))
+        });
+        if unreachable { e.context(format!("etcd at {}", cfg.endpoints.join(","))) } else { e }
+    })
 }
 
 async fn server(store: &EtcdStore, cmd: ServerCommand) -> Result<()> {

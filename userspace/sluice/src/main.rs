@@ -8,6 +8,7 @@ mod bpf;
 mod check;
 mod ctl;
 mod demo;
+mod etcd_args;
 mod guard;
 mod kernel;
 mod local_redirect;

@@ -196,3 +196,42 @@ fn routing_from_etcd_written_by_ctl_end_to_end() {
     assert_eq!(state.0, 200);
     assert!(!state.1.contains("sha256:"), "a secret hash leaked into /state");
 }
+
+/// `sluice ctl` against an etcd that serves TLS and requires client certificates: the
+/// flags' environment fallbacks carry the CA and the client identity; without them the
+/// write fails and says where it tried.
+#[test]
+fn ctl_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = sluice_tests::etcd::TestPki::write(dir.path());
+    let etcd = Etcd::start_tls(pki.server_tls(true));
+    let put = ["server", "put", "--id", "tls1", "--label", "tls1", "--unauthenticated"];
+    let run = |env: &[(&str, &std::path::Path)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(["ctl", "--endpoints", &etcd.endpoint()]).args(put).env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = run(&[]);
+    assert!(!refused.status.success(), "a write without the CA succeeded");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains(&etcd.endpoint()));
+    let ok = run(&[
+        ("SLUICE_ETCD_CA_FILE", &pki.ca),
+        ("SLUICE_ETCD_CERT_FILE", &pki.client_cert),
+        ("SLUICE_ETCD_KEY_FILE", &pki.client_key),
+    ]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let get = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["ctl", "--endpoints", &etcd.endpoint(), "--ca-file"])
+        .arg(&pki.ca)
+        .arg("--cert-file")
+        .arg(&pki.client_cert)
+        .arg("--key-file")
+        .arg(&pki.client_key)
+        .args(["server", "get", "tls1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&get.stdout).contains("\"tls1\""), "{get:?}");
+}
