@@ -30,14 +30,10 @@ id = "a"
 address = "127.0.0.1:9001"
 "#;
 
+/// `cert.pem` and `key.pem` for `*.r1.example.test`, and `other-key.pem`, which is not
+/// its key.
 fn write_certs(dir: &Path) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["*.r1.example.test".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    sluice_proxy::demo::write_self_signed(&["*.r1.example.test"], dir).unwrap();
     let other = rcgen::KeyPair::generate().unwrap();
     std::fs::write(dir.join("other-key.pem"), other.serialize_pem()).unwrap();
 }

@@ -39,13 +39,7 @@ fn print_config_shows_a_run_config() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("sluice.toml"), node).unwrap();
     std::fs::write(dir.path().join("routes.toml"), routes).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["*.local.sluice.localhost".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    sluice_proxy::demo::write_self_signed(&["*.local.sluice.localhost"], dir.path()).unwrap();
     let check = Command::new(bin())
         .args(["check", "--config"])
         .arg(dir.path().join("sluice.toml"))
