@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_dataplane::{Dataplane, DataplaneOptions, Prefix};
+use sluice_dataplane::{Cidr, Dataplane, DataplaneOptions};
 use sluice_tests::netns::Topology;
 
 const SHORT: Duration = Duration::from_millis(400);
@@ -81,7 +81,7 @@ fn temporary_ban_applies_then_expires() {
     require_root!();
     let mut f = Fixture::new();
     let client = IpAddr::V4(f.topo.clients[0].v4);
-    f.dp.guard_deny(Prefix::host(client), Some(Duration::from_secs(1))).unwrap();
+    f.dp.guard_deny(Cidr::host(client), Some(Duration::from_secs(1))).unwrap();
     let banned_at = Instant::now();
     assert!(!f.connect(0, Topology::node_v4(1)), "banned source connects");
     // Bans have one-second granularity and round up: lifted within ~2 s.

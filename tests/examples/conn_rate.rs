@@ -134,7 +134,10 @@ fn main() -> Res<()> {
     if args.guard {
         dp.guard_port(guarded_port)?;
         dp.guard_syn_rate(1_000_000, 1_000_000)?;
-        dp.guard_deny("198.19.255.0/24".parse().map_err(|e: String| e)?, None)?;
+        dp.guard_deny(
+            "198.19.255.0/24".parse().map_err(|e: sluice_dataplane::CidrError| e.to_string())?,
+            None,
+        )?;
         let attached = dp.attach_guard_in(&topo.node.path(), &client.node_if)?;
         dp.detach_guard()?;
         guard_mode = attached.mode;

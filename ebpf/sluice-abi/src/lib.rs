@@ -11,6 +11,9 @@
 //! sides build keys only through the constructors here.
 #![no_std]
 
+mod cidr;
+pub use cidr::{Cidr, CidrError};
+
 /// Names of the maps and programs in the kernel object, shared so userspace never
 /// spells them differently. BPF object names are capped at 15 visible characters.
 pub mod names {

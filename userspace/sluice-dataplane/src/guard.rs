@@ -11,7 +11,7 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use serde::Serialize;
-use sluice_abi::{BanValue, GuardConfig, GuardIface, GuardStats, IFNAMSIZ, names, xdp_mode};
+use sluice_abi::{BanValue, Cidr, GuardConfig, GuardIface, GuardStats, IFNAMSIZ, names, xdp_mode};
 use tracing::info;
 
 use crate::{Dataplane, DataplaneError, error::map_err, loader::program, sys};
@@ -23,45 +23,6 @@ pub struct GuardAttachment {
     pub interface: String,
     /// `native` (driver) or `generic` (skb) XDP.
     pub mode: &'static str,
-}
-
-/// A denylisted prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Prefix {
-    /// Network address.
-    pub addr: IpAddr,
-    /// Prefix length in bits.
-    pub len: u8,
-}
-
-impl Prefix {
-    /// A single host.
-    pub fn host(addr: IpAddr) -> Prefix {
-        let len = if addr.is_ipv4() { 32 } else { 128 };
-        Prefix { addr, len }
-    }
-}
-
-impl std::str::FromStr for Prefix {
-    type Err = String;
-
-    /// Parses `a.b.c.d/len`, `v6::/len`, or a bare address (a host).
-    fn from_str(s: &str) -> Result<Prefix, String> {
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|e| format!("{s}: {e}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            Some(l) => l.parse::<u8>().map_err(|e| format!("{s}: prefix length: {e}"))?,
-            None => max,
-        };
-        if len > max {
-            return Err(format!("{s}: prefix length {len} exceeds {max}"));
-        }
-        Ok(Prefix { addr, len })
-    }
 }
 
 /// The index of `interface` in the current thread's network namespace.
@@ -208,7 +169,7 @@ impl Dataplane {
     /// Denies a prefix, permanently (`ban = None`) or until the ban expires.
     pub fn guard_deny(
         &mut self,
-        prefix: Prefix,
+        prefix: Cidr,
         ban: Option<Duration>,
     ) -> Result<(), DataplaneError> {
         let value = BanValue {
@@ -238,7 +199,7 @@ impl Dataplane {
     }
 
     /// Lifts a denial (a missing entry is not an error).
-    pub fn guard_allow(&mut self, prefix: Prefix) -> Result<(), DataplaneError> {
+    pub fn guard_allow(&mut self, prefix: Cidr) -> Result<(), DataplaneError> {
         let result = match prefix.addr {
             IpAddr::V4(v4) => {
                 let name = names::GUARD_DENY_V4;
@@ -341,10 +302,10 @@ mod tests {
 
     #[test]
     fn prefixes_parse_with_defaults_and_limits() {
-        assert_eq!("10.0.0.0/8".parse::<Prefix>().unwrap().len, 8);
-        assert_eq!("2001:db8::1".parse::<Prefix>().unwrap().len, 128);
-        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
-        assert!("nonsense".parse::<Prefix>().is_err());
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().len, 8);
+        assert_eq!("2001:db8::1".parse::<Cidr>().unwrap().len, 128);
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
     }
 
     #[test]

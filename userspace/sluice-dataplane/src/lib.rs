@@ -26,13 +26,14 @@ mod vip;
 
 pub use behaviour::{BehaviourReport, CheckStatus, probe_behaviour};
 pub use error::DataplaneError;
-pub use guard::{AuthFailureTracker, GuardAttachment, Prefix};
+pub use guard::{AuthFailureTracker, GuardAttachment};
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
 pub use probe::{Feature, FeatureStatus, ProbeReport};
 pub use sluice_abi::{
     AddrKey, GuardStats, MAX_VIP_BACKENDS, RedirectStats, SockKey, SpliceStats, SteerConfig,
     SteerStats, VipStats, hrw, names,
 };
+pub use sluice_abi::{Cidr, CidrError};
 pub use splice_watch::{OnSpliceEnd, SpliceEnd, SpliceWatcher};
 pub use steer::SteerGeneration;
 pub use vip::{VipMode, VipReplica};

@@ -3,7 +3,7 @@
 //! Every field has a safe default so an empty `[proxy]` table (or `ProxyConfig::default()`)
 //! is a working config; durations accept `"30s"`, `"250ms"`, `"5m"` or a number of seconds.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -73,7 +73,9 @@ impl ProxyConfig {
             )));
         }
         for edge in &self.request_id.trusted_edges {
-            Cidr::parse(edge)?;
+            Cidr::parse(edge).map_err(|e| {
+                ConfigError::Invalid(format!("request_id.trusted_edges {edge:?}: {e}"))
+            })?;
         }
         for l in &self.listeners {
             if let Some(tls) = &l.tls
@@ -342,49 +344,8 @@ impl Default for AutoscalerConfig {
     }
 }
 
-/// An IP network (`10.0.0.0/8`, `::1`, `192.0.2.7`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `ip` or `ip/prefix`.
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let bad = || ConfigError::Invalid(format!("{s:?} is not an IP address or CIDR"));
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
-            None => (s, None),
-        };
-        let addr: IpAddr = ip.trim().parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self { addr, prefix })
-    }
-
-    /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses match IPv4 networks).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
+/// The IP network type every prefix in the config uses.
+pub use sluice_abi::Cidr;
 
 #[cfg(test)]
 mod tests {

@@ -151,7 +151,7 @@ impl Server {
             .request_id
             .trusted_edges
             .iter()
-            .map(|s| Cidr::parse(s))
+            .map(|s| Cidr::parse(s).map_err(|e| ConfigError::Invalid(format!("{s:?}: {e}"))))
             .collect::<Result<_, _>>()?;
         let auth = self.cfg.auth.headers()?;
         let session_header = HeaderName::from_bytes(self.cfg.lb.session_header.as_bytes())

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use sluice_dataplane::{AuthFailureTracker, Dataplane, GuardAttachment, Prefix};
+use sluice_dataplane::{AuthFailureTracker, Cidr, Dataplane, GuardAttachment};
 use sluice_proxy::Server;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -74,11 +74,11 @@ impl Default for GuardConfig {
 
 impl GuardConfig {
     /// Checks the section at start-up; returns the parsed denylist.
-    pub fn validate(&self) -> Result<Vec<Prefix>> {
+    pub fn validate(&self) -> Result<Vec<Cidr>> {
         let deny = self
             .deny
             .iter()
-            .map(|s| s.parse::<Prefix>().map_err(|e| anyhow::anyhow!("deny: {e}")))
+            .map(|s| s.parse::<Cidr>().map_err(|e| anyhow::anyhow!("deny: {s:?}: {e}")))
             .collect::<Result<Vec<_>>>()?;
         for i in &self.interfaces {
             // IFNAMSIZ is 16 including the NUL.
@@ -298,12 +298,7 @@ async fn attach_when_released(
     }
 }
 
-fn program_maps(
-    dp: &mut Dataplane,
-    cfg: &GuardConfig,
-    deny: &[Prefix],
-    ports: &[u16],
-) -> Result<()> {
+fn program_maps(dp: &mut Dataplane, cfg: &GuardConfig, deny: &[Cidr], ports: &[u16]) -> Result<()> {
     // Maps first, so the program never runs unconfigured.
     for &p in ports {
         dp.guard_port(p).with_context(|| format!("protecting port {p}"))?;
@@ -349,7 +344,7 @@ async fn ban_loop(
                     continue;
                 }
                 let result = dp.lock().map_err(|_| "data plane lock poisoned".to_owned())
-                    .and_then(|mut d| d.guard_deny(Prefix::host(ip), Some(ban)).map_err(|e| e.to_string()));
+                    .and_then(|mut d| d.guard_deny(Cidr::host(ip), Some(ban)).map_err(|e| e.to_string()));
                 match result {
                     Ok(()) => {
                         counters.bans.fetch_add(1, Ordering::Relaxed);
@@ -454,7 +449,7 @@ mod tests {
         let mapped: IpAddr = "::ffff:198.18.1.2".parse().unwrap();
         let v4: IpAddr = "198.18.1.2".parse().unwrap();
         assert_eq!(ban_source(mapped), v4);
-        assert_eq!(Prefix::host(ban_source(mapped)).len, 32);
+        assert_eq!(Cidr::host(ban_source(mapped)).len, 32);
         let v6: IpAddr = "2001:db8:1::2".parse().unwrap();
         assert_eq!(ban_source(v6), v6);
     }

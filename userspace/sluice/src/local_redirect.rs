@@ -13,14 +13,14 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
-use sluice_dataplane::{Dataplane, Prefix};
+use sluice_dataplane::{Cidr, Dataplane};
 use sluice_routing::{RoutingTable, Snapshot};
 use tracing::{debug, info, warn};
 
@@ -46,48 +46,25 @@ impl Default for LocalReplicasConfig {
 
 impl LocalReplicasConfig {
     /// The prefixes, parsed (a typo fails start-up with the offending entry named).
-    pub fn parsed_prefixes(&self) -> Result<Vec<Prefix>> {
+    pub fn parsed_prefixes(&self) -> Result<Vec<Cidr>> {
         self.prefixes
             .iter()
             .map(|p| {
-                p.parse::<Prefix>().map_err(|e| anyhow::anyhow!("[local_replicas] prefixes: {e}"))
+                p.parse::<Cidr>()
+                    .map_err(|e| anyhow::anyhow!("[local_replicas] prefixes: {p:?}: {e}"))
             })
             .collect()
     }
 }
 
-/// Whether `ip` lies inside `prefix` (IPv4-mapped IPv6 counts as IPv4).
-fn contains(prefix: &Prefix, ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
-    let bits = |a: IpAddr| -> u128 {
-        match a {
-            IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
-            IpAddr::V6(v6) => u128::from(v6),
-        }
-    };
-    if prefix.addr.is_ipv4() != ip.is_ipv4() {
-        return false;
-    }
-    // IPv4 sits in the top 32 bits of `bits`, so one mask serves both families.
-    let len = u32::from(prefix.len);
-    if len == 0 {
-        return true;
-    }
-    let mask = u128::MAX << (128 - len);
-    bits(prefix.addr) & mask == bits(ip) & mask
-}
-
 /// Every replica address of the snapshot (any state: locality, not health, decides
 /// eligibility) that lies in one of `prefixes`.
-pub fn local_addrs(snapshot: &Snapshot, prefixes: &[Prefix]) -> BTreeSet<SocketAddr> {
+pub fn local_addrs(snapshot: &Snapshot, prefixes: &[Cidr]) -> BTreeSet<SocketAddr> {
     snapshot
         .servers()
         .flat_map(|s| snapshot.replica_specs(s.id()))
         .map(|(spec, _)| spec.address)
-        .filter(|a| prefixes.iter().any(|p| contains(p, a.ip())))
+        .filter(|a| prefixes.iter().any(|p| p.contains(a.ip())))
         .collect()
 }
 
@@ -163,16 +140,16 @@ mod tests {
 
     #[test]
     fn prefixes_match_v4_v6_and_mapped_addresses() {
-        let p: Prefix = "198.18.7.0/24".parse().unwrap();
-        assert!(contains(&p, "198.18.7.200".parse().unwrap()));
-        assert!(contains(&p, "::ffff:198.18.7.1".parse().unwrap()));
-        assert!(!contains(&p, "198.18.8.1".parse().unwrap()));
-        assert!(!contains(&p, "2001:db8::1".parse().unwrap()));
-        let v6: Prefix = "2001:db8:5::/48".parse().unwrap();
-        assert!(contains(&v6, "2001:db8:5:1::2".parse().unwrap()));
-        assert!(!contains(&v6, "2001:db8:6::2".parse().unwrap()));
-        let all: Prefix = "0.0.0.0/0".parse().unwrap();
-        assert!(contains(&all, "10.1.2.3".parse().unwrap()));
+        let p: Cidr = "198.18.7.0/24".parse().unwrap();
+        assert!(p.contains("198.18.7.200".parse().unwrap()));
+        assert!(p.contains("::ffff:198.18.7.1".parse().unwrap()));
+        assert!(!p.contains("198.18.8.1".parse().unwrap()));
+        assert!(!p.contains("2001:db8::1".parse().unwrap()));
+        let v6: Cidr = "2001:db8:5::/48".parse().unwrap();
+        assert!(v6.contains("2001:db8:5:1::2".parse().unwrap()));
+        assert!(!v6.contains("2001:db8:6::2".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("10.1.2.3".parse().unwrap()));
     }
 
     #[test]
