@@ -20,12 +20,11 @@ pub struct AutoscaleArgs {
     /// Write the desired counts to this JSON file instead of etcd (for the file source).
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// etcd client URLs, comma-separated [default: $SLUICE_ETCD_ENDPOINTS, else
-    /// http://127.0.0.1:2379].
-    #[arg(long, value_delimiter = ',')]
+    /// etcd client URLs, comma-separated [default: http://127.0.0.1:2379].
+    #[arg(long, value_delimiter = ',', env = "SLUICE_ETCD_ENDPOINTS")]
     pub endpoints: Vec<String>,
-    /// Key prefix sluice's state lives under [default: $SLUICE_ETCD_PREFIX, else /sluice/].
-    #[arg(long)]
+    /// Key prefix sluice's state lives under [default: /sluice/].
+    #[arg(long, env = "SLUICE_ETCD_PREFIX")]
     pub prefix: Option<String>,
     /// Ignore a proxy's numbers for a server after this many seconds without a record.
     #[arg(long, default_value_t = 5.0)]

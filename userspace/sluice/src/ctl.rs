@@ -21,12 +21,11 @@ use sluice_routing::{Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec
 /// `sluice ctl [--endpoints URL,..] [--prefix P] <object> <verb> ...`
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// etcd client URLs, comma-separated [default: $SLUICE_ETCD_ENDPOINTS, else
-    /// http://127.0.0.1:2379].
-    #[arg(long, value_delimiter = ',')]
+    /// etcd client URLs, comma-separated [default: http://127.0.0.1:2379].
+    #[arg(long, value_delimiter = ',', env = "SLUICE_ETCD_ENDPOINTS")]
     pub endpoints: Vec<String>,
-    /// Key prefix sluice's state lives under [default: $SLUICE_ETCD_PREFIX, else /sluice/].
-    #[arg(long)]
+    /// Key prefix sluice's state lives under [default: /sluice/].
+    #[arg(long, env = "SLUICE_ETCD_PREFIX")]
     pub prefix: Option<String>,
     /// Bound on each etcd request, in seconds.
     #[arg(long, default_value_t = 5.0)]
@@ -207,20 +206,18 @@ fn parse_state(s: &str) -> Result<ReplicaState, String> {
         .map_err(|_| format!("{s:?}: expected starting, ready or draining"))
 }
 
-/// The store's endpoints and prefix: the flags, else `$SLUICE_ETCD_ENDPOINTS` (comma
-/// separated) and `$SLUICE_ETCD_PREFIX`, else the defaults. Shared with `sluice autoscale`.
+/// The store's endpoints and prefix: the flags (or their environment fallbacks,
+/// `$SLUICE_ETCD_ENDPOINTS` and `$SLUICE_ETCD_PREFIX`, which clap reads), else the
+/// defaults. Shared with `sluice autoscale`.
 pub fn etcd_config(endpoints: Vec<String>, prefix: Option<String>) -> EtcdConfig {
-    let endpoints = if endpoints.is_empty() {
-        match std::env::var("SLUICE_ETCD_ENDPOINTS") {
-            Ok(v) if !v.trim().is_empty() => v.split(',').map(|e| e.trim().to_owned()).collect(),
-            _ => vec![DEFAULT_ENDPOINT.to_owned()],
-        }
-    } else {
-        endpoints
-    };
-    let prefix = prefix
-        .or_else(|| std::env::var("SLUICE_ETCD_PREFIX").ok())
-        .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+    // Blank entries (a set-but-empty variable, `a,,b`, spaces after commas) name no
+    // endpoint; with none left the default applies.
+    let mut endpoints: Vec<String> =
+        endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()).map(str::to_owned).collect();
+    if endpoints.is_empty() {
+        endpoints.push(DEFAULT_ENDPOINT.to_owned());
+    }
+    let prefix = prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
     EtcdConfig { endpoints, prefix, ..EtcdConfig::default() }
 }
 
