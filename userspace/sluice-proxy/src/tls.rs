@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,6 +10,7 @@ use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsConfig;
@@ -79,17 +79,20 @@ impl ResolvesServerCert for SniResolver {
 
 /// Loads a PEM chain and key into a rustls signing key.
 pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<CertifiedKey, ConfigError> {
+    // Opened here rather than by `from_pem_file` so that a missing file stays a read error
+    // naming the path, not a TLS one.
     let read = |p: &Path| {
-        File::open(p)
-            .map(BufReader::new)
-            .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })
+        File::open(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })
     };
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut read(cert_pem)?)
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_reader_iter(read(cert_pem)?)
         .collect::<Result<_, _>>()
         .map_err(|e| ConfigError::Tls(format!("{}: {e}", cert_pem.display())))?;
-    let key = rustls_pemfile::private_key(&mut read(key_pem)?)
-        .map_err(|e| ConfigError::Tls(format!("{}: {e}", key_pem.display())))?
-        .ok_or_else(|| ConfigError::Tls(format!("{}: no private key", key_pem.display())))?;
+    let key = PrivateKeyDer::from_pem_reader(read(key_pem)?).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            ConfigError::Tls(format!("{}: no private key", key_pem.display()))
+        }
+        e => ConfigError::Tls(format!("{}: {e}", key_pem.display())),
+    })?;
     certified_key(certs, key).map_err(|e| ConfigError::Tls(format!("{}: {e}", cert_pem.display())))
 }
 

@@ -10,6 +10,7 @@ use common::*;
 use http::{Request, StatusCode, Version};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sluice_proxy::config::{CertConfig, ListenerConfig, TlsConfig};
 use sluice_proxy::demo::write_self_signed;
@@ -32,8 +33,7 @@ fn client(roots: &[CertificateDer<'static>], alpn: &[&[u8]]) -> TlsConnector {
 }
 
 fn der(path: &std::path::Path) -> CertificateDer<'static> {
-    let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut &pem[..]).next().unwrap().unwrap()
+    CertificateDer::pem_file_iter(path).unwrap().next().unwrap().unwrap()
 }
 
 #[tokio::test]

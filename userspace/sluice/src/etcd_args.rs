@@ -50,13 +50,19 @@ impl EtcdArgs {
             }
             _ => None,
         };
-        EtcdConfig {
-            endpoints: self.endpoints.iter().map(|e| e.trim().to_owned()).collect(),
-            prefix: self.prefix.clone(),
-            tls,
-            auth,
-            ..EtcdConfig::default()
+        // Blank entries (a set-but-empty variable, `a,,b`, spaces after commas) name no
+        // endpoint; with none left the default applies.
+        let mut endpoints: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            endpoints.push(DEFAULT_ENDPOINT.to_owned());
         }
+        EtcdConfig { endpoints, prefix: self.prefix.clone(), tls, auth, ..EtcdConfig::default() }
     }
 }
 

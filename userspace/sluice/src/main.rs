@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc (see `sluice_alloc`): cheaper small allocations on the request path, and
@@ -79,6 +79,14 @@ enum Command {
         #[command(subcommand)]
         command: bpf::BpfCommand,
     },
+    /// Print a shell completion script to stdout (e.g. `sluice completions bash >
+    /// /etc/bash_completion.d/sluice`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff, `sluice.1`) to stdout, e.g. `sluice man | man -l -`.
+    Man,
 }
 
 fn init_tracing() {
@@ -95,8 +103,32 @@ fn init_tracing() {
         .init();
 }
 
+/// The roff man page, `.TH` first: clap_mangen opens with the `Aq` string definitions,
+/// but man-db's indexer and man-page linters expect the title request on the first line,
+/// and the definitions work as well after it.
+fn man_page() -> Result<String> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    let page = String::from_utf8(page)?;
+    let Some(at) = page.find("\n.TH ") else { return Ok(page) };
+    let title_end = page[at + 1..].find('\n').map_or(page.len(), |n| at + 2 + n);
+    Ok(format!("{}{}{}", &page[at + 1..title_end], &page[..at + 1], &page[title_end..]))
+}
+
 fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
+    // Both generate from the clap definitions, so they never drift from `--help`.
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sluice", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            std::io::Write::write_all(&mut std::io::stdout(), man_page()?.as_bytes())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     init_tracing();
     let done = match cli.command {
         Command::Check(args) => return check::main(args),
@@ -109,6 +141,7 @@ fn main() -> Result<ExitCode> {
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),
         Command::Bpf { command } => bpf::main(command),
+        Command::Completions { .. } | Command::Man => Ok(()),
     };
     done.map(|()| ExitCode::SUCCESS)
 }
