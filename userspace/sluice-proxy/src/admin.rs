@@ -1,5 +1,6 @@
 //! The admin listener: `/livez`, `/readyz`, `/metrics`, plus routes the binary adds
-//! (e.g. `/generation`, `/state`, BPF status) through [`AdminHandler`].
+//! (e.g. `/generation`, `/state`, BPF status) through [`AdminHandler`]. `GET /` lists
+//! them; a method a route does not answer gets 405 with `Allow`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::future::BoxFuture;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -17,10 +18,53 @@ use tokio::net::TcpListener;
 use crate::body::{ProxyBody, full};
 use crate::proxy::ProxyState;
 
+/// Read-only endpoints answer these; HEAD comes for free (hyper sends no body).
+pub const READ_ONLY: &[Method] = &[Method::GET, Method::HEAD];
+
 /// An admin endpoint.
 pub trait AdminHandler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(&self, req: Request<Incoming>) -> BoxFuture<'static, Response<ProxyBody>>;
+
+    /// The methods it answers; the listener turns away others with 405 and `Allow`.
+    fn methods(&self) -> &'static [Method] {
+        READ_ONLY
+    }
+
+    /// One line for the `GET /` index.
+    fn about(&self) -> &'static str {
+        ""
+    }
+}
+
+/// A handler with its methods and index line (see [`endpoint`]).
+pub struct Endpoint<H> {
+    methods: &'static [Method],
+    about: &'static str,
+    handler: H,
+}
+
+/// Wraps `handler` so the index describes it and only `methods` reach it.
+pub fn endpoint<H: AdminHandler>(
+    methods: &'static [Method],
+    about: &'static str,
+    handler: H,
+) -> Arc<dyn AdminHandler> {
+    Arc::new(Endpoint { methods, about, handler })
+}
+
+impl<H: AdminHandler> AdminHandler for Endpoint<H> {
+    fn handle(&self, req: Request<Incoming>) -> BoxFuture<'static, Response<ProxyBody>> {
+        self.handler.handle(req)
+    }
+
+    fn methods(&self) -> &'static [Method] {
+        self.methods
+    }
+
+    fn about(&self) -> &'static str {
+        self.about
+    }
 }
 
 impl<F, Fut> AdminHandler for F
@@ -39,6 +83,13 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> 
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// A JSON admin response (`body` already serialised).
+pub fn json(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> {
+    let mut r = text(status, body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -73,20 +124,22 @@ impl AdminRoutes {
 
     /// Adds the built-in routes unless the binary replaced them.
     pub(crate) fn with_defaults(mut self, state: Arc<ProxyState>, listeners: usize) -> Self {
-        self.routes
-            .entry("/livez".into())
-            .or_insert_with(|| Arc::new(|_req| async { text(StatusCode::OK, "ok\n") }));
+        self.routes.entry("/livez".into()).or_insert_with(|| {
+            endpoint(READ_ONLY, "liveness: 200 while the process serves", |_req| async {
+                text(StatusCode::OK, "ok\n")
+            })
+        });
         let s = state.clone();
         let extra = Arc::new(std::mem::take(&mut self.readyz_extra));
         self.routes.entry("/readyz".into()).or_insert_with(|| {
-            Arc::new(move |_req| {
+            endpoint(READ_ONLY, "readiness: routing loaded and not draining", move |_req| {
                 let (s, extra) = (s.clone(), extra.clone());
                 async move { readyz(&s, listeners, &extra) }
             })
         });
         let s = state.clone();
         self.routes.entry("/autoscaler/stream".into()).or_insert_with(|| {
-            Arc::new(move |_req| {
+            endpoint(READ_ONLY, "per-server load records, newline-delimited JSON", move |_req| {
                 let s = s.clone();
                 async move { autoscaler_stream(&s) }
             })
@@ -94,7 +147,7 @@ impl AdminRoutes {
         let s = state;
         let extra = Arc::new(std::mem::take(&mut self.metrics_extra));
         self.routes.entry("/metrics".into()).or_insert_with(|| {
-            Arc::new(move |_req| {
+            endpoint(READ_ONLY, "Prometheus text exposition", move |_req| {
                 let (s, extra) = (s.clone(), extra.clone());
                 async move {
                     let mut body = metrics_text(&s);
@@ -112,6 +165,50 @@ impl AdminRoutes {
         });
         self
     }
+
+    /// Dispatches one request: the route, else the index at `/`, else 404; 405 with
+    /// `Allow` for a method the route does not answer.
+    async fn dispatch(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let path = req.uri().path();
+        let Some(h) = self.routes.get(path) else {
+            if path == "/" {
+                return match *req.method() {
+                    Method::GET | Method::HEAD => text(StatusCode::OK, self.index()),
+                    _ => not_allowed(READ_ONLY),
+                };
+            }
+            return text(StatusCode::NOT_FOUND, "not found; GET / lists the endpoints\n");
+        };
+        if !h.methods().contains(req.method()) {
+            return not_allowed(h.methods());
+        }
+        h.handle(req).await
+    }
+
+    /// The `GET /` page: every route with its methods and index line, by path.
+    fn index(&self) -> String {
+        let mut paths: Vec<_> = self.routes.iter().collect();
+        paths.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = String::from("sluice admin endpoints:\n");
+        for (path, h) in paths {
+            let _ = writeln!(out, "{:<10} {:<22} {}", allow(h.methods()), path, h.about());
+        }
+        out
+    }
+}
+
+fn allow(methods: &[Method]) -> String {
+    methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ")
+}
+
+fn not_allowed(methods: &[Method]) -> Response<ProxyBody> {
+    let allowed = allow(methods);
+    let mut r =
+        text(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; allowed: {allowed}\n"));
+    if let Ok(v) = HeaderValue::from_str(&allowed) {
+        r.headers_mut().insert(header::ALLOW, v);
+    }
+    r
 }
 
 fn readyz(s: &ProxyState, listeners: usize, extra: &[AdminExtra]) -> Response<ProxyBody> {
@@ -246,13 +343,7 @@ pub(crate) async fn serve(listener: TcpListener, routes: Arc<AdminRoutes>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let routes = routes.clone();
-                async move {
-                    let resp = match routes.routes.get(req.uri().path()) {
-                        Some(h) => h.handle(req).await,
-                        None => text(StatusCode::NOT_FOUND, "not found\n"),
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
+                async move { Ok::<_, std::convert::Infallible>(routes.dispatch(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -1,11 +1,14 @@
-//! Admin routes the binary adds to the proxy's admin listener: the generation fence
-//! and the routing state.
+//! Admin routes the binary adds to the proxy's admin listener: the generation fence,
+//! the routing state and the log filter.
 
 use std::{sync::Arc, time::Duration};
 
-use http::StatusCode;
-use sluice_proxy::{Server, admin::text};
+use http::{Method, StatusCode};
+use sluice_proxy::Server;
+use sluice_proxy::admin::{READ_ONLY, endpoint, json, text};
 use sluice_routing::{RoutingTable, source::etcd::StatusHandle};
+
+type Req = http::Request<hyper::body::Incoming>;
 
 /// Longest a `/generation?wait=` long-poll may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -45,38 +48,42 @@ pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHa
     let t = table.clone();
     server.admin_route(
         "/generation",
-        Arc::new(move |req: http::Request<hyper::body::Incoming>| {
-            let t = t.clone();
-            let query = parse_fence_query(req.uri().query());
-            async move {
-                let q = match query {
-                    Ok(q) => q,
-                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-                };
-                if let Some(n) = q.wait
-                    && !t.wait_for_generation(n, q.timeout).await
-                {
-                    return text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "generation {n} not routable within {:?}; at {}\n",
-                            q.timeout,
-                            t.fence_generation()
-                        ),
-                    );
+        endpoint(
+            READ_ONLY,
+            "applied routing generation; ?wait=N&timeout=MS fences",
+            move |req: Req| {
+                let t = t.clone();
+                let query = parse_fence_query(req.uri().query());
+                async move {
+                    let q = match query {
+                        Ok(q) => q,
+                        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    };
+                    if let Some(n) = q.wait
+                        && !t.wait_for_generation(n, q.timeout).await
+                    {
+                        return text(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "generation {n} not routable within {:?}; at {}\n",
+                                q.timeout,
+                                t.fence_generation()
+                            ),
+                        );
+                    }
+                    text(StatusCode::OK, format!("{}\n", t.fence_generation()))
                 }
-                text(StatusCode::OK, format!("{}\n", t.fence_generation()))
-            }
-        }),
+            },
+        ),
     );
     let t = table.clone();
     server.admin_route(
         "/state",
-        Arc::new(move |_req: http::Request<hyper::body::Incoming>| {
+        endpoint(READ_ONLY, "routing state, JSON", move |_req| {
             let snap = t.load_full();
             async move {
                 match serde_json::to_string_pretty(&snap.state_view()) {
-                    Ok(body) => json(body),
+                    Ok(body) => json(StatusCode::OK, body),
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("state: {e}\n")),
                 }
             }
@@ -91,7 +98,7 @@ pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHa
         server.metrics_extra(Arc::new(move |out: &mut String| store_metrics(&st.get(), out)));
         server.admin_route(
             "/store",
-            Arc::new(move |_req: http::Request<hyper::body::Incoming>| {
+            endpoint(READ_ONLY, "routing store connection; 503 while stale", move |_req| {
                 let status = store.get();
                 async move {
                     let code = if status.is_stale() {
@@ -104,6 +111,61 @@ pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHa
             }),
         );
     }
+}
+
+/// Adds `/logging`: `GET` shows the tracing filter in force, `PUT ?level=<filter>`
+/// (`RUST_LOG` syntax, percent-encoded) replaces it until the next restart.
+pub fn install_logging(server: &mut Server) {
+    const METHODS: &[Method] = &[Method::GET, Method::HEAD, Method::PUT];
+    server.admin_route(
+        "/logging",
+        endpoint(METHODS, "log filter; PUT ?level=<RUST_LOG filter> changes it", |req: Req| {
+            let answer = logging_request(req.method(), req.uri().query());
+            async move {
+                match answer {
+                    Ok(filter) => text(StatusCode::OK, format!("{filter}\n")),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                }
+            }
+        }),
+    );
+}
+
+fn logging_request(method: &Method, query: Option<&str>) -> Result<String, String> {
+    if method != Method::PUT {
+        return crate::logging::current().ok_or_else(|| "logging is not initialised".into());
+    }
+    let mut level = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("level", v)) => level = Some(percent_decode(v)?),
+            _ => return Err(format!("unknown parameter {pair:?}; expected level=<filter>")),
+        }
+    }
+    let level = level.ok_or("PUT /logging needs ?level=<filter>")?;
+    let now = crate::logging::set(&level)?;
+    tracing::info!(filter = %now, "log filter changed through the admin listener");
+    Ok(now)
+}
+
+/// `%XX` and `+` decoding of a query value (filters carry `=`, `,` and `[`).
+fn percent_decode(v: &str) -> Result<String, String> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = v.get(i + 1..i + 3).ok_or_else(|| format!("bad escape in {v:?}"))?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad escape in {v:?}"))?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| format!("{v:?}: not UTF-8"))
 }
 
 fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String) {
@@ -224,13 +286,6 @@ pub fn install_kernel(
     }));
 }
 
-fn json(body: String) -> http::Response<sluice_proxy::body::ProxyBody> {
-    let mut r = text(StatusCode::OK, body);
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    r
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +298,18 @@ mod tests {
         assert_eq!(parse_fence_query(Some("wait=1&timeout=999999999")).unwrap().timeout, MAX_WAIT);
         assert!(parse_fence_query(Some("wait=x")).is_err());
         assert!(parse_fence_query(Some("nope=1")).is_err());
+    }
+
+    #[test]
+    fn logging_levels_decode_from_the_query() {
+        assert_eq!(
+            percent_decode("info%2Csluice_proxy%3Ddebug").unwrap(),
+            "info,sluice_proxy=debug"
+        );
+        assert_eq!(percent_decode("a+b").unwrap(), "a b");
+        assert!(percent_decode("%zz").is_err());
+        assert!(percent_decode("%2").is_err());
+        assert!(logging_request(&Method::PUT, Some("nope=1")).is_err());
+        assert!(logging_request(&Method::PUT, None).is_err());
     }
 }

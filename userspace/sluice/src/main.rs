@@ -12,6 +12,7 @@ mod etcd_args;
 mod guard;
 mod kernel;
 mod local_redirect;
+mod logging;
 mod run;
 mod splice;
 mod splice_policy;
@@ -23,7 +24,6 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc (see `sluice_alloc`): cheaper small allocations on the request path, and
 /// the start-up heap given back once the process serves.
@@ -89,20 +89,6 @@ enum Command {
     Man,
 }
 
-fn init_tracing() {
-    // Kernel programs log through aya-log into the `log` crate; tracing-subscriber's
-    // log bridge turns those records into events whose target is the kernel crate's
-    // name, so `RUST_LOG=sluice_ebpf=debug` filters them like any other module.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a terminal: container and journald logs stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
-}
-
 /// The roff man page, `.TH` first: clap_mangen opens with the `Aq` string definitions,
 /// but man-db's indexer and man-page linters expect the title request on the first line,
 /// and the definitions work as well after it.
@@ -129,7 +115,7 @@ fn main() -> Result<ExitCode> {
         }
         _ => {}
     }
-    init_tracing();
+    logging::init();
     let done = match cli.command {
         Command::Check(args) => return check::main(args),
         Command::Run { config, require_ebpf, pin_dir, takeover, linger_after_handover } => {

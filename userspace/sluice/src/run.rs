@@ -218,6 +218,7 @@ pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) 
     let routed = cfg.etcd.is_some() || cfg.routes.file.is_some();
     let mut server = Server::bind(cfg.proxy, table.clone()).await?;
     crate::admin::install(&mut server, &table, store);
+    crate::admin::install_logging(&mut server);
     let pins = kernel
         .dataplane
         .as_ref()
@@ -269,10 +270,14 @@ pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) 
     let bpf_report = serde_json::to_string_pretty(&bpf_doc).unwrap_or_default();
     server.admin_route(
         "/bpf",
-        Arc::new(move |_req| {
-            let body = format!("{bpf_report}\n");
-            async move { sluice_proxy::admin::text(http::StatusCode::OK, body) }
-        }),
+        sluice_proxy::admin::endpoint(
+            sluice_proxy::admin::READ_ONLY,
+            "kernel data plane: probe report and guard, JSON",
+            move |_req| {
+                let body = format!("{bpf_report}\n");
+                async move { sluice_proxy::admin::json(http::StatusCode::OK, body) }
+            },
+        ),
     );
     handover.ready(&kernel, &server, &table, routed).await;
     // Start-up (the eBPF object, the kernel's BTF, the probes) peaked at tens of MiB on

@@ -350,20 +350,17 @@ pub fn start(
     let s = shown.clone();
     server.admin_route(
         "/vips",
-        Arc::new(move |_req: http::Request<hyper::body::Incoming>| {
-            let body = s
-                .lock()
-                .map(|v| serde_json::to_string_pretty(&*v).unwrap_or_default())
-                .unwrap_or_default();
-            async move {
-                let mut r = sluice_proxy::admin::text(http::StatusCode::OK, format!("{body}\n"));
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/json"),
-                );
-                r
-            }
-        }),
+        sluice_proxy::admin::endpoint(
+            sluice_proxy::admin::READ_ONLY,
+            "server virtual addresses in the kernel, JSON",
+            move |_req| {
+                let body = s
+                    .lock()
+                    .map(|v| serde_json::to_string_pretty(&*v).unwrap_or_default())
+                    .unwrap_or_default();
+                async move { sluice_proxy::admin::json(http::StatusCode::OK, format!("{body}\n")) }
+            },
+        ),
     );
     let dp = match &kernel.dataplane {
         Some(dp) if kernel.report.has(Feature::CgroupSockAddr) => dp.clone(),

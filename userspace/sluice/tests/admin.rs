@@ -1,0 +1,62 @@
+//! The binary's admin routes over real sockets: the log filter changed at run time,
+//! and the JSON endpoints' content type.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_tests::process::SluiceProcess;
+
+/// One request on a fresh connection: status, the response head (lower-cased) and body.
+fn call(addr: SocketAddr, method: &str, target: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "{method} {target} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+#[test]
+fn log_filter_changes_at_run_time_and_json_endpoints_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = SluiceProcess::start(Path::new(env!("CARGO_BIN_EXE_sluice")), dir.path(), "");
+    let admin = sluice.admin;
+
+    let (code, _, before) = call(admin, "GET", "/logging");
+    assert_eq!(code, 200);
+    assert!(!before.trim().is_empty());
+
+    // `info,sluice=debug`, percent-encoded as a client would send it.
+    let (code, _, now) = call(admin, "PUT", "/logging?level=info%2Csluice%3Ddebug");
+    assert_eq!((code, now.trim()), (200, "sluice=debug,info"), "{now}");
+    let (_, _, shown) = call(admin, "GET", "/logging");
+    assert_eq!(shown, now);
+
+    // A filter that does not parse changes nothing.
+    let (code, _, err) = call(admin, "PUT", "/logging?level=sluice%3Dloud");
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(call(admin, "GET", "/logging").2, now);
+
+    let (code, head, _) = call(admin, "DELETE", "/logging");
+    assert_eq!(code, 405);
+    assert!(head.contains("allow: get, head, put"), "{head}");
+
+    for path in ["/bpf", "/state", "/vips"] {
+        let (code, head, body) = call(admin, "GET", path);
+        assert_eq!(code, 200, "{path}: {body}");
+        assert!(head.contains("content-type: application/json"), "{path}: {head}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    }
+    let (_, head, _) = call(admin, "GET", "/metrics");
+    assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
+    let (_, _, index) = call(admin, "GET", "/");
+    for path in ["/logging", "/bpf", "/generation", "/metrics"] {
+        assert!(index.contains(path), "{path} missing from\n{index}");
+    }
+}
