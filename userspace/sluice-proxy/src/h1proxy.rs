@@ -207,7 +207,8 @@ enum Field {
     Host,
     ContentLength,
     Connection,
-    /// sluice sets it (X-Forwarded-*, the request id): the client's copy is dropped.
+    /// sluice sets it (X-Forwarded-*, the request id), or it is an `_` look-alike of a
+    /// forwarding header: the client's copy is dropped.
     Replaced,
     /// The hyper path handles requests carrying it.
     Decline,
@@ -229,6 +230,7 @@ fn field(state: &ProxyState, name: &str) -> Field {
         || is("x-forwarded-proto")
         || is("x-forwarded-host")
         || is(state.request_id_header.as_str())
+        || crate::headers::is_forwarding_lookalike(n)
     {
         Field::Replaced
     } else if is("transfer-encoding")

@@ -208,6 +208,39 @@ pub fn set_forwarded(
     }
 }
 
+/// Forwarding headers a replica may trust for the client's identity. sluice sets the
+/// `X-Forwarded-*` ones itself; the rest, like these names' `_` spellings, never pass.
+const FORWARDING: [&[u8]; 5] =
+    [b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded"];
+
+/// Whether `name` is an `_` look-alike of a forwarding header (`X_Forwarded_For`,
+/// `x-forwarded_proto`, `X_Real_IP`). Servers that fold `_` into `-` (CGI, many
+/// frameworks) would read it as the real header, so a client could choose the address a
+/// replica logs or trusts; such names are dropped, never forwarded.
+pub fn is_forwarding_lookalike(name: &[u8]) -> bool {
+    if !name.contains(&b'_') {
+        return false;
+    }
+    let norm = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
+    FORWARDING
+        .iter()
+        .any(|f| f.len() == name.len() && name.iter().zip(*f).all(|(&a, &b)| norm(a) == b))
+}
+
+/// Removes every forwarding look-alike from `headers` (see [`is_forwarding_lookalike`]).
+pub fn strip_forwarding_lookalikes(headers: &mut HeaderMap) {
+    // Collected first: the map cannot be changed while its names are borrowed, and the
+    // common request has none, so this allocates nothing then.
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_forwarding_lookalike(k.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(&name);
+    }
+}
+
 /// Generates request ids: 32 hex digits, unique per process, unpredictable across runs.
 #[derive(Debug)]
 pub struct RequestIds {

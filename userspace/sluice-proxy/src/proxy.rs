@@ -208,6 +208,7 @@ fn forwarded_head(
         if conn.tls { "https" } else { "http" },
         raw_authority,
     );
+    crate::headers::strip_forwarding_lookalikes(&mut parts.headers);
     if let Ok(v) = HeaderValue::from_str(rid) {
         parts.headers.insert(state.request_id_header.clone(), v);
     }
