@@ -166,6 +166,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Request header block size (HTTP/1.1 buffer and HTTP/2 header list); over → 431.
     pub max_header_bytes: usize,
+    /// Request header fields, counted the same over HTTP/1.1 and HTTP/2 (a name sent
+    /// twice counts twice); over → 431.
+    pub max_headers: usize,
     /// Request-target length; over → 414.
     pub max_uri_bytes: usize,
     /// Concurrent HTTP/2 streams per client connection.
@@ -183,6 +186,7 @@ impl Default for Limits {
         Self {
             max_connections: 16_384,
             max_header_bytes: 64 * 1024,
+            max_headers: 100,
             max_uri_bytes: 8 * 1024,
             h2_max_concurrent_streams: 100,
             h2_stream_window: 1024 * 1024,

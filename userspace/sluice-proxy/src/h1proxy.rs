@@ -46,7 +46,8 @@ use crate::proxy::{ConnInfo, ProxyState};
 use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
 
-/// Header slots per parse; a head with more is declined (hyper answers it).
+/// Header slots per parse; a head with more (or more than `limits.max_headers`) is
+/// declined, and the hyper path answers it.
 const MAX_HEADERS: usize = 64;
 /// Read size while a head is incomplete.
 const HEAD_READ: usize = 4 * 1024;
@@ -266,6 +267,7 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
         || !path.starts_with('/')
         || path.len() > state.cfg.limits.max_uri_bytes
         || head_len > state.cfg.limits.max_header_bytes
+        || req.headers.len() > state.cfg.limits.max_headers
     {
         return Planned::Decline;
     }

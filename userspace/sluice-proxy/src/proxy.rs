@@ -281,7 +281,11 @@ async fn proxy(
     // (HTTP/2 header lists are bounded by SETTINGS_MAX_HEADER_LIST_SIZE already).
     let header_bytes: usize =
         req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    if header_bytes > state.cfg.limits.max_header_bytes {
+    // The count too: HTTP/1.1's is enforced while parsing, HTTP/2's only here, so both
+    // protocols stop at the same number.
+    if header_bytes > state.cfg.limits.max_header_bytes
+        || req.headers().len() > state.cfg.limits.max_headers
+    {
         return Err(RequestError::HeadersTooLarge);
     }
     check_framing(req.version(), req.headers())?;
