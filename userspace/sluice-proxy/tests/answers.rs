@@ -98,3 +98,38 @@ async fn header_count_limit_is_the_same_for_both_protocols() {
     assert_eq!(send(30).await.unwrap().status(), 200);
     assert_eq!(send(31).await.unwrap().status(), 431);
 }
+
+/// A request refused for its credentials: a small body, declared or chunked, is drained
+/// and the keep-alive connection answers the next request; one behind
+/// `Expect: 100-continue` is not read, and the answer says `connection: close`.
+#[tokio::test]
+async fn rejected_bodies_are_drained_or_the_close_is_announced() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let private = ServerSpec::new("private", "private");
+    let doc = RoutingDoc { servers: vec![private], ..RoutingDoc::default() };
+    let proxy = start(cfg(), doc).await;
+    let head = "POST / HTTP/1.1\r\nhost: private.r1.example.test\r\n";
+    let bodies = [
+        format!("{head}content-length: 5\r\n\r\nhello"),
+        format!("{head}transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    ];
+    for first in bodies {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        tcp.write_all(first.as_bytes()).await.unwrap();
+        tcp.write_all(
+            b"GET / HTTP/1.1\r\nhost: nosuch.r1.example.test\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        let read = tcp.read_to_string(&mut out);
+        tokio::time::timeout(std::time::Duration::from_secs(5), read).await.unwrap().unwrap();
+        assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 2, "the next request was answered: {out}");
+        assert!(out.contains("HTTP/1.1 503"), "{out}");
+    }
+    let expect = format!("{head}content-length: 5\r\nexpect: 100-continue\r\n\r\n");
+    let out = raw(proxy.addr(), expect.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+}
