@@ -64,6 +64,8 @@ pub struct Metrics {
     pub opaque_streams_open: Gauge,
     /// Opaque streams relayed in total.
     pub opaque_streams_total: Counter,
+    /// The listeners' certificates, for their expiry gauge. Read at scrape time only.
+    certificates: std::sync::RwLock<Vec<crate::tls::CertSummary>>,
 }
 
 impl Default for Metrics {
@@ -80,6 +82,7 @@ impl Default for Metrics {
             upstream_connect_errors_total: Counter::default(),
             opaque_streams_open: Gauge::default(),
             opaque_streams_total: Counter::default(),
+            certificates: std::sync::RwLock::default(),
         }
     }
 }
@@ -186,8 +189,44 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        self.render_certificates(&mut out);
         out
     }
+
+    /// Records the certificates the listeners serve (replacing any before).
+    pub fn set_certificates(&self, certs: Vec<crate::tls::CertSummary>) {
+        if let Ok(mut c) = self.certificates.write() {
+            *c = certs;
+        }
+    }
+
+    fn render_certificates(&self, out: &mut String) {
+        let Ok(certs) = self.certificates.read() else { return };
+        if certs.is_empty() {
+            return;
+        }
+        let name = "sluice_tls_certificate_expiry_timestamp_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} When a served certificate expires (Unix time), per SNI name.\n# TYPE {name} gauge"
+        );
+        for c in certs.iter() {
+            for sni in &c.names {
+                let _ = writeln!(
+                    out,
+                    "{name}{{name=\"{}\",serial=\"{}\"}} {}",
+                    label_value(sni),
+                    label_value(&c.serial),
+                    c.not_after
+                );
+            }
+        }
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]

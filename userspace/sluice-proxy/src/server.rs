@@ -62,9 +62,14 @@ impl Server {
     pub async fn bind(cfg: ProxyConfig, routing: RoutingTable) -> Result<Self, ProxyError> {
         cfg.validate()?;
         let mut listeners = Vec::with_capacity(cfg.listeners.len());
+        let mut certificates = Vec::new();
         for l in &cfg.listeners {
             let tls = match &l.tls {
-                Some(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+                Some(t) => {
+                    let (config, certs) = tls::load_listener(t)?;
+                    certificates.extend(certs);
+                    Some(TlsAcceptor::from(config))
+                }
                 None => None,
             };
             let listener = listener::bind(l.addr)
@@ -80,13 +85,15 @@ impl Server {
             }
             None => None,
         };
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_certificates(certificates);
         Ok(Self {
             cfg,
             routing,
             listeners,
             admin,
             admin_routes: AdminRoutes::default(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             handoff: Arc::new(UserspaceRelay),
             on_auth_rejected: None,
         })

@@ -114,14 +114,54 @@ pub fn certified_key(
     Ok(ck)
 }
 
+/// What an operator may see of a certificate: never key material.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CertSummary {
+    /// The SNI names it is configured for.
+    pub names: Vec<String>,
+    /// The leaf certificate's issuer (distinguished name).
+    pub issuer: String,
+    /// The leaf's serial number, hex.
+    pub serial: String,
+    /// When the leaf expires: seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl CertSummary {
+    /// Reads the leaf of `key`'s chain.
+    pub fn of(key: &CertifiedKey, names: &[String]) -> Result<CertSummary, ConfigError> {
+        let leaf = key.end_entity_cert().map_err(|e| ConfigError::Tls(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| ConfigError::Tls(format!("certificate for {names:?}: {e}")))?;
+        Ok(CertSummary {
+            names: names.to_vec(),
+            issuer: cert.issuer().to_string(),
+            serial: cert.raw_serial_as_string().replace(':', ""),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+}
+
 /// Builds the rustls server config of a TLS listener.
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
+    load_listener(tls).map(|(cfg, _)| cfg)
+}
+
+/// Builds the rustls server config of a TLS listener, with a summary of each certificate.
+pub fn load_listener(
+    tls: &TlsConfig,
+) -> Result<(Arc<ServerConfig>, Vec<CertSummary>), ConfigError> {
     let mut resolver = SniResolver::default();
+    let mut summaries = Vec::with_capacity(tls.certs.len());
     for c in &tls.certs {
         let key = load_certified_key(&c.cert_pem, &c.key_pem)?;
+        summaries.push(
+            CertSummary::of(&key, &c.names)
+                .map_err(|e| ConfigError::Tls(format!("{}: {e}", c.cert_pem.display())))?,
+        );
         resolver.add(&c.names, Arc::new(key))?;
     }
-    server_config_with(resolver)
+    Ok((server_config_with(resolver)?, summaries))
 }
 
 /// Builds a rustls server config around a resolver.

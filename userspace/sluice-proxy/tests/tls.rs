@@ -122,3 +122,30 @@ async fn sni_and_alpn() {
         connector.connect(ServerName::try_from("nope.other.test").unwrap(), tcp).await.is_err()
     );
 }
+
+/// Each served certificate's expiry is a gauge per SNI name, with its serial.
+#[tokio::test]
+async fn certificate_expiry_is_a_metric() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_pem, key_pem) = write_self_signed(&["*.r1.example.test"], dir.path()).unwrap();
+    let mut c = cfg();
+    c.listeners.push(ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        tls: Some(TlsConfig {
+            certs: vec![CertConfig { names: vec!["*.r1.example.test".into()], cert_pem, key_pem }],
+        }),
+    });
+    let h = start(c, doc(&[])).await;
+    let metrics =
+        raw(h.admin, b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").await;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_tls_certificate_expiry_timestamp_seconds{"))
+        .unwrap_or_else(|| panic!("no expiry gauge in:\n{metrics}"));
+    assert!(line.contains("name=\"*.r1.example.test\""), "{line}");
+    assert!(line.contains("serial=\""), "{line}");
+    let expiry: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    assert!(expiry > now.as_secs() as i64, "a fresh certificate expires in the future: {line}");
+    assert!(metrics.contains("# TYPE sluice_tls_certificate_expiry_timestamp_seconds gauge"));
+}

@@ -54,10 +54,19 @@ fn check(path: &Path, text: &str) -> Result<String, String> {
         match &l.tls {
             Some(tls) => {
                 // Loads and matches every certificate with its key, as binding does.
-                sluice_proxy::tls::server_config(tls).map_err(|e| at_file(&e))?;
+                let (_, certs) = sluice_proxy::tls::load_listener(tls).map_err(|e| at_file(&e))?;
                 let names: Vec<&str> =
                     tls.certs.iter().flat_map(|c| c.names.iter().map(String::as_str)).collect();
                 out += &format!("listener {} tls [{}]\n", l.addr, names.join(", "));
+                for c in certs {
+                    out += &format!(
+                        "  certificate [{}] serial {} issuer {} expires {}\n",
+                        c.names.join(", "),
+                        c.serial,
+                        c.issuer,
+                        expiry(c.not_after)
+                    );
+                }
             }
             None => out += &format!("listener {} plaintext\n", l.addr),
         }
@@ -98,6 +107,15 @@ fn check(path: &Path, text: &str) -> Result<String, String> {
         out += &format!("guard deny list: {} prefixes\n", cfg.guard.deny.len());
     }
     Ok(out)
+}
+
+/// A Unix time as an RFC 3339 UTC date, or the number when it is out of range.
+fn expiry(unix: i64) -> String {
+    u64::try_from(unix)
+        .ok()
+        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| unix.to_string())
 }
 
 /// `file:line:col: error: ...` for a parse error. The parse itself works on a detached
