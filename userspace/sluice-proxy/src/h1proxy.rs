@@ -229,6 +229,7 @@ fn field(state: &ProxyState, name: &str) -> Field {
         || is("x-forwarded-proto")
         || is("x-forwarded-host")
         || is(state.request_id_header.as_str())
+        || crate::headers::is_forwarding_lookalike(n)
     {
         Field::Replaced
     } else if is("transfer-encoding")

@@ -208,6 +208,42 @@ pub fn set_forwarded(
     }
 }
 
+/// Whether `name` is an `_` spelling of a forwarding header (`X_Forwarded_For`,
+/// `X_Real_IP`, `Forwarded` variants...). Some replica stacks (CGI, WSGI) fold `_` and `-`
+/// together, so a client's look-alike would be read as the value sluice sets: never forward.
+pub(crate) fn is_forwarding_lookalike(name: &[u8]) -> bool {
+    if !name.contains(&b'_') {
+        return false;
+    }
+    let same = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(&x, &y)| {
+                let x = if x == b'_' { b'-' } else { x.to_ascii_lowercase() };
+                x == y
+            })
+    };
+    (name.len() >= 12 && same(&name[..12], b"x-forwarded-"))
+        || same(name, b"x-forwarded")
+        || same(name, b"x-real-ip")
+        || same(name, b"forwarded")
+}
+
+/// Removes every [`is_forwarding_lookalike`] header.
+pub fn strip_forwarding_lookalikes(headers: &mut HeaderMap) {
+    // One pass first: most requests carry none, and then nothing is allocated.
+    if !headers.keys().any(|k| is_forwarding_lookalike(k.as_str().as_bytes())) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_forwarding_lookalike(k.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(&name);
+    }
+}
+
 /// Generates request ids: 32 hex digits, unique per process, unpredictable across runs.
 #[derive(Debug)]
 pub struct RequestIds {
@@ -316,6 +352,21 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn forwarding_lookalikes() {
+        assert!(is_forwarding_lookalike(b"X_Forwarded_For"));
+        assert!(is_forwarding_lookalike(b"x_forwarded-proto"));
+        assert!(is_forwarding_lookalike(b"X-Forwarded_Port"));
+        assert!(is_forwarding_lookalike(b"X_Real_IP"));
+        assert!(is_forwarding_lookalike(b"X_Forwarded"));
+        assert!(!is_forwarding_lookalike(b"X-Forwarded-For"));
+        assert!(!is_forwarding_lookalike(b"Forwarded"));
+        assert!(!is_forwarding_lookalike(b"x_other"));
+        let mut h = map(&[("x_forwarded_for", "1.2.3.4"), ("x_real_ip", "1.2.3.4"), ("a_b", "k")]);
+        strip_forwarding_lookalikes(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]

@@ -201,6 +201,7 @@ fn forwarded_head(
     let host = HeaderValue::from_str(raw_authority)
         .map_err(|_| RequestError::BadRequest("invalid authority"))?;
     parts.headers.insert(header::HOST, host);
+    crate::headers::strip_forwarding_lookalikes(&mut parts.headers);
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,

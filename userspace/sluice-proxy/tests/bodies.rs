@@ -482,3 +482,49 @@ async fn chunked_and_close_delimited_responses_keep_client_connection_usable() {
     assert_eq!(replica_metric(h.admin, "sluice_replica_failures_total").await, 0);
     task.abort();
 }
+
+/// A replica that answers with the request's header names, one a line.
+async fn names_replica() -> TestReplica {
+    replica(Protocol::Http1, |req: Request<Incoming>| async move {
+        let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
+        let _ = req.into_body().collect().await;
+        Response::new(text(names.join("\n")))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forwarding_header_lookalikes_are_stripped_on_both_paths() {
+    let r = names_replica().await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    // The fast path takes a plain GET; chunked framing sends it to the hyper path.
+    for (path, framing) in [("fast path", ""), ("hyper path", "Transfer-Encoding: chunked\r\n")] {
+        let mut c = RawConn::connect(h.addr()).await;
+        let tail = if framing.is_empty() { "" } else { "0\r\n\r\n" };
+        c.send(
+            format!(
+                "GET / HTTP/1.1\r\nHost: {HOST}\r\n{framing}X_Forwarded_For: 6.6.6.6\r\n\
+                 x_forwarded-proto: https\r\nX-Forwarded_Host: evil\r\nX_Real_IP: 6.6.6.6\r\n\
+                 X_Forwarded: for=6.6.6.6\r\nx_kept: yes\r\n\r\n{tail}"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let resp = c.response().await.expect("no answer");
+        assert_eq!(resp.status, 200, "{path}: {resp:?}");
+        let text = resp.text();
+        let names: Vec<&str> = text.lines().collect();
+        assert!(names.contains(&"x-forwarded-for"), "{path}: {names:?}");
+        assert!(names.contains(&"x_kept"), "{path}: {names:?}");
+        let smuggled: Vec<&&str> = names
+            .iter()
+            .filter(|n| {
+                n.contains('_')
+                    && (n.starts_with("x_forwarded")
+                        || n.starts_with("x-forwarded_")
+                        || n.starts_with("x_real"))
+            })
+            .collect();
+        assert!(smuggled.is_empty(), "{path}: look-alikes forwarded: {names:?}");
+    }
+}
