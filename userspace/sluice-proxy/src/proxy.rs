@@ -472,9 +472,21 @@ async fn forward_upgrade(
     replica: &Arc<Replica>,
     hold: Box<dyn Send>,
 ) -> Result<Response<ProxyBody>, RequestError> {
-    let (mut parts, _body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     forwarded_head(state, conn, &mut parts, raw_authority, rid, trusted, true)?;
     parts.version = Version::HTTP_11;
+    // An HTTP/1.1 upgrade request may carry a body (its framing is the request's own): it
+    // goes to the replica, which would otherwise wait for it forever. An HTTP/2 CONNECT
+    // stream's data is the tunnel itself, relayed after the upgrade, never a request body.
+    let body = match kind {
+        UpgradeKind::H1 => {
+            LimitedBody::new(body, None, Arc::new(AtomicBool::new(false))).boxed_unsync()
+        }
+        UpgradeKind::H2Connect(_) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            empty()
+        }
+    };
     if let UpgradeKind::H2Connect(protocol) = &kind {
         // RFC 8441 → RFC 6455: GET + Upgrade, with the key HTTP/2 does not carry.
         parts.method = Method::GET;
@@ -490,7 +502,7 @@ async fn forward_upgrade(
         }
     }
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    let req = Request::from_parts(parts, empty());
+    let req = Request::from_parts(parts, body);
     let up =
         match state.upstreams.send_upgrade(replica.addr, server.spec.timeouts.connect, req).await {
             Ok(up) => up,
