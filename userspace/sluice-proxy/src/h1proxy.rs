@@ -46,8 +46,11 @@ use crate::proxy::{ConnInfo, ProxyState};
 use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
 
-/// Header slots per parse; a head with more is declined (hyper answers it).
+/// Header slots per replica response head.
 const MAX_HEADERS: usize = 64;
+/// Header slots per request head: the proxy's one limit, so a head with more is declined
+/// and hyper (held to the same limit) answers 431.
+const REQUEST_SLOTS: usize = crate::config::MAX_REQUEST_HEADERS;
 /// Read size while a head is incomplete.
 const HEAD_READ: usize = 4 * 1024;
 /// Read size for bodies and replica responses.
@@ -250,7 +253,7 @@ fn field(state: &ProxyState, name: &str) -> Field {
 
 /// Phase 2 for the head at the start of `buf`; on `Go`, the forwarded head is in `out`.
 fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> Planned {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut slots = [httparse::EMPTY_HEADER; REQUEST_SLOTS];
     let mut req = httparse::Request::new(&mut slots);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
@@ -272,7 +275,7 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     let (mut key, mut secret) = (None, None);
     let (mut keys, mut secrets) = (0, 0);
     // Each name is classified once; the forwarding pass below reuses it.
-    let mut kinds = [Field::Other; MAX_HEADERS];
+    let mut kinds = [Field::Other; REQUEST_SLOTS];
     for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
         if !is_safe_value(h.value) {
             return Planned::Decline;

@@ -281,7 +281,10 @@ async fn proxy(
     // (HTTP/2 header lists are bounded by SETTINGS_MAX_HEADER_LIST_SIZE already).
     let header_bytes: usize =
         req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    if header_bytes > state.cfg.limits.max_header_bytes {
+    // hyper bounds HTTP/1.1 header counts itself; HTTP/2 only bounds the list's bytes.
+    if header_bytes > state.cfg.limits.max_header_bytes
+        || req.headers().len() > crate::config::MAX_REQUEST_HEADERS
+    {
         return Err(RequestError::HeadersTooLarge);
     }
     check_framing(req.version(), req.headers())?;

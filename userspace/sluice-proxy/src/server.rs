@@ -425,6 +425,7 @@ async fn serve_h1<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(c.timeouts.header_read)
         .max_buf_size(c.limits.max_header_bytes)
+        .max_headers(crate::config::MAX_REQUEST_HEADERS)
         .keep_alive(true)
         .serve_connection(io, svc)
         .with_upgrades();

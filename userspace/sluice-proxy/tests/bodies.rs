@@ -528,3 +528,47 @@ async fn forwarding_header_lookalikes_are_stripped_on_both_paths() {
         assert!(smuggled.is_empty(), "{path}: look-alikes forwarded: {names:?}");
     }
 }
+
+#[tokio::test]
+async fn header_count_limit_is_one_number_on_every_path() {
+    let max = sluice_proxy::config::MAX_REQUEST_HEADERS;
+    let r = names_replica().await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    for (path, framing) in [("fast path", ""), ("hyper path", "Transfer-Encoding: chunked\r\n")] {
+        let fixed = if framing.is_empty() { 1 } else { 2 };
+        // Under the limit with room for the fields sluice adds (the test replica is hyper,
+        // held to the same default); over it, sluice answers without asking the replica.
+        for (total, want) in [(max - 8, 200), (max + 1, 431)] {
+            let hits = r.hits();
+            let mut head = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n{framing}");
+            for i in 0..total - fixed {
+                head.push_str(&format!("x-h-{i}: v\r\n"));
+            }
+            head.push_str("\r\n");
+            if !framing.is_empty() {
+                head.push_str("0\r\n\r\n");
+            }
+            let mut c = RawConn::connect(h.addr()).await;
+            c.send(head.as_bytes()).await;
+            let resp = c.response().await.expect("no answer");
+            assert_eq!(resp.status, want, "{path}, {total} fields");
+            assert_eq!(r.hits() - hits, usize::from(want == 200), "{path}, {total} fields");
+        }
+    }
+    let mut c = h2_client::<Empty<Bytes>>(h.addr()).await;
+    for (n, want) in
+        [(max - 8, StatusCode::OK), (max + 1, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)]
+    {
+        let hits = r.hits();
+        let mut b = Request::builder().uri(format!("http://{HOST}/"));
+        for i in 0..n {
+            b = b.header(format!("x-h-{i}"), "v");
+        }
+        let resp = tokio::time::timeout(T, c.send_request(b.body(Empty::new()).unwrap()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), want, "h2, {n} fields");
+        assert_eq!(r.hits() - hits, usize::from(want == StatusCode::OK), "h2, {n} fields");
+    }
+}
