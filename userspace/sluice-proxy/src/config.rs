@@ -156,11 +156,11 @@ impl Default for AdminConfig {
     }
 }
 
-/// Size and count limits.
 /// Most header fields in one request, on every path (HTTP/1.1 fast and hyper paths,
 /// HTTP/2); over → 431. One number, so a request's fate does not depend on its protocol.
 pub const MAX_REQUEST_HEADERS: usize = 100;
 
+/// Size and count limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {

@@ -51,6 +51,10 @@ const MAX_HEADERS: usize = 64;
 /// Header slots per request head: the proxy's one limit, so a head with more is declined
 /// and hyper (held to the same limit) answers 431.
 const REQUEST_SLOTS: usize = crate::config::MAX_REQUEST_HEADERS;
+/// Most of a request body left unread by an early answer that is drained so the client's
+/// connection stays usable, and the time it may take; past either it closes (announced).
+pub(crate) const EARLY_DRAIN_BYTES: u64 = 64 * 1024;
+pub(crate) const EARLY_DRAIN_TIME: Duration = Duration::from_secs(1);
 /// Read size while a head is incomplete.
 const HEAD_READ: usize = 4 * 1024;
 /// Read size for bodies and replica responses.
@@ -444,8 +448,7 @@ async fn exchange(
         out.clear();
         None
     };
-    // The rest of the body, unless the replica answers first (then the client's
-    // connection closes after the response: its body was not read to the end).
+    // The rest of the body, unless the replica answers first.
     let mut body_unread = false;
     while body_left > 0 {
         tokio::select! {
@@ -471,6 +474,23 @@ async fn exchange(
     }
     if body_left > 0 {
         body_unread = true;
+    }
+    // The replica answered early: the replica leg is spoilt, but a small rest of the body is
+    // read and dropped so the client's connection goes on (else the answer says close).
+    let upstream_short = body_unread;
+    if body_unread && body_left <= EARLY_DRAIN_BYTES {
+        let deadline = Instant::now() + EARLY_DRAIN_TIME;
+        while (client.buf.len() as u64) < body_left {
+            match read_some(&client.tcp, &mut client.buf, BODY_READ, deadline).await {
+                Ok(0) => return Next::Abort,
+                Ok(_) => conn.activity.touch(),
+                Err(_) => break,
+            }
+        }
+        if client.buf.len() as u64 >= body_left {
+            client.buf.advance(body_left as usize);
+            body_unread = false;
+        }
     }
 
     // Phase 4: the response head (informational responses are skipped).
@@ -554,7 +574,7 @@ async fn exchange(
     // Phase 5: finish.
     let reusable = complete
         && !replica_close
-        && !body_unread
+        && !upstream_short
         && rbuf.is_empty()
         && !matches!(framing, Framing::UntilClose);
     if reusable {

@@ -381,6 +381,7 @@ async fn proxy(
     }
 
     // Phase 6: rewrite and forward.
+    let h1_client = req.version() < Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
     forwarded_head(state, conn, &mut parts, &raw_authority, rid, trusted, false)?;
     let wire = match replica.protocol {
@@ -392,6 +393,8 @@ async fn proxy(
         WireProtocol::Http1 => Version::HTTP_11,
     };
     let exceeded = Arc::new(AtomicBool::new(false));
+    let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
+    let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
     let body = LimitedBody::new(body, limit, exceeded.clone()).boxed_unsync();
     let body = crate::mirror::maybe_tee(state, &server, &parts, body);
     let send = state.upstreams.send(

@@ -572,3 +572,44 @@ async fn header_count_limit_is_one_number_on_every_path() {
         assert_eq!(r.hits() - hits, usize::from(want == StatusCode::OK), "h2, {n} fields");
     }
 }
+
+#[tokio::test]
+async fn early_answer_keeps_keep_alive_connection() {
+    // The replica answers at once, never reading the body.
+    let r =
+        replica(
+            Protocol::Http1,
+            |_req: Request<Incoming>| async move { Response::new(text("early")) },
+        )
+        .await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    let firsts = [
+        ("fast path", String::new()),
+        (
+            "hyper path",
+            format!(
+                "POST /first HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+    ];
+    for (path, first) in firsts {
+        let mut c = RawConn::connect(h.addr()).await;
+        if !first.is_empty() {
+            c.send(first.as_bytes()).await;
+            let resp = c.response().await.expect("no answer to the first request");
+            assert_eq!(resp.status, 200, "{path}");
+        }
+        // The head first, the small body in a second write once the replica has answered.
+        c.send(format!("POST /p HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n\r\n").as_bytes())
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        c.send(b"hello").await;
+        let resp = c.response().await.unwrap_or_else(|| panic!("{path}: no answer"));
+        assert_eq!((resp.status, resp.text().as_str()), (200, "early"), "{path}");
+        let close = resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        assert!(!close, "{path}: connection not kept: {resp:?}");
+        c.send(format!("GET /again HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await;
+        let resp = c.response().await.unwrap_or_else(|| panic!("{path}: closed silently"));
+        assert_eq!((resp.status, resp.text().as_str()), (200, "early"), "{path}");
+    }
+}
