@@ -198,3 +198,67 @@ where
         self.inner.size_hint()
     }
 }
+
+/// An HTTP/1.1 request body that, dropped before its end (the replica answered early),
+/// reads and discards a bounded rest in the background: hyper then finds the next request
+/// where it should and keeps the connection, instead of closing it after the answer.
+pub struct DrainOnDrop {
+    inner: Option<hyper::body::Incoming>,
+    cap: u64,
+    time: Duration,
+}
+
+impl DrainOnDrop {
+    /// Wraps `inner`; at most `cap` more bytes within `time` are drained after a drop (none
+    /// when `cap` is 0: an HTTP/2 stream is just reset).
+    pub fn new(inner: hyper::body::Incoming, cap: u64, time: Duration) -> Self {
+        Self { inner: Some(inner), cap, time }
+    }
+}
+
+impl Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.inner.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0))
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else { return };
+        if self.cap == 0 || body.is_end_stream() || body.size_hint().lower() > self.cap {
+            // Done already, or too much left: hyper closes the connection.
+            return;
+        }
+        let (cap, time) = (self.cap, self.time);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
+            let drain = async {
+                let mut seen = 0u64;
+                while let Some(Ok(frame)) = body.frame().await {
+                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if seen > cap {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(time, drain).await;
+        });
+    }
+}

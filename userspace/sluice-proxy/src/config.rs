@@ -294,8 +294,8 @@ pub struct AuthConfig {
     /// Header carrying the token secret.
     pub secret_header: String,
     /// A rejected (401/403) HTTP/1.1 request's body is read and discarded up to this many
-    /// bytes so the connection can be reused; a larger (or unknown-length, or
-    /// `Expect: 100-continue`) body closes the connection instead. Never forwarded.
+    /// bytes (declared length or not, within 2 s) so the connection can be reused; a larger,
+    /// slower or `Expect: 100-continue` body closes the connection instead. Never forwarded.
     pub drain_body_bytes: u64,
 }
 

@@ -46,9 +46,16 @@ use crate::proxy::{ConnInfo, ProxyState};
 use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
 
-/// Header slots per parse; a head with more (or more than `limits.max_headers`) is
-/// declined, and the hyper path answers it.
+/// Header slots per replica response head.
 const MAX_HEADERS: usize = 64;
+/// Header slots per request head. A head with more, or more than `limits.max_headers`, is
+/// declined and the hyper path (held to `limits.max_headers`) answers it. Kept below the
+/// limit's default: the slots are initialised on every parse.
+const REQUEST_SLOTS: usize = 64;
+/// Most of a request body left unread by an early answer that is drained so the client's
+/// connection stays usable, and the time it may take; past either it closes (announced).
+pub(crate) const EARLY_DRAIN_BYTES: u64 = 64 * 1024;
+pub(crate) const EARLY_DRAIN_TIME: Duration = Duration::from_secs(1);
 /// Read size while a head is incomplete.
 const HEAD_READ: usize = 4 * 1024;
 /// Read size for bodies and replica responses.
@@ -252,7 +259,7 @@ fn field(state: &ProxyState, name: &str) -> Field {
 
 /// Phase 2 for the head at the start of `buf`; on `Go`, the forwarded head is in `out`.
 fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> Planned {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut slots = [httparse::EMPTY_HEADER; REQUEST_SLOTS];
     let mut req = httparse::Request::new(&mut slots);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
@@ -275,7 +282,7 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     let (mut key, mut secret) = (None, None);
     let (mut keys, mut secrets) = (0, 0);
     // Each name is classified once; the forwarding pass below reuses it.
-    let mut kinds = [Field::Other; MAX_HEADERS];
+    let mut kinds = [Field::Other; REQUEST_SLOTS];
     for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
         if !is_safe_value(h.value) {
             return Planned::Decline;
@@ -444,8 +451,7 @@ async fn exchange(
         out.clear();
         None
     };
-    // The rest of the body, unless the replica answers first (then the client's
-    // connection closes after the response: its body was not read to the end).
+    // The rest of the body, unless the replica answers first.
     let mut body_unread = false;
     while body_left > 0 {
         tokio::select! {
@@ -471,6 +477,23 @@ async fn exchange(
     }
     if body_left > 0 {
         body_unread = true;
+    }
+    // The replica answered early: the replica leg is spoilt, but a small rest of the body is
+    // read and dropped so the client's connection goes on (else the answer says close).
+    let upstream_short = body_unread;
+    if body_unread && body_left <= EARLY_DRAIN_BYTES {
+        let deadline = Instant::now() + EARLY_DRAIN_TIME;
+        while (client.buf.len() as u64) < body_left {
+            match read_some(&client.tcp, &mut client.buf, BODY_READ, deadline).await {
+                Ok(0) => return Next::Abort,
+                Ok(_) => conn.activity.touch(),
+                Err(_) => break,
+            }
+        }
+        if client.buf.len() as u64 >= body_left {
+            client.buf.advance(body_left as usize);
+            body_unread = false;
+        }
     }
 
     // Phase 4: the response head (informational responses are skipped).
@@ -554,7 +577,7 @@ async fn exchange(
     // Phase 5: finish.
     let reusable = complete
         && !replica_close
-        && !body_unread
+        && !upstream_short
         && rbuf.is_empty()
         && !matches!(framing, Framing::UntilClose);
     if reusable {

@@ -208,35 +208,38 @@ pub fn set_forwarded(
     }
 }
 
-/// Forwarding headers a replica may trust for the client's identity. sluice sets the
-/// `X-Forwarded-*` ones itself; the rest, like these names' `_` spellings, never pass.
-const FORWARDING: [&[u8]; 5] =
-    [b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded"];
-
-/// Whether `name` is an `_` look-alike of a forwarding header (`X_Forwarded_For`,
-/// `x-forwarded_proto`, `X_Real_IP`). Servers that fold `_` into `-` (CGI, many
-/// frameworks) would read it as the real header, so a client could choose the address a
-/// replica logs or trusts; such names are dropped, never forwarded.
-pub fn is_forwarding_lookalike(name: &[u8]) -> bool {
+/// Whether `name` is an `_` spelling of a forwarding header (`X_Forwarded_For`,
+/// `X_Real_IP`, `Forwarded` variants...). Some replica stacks (CGI, WSGI) fold `_` and `-`
+/// together, so a client's look-alike would be read as the value sluice sets: never forward.
+pub(crate) fn is_forwarding_lookalike(name: &[u8]) -> bool {
     if !name.contains(&b'_') {
         return false;
     }
-    let norm = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
-    FORWARDING
-        .iter()
-        .any(|f| f.len() == name.len() && name.iter().zip(*f).all(|(&a, &b)| norm(a) == b))
+    let same = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(&x, &y)| {
+                let x = if x == b'_' { b'-' } else { x.to_ascii_lowercase() };
+                x == y
+            })
+    };
+    (name.len() >= 12 && same(&name[..12], b"x-forwarded-"))
+        || same(name, b"x-forwarded")
+        || same(name, b"x-real-ip")
+        || same(name, b"forwarded")
 }
 
-/// Removes every forwarding look-alike from `headers` (see [`is_forwarding_lookalike`]).
+/// Removes every [`is_forwarding_lookalike`] header.
 pub fn strip_forwarding_lookalikes(headers: &mut HeaderMap) {
-    // Collected first: the map cannot be changed while its names are borrowed, and the
-    // common request has none, so this allocates nothing then.
-    let found: Vec<HeaderName> = headers
+    // One pass first: most requests carry none, and then nothing is allocated.
+    if !headers.keys().any(|k| is_forwarding_lookalike(k.as_str().as_bytes())) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
         .keys()
         .filter(|k| is_forwarding_lookalike(k.as_str().as_bytes()))
         .cloned()
         .collect();
-    for name in found {
+    for name in names {
         headers.remove(&name);
     }
 }
@@ -349,6 +352,21 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn forwarding_lookalikes() {
+        assert!(is_forwarding_lookalike(b"X_Forwarded_For"));
+        assert!(is_forwarding_lookalike(b"x_forwarded-proto"));
+        assert!(is_forwarding_lookalike(b"X-Forwarded_Port"));
+        assert!(is_forwarding_lookalike(b"X_Real_IP"));
+        assert!(is_forwarding_lookalike(b"X_Forwarded"));
+        assert!(!is_forwarding_lookalike(b"X-Forwarded-For"));
+        assert!(!is_forwarding_lookalike(b"Forwarded"));
+        assert!(!is_forwarding_lookalike(b"x_other"));
+        let mut h = map(&[("x_forwarded_for", "1.2.3.4"), ("x_real_ip", "1.2.3.4"), ("a_b", "k")]);
+        strip_forwarding_lookalikes(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]

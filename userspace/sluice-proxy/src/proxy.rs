@@ -201,6 +201,7 @@ fn forwarded_head(
     let host = HeaderValue::from_str(raw_authority)
         .map_err(|_| RequestError::BadRequest("invalid authority"))?;
     parts.headers.insert(header::HOST, host);
+    crate::headers::strip_forwarding_lookalikes(&mut parts.headers);
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,
@@ -382,6 +383,7 @@ async fn proxy(
     }
 
     // Phase 6: rewrite and forward.
+    let h1_client = req.version() < Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
     forwarded_head(state, conn, &mut parts, &raw_authority, rid, trusted, false)?;
     let wire = match replica.protocol {
@@ -393,6 +395,8 @@ async fn proxy(
         WireProtocol::Http1 => Version::HTTP_11,
     };
     let exceeded = Arc::new(AtomicBool::new(false));
+    let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
+    let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
     let body = LimitedBody::new(body, limit, exceeded.clone()).boxed_unsync();
     let body = crate::mirror::maybe_tee(state, &server, &parts, body);
     let send = state.upstreams.send(
@@ -476,9 +480,21 @@ async fn forward_upgrade(
     replica: &Arc<Replica>,
     hold: Box<dyn Send>,
 ) -> Result<Response<ProxyBody>, RequestError> {
-    let (mut parts, _body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     forwarded_head(state, conn, &mut parts, raw_authority, rid, trusted, true)?;
     parts.version = Version::HTTP_11;
+    // An HTTP/1.1 upgrade request may carry a body (its framing is the request's own): it
+    // goes to the replica, which would otherwise wait for it forever. An HTTP/2 CONNECT
+    // stream's data is the tunnel itself, relayed after the upgrade, never a request body.
+    let body = match kind {
+        UpgradeKind::H1 => {
+            LimitedBody::new(body, None, Arc::new(AtomicBool::new(false))).boxed_unsync()
+        }
+        UpgradeKind::H2Connect(_) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            empty()
+        }
+    };
     if let UpgradeKind::H2Connect(protocol) = &kind {
         // RFC 8441 → RFC 6455: GET + Upgrade, with the key HTTP/2 does not carry.
         parts.method = Method::GET;
@@ -494,7 +510,7 @@ async fn forward_upgrade(
         }
     }
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    let req = Request::from_parts(parts, empty());
+    let req = Request::from_parts(parts, body);
     let up =
         match state.upstreams.send_upgrade(replica.addr, server.spec.timeouts.connect, req).await {
             Ok(up) => up,

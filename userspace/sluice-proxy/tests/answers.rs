@@ -61,44 +61,6 @@ async fn unknown_domain_and_no_replica_503s_are_identical() {
     assert_eq!(no_replica, unknown);
 }
 
-/// `limits.max_headers` is one number for HTTP/1.1 (either path) and HTTP/2: at the
-/// limit a request passes, one over gets 431.
-#[tokio::test]
-async fn header_count_limit_is_the_same_for_both_protocols() {
-    let rep = hello("a", sluice_routing::Protocol::Http1).await;
-    let mut c = cfg();
-    c.limits.max_headers = 30;
-    let proxy = start(c, doc(&[("a", rep.addr, sluice_routing::Protocol::Http1)])).await;
-    // `host` and `connection` count too.
-    let h1 = |fields: usize| {
-        let mut req = String::from("GET / HTTP/1.1\r\nhost: hello.r1.example.test\r\n");
-        for i in 0..fields - 2 {
-            req.push_str(&format!("x-f{i}: v\r\n"));
-        }
-        req.push_str("connection: close\r\n\r\n");
-        req
-    };
-    let at = raw(proxy.addr(), h1(30).as_bytes()).await;
-    assert!(at.starts_with("HTTP/1.1 200"), "{at}");
-    let over = raw(proxy.addr(), h1(31).as_bytes()).await;
-    assert!(over.starts_with("HTTP/1.1 431"), "{over}");
-
-    let mut h2 = h2_client(proxy.addr()).await;
-    let mut send = |fields: usize| {
-        let mut req = get("/", "hello.r1.example.test");
-        // `host` is one field, as over HTTP/1.1.
-        for i in 0..fields - 1 {
-            req.headers_mut().insert(
-                http::HeaderName::from_bytes(format!("x-f{i}").as_bytes()).unwrap(),
-                http::HeaderValue::from_static("v"),
-            );
-        }
-        h2.send_request(req)
-    };
-    assert_eq!(send(30).await.unwrap().status(), 200);
-    assert_eq!(send(31).await.unwrap().status(), 431);
-}
-
 /// A request refused for its credentials: a small body, declared or chunked, is drained
 /// and the keep-alive connection answers the next request; one behind
 /// `Expect: 100-continue` is not read, and the answer says `connection: close`.

@@ -482,3 +482,134 @@ async fn chunked_and_close_delimited_responses_keep_client_connection_usable() {
     assert_eq!(replica_metric(h.admin, "sluice_replica_failures_total").await, 0);
     task.abort();
 }
+
+/// A replica that answers with the request's header names, one a line.
+async fn names_replica() -> TestReplica {
+    replica(Protocol::Http1, |req: Request<Incoming>| async move {
+        let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
+        let _ = req.into_body().collect().await;
+        Response::new(text(names.join("\n")))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forwarding_header_lookalikes_are_stripped_on_both_paths() {
+    let r = names_replica().await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    // The fast path takes a plain GET; chunked framing sends it to the hyper path.
+    for (path, framing) in [("fast path", ""), ("hyper path", "Transfer-Encoding: chunked\r\n")] {
+        let mut c = RawConn::connect(h.addr()).await;
+        let tail = if framing.is_empty() { "" } else { "0\r\n\r\n" };
+        c.send(
+            format!(
+                "GET / HTTP/1.1\r\nHost: {HOST}\r\n{framing}X_Forwarded_For: 6.6.6.6\r\n\
+                 x_forwarded-proto: https\r\nX-Forwarded_Host: evil\r\nX_Real_IP: 6.6.6.6\r\n\
+                 X_Forwarded: for=6.6.6.6\r\nx_kept: yes\r\n\r\n{tail}"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let resp = c.response().await.expect("no answer");
+        assert_eq!(resp.status, 200, "{path}: {resp:?}");
+        let text = resp.text();
+        let names: Vec<&str> = text.lines().collect();
+        assert!(names.contains(&"x-forwarded-for"), "{path}: {names:?}");
+        assert!(names.contains(&"x_kept"), "{path}: {names:?}");
+        let smuggled: Vec<&&str> = names
+            .iter()
+            .filter(|n| {
+                n.contains('_')
+                    && (n.starts_with("x_forwarded")
+                        || n.starts_with("x-forwarded_")
+                        || n.starts_with("x_real"))
+            })
+            .collect();
+        assert!(smuggled.is_empty(), "{path}: look-alikes forwarded: {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn header_count_limit_is_one_number_on_every_path() {
+    let max = sluice_proxy::config::Limits::default().max_headers;
+    let r = names_replica().await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    for (path, framing) in [("fast path", ""), ("hyper path", "Transfer-Encoding: chunked\r\n")] {
+        let fixed = if framing.is_empty() { 1 } else { 2 };
+        // Under the limit with room for the fields sluice adds (the test replica is hyper,
+        // held to the same default); over it, sluice answers without asking the replica.
+        for (total, want) in [(max - 8, 200), (max + 1, 431)] {
+            let hits = r.hits();
+            let mut head = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n{framing}");
+            for i in 0..total - fixed {
+                head.push_str(&format!("x-h-{i}: v\r\n"));
+            }
+            head.push_str("\r\n");
+            if !framing.is_empty() {
+                head.push_str("0\r\n\r\n");
+            }
+            let mut c = RawConn::connect(h.addr()).await;
+            c.send(head.as_bytes()).await;
+            let resp = c.response().await.expect("no answer");
+            assert_eq!(resp.status, want, "{path}, {total} fields");
+            assert_eq!(r.hits() - hits, usize::from(want == 200), "{path}, {total} fields");
+        }
+    }
+    let mut c = h2_client::<Empty<Bytes>>(h.addr()).await;
+    for (n, want) in
+        [(max - 8, StatusCode::OK), (max + 1, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)]
+    {
+        let hits = r.hits();
+        let mut b = Request::builder().uri(format!("http://{HOST}/"));
+        for i in 0..n {
+            b = b.header(format!("x-h-{i}"), "v");
+        }
+        let resp = tokio::time::timeout(T, c.send_request(b.body(Empty::new()).unwrap()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), want, "h2, {n} fields");
+        assert_eq!(r.hits() - hits, usize::from(want == StatusCode::OK), "h2, {n} fields");
+    }
+}
+
+#[tokio::test]
+async fn early_answer_keeps_keep_alive_connection() {
+    // The replica answers at once, never reading the body.
+    let r =
+        replica(
+            Protocol::Http1,
+            |_req: Request<Incoming>| async move { Response::new(text("early")) },
+        )
+        .await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    let firsts = [
+        ("fast path", String::new()),
+        (
+            "hyper path",
+            format!(
+                "POST /first HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+    ];
+    for (path, first) in firsts {
+        let mut c = RawConn::connect(h.addr()).await;
+        if !first.is_empty() {
+            c.send(first.as_bytes()).await;
+            let resp = c.response().await.expect("no answer to the first request");
+            assert_eq!(resp.status, 200, "{path}");
+        }
+        // The head first, the small body in a second write once the replica has answered.
+        c.send(format!("POST /p HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n\r\n").as_bytes())
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        c.send(b"hello").await;
+        let resp = c.response().await.unwrap_or_else(|| panic!("{path}: no answer"));
+        assert_eq!((resp.status, resp.text().as_str()), (200, "early"), "{path}");
+        let close = resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        assert!(!close, "{path}: connection not kept: {resp:?}");
+        c.send(format!("GET /again HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await;
+        let resp = c.response().await.unwrap_or_else(|| panic!("{path}: closed silently"));
+        assert_eq!((resp.status, resp.text().as_str()), (200, "early"), "{path}");
+    }
+}

@@ -117,3 +117,27 @@ async fn plaintext_legs_are_raw_sockets_for_the_kernel() {
     assert_eq!(raw.load(std::sync::atomic::Ordering::SeqCst), 1);
     task.abort();
 }
+
+#[tokio::test]
+async fn upgrade_request_body_reaches_the_replica() {
+    // The replica reads the body and declines the upgrade: an ordinary answer must come
+    // back, not a hang while the replica waits for a body sluice dropped.
+    let r = replica(Protocol::Http1, |req: hyper::Request<hyper::body::Incoming>| async move {
+        let body = collect(req.into_body()).await.map(|c| c.to_bytes()).unwrap_or_default();
+        hyper::Response::new(text(format!("got {}", String::from_utf8_lossy(&body))))
+    })
+    .await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/up")
+        .header("host", HOST)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(full_body("hello"))
+        .unwrap();
+    let resp = tokio::time::timeout(T, h1(h.addr(), req)).await.expect("upgrade with a body hung");
+    let resp = resp.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_string(resp).await, "got hello");
+}
