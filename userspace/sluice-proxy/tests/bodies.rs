@@ -611,5 +611,16 @@ async fn early_answer_keeps_keep_alive_connection() {
         c.send(format!("GET /again HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await;
         let resp = c.response().await.unwrap_or_else(|| panic!("{path}: closed silently"));
         assert_eq!((resp.status, resp.text().as_str()), (200, "early"), "{path}");
+
+        // Far more body due than is drained: the connection may close, but the answer says so.
+        c.send(
+            format!("POST /big HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 1000000\r\n\r\nabc")
+                .as_bytes(),
+        )
+        .await;
+        let resp = c.response().await.unwrap_or_else(|| panic!("{path}: no answer (big)"));
+        assert_eq!(resp.status, 200, "{path}");
+        let close = resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        assert!(close, "{path}: closing without saying so: {resp:?}");
     }
 }
