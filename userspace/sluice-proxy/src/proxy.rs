@@ -492,7 +492,9 @@ async fn forward_upgrade(
     // stream's data is the tunnel itself, relayed after the upgrade, never a request body.
     let body = match kind {
         UpgradeKind::H1 => {
-            LimitedBody::new(body, None, Arc::new(AtomicBool::new(false))).boxed_unsync()
+            // A declared length over the limit was refused already; this bounds chunked.
+            let limit = server.spec.limits.max_body_bytes.or(state.cfg.limits.max_body_bytes);
+            LimitedBody::new(body, limit, Arc::new(AtomicBool::new(false))).boxed_unsync()
         }
         UpgradeKind::H2Connect(_) => {
             parts.headers.remove(header::CONTENT_LENGTH);
