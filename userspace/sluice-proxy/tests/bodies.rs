@@ -505,7 +505,7 @@ async fn forwarding_header_lookalikes_are_stripped_on_both_paths() {
             format!(
                 "GET / HTTP/1.1\r\nHost: {HOST}\r\n{framing}X_Forwarded_For: 6.6.6.6\r\n\
                  x_forwarded-proto: https\r\nX-Forwarded_Host: evil\r\nX_Real_IP: 6.6.6.6\r\n\
-                 X_Forwarded: for=6.6.6.6\r\nx_kept: yes\r\n\r\n{tail}"
+                 X_Forwarded: for=6.6.6.6\r\nForwarded_For: 6.6.6.6\r\nx_kept: yes\r\n\r\n{tail}"
             )
             .as_bytes(),
         )
@@ -522,7 +522,8 @@ async fn forwarding_header_lookalikes_are_stripped_on_both_paths() {
                 n.contains('_')
                     && (n.starts_with("x_forwarded")
                         || n.starts_with("x-forwarded_")
-                        || n.starts_with("x_real"))
+                        || n.starts_with("x_real")
+                        || n.starts_with("forwarded_"))
             })
             .collect();
         assert!(smuggled.is_empty(), "{path}: look-alikes forwarded: {names:?}");
