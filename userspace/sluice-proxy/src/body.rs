@@ -5,7 +5,7 @@
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -206,13 +206,21 @@ pub struct DrainOnDrop {
     inner: Option<hyper::body::Incoming>,
     cap: u64,
     time: Duration,
+    /// Declared bytes not yet read (0 once ended, or when the length is unknown).
+    left: Arc<AtomicU64>,
 }
 
 impl DrainOnDrop {
     /// Wraps `inner`; at most `cap` more bytes within `time` are drained after a drop (none
     /// when `cap` is 0: an HTTP/2 stream is just reset).
     pub fn new(inner: hyper::body::Incoming, cap: u64, time: Duration) -> Self {
-        Self { inner: Some(inner), cap, time }
+        let left = Arc::new(AtomicU64::new(inner.size_hint().lower()));
+        Self { inner: Some(inner), cap, time, left }
+    }
+
+    /// Declared bytes of the body not read yet, as it is read.
+    pub fn left(&self) -> Arc<AtomicU64> {
+        self.left.clone()
     }
 }
 
@@ -224,10 +232,13 @@ impl Body for DrainOnDrop {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.inner.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(b) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let r = Pin::new(&mut *b).poll_frame(cx);
+        if r.is_ready() {
+            let left = if b.is_end_stream() { 0 } else { b.size_hint().lower() };
+            self.left.store(left, Ordering::Relaxed);
         }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

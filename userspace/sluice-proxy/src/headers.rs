@@ -222,10 +222,8 @@ pub(crate) fn is_forwarding_lookalike(name: &[u8]) -> bool {
                 x == y
             })
     };
-    (name.len() >= 12 && same(&name[..12], b"x-forwarded-"))
-        || same(name, b"x-forwarded")
-        || same(name, b"x-real-ip")
-        || same(name, b"forwarded")
+    let starts = |p: &[u8]| name.len() >= p.len() && same(&name[..p.len()], p);
+    starts(b"x-forwarded") || starts(b"forwarded") || same(name, b"x-real-ip")
 }
 
 /// Removes every [`is_forwarding_lookalike`] header.
@@ -362,6 +360,7 @@ mod tests {
         assert!(is_forwarding_lookalike(b"X_Real_IP"));
         assert!(is_forwarding_lookalike(b"X_Forwarded"));
         assert!(!is_forwarding_lookalike(b"X-Forwarded-For"));
+        assert!(is_forwarding_lookalike(b"Forwarded_For"));
         assert!(!is_forwarding_lookalike(b"Forwarded"));
         assert!(!is_forwarding_lookalike(b"x_other"));
         let mut h = map(&[("x_forwarded_for", "1.2.3.4"), ("x_real_ip", "1.2.3.4"), ("a_b", "k")]);

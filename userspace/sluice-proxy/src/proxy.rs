@@ -397,6 +397,7 @@ async fn proxy(
     let exceeded = Arc::new(AtomicBool::new(false));
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
+    let body_left = body.left();
     let body = LimitedBody::new(body, limit, exceeded.clone()).boxed_unsync();
     let body = crate::mirror::maybe_tee(state, &server, &parts, body);
     let send = state.upstreams.send(
@@ -429,6 +430,11 @@ async fn proxy(
     let (mut rparts, rbody) = up.response.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
     rparts.version = Version::HTTP_11;
+    if h1_client && body_left.load(Ordering::Relaxed) > crate::h1proxy::EARLY_DRAIN_BYTES {
+        // An answer while more of the body is due than sluice would drain: hyper will close
+        // the connection after it, so the answer must say so.
+        rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));
     let body = TrackedBody::new(rbody, idle, hold, up.on_complete).boxed_unsync();
     Ok(Response::from_parts(rparts, body))
@@ -488,7 +494,9 @@ async fn forward_upgrade(
     // stream's data is the tunnel itself, relayed after the upgrade, never a request body.
     let body = match kind {
         UpgradeKind::H1 => {
-            LimitedBody::new(body, None, Arc::new(AtomicBool::new(false))).boxed_unsync()
+            // A declared length over the limit was refused already; this bounds chunked.
+            let limit = server.spec.limits.max_body_bytes.or(state.cfg.limits.max_body_bytes);
+            LimitedBody::new(body, limit, Arc::new(AtomicBool::new(false))).boxed_unsync()
         }
         UpgradeKind::H2Connect(_) => {
             parts.headers.remove(header::CONTENT_LENGTH);

@@ -305,24 +305,64 @@ async fn accept_loop(
     }
 }
 
+/// What a plaintext connection's first bytes are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sniffed {
+    H1,
+    H2,
+    /// A request line of `PRI * HTTP/2.0` (so not HTTP/1) with a wrong preface after it.
+    BadH2,
+}
+
+/// The preface's request line: past it, bytes are known not to be HTTP/1.
+const H2_PREFACE_LINE: usize = b"PRI * HTTP/2.0".len();
+
 /// Reads (without consuming) enough of a plaintext connection to tell an h2c
 /// prior-knowledge preface from HTTP/1.1.
-async fn sniff_h2c(tcp: &TcpStream) -> io::Result<bool> {
+async fn sniff_h2c(tcp: &TcpStream) -> io::Result<Sniffed> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         let n = tcp.peek(&mut buf).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Ok(false);
+        if let Some(i) = buf[..n].iter().zip(H2_PREFACE).position(|(a, b)| a != b) {
+            return Ok(if i >= H2_PREFACE_LINE { Sniffed::BadH2 } else { Sniffed::H1 });
         }
         if n == H2_PREFACE.len() {
-            return Ok(true);
+            return Ok(Sniffed::H2);
         }
         // A split preface is rare; peek would return at once, so wait a little.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A connection error for an invalid HTTP/2 preface (RFC 9113 §3.4): the server preface
+/// (empty SETTINGS), then GOAWAY with PROTOCOL_ERROR, then close. Not an HTTP/1.1 400:
+/// the client speaks HTTP/2 and would not read one.
+async fn refuse_bad_preface(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FRAMES: [u8; 26] = [
+        0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, empty
+        0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes, stream 0
+        0, 0, 0, 0, // last stream id 0
+        0, 0, 0, 0x1, // PROTOCOL_ERROR
+    ];
+    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&FRAMES[..])).await;
+    let _ = tcp.shutdown().await;
+    // Closing with unread bytes would reset the connection and could discard the GOAWAY
+    // before the client reads it: read a little first, bounded.
+    let mut sink = [0u8; 4096];
+    let read = async {
+        let mut total = 0usize;
+        while let Ok(n) = tcp.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 64 * 1024 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
 }
 
 async fn serve_connection(
@@ -353,17 +393,21 @@ async fn serve_connection(
         None => {
             // Boxed: the sniff's timers would otherwise stay in every idle connection's
             // task (a task is as large as its largest state).
-            let is_h2 = tokio::select! {
+            let sniffed = tokio::select! {
                 biased;
                 r = Box::pin(tokio::time::timeout(t.header_read, sniff_h2c(&tcp))) => match r {
-                    Ok(Ok(h2)) => h2,
+                    Ok(Ok(s)) => s,
                     _ => return,
                 },
                 // A client's pool may hold a connection it has not used yet: while
                 // draining it is an idle connection like any other.
                 () = Box::pin(drain_quiet(drain.clone())) => return,
             };
-            if is_h2 {
+            if sniffed == Sniffed::BadH2 {
+                Box::pin(refuse_bad_preface(tcp)).await;
+                return;
+            }
+            if sniffed == Sniffed::H2 {
                 let io = ConnIo::new(tcp, activity.clone());
                 Box::pin(serve_h2(state, TokioIo::new(io), info, drain)).await;
                 return;

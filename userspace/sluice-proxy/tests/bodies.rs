@@ -505,7 +505,7 @@ async fn forwarding_header_lookalikes_are_stripped_on_both_paths() {
             format!(
                 "GET / HTTP/1.1\r\nHost: {HOST}\r\n{framing}X_Forwarded_For: 6.6.6.6\r\n\
                  x_forwarded-proto: https\r\nX-Forwarded_Host: evil\r\nX_Real_IP: 6.6.6.6\r\n\
-                 X_Forwarded: for=6.6.6.6\r\nx_kept: yes\r\n\r\n{tail}"
+                 X_Forwarded: for=6.6.6.6\r\nForwarded_For: 6.6.6.6\r\nx_kept: yes\r\n\r\n{tail}"
             )
             .as_bytes(),
         )
@@ -522,7 +522,8 @@ async fn forwarding_header_lookalikes_are_stripped_on_both_paths() {
                 n.contains('_')
                     && (n.starts_with("x_forwarded")
                         || n.starts_with("x-forwarded_")
-                        || n.starts_with("x_real"))
+                        || n.starts_with("x_real")
+                        || n.starts_with("forwarded_"))
             })
             .collect();
         assert!(smuggled.is_empty(), "{path}: look-alikes forwarded: {names:?}");
@@ -611,5 +612,16 @@ async fn early_answer_keeps_keep_alive_connection() {
         c.send(format!("GET /again HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await;
         let resp = c.response().await.unwrap_or_else(|| panic!("{path}: closed silently"));
         assert_eq!((resp.status, resp.text().as_str()), (200, "early"), "{path}");
+
+        // Far more body due than is drained: the connection may close, but the answer says so.
+        c.send(
+            format!("POST /big HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 1000000\r\n\r\nabc")
+                .as_bytes(),
+        )
+        .await;
+        let resp = c.response().await.unwrap_or_else(|| panic!("{path}: no answer (big)"));
+        assert_eq!(resp.status, 200, "{path}");
+        let close = resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        assert!(close, "{path}: closing without saying so: {resp:?}");
     }
 }

@@ -184,10 +184,32 @@ async fn auth_matrix_and_rejected_requests_never_reach_the_replica() {
     assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
     assert_eq!(rep.hits(), 2);
 
+    // A rejected chunked body (no declared length) is drained the same way, within the
+    // bound: no close, and the next request on the connection is served.
+    let mut tcp = TcpStream::connect(p.addr).await.unwrap();
+    let rejected = format!(
+        "POST / HTTP/1.1\r\nhost: {h}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nhost: {h}\r\nsluice-key: tok-prod\r\nsluice-secret: sec-prod\r\n\r\n"
+    );
+    tcp.write_all(rejected.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    while !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(T, tcp.read(&mut chunk))
+            .await
+            .expect("no answer to the request after a chunked rejection")
+            .unwrap();
+        assert!(n > 0, "connection closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 401"), "{text}");
+    assert!(!text.contains("connection: close"), "{text}");
+    assert_eq!(rep.hits(), 3);
+
     // Rejections are counted as such, never as requests.
     let m = metrics(p.admin).await;
-    assert_eq!(metric(&m, "sluice_server_auth_rejected_total{server=\"prod\"}"), 8);
-    assert_eq!(metric(&m, "sluice_server_requests_total{server=\"prod\"}"), 2);
+    assert_eq!(metric(&m, "sluice_server_auth_rejected_total{server=\"prod\"}"), 9);
+    assert_eq!(metric(&m, "sluice_server_requests_total{server=\"prod\"}"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -743,3 +743,27 @@ async fn h1_upstream_connection_is_reused_across_requests() {
     assert_eq!(conns.load(Ordering::SeqCst), 1, "each request opened its own upstream connection");
     server.abort();
 }
+
+#[tokio::test]
+async fn bad_h2_preface_is_goaway_protocol_error() {
+    let r = hello("a", Protocol::Http1).await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    // Every byte sluice sends here is ASCII, so the text helper's answer is exact.
+    let answer = raw(h.addr(), b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n").await.into_bytes();
+    assert!(!answer.starts_with(b"HTTP/1.1"), "{}", String::from_utf8_lossy(&answer));
+    // Frames: a SETTINGS first (the server preface), then GOAWAY with PROTOCOL_ERROR.
+    let mut frames = Vec::new();
+    let mut rest = &answer[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        assert!(rest.len() >= 9 + len, "truncated frame: {answer:?}");
+        frames.push((rest[3], rest[9..9 + len].to_vec()));
+        rest = &rest[9 + len..];
+    }
+    assert_eq!(frames.first().map(|f| f.0), Some(0x4), "{answer:?}");
+    let goaway = frames.iter().find(|f| f.0 == 0x7).expect("no GOAWAY");
+    assert_eq!(&goaway.1[4..8], &[0, 0, 0, 1], "not PROTOCOL_ERROR: {answer:?}");
+    // A request line that merely starts like the preface is still HTTP/1.1.
+    let answer = raw(h.addr(), b"PRI /x HTTP/1.1\r\nHost: nope\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1"), "{answer}");
+}
