@@ -49,6 +49,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     handoff: Arc<dyn OpaqueStreamHandoff>,
     on_auth_rejected: Option<AuthRejectedHook>,
+    deny: Arc<[Cidr]>,
 }
 
 /// Called with the client's socket peer address (never a forwarded header) each time
@@ -89,7 +90,14 @@ impl Server {
             metrics: Arc::new(Metrics::default()),
             handoff: Arc::new(UserspaceRelay),
             on_auth_rejected: None,
+            deny: Arc::from([]),
         })
+    }
+
+    /// Closes connections from these sources at accept, before reading a byte: the
+    /// userspace stand-in for the XDP guard's denylist when that cannot attach.
+    pub fn deny_at_accept(&mut self, prefixes: Vec<Cidr>) {
+        self.deny = prefixes.into();
     }
 
     /// Replaces the opaque-stream hand-off (the kernel data plane's splice).
@@ -188,6 +196,7 @@ impl Server {
                 state.clone(),
                 drain_rx.clone(),
                 conns.clone(),
+                self.deny.clone(),
             )));
         }
         if let Some((l, addr)) = self.admin {
@@ -264,6 +273,7 @@ async fn accept_loop(
     state: Arc<ProxyState>,
     drain: watch::Receiver<bool>,
     conns: Arc<Semaphore>,
+    deny: Arc<[Cidr]>,
 ) {
     loop {
         // At the connection limit, stop accepting: the kernel backlog holds the rest.
@@ -277,6 +287,12 @@ async fn accept_loop(
                 continue;
             }
         };
+        if deny.iter().any(|c| c.contains(peer.ip())) {
+            state.metrics.client_connections_denied_total.inc();
+            // Dropping the socket closes it before anything was read from it.
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         // Dead peers are found by TCP keepalive, not HTTP/2 PINGs: PING traffic would keep
         // an otherwise idle connection from ever reaching the idle timeout.

@@ -742,3 +742,31 @@ async fn h1_upstream_connection_is_reused_across_requests() {
     assert_eq!(conns.load(Ordering::SeqCst), 1, "each request opened its own upstream connection");
     server.abort();
 }
+
+#[tokio::test]
+async fn deny_at_accept_closes_denied_sources_only() {
+    let serve = |deny: &'static str| async move {
+        let routing = sluice_routing::RoutingTable::from_doc(node(), doc(&[])).unwrap();
+        let mut server = sluice_proxy::Server::bind(cfg(), routing).await.unwrap();
+        server.deny_at_accept(vec![sluice_proxy::config::Cidr::parse(deny).unwrap()]);
+        let addr = server.local_addrs()[0];
+        let metrics = server.metrics();
+        (addr, metrics, tokio::spawn(server.run(std::future::pending())))
+    };
+    let req = b"GET / HTTP/1.1\r\nHost: hello.r1.example.test\r\nConnection: close\r\n\r\n";
+
+    let (addr, metrics, task) = serve("127.0.0.1/32").await;
+    for _ in 0..3 {
+        let out = raw(addr, req).await;
+        assert_eq!(out, "", "a denied source got an answer");
+    }
+    assert_eq!(metrics.client_connections_denied_total.get(), 3);
+    assert_eq!(metrics.client_connections_total.get(), 0);
+    task.abort();
+
+    let (addr, metrics, task) = serve("10.0.0.0/8").await;
+    let out = raw(addr, req).await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert_eq!(metrics.client_connections_denied_total.get(), 0);
+    task.abort();
+}
