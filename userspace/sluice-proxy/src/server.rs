@@ -165,6 +165,7 @@ impl Server {
         let session_header = HeaderName::from_bytes(self.cfg.lb.session_header.as_bytes())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let lb = sluice_routing::LbPolicy { bounded_load: self.cfg.lb.bounded_load };
+        let ejection = self.cfg.lb.ejection();
         let (signal, _) = tokio::sync::broadcast::channel(16);
         let state = Arc::new(ProxyState {
             upstreams: Upstreams::new(
@@ -183,6 +184,7 @@ impl Server {
             auth,
             session_header,
             lb,
+            ejection,
             signal,
         });
         let (drain_tx, drain_rx) = watch::channel(false);
