@@ -427,6 +427,8 @@ impl Snapshot {
             in_flight: r.replica.stats.in_flight.load(Ordering::Relaxed),
             requests: r.replica.stats.requests.load(Ordering::Relaxed),
             failures: r.replica.stats.failures.load(Ordering::Relaxed),
+            ejected_ms: r.replica.stats.ejection.remaining_ms(),
+            ejections: r.replica.stats.ejection.total.load(Ordering::Relaxed),
         }
     }
 }
@@ -494,6 +496,10 @@ pub struct ReplicaView {
     pub requests: u64,
     /// Transport failures.
     pub failures: u64,
+    /// Milliseconds of passive ejection left; 0 = in selection.
+    pub ejected_ms: u64,
+    /// Passive ejections so far.
+    pub ejections: u64,
 }
 
 /// One token in [`StateView`].
