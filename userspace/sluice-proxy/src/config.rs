@@ -325,11 +325,38 @@ pub struct LbConfig {
     pub session_header: String,
     /// Bounded load factor `c >= 1` for sticky sessions; absent = pure rendezvous hashing.
     pub bounded_load: Option<f64>,
+    /// Consecutive upstream failures (connect errors, resets, timeouts) that take a
+    /// replica out of selection; 0 disables passive ejection.
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles on each repeated ejection.
+    #[serde(with = "sluice_routing::model::duration_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection time.
+    #[serde(with = "sluice_routing::model::duration_serde")]
+    pub max_ejection: Duration,
 }
 
 impl Default for LbConfig {
     fn default() -> Self {
-        Self { session_header: "Sluice-Session-Id".into(), bounded_load: None }
+        Self {
+            session_header: "Sluice-Session-Id".into(),
+            bounded_load: None,
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+        }
+    }
+}
+
+impl LbConfig {
+    /// The passive ejection policy these settings describe.
+    pub fn ejection(&self) -> sluice_routing::snapshot::EjectionPolicy {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        sluice_routing::snapshot::EjectionPolicy {
+            threshold: self.consecutive_failures,
+            base_ms: ms(self.base_ejection),
+            max_ms: ms(self.max_ejection),
+        }
     }
 }
 

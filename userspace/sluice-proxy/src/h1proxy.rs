@@ -507,6 +507,7 @@ async fn exchange(
                 || state.draining.load(std::sync::atomic::Ordering::Relaxed);
             match response_head(state, &plan, &rbuf, close, out) {
                 Ok(Some((len, head))) => {
+                    plan.replica.stats.ejection.record_success();
                     rbuf.advance(len);
                     match head {
                         Some(h) => break h,
@@ -849,7 +850,12 @@ async fn fail(
     body_unread: bool,
 ) -> Next {
     tracing::debug!(request_id = %plan.rid, status = e.status().as_u16(), "rejected: {e}");
-    plan.replica.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Only the replica's own failures count against it (and towards its ejection); a
+    // client's malformed body does not.
+    if matches!(e, RequestError::Upstream(_) | RequestError::UpstreamTimeout) {
+        plan.replica.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::proxy::record_failure(state, &plan.server, &plan.replica);
+    }
     state.metrics.observe(e.status().as_u16(), start.elapsed());
     let close = body_unread
         || plan.client_close

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub client_connections_total: Counter,
     /// Client connections open.
     pub client_connections_open: Gauge,
+    /// Client connections closed at accept because the source is denied.
+    pub client_connections_denied_total: Counter,
     /// Upstream HTTP/2 connections open.
     pub upstream_h2_open: Gauge,
     /// Upstream HTTP/1.1 connections open.
@@ -77,6 +79,7 @@ impl Default for Metrics {
             latency_sum_us: AtomicU64::new(0),
             client_connections_total: Counter::default(),
             client_connections_open: Gauge::default(),
+            client_connections_denied_total: Counter::default(),
             upstream_h2_open: Gauge::default(),
             upstream_h1_open: Gauge::default(),
             upstream_connect_errors_total: Counter::default(),
@@ -175,6 +178,11 @@ impl Metrics {
             let _ = writeln!(out, "{name} {v}");
         }
         let counters = [
+            (
+                "sluice_client_connections_denied_total",
+                "Client connections closed at accept: source on the deny list.",
+                self.client_connections_denied_total.get(),
+            ),
             (
                 "sluice_upstream_connect_errors_total",
                 "Failed upstream connects.",

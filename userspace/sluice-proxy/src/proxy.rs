@@ -63,6 +63,8 @@ pub(crate) struct ProxyState {
     pub(crate) session_header: HeaderName,
     /// Load-balancing policy.
     pub(crate) lb: LbPolicy,
+    /// Passive ejection policy.
+    pub(crate) ejection: sluice_routing::snapshot::EjectionPolicy,
     /// Autoscaler stream: one NDJSON chunk (every server's record) per interval.
     pub(crate) signal: tokio::sync::broadcast::Sender<bytes::Bytes>,
 }
@@ -413,7 +415,10 @@ async fn proxy(
         None => send.await,
     };
     let up = match sent {
-        Ok(up) => up,
+        Ok(up) => {
+            replica.stats.ejection.record_success();
+            up
+        }
         Err(e) => {
             if exceeded.load(Ordering::Relaxed)
                 && let Some(limit) = limit
@@ -423,6 +428,7 @@ async fn proxy(
             // A malformed request body is the client's fault, not the replica's.
             if matches!(e, RequestError::Upstream(_) | RequestError::UpstreamTimeout) {
                 replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+                record_failure(state, &server, &replica);
             }
             return Err(e);
         }
@@ -438,6 +444,17 @@ async fn proxy(
     let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));
     let body = TrackedBody::new(rbody, idle, hold, up.on_complete).boxed_unsync();
     Ok(Response::from_parts(rparts, body))
+}
+
+/// Counts an upstream failure towards passive ejection; the last replica of `server` not
+/// ejected is never ejected.
+pub(crate) fn record_failure(state: &ProxyState, server: &Server, replica: &Arc<Replica>) {
+    let others_ready = || {
+        server.replicas.iter().any(|r| !Arc::ptr_eq(r, replica) && !r.stats.ejection.is_ejected())
+    };
+    if replica.stats.ejection.record_failure(&state.ejection, others_ready()) {
+        tracing::info!(replica = %replica.addr, "replica ejected after consecutive upstream failures");
+    }
 }
 
 /// A fresh random `Sec-WebSocket-Key` (16 bytes, base64), needed when an HTTP/2 extended
@@ -524,6 +541,7 @@ async fn forward_upgrade(
             Ok(up) => up,
             Err(e) => {
                 replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+                record_failure(state, server, replica);
                 return Err(e);
             }
         };

@@ -49,6 +49,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     handoff: Arc<dyn OpaqueStreamHandoff>,
     on_auth_rejected: Option<AuthRejectedHook>,
+    deny: Arc<[Cidr]>,
 }
 
 /// Called with the client's socket peer address (never a forwarded header) each time
@@ -96,7 +97,14 @@ impl Server {
             metrics,
             handoff: Arc::new(UserspaceRelay),
             on_auth_rejected: None,
+            deny: Arc::from([]),
         })
+    }
+
+    /// Closes connections from these sources at accept, before reading a byte: the
+    /// userspace stand-in for the XDP guard's denylist when that cannot attach.
+    pub fn deny_at_accept(&mut self, prefixes: Vec<Cidr>) {
+        self.deny = prefixes.into();
     }
 
     /// Replaces the opaque-stream hand-off (the kernel data plane's splice).
@@ -164,6 +172,7 @@ impl Server {
         let session_header = HeaderName::from_bytes(self.cfg.lb.session_header.as_bytes())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let lb = sluice_routing::LbPolicy { bounded_load: self.cfg.lb.bounded_load };
+        let ejection = self.cfg.lb.ejection();
         let (signal, _) = tokio::sync::broadcast::channel(16);
         let state = Arc::new(ProxyState {
             upstreams: Upstreams::new(
@@ -182,6 +191,7 @@ impl Server {
             auth,
             session_header,
             lb,
+            ejection,
             signal,
         });
         let (drain_tx, drain_rx) = watch::channel(false);
@@ -195,6 +205,7 @@ impl Server {
                 state.clone(),
                 drain_rx.clone(),
                 conns.clone(),
+                self.deny.clone(),
             )));
         }
         if let Some((l, addr)) = self.admin {
@@ -271,6 +282,7 @@ async fn accept_loop(
     state: Arc<ProxyState>,
     drain: watch::Receiver<bool>,
     conns: Arc<Semaphore>,
+    deny: Arc<[Cidr]>,
 ) {
     loop {
         // At the connection limit, stop accepting: the kernel backlog holds the rest.
@@ -284,6 +296,12 @@ async fn accept_loop(
                 continue;
             }
         };
+        if deny.iter().any(|c| c.contains(peer.ip())) {
+            state.metrics.client_connections_denied_total.inc();
+            // Dropping the socket closes it before anything was read from it.
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         // Dead peers are found by TCP keepalive, not HTTP/2 PINGs: PING traffic would keep
         // an otherwise idle connection from ever reaching the idle timeout.

@@ -767,3 +767,76 @@ async fn bad_h2_preface_is_goaway_protocol_error() {
     let answer = raw(h.addr(), b"PRI /x HTTP/1.1\r\nHost: nope\r\nConnection: close\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1"), "{answer}");
 }
+
+#[tokio::test]
+async fn deny_at_accept_closes_denied_sources_only() {
+    let serve = |deny: &'static str| async move {
+        let routing = sluice_routing::RoutingTable::from_doc(node(), doc(&[])).unwrap();
+        let mut server = sluice_proxy::Server::bind(cfg(), routing).await.unwrap();
+        server.deny_at_accept(vec![sluice_proxy::config::Cidr::parse(deny).unwrap()]);
+        let addr = server.local_addrs()[0];
+        let metrics = server.metrics();
+        (addr, metrics, tokio::spawn(server.run(std::future::pending())))
+    };
+    let req = b"GET / HTTP/1.1\r\nHost: hello.r1.example.test\r\nConnection: close\r\n\r\n";
+
+    let (addr, metrics, task) = serve("127.0.0.1/32").await;
+    for _ in 0..3 {
+        let out = raw(addr, req).await;
+        assert_eq!(out, "", "a denied source got an answer");
+    }
+    assert_eq!(metrics.client_connections_denied_total.get(), 3);
+    assert_eq!(metrics.client_connections_total.get(), 0);
+    task.abort();
+
+    let (addr, metrics, task) = serve("10.0.0.0/8").await;
+    let out = raw(addr, req).await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert_eq!(metrics.client_connections_denied_total.get(), 0);
+    task.abort();
+}
+
+/// A per-replica metric line's value, if the line is there.
+async fn replica_value(admin: std::net::SocketAddr, family: &str, replica: &str) -> Option<u64> {
+    let b = body_string(h1(admin, get("/metrics", "admin")).await.unwrap()).await;
+    let key = format!("{family}{{server=\"hello\",replica=\"{replica}\"}} ");
+    b.lines().find(|l| l.starts_with(&key)).and_then(|l| l[key.len()..].trim().parse().ok())
+}
+
+#[tokio::test]
+async fn failing_replica_is_passively_ejected_but_never_the_last() {
+    let good = hello("good", Protocol::Http1).await;
+    let dead = dead_addr().await;
+    let mut c = cfg();
+    c.lb.consecutive_failures = 2;
+    c.lb.base_ejection = Duration::from_secs(60);
+    let h = start(
+        c.clone(),
+        doc(&[("bad", dead, Protocol::Http1), ("good", good.addr, Protocol::Http1)]),
+    )
+    .await;
+    let mut client = h2_client::<Empty<Bytes>>(h.addr()).await;
+    let mut failed = 0;
+    for _ in 0..60 {
+        let req = Request::builder().uri(format!("http://{HOST}/")).body(Empty::new()).unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        if resp.status() == StatusCode::BAD_GATEWAY {
+            failed += 1;
+        }
+    }
+    // Two failures eject it; nothing after that reaches it.
+    assert_eq!(failed, 2, "502s");
+    assert_eq!(replica_value(h.admin, "sluice_replica_ejected", "bad").await, Some(1));
+    assert_eq!(replica_value(h.admin, "sluice_replica_ejections_total", "bad").await, Some(1));
+    assert_eq!(replica_value(h.admin, "sluice_replica_ejected", "good").await, Some(0));
+
+    // The only replica of a server is never ejected: every request still tries it.
+    let h = start(c, doc(&[("bad", dead, Protocol::Http1)])).await;
+    let mut client = h2_client::<Empty<Bytes>>(h.addr()).await;
+    for _ in 0..6 {
+        let req = Request::builder().uri(format!("http://{HOST}/")).body(Empty::new()).unwrap();
+        assert_eq!(client.send_request(req).await.unwrap().status(), StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(replica_value(h.admin, "sluice_replica_ejected", "bad").await, Some(0));
+    assert_eq!(replica_value(h.admin, "sluice_replica_ejections_total", "bad").await, Some(0));
+}

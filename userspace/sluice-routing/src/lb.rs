@@ -177,6 +177,18 @@ pub fn p2c(replicas: &[Arc<Replica>]) -> Option<&Arc<Replica>> {
                 b += 1;
             }
             let (ra, rb) = (&replicas[a], &replicas[b]);
+            // A passively ejected replica fails fast and so looks idle: skip it, unless
+            // every replica is ejected (then the load rule alone decides).
+            match (ra.stats.ejection.is_ejected(), rb.stats.ejection.is_ejected()) {
+                (false, true) => return Some(ra),
+                (true, false) => return Some(rb),
+                (true, true) => {
+                    if let Some(r) = replicas.iter().find(|r| !r.stats.ejection.is_ejected()) {
+                        return Some(r);
+                    }
+                }
+                (false, false) => {}
+            }
             if rb.stats.in_flight.load(Ordering::Relaxed)
                 < ra.stats.in_flight.load(Ordering::Relaxed)
             {
@@ -377,6 +389,49 @@ pub(crate) mod tests {
             counts[rs.iter().position(|x| Arc::ptr_eq(x, r)).unwrap()] += 1;
         }
         assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
+    }
+
+    #[test]
+    fn p2c_skips_ejected_replicas() {
+        let rs = replicas(3);
+        let policy =
+            crate::snapshot::EjectionPolicy { threshold: 2, base_ms: 60_000, max_ms: 60_000 };
+        assert!(!rs[0].stats.ejection.record_failure(&policy, true));
+        assert!(rs[0].stats.ejection.record_failure(&policy, true));
+        assert!(rs[0].stats.ejection.is_ejected());
+        for _ in 0..1000 {
+            assert!(!Arc::ptr_eq(p2c(&rs).unwrap(), &rs[0]));
+        }
+        // Every replica ejected: selection still answers.
+        for r in &rs[1..] {
+            r.stats.ejection.record_failure(&policy, true);
+            r.stats.ejection.record_failure(&policy, true);
+        }
+        assert!(p2c(&rs).is_some());
+    }
+
+    #[test]
+    fn ejection_backs_off_and_spares_the_last_replica() {
+        let e = crate::snapshot::Ejection::default();
+        let policy = crate::snapshot::EjectionPolicy { threshold: 1, base_ms: 1000, max_ms: 3000 };
+        assert!(!e.record_failure(&policy, false), "last ready replica ejected");
+        assert!(e.record_failure(&policy, true));
+        let first = e.remaining_ms();
+        assert!(first > 900 && first <= 1000, "{first}");
+        // Pretend the ejection ran out, fail again: twice as long, then capped.
+        e.until_ms.store(1, Ordering::Relaxed);
+        assert!(e.record_failure(&policy, true));
+        assert!(e.remaining_ms() > 1900, "{}", e.remaining_ms());
+        e.until_ms.store(1, Ordering::Relaxed);
+        assert!(e.record_failure(&policy, true));
+        assert!(e.remaining_ms() <= 3000);
+        // A success after the ejection resets the backoff.
+        e.until_ms.store(1, Ordering::Relaxed);
+        e.record_success();
+        assert!(e.record_failure(&policy, true));
+        assert!(e.remaining_ms() <= 1000);
+        let off = crate::snapshot::EjectionPolicy { threshold: 0, ..policy };
+        assert!(!crate::snapshot::Ejection::default().record_failure(&off, true));
     }
 
     #[test]

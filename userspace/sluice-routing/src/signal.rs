@@ -230,7 +230,7 @@ pub fn render_prometheus(snapshot: &Snapshot, out: &mut String) {
         }
     }
     type GetReplica = fn(&Replica) -> u64;
-    let replica_families: [(&str, &str, &str, GetReplica); 3] = [
+    let replica_families: [(&str, &str, &str, GetReplica); 5] = [
         ("sluice_replica_in_flight", "gauge", "Requests in flight to the replica.", |r| {
             r.stats.in_flight.load(Ordering::Relaxed)
         }),
@@ -242,6 +242,18 @@ pub fn render_prometheus(snapshot: &Snapshot, out: &mut String) {
             "counter",
             "Requests to the replica that failed at the transport level.",
             |r| r.stats.failures.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_replica_ejected",
+            "gauge",
+            "1 while the replica is passively ejected from selection.",
+            |r| u64::from(r.stats.ejection.is_ejected()),
+        ),
+        (
+            "sluice_replica_ejections_total",
+            "counter",
+            "Passive ejections of the replica after consecutive upstream failures.",
+            |r| r.stats.ejection.total.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, help, get) in replica_families {

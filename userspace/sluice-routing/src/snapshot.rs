@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -23,6 +23,90 @@ pub struct ReplicaStats {
     pub requests: AtomicU64,
     /// Requests to this replica that failed at the transport level (connect, reset).
     pub failures: AtomicU64,
+    /// Passive ejection state (see [`Ejection`]).
+    pub ejection: Ejection,
+}
+
+/// Passive ejection of one replica: after `threshold` consecutive upstream failures it is
+/// skipped by selection for a while, twice as long each time it is ejected again (up to a
+/// cap). Plain atomics: a healthy replica costs selection one relaxed load.
+#[derive(Debug, Default)]
+pub struct Ejection {
+    consecutive: AtomicU32,
+    /// Process-monotonic milliseconds (see [`now_ms`]) until which it is ejected; 0 = not.
+    pub(crate) until_ms: AtomicU64,
+    /// Ejections in a row without a success in between; sets the backoff.
+    streak: AtomicU32,
+    /// Ejections in total.
+    pub total: AtomicU64,
+}
+
+/// When and for how long to eject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EjectionPolicy {
+    /// Consecutive failures that eject; 0 turns ejection off.
+    pub threshold: u32,
+    /// First ejection time.
+    pub base_ms: u64,
+    /// Longest ejection time.
+    pub max_ms: u64,
+}
+
+impl Default for EjectionPolicy {
+    fn default() -> Self {
+        Self { threshold: 5, base_ms: 10_000, max_ms: 300_000 }
+    }
+}
+
+/// Milliseconds since the first call in this process (monotonic).
+pub fn now_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    // +1 so that 0 can mean "not ejected".
+    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+impl Ejection {
+    /// Whether selection should skip the replica now.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// A request to the replica succeeded: the failure run and the backoff reset.
+    pub fn record_success(&self) {
+        if self.consecutive.load(Ordering::Relaxed) != 0 {
+            self.consecutive.store(0, Ordering::Relaxed);
+        }
+        if self.streak.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
+            self.streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// An upstream failure (connect error, reset, timeout; never a client error). Returns
+    /// whether this failure ejected the replica. `may_eject` is false when it is the last
+    /// ready replica of its server, which is never ejected.
+    pub fn record_failure(&self, policy: &EjectionPolicy, may_eject: bool) -> bool {
+        if policy.threshold == 0 {
+            return false;
+        }
+        let n = self.consecutive.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n < policy.threshold || !may_eject || self.is_ejected() {
+            return false;
+        }
+        self.consecutive.store(0, Ordering::Relaxed);
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed).min(20);
+        let ms = policy.base_ms.saturating_mul(1u64 << streak).min(policy.max_ms.max(1));
+        self.until_ms.store(now_ms().saturating_add(ms), Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Milliseconds of ejection left (0 = not ejected).
+    pub fn remaining_ms(&self) -> u64 {
+        let until = self.until_ms.load(Ordering::Relaxed);
+        until.saturating_sub(now_ms())
+    }
 }
 
 /// Live per-server counters, carried across snapshots like [`ReplicaStats`].
@@ -343,6 +427,8 @@ impl Snapshot {
             in_flight: r.replica.stats.in_flight.load(Ordering::Relaxed),
             requests: r.replica.stats.requests.load(Ordering::Relaxed),
             failures: r.replica.stats.failures.load(Ordering::Relaxed),
+            ejected_ms: r.replica.stats.ejection.remaining_ms(),
+            ejections: r.replica.stats.ejection.total.load(Ordering::Relaxed),
         }
     }
 }
@@ -410,6 +496,10 @@ pub struct ReplicaView {
     pub requests: u64,
     /// Transport failures.
     pub failures: u64,
+    /// Milliseconds of passive ejection left; 0 = in selection.
+    pub ejected_ms: u64,
+    /// Passive ejections so far.
+    pub ejections: u64,
 }
 
 /// One token in [`StateView`].

@@ -158,6 +158,7 @@ pub fn start(
     replacing: bool,
 ) -> Result<Guard> {
     if cfg.interfaces.is_empty() {
+        deny_in_userspace(cfg, server)?;
         return Ok(Guard::inactive());
     }
     let Some(dp) = dataplane else {
@@ -166,6 +167,7 @@ pub fn start(
             interfaces = ?cfg.interfaces,
             "[guard] configured but the kernel data plane is not loaded: no XDP guard, no auth-failure bans"
         );
+        deny_in_userspace(cfg, server)?;
         return Ok(Guard::inactive());
     };
     let deny = cfg.validate()?;
@@ -209,6 +211,7 @@ pub fn start(
             return Err(e.context("--require-ebpf: the XDP guard could not attach"));
         }
         warn!(error = %format!("{e:#}"), "XDP guard unavailable; serving without it (no auth-failure bans)");
+        deny_in_userspace(cfg, server)?;
         // Dropping `guard` detaches whatever did attach.
         return Ok(Guard::inactive());
     }
@@ -249,6 +252,21 @@ pub fn start(
         tokio::spawn(ban_loop(rx, stop_rx, dp.clone(), tracker, cfg.auth_ban, counters));
     }
     Ok(guard)
+}
+
+/// Without XDP the deny list is still honoured: the proxy closes denied sources at accept.
+fn deny_in_userspace(cfg: &GuardConfig, server: &mut Server) -> Result<()> {
+    if cfg.deny.is_empty() {
+        return Ok(());
+    }
+    let deny = cfg
+        .deny
+        .iter()
+        .map(|s| sluice_proxy::config::Cidr::parse(s).map_err(|e| anyhow::anyhow!("deny: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    info!(denied = deny.len(), "[guard] deny list enforced in userspace, at accept");
+    server.deny_at_accept(deny);
+    Ok(())
 }
 
 /// Whether an attach failed because another XDP program (the previous sluice's, during

@@ -122,8 +122,6 @@ async fn connect(
         .map_err(|e| RequestError::Upstream(format!("h2 handshake with replica {addr}: {e}")))?;
     let peer_max = Arc::new(AtomicUsize::new(conn.max_concurrent_send_streams()));
     let closed = Arc::new(AtomicBool::new(false));
-    let metrics = up.metrics.clone();
-    metrics.upstream_h2_open.inc();
     let (pm, cl) = (peer_max.clone(), closed.clone());
     struct OnEnd(Arc<AtomicBool>, Arc<crate::metrics::Metrics>);
     impl Drop for OnEnd {
@@ -132,8 +130,12 @@ async fn connect(
             self.1.upstream_h2_open.dec();
         }
     }
+    // Built before the spawn and moved in, so the gauge goes down even when the driver is
+    // aborted before its first poll (the future is then dropped without running).
+    up.metrics.upstream_h2_open.inc();
+    let end = OnEnd(cl, up.metrics.clone());
     let driver = tokio::spawn(async move {
-        let _end = OnEnd(cl, metrics);
+        let _end = end;
         let res = poll_fn(|cx| {
             let r = conn.poll_unpin(cx);
             pm.store(conn.max_concurrent_send_streams(), Ordering::Relaxed);
