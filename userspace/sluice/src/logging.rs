@@ -3,13 +3,15 @@
 
 use std::sync::OnceLock;
 
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
-/// Installs the subscriber: `$RUST_LOG`, else `info`, to stderr.
+/// Installs the subscriber: `$RUST_LOG`, else `info`, to stderr; one JSON object per
+/// line when `$SLUICE_LOG_FORMAT` is `json` (for log pipelines), text otherwise.
 pub fn init() {
     // Kernel programs log through aya-log into the `log` crate; tracing-subscriber's
     // log bridge turns those records into events whose target is the kernel crate's
@@ -18,7 +20,11 @@ pub fn init() {
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only for a terminal: container and journald logs stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // The two layers differ in type; boxed, either fits the one subscriber stack.
+    let fmt =
+        if json { fmt.json().with_current_span(true).boxed() } else { fmt.with_ansi(ansi).boxed() };
     tracing_subscriber::registry().with(filter).with(fmt).init();
     let _ = FILTER.set(handle);
 }
