@@ -429,24 +429,32 @@ async fn raw_framing_replica() -> (SocketAddr, JoinHandle<()>) {
     (addr, task)
 }
 
+/// The two HTTP/1.1 paths a client connection can be on.
+const PATHS: [&str; 2] = ["fast path", "hyper path"];
+
+/// A client connection on `path`: as connected for the fast path; for the hyper path,
+/// after a first chunked `method target` request, which the fast path declines (the
+/// connection then stays on the hyper path). Returns the first answer, if there was one.
+async fn conn_on(addr: SocketAddr, path: &str, method_target: &str) -> (RawConn, Option<RawResp>) {
+    let mut c = RawConn::connect(addr).await;
+    if path == PATHS[0] {
+        return (c, None);
+    }
+    let first = format!(
+        "{method_target} HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    c.send(first.as_bytes()).await;
+    let resp = c.response().await.expect("no answer to the first request");
+    (c, Some(resp))
+}
+
 #[tokio::test]
 async fn chunked_and_close_delimited_responses_keep_client_connection_usable() {
     let (addr, task) = raw_framing_replica().await;
     let h = start(cfg(), doc(&[("a", addr, Protocol::Http1)])).await;
-    let firsts = [
-        ("fast path", String::new()),
-        (
-            "hyper path",
-            format!(
-                "GET /chunked HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-            ),
-        ),
-    ];
-    for (path, first) in firsts {
-        let mut c = RawConn::connect(h.addr()).await;
-        if !first.is_empty() {
-            c.send(first.as_bytes()).await;
-            let resp = c.response().await.expect("no answer to the first request");
+    for path in PATHS {
+        let (mut c, first) = conn_on(h.addr(), path, "GET /chunked").await;
+        if let Some(resp) = first {
             assert_eq!((resp.status, resp.text().as_str()), (200, "chunk body"), "{path}");
         }
         for target in ["/chunked", "/close", "/chunked", "/close", "/close", "/chunked"] {
@@ -584,20 +592,9 @@ async fn early_answer_keeps_keep_alive_connection() {
         )
         .await;
     let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
-    let firsts = [
-        ("fast path", String::new()),
-        (
-            "hyper path",
-            format!(
-                "POST /first HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-            ),
-        ),
-    ];
-    for (path, first) in firsts {
-        let mut c = RawConn::connect(h.addr()).await;
-        if !first.is_empty() {
-            c.send(first.as_bytes()).await;
-            let resp = c.response().await.expect("no answer to the first request");
+    for path in PATHS {
+        let (mut c, first) = conn_on(h.addr(), path, "POST /first").await;
+        if let Some(resp) = first {
             assert_eq!(resp.status, 200, "{path}");
         }
         // The head first, the small body in a second write once the replica has answered.
