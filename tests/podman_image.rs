@@ -429,8 +429,17 @@ fn daemonset_like_run() {
         podman.run_daemonset_like(&unique("sluice-podman-test"), &DAEMONSET_CAPS, &s.config_dir);
     wait_ready(s.admin, &c);
 
-    // Routed through the container to the replica on the host.
-    let (status, body) = get(s.listen, HOST, "/through-the-image").unwrap();
+    // Routed through the container to the replica on the host. `/readyz` says the routing
+    // is loaded; the replica is routable once its first health check (run at once after
+    // the load) has passed, so allow that moment, bounded, before asserting.
+    let deadline = Instant::now() + WAIT;
+    let (status, body) = loop {
+        let (status, body) = get(s.listen, HOST, "/through-the-image").unwrap();
+        if status != 503 || Instant::now() >= deadline {
+            break (status, body);
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(status, 200, "{body}\n{}", c.logs());
     assert_eq!(body, "replica saw /through-the-image\n");
 
