@@ -356,6 +356,20 @@ fn wait_ready(admin: SocketAddr, c: &Container<'_>) {
 
 const HOST: &str = "hello.local.sluice.test";
 
+/// The first answer to `path` that is not the 503 of a replica not yet health-checked
+/// (or the last 503 after `WAIT`): `/readyz` says the routing is loaded, and the replica
+/// becomes routable once its first health check, run right after the load, passes.
+fn first_routed(listen: SocketAddr, path: &str) -> (u16, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(listen, HOST, path).unwrap();
+        if status != 503 || Instant::now() >= deadline {
+            return (status, body);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// sluice.toml + routes.toml for one unauthenticated server with one replica.
 fn write_config(dir: &Path, listen: SocketAddr, admin: SocketAddr, replica: SocketAddr) {
     fs::write(
@@ -432,14 +446,7 @@ fn daemonset_like_run() {
     // Routed through the container to the replica on the host. `/readyz` says the routing
     // is loaded; the replica is routable once its first health check (run at once after
     // the load) has passed, so allow that moment, bounded, before asserting.
-    let deadline = Instant::now() + WAIT;
-    let (status, body) = loop {
-        let (status, body) = get(s.listen, HOST, "/through-the-image").unwrap();
-        if status != 503 || Instant::now() >= deadline {
-            break (status, body);
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
+    let (status, body) = first_routed(s.listen, "/through-the-image");
     assert_eq!(status, 200, "{body}\n{}", c.logs());
     assert_eq!(body, "replica saw /through-the-image\n");
 
@@ -530,7 +537,7 @@ fn without_cap_bpf() {
     wait_ready(s.admin, &c);
 
     // Served on the userspace path.
-    let (status, body) = get(s.listen, HOST, "/userspace").unwrap();
+    let (status, body) = first_routed(s.listen, "/userspace");
     assert_eq!(status, 200, "{body}\n{}", c.logs());
     assert_eq!(body, "replica saw /userspace\n");
 
