@@ -194,7 +194,7 @@ impl RequestError {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Ok(v) = HeaderValue::from_str(request_id) {
+        if let Some(v) = crate::headers::request_id_value(request_id) {
             h.insert(request_id_header.clone(), v);
         }
         if status == StatusCode::UNAUTHORIZED {

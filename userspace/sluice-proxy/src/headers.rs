@@ -242,6 +242,16 @@ pub fn strip_forwarding_lookalikes(headers: &mut HeaderMap) {
     }
 }
 
+/// A request id as a header value, marked never-indexed for HPACK. Every id is unique,
+/// so indexing it would only churn the HTTP/2 dynamic table: each response would evict
+/// an older id and search a chain of dead ones (several thousand instructions a request
+/// in h2's encoder). HTTP/1.1 writers ignore the mark.
+pub fn request_id_value(rid: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(rid).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 /// Generates request ids: 32 hex digits, unique per process, unpredictable across runs.
 #[derive(Debug)]
 pub struct RequestIds {

@@ -125,7 +125,7 @@ pub(crate) async fn handle(
             r
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&rid) {
+    if let Some(v) = crate::headers::request_id_value(&rid) {
         resp.headers_mut().insert(state.request_id_header.clone(), v);
     }
     if h1
@@ -212,7 +212,7 @@ fn forwarded_head(
         raw_authority,
     );
     crate::headers::strip_forwarding_lookalikes(&mut parts.headers);
-    if let Ok(v) = HeaderValue::from_str(rid) {
+    if let Some(v) = crate::headers::request_id_value(rid) {
         parts.headers.insert(state.request_id_header.clone(), v);
     }
     // Credentials never reach a replica, nor do their `_` look-alikes (whatever the server's
