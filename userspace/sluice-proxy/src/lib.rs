@@ -25,6 +25,7 @@ pub mod demo;
 pub mod error;
 mod h1proxy;
 pub mod h1scan;
+mod h2streams;
 pub mod headers;
 pub mod io;
 pub mod listener;

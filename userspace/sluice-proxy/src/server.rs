@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -515,7 +515,9 @@ async fn serve_h2<I>(
     let svc_state = state.clone();
     let svc_info = info.clone();
     let svc = service_fn(move |req| handle(svc_state.clone(), svc_info.clone(), req));
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    // Streams run in this connection's task (see `h2streams`), not a task each.
+    let exec = crate::h2streams::StreamExec::default();
+    let conn = hyper::server::conn::http2::Builder::new(exec.clone())
         .timer(TokioTimer::new())
         .max_concurrent_streams(c.limits.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(c.limits.max_header_bytes).unwrap_or(u32::MAX))
@@ -523,9 +525,17 @@ async fn serve_h2<I>(
         .initial_connection_window_size(c.limits.h2_connection_window)
         .enable_connect_protocol()
         .serve_connection(io, svc);
+    let conn = crate::h2streams::WithStreams::new(conn, exec);
     let mut conn = std::pin::pin!(conn);
-    drive(conn.as_mut(), |c| c.graceful_shutdown(), drain, &info.activity, state, Duration::ZERO)
-        .await;
+    drive(
+        conn.as_mut(),
+        |c| c.conn().graceful_shutdown(),
+        drain,
+        &info.activity,
+        state,
+        Duration::ZERO,
+    )
+    .await;
 }
 
 /// How long an HTTP/1.1 connection must have been quiet, once the drain started, before
