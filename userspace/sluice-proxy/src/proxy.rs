@@ -211,7 +211,6 @@ fn forwarded_head(
         if conn.tls { "https" } else { "http" },
         raw_authority,
     );
-    crate::headers::strip_forwarding_lookalikes(&mut parts.headers);
     if let Some(v) = crate::headers::request_id_value(rid) {
         parts.headers.insert(state.request_id_header.clone(), v);
     }
