@@ -249,6 +249,13 @@ pub(crate) struct ServerEntry {
     pub(crate) domains: Arc<[Arc<str>]>,
 }
 
+/// The snapshot's persistent maps. foldhash instead of the default SipHash: a request
+/// looks a domain up (and its server's entries) on every request, and SipHash cost about
+/// 300 instructions of it. Keys come only from the routing document, so a client cannot
+/// fill the map with colliding keys; its lookups only cost its own request.
+pub(crate) type Map<K, V> =
+    imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+
 /// Immutable routing snapshot: what the request path reads, lock-free, via
 /// [`crate::RoutingTable::load`].
 #[derive(Clone, Debug)]
@@ -259,13 +266,13 @@ pub struct Snapshot {
     pub(crate) health_gate: bool,
     // Keys are `Arc<str>` so the path copying of a persistent-map update bumps refcounts
     // instead of cloning strings.
-    pub(crate) domains: imbl::HashMap<Arc<str>, Arc<Server>>,
-    pub(crate) servers: imbl::HashMap<Arc<str>, ServerEntry>,
-    pub(crate) tokens: imbl::HashMap<Arc<str>, Arc<TokenSpec>>,
+    pub(crate) domains: Map<Arc<str>, Arc<Server>>,
+    pub(crate) servers: Map<Arc<str>, ServerEntry>,
+    pub(crate) tokens: Map<Arc<str>, Arc<TokenSpec>>,
     /// server id → replica id → entry. Holds replicas whose server does not exist (yet):
     /// they are kept, not routed, so the result does not depend on the order a store
     /// delivers keys in.
-    pub(crate) replicas: imbl::HashMap<Arc<str>, imbl::OrdMap<Arc<str>, ReplicaEntry>>,
+    pub(crate) replicas: Map<Arc<str>, imbl::OrdMap<Arc<str>, ReplicaEntry>>,
 }
 
 impl Snapshot {
@@ -275,10 +282,10 @@ impl Snapshot {
             generation: 0,
             node,
             health_gate: false,
-            domains: imbl::HashMap::new(),
-            servers: imbl::HashMap::new(),
-            tokens: imbl::HashMap::new(),
-            replicas: imbl::HashMap::new(),
+            domains: Map::default(),
+            servers: Map::default(),
+            tokens: Map::default(),
+            replicas: Map::default(),
         }
     }
 

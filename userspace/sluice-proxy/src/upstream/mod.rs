@@ -137,13 +137,15 @@ impl WireConn {
 pub struct Upstreams {
     settings: UpstreamSettings,
     metrics: Arc<Metrics>,
-    pools: RwLock<HashMap<SocketAddr, Arc<ReplicaPool>>>,
+    /// foldhash, not SipHash: looked up on every request, keyed only by replica addresses
+    /// from the routing state.
+    pools: RwLock<HashMap<SocketAddr, Arc<ReplicaPool>, foldhash::fast::RandomState>>,
 }
 
 impl Upstreams {
     /// An empty set.
     pub fn new(settings: UpstreamSettings, metrics: Arc<Metrics>) -> Self {
-        Self { settings, metrics, pools: RwLock::new(HashMap::new()) }
+        Self { settings, metrics, pools: RwLock::new(HashMap::default()) }
     }
 
     fn pool(&self, addr: SocketAddr) -> Arc<ReplicaPool> {
