@@ -127,8 +127,8 @@ pub(crate) async fn serve(
                 return Served::Closed;
             }
         }
-        let deadline = Instant::now() + state.cfg.timeouts.header_read;
         let start = Instant::now();
+        let deadline = start + state.cfg.timeouts.header_read;
         let plan = loop {
             if !client.buf.is_empty() {
                 out.clear();
@@ -145,12 +145,11 @@ pub(crate) async fn serve(
             }
             match read_some(&client.tcp, &mut client.buf, HEAD_READ, deadline).await {
                 Ok(0) | Err(_) => return Served::Closed,
-                Ok(_) => conn.activity.touch(),
+                Ok(_) => {}
             }
         };
-        let _active = conn.activity.request();
         // Boxed: an idle connection's task then holds only the small waiting state.
-        match Box::pin(exchange(state, conn, &mut client, plan, &mut out, start)).await {
+        match Box::pin(exchange(state, &mut client, plan, &mut out, start)).await {
             Next::KeepAlive => {}
             Next::Close => {
                 let _ = client.tcp.shutdown().await;
@@ -403,7 +402,6 @@ enum Framing {
 /// Phases 3-5 for one planned request.
 async fn exchange(
     state: &ProxyState,
-    conn: &ConnInfo,
     client: &mut Client,
     plan: Plan,
     out: &mut Vec<u8>,
@@ -463,7 +461,7 @@ async fn exchange(
             r = read_some(&client.tcp, &mut client.buf, BODY_READ, Instant::now() + t.stream_idle) => {
                 match r {
                     Ok(0) | Err(_) => return Next::Abort,
-                    Ok(_) => conn.activity.touch(),
+                    Ok(_) => {}
                 }
             }
         }
@@ -486,7 +484,7 @@ async fn exchange(
         while (client.buf.len() as u64) < body_left {
             match read_some(&client.tcp, &mut client.buf, BODY_READ, deadline).await {
                 Ok(0) => return Next::Abort,
-                Ok(_) => conn.activity.touch(),
+                Ok(_) => {}
                 Err(_) => break,
             }
         }

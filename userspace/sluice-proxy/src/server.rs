@@ -436,6 +436,9 @@ async fn serve_connection(
                 h1proxy::Served::Closed => return,
                 h1proxy::Served::Declined(tcp, read) => (tcp, read),
             };
+            // The fast path does not keep the activity clock (only `drive` reads it): the
+            // declined request's bytes are the connection's latest activity.
+            activity.touch();
             let io = ConnIo::with_prefix(tcp, activity.clone(), read);
             let io = TokioIo::new(H1Scan::new(io, max_head, verdicts));
             Box::pin(serve_h1(state, io, info, drain)).await;
