@@ -57,6 +57,8 @@ pub(crate) struct ProxyState {
     pub(crate) request_id_header: HeaderName,
     /// Sources closed at accept (the deny list when the XDP guard is not attached).
     pub(crate) deny: Arc<[Cidr]>,
+    /// Clients a PROXY header reports that are closed right after it.
+    pub(crate) deny_reported: Arc<[Cidr]>,
     /// Sources banned in userspace (see [`crate::client::BanList`]).
     pub(crate) bans: Arc<crate::client::BanList>,
     pub(crate) draining: AtomicBool,

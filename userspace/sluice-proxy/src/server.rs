@@ -54,6 +54,7 @@ pub struct Server {
     handoff: Arc<dyn OpaqueStreamHandoff>,
     on_auth_rejected: Option<AuthRejectedHook>,
     deny: Arc<[Cidr]>,
+    deny_reported: Arc<[Cidr]>,
     bans: Arc<BanList>,
 }
 
@@ -116,14 +117,24 @@ impl Server {
             handoff: Arc::new(UserspaceRelay),
             on_auth_rejected: None,
             deny: Arc::from([]),
+            deny_reported: Arc::from([]),
             bans: Arc::default(),
         })
     }
 
     /// Closes connections from these sources at accept, before reading a byte: the
     /// userspace stand-in for the XDP guard's denylist when that cannot attach.
+    /// Also refuses a client a trusted peer's PROXY header reports from these prefixes.
     pub fn deny_at_accept(&mut self, prefixes: Vec<Cidr>) {
         self.deny = prefixes.into();
+        self.deny_reported = self.deny.clone();
+    }
+
+    /// Closes a connection whose PROXY header (from a trusted peer) reports a client in
+    /// these prefixes, right after the header. For when the XDP guard enforces the deny
+    /// list on socket peers but cannot see the clients behind an edge.
+    pub fn deny_reported_clients(&mut self, prefixes: Vec<Cidr>) {
+        self.deny_reported = prefixes.into();
     }
 
     /// The userspace ban list, checked at accept (socket peer), after a PROXY header (the
@@ -139,7 +150,8 @@ impl Server {
     }
 
     /// Reports every proxy-auth rejection (401/403 decided by sluice, not by a replica)
-    /// with the client's socket peer IP, e.g. to ban sources that keep failing.
+    /// with the request's client (see [`AuthRejectedHook`]), e.g. to ban sources that keep
+    /// failing.
     pub fn on_auth_rejected(&mut self, hook: AuthRejectedHook) {
         self.on_auth_rejected = Some(hook);
     }
@@ -206,6 +218,7 @@ impl Server {
             ids: RequestIds::new(),
             request_id_header: header,
             deny: self.deny,
+            deny_reported: self.deny_reported,
             bans: self.bans,
             draining: Default::default(),
             auth,
@@ -349,6 +362,12 @@ fn refused_source(state: &ProxyState, trusted: &[Cidr], ip: std::net::IpAddr) ->
         || (state.bans.is_banned(ip) && !is_trusted(trusted, ip))
 }
 
+/// [`refused_source`] for a client a PROXY header reported.
+fn refused_client(state: &ProxyState, trusted: &[Cidr], ip: std::net::IpAddr) -> bool {
+    state.deny_reported.iter().any(|c| c.contains(ip))
+        || (state.bans.is_banned(ip) && !is_trusted(trusted, ip))
+}
+
 /// The connection's client: the socket peer, or what a trusted peer's PROXY header
 /// reports. `None` when the connection must be closed (counted): a trusted peer's header
 /// missing, malformed or late, an untrusted peer sending one, or a reported client that
@@ -387,7 +406,7 @@ async fn identify(
             return None;
         }
     };
-    if client != peer_ip && refused_source(state, trusted, client) {
+    if client != peer_ip && refused_client(state, trusted, client) {
         state.metrics.client_connections_denied_total.inc();
         tracing::debug!(%peer, %client, "reported client denied or banned: closed");
         return None;
@@ -465,9 +484,20 @@ async fn serve_connection(
 ) {
     let t = &state.cfg.timeouts;
     // Before TLS and the h2c sniff: the PROXY header precedes the client's bytes. Boxed
-    // like the sniff below, so idle connections do not carry its state.
-    let Some(client) = Box::pin(identify(state, &mut tcp, peer, mode, &trusted_set)).await else {
-        return;
+    // like the sniff below, so idle connections do not carry its state, and skipped
+    // (no allocation) on listeners without PROXY protocol.
+    let client = if mode == ProxyProtocol::Off {
+        peer.ip().to_canonical()
+    } else {
+        tokio::select! {
+            biased;
+            c = Box::pin(identify(state, &mut tcp, peer, mode, &trusted_set)) => match c {
+                Some(c) => c,
+                None => return,
+            },
+            // A connection that has sent nothing yet is idle: the drain closes it.
+            () = Box::pin(drain_quiet(drain.clone())) => return,
+        }
     };
     let activity = Activity::new();
     let verdicts = Arc::new(Verdicts::default());

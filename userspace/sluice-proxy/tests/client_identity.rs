@@ -179,8 +179,10 @@ async fn untrusted_missing_and_malformed_headers_are_refused() {
 
     // An untrusted peer may not claim to speak for anyone.
     let mut tcp = connect_from("127.0.0.2", dest).await;
-    tcp.write_all(&encode_v2(CLIENT.parse().unwrap(), dest)).await.unwrap();
-    tcp.write_all(format!("GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut bytes = encode_v2(CLIENT.parse().unwrap(), dest);
+    bytes.extend_from_slice(format!("GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes());
+    // One write: the refusal may reset the connection under a second one.
+    let _ = tcp.write_all(&bytes).await;
     assert!(read_to_close(tcp).await.is_empty());
     assert_eq!(metric(h.admin, refused).await, 1);
 
@@ -203,7 +205,7 @@ async fn untrusted_missing_and_malformed_headers_are_refused() {
     .enumerate()
     {
         let mut tcp = connect_from("127.0.0.1", dest).await;
-        tcp.write_all(&bytes).await.unwrap();
+        let _ = tcp.write_all(&bytes).await;
         assert!(read_to_close(tcp).await.is_empty(), "case {i} was answered");
         assert_eq!(metric(h.admin, refused).await, 2 + i as u64, "case {i}");
     }
@@ -336,4 +338,28 @@ async fn auth_failures_behind_xff_ban_the_client_per_request() {
     assert_eq!(status("", HOST).await, 200, "the edge is never banned");
     assert_eq!(*seen.lock().unwrap(), vec!["203.0.113.66".parse::<IpAddr>().unwrap()]);
     assert_eq!(metric(h.admin, "sluice_client_requests_banned_total ").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_reported_clients_are_closed_after_the_header() {
+    let r = echo(Protocol::Http1).await;
+    let routing = RoutingTable::from_doc(node(), doc(&[("a", r.addr, Protocol::Http1)])).unwrap();
+    let mut server = Server::bind(edge_cfg(ProxyProtocol::V1), routing).await.unwrap();
+    // What sluice's guard does with XDP attached: the edge's packets pass XDP, so only
+    // the proxy can refuse a denied client behind it.
+    server
+        .deny_reported_clients(vec![sluice_proxy::config::Cidr::parse("198.51.100.0/24").unwrap()]);
+    let (dest, admin) = (server.local_addrs()[0], server.admin_addr().unwrap());
+    let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let _run = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let via_edge = |client: &'static str| async move {
+        let mut tcp = connect_from("127.0.0.1", dest).await;
+        tcp.write_all(&encode_v1(client.parse().unwrap(), dest)).await.unwrap();
+        h1_on(tcp, get("/", HOST)).await.map(|r| r.status().as_u16())
+    };
+    assert_eq!(via_edge("198.51.100.20:1").await, None);
+    assert_eq!(metric(admin, "sluice_client_connections_denied_total ").await, 1);
+    assert_eq!(via_edge("203.0.113.7:1").await, Some(200));
 }

@@ -245,8 +245,11 @@ pub fn start(
         "XDP guard active"
     );
     // Clients behind a trusted edge reach userspace whatever XDP drops: the reported
-    // client's deny-list check is the proxy's.
-    deny_in_userspace(cfg, server)?;
+    // client's deny-list check is the proxy's. Socket peers stay XDP's alone (an
+    // interface left unguarded stays open to them, as documented).
+    if !deny.is_empty() {
+        server.deny_reported_clients(deny.clone());
+    }
     hook_bans(cfg, Some(dp.clone()), server, &mut guard);
     Ok(guard)
 }
@@ -259,11 +262,14 @@ fn hook_bans(
     server: &mut Server,
     guard: &mut Guard,
 ) {
+    let counters = Arc::new(Counters::default());
+    // With XDP attached the guard's metrics are always there, as before bans moved here.
+    if cfg.auth_fail_threshold > 0 || dp.is_some() {
+        install_metrics(server, counters.clone());
+    }
     if cfg.auth_fail_threshold == 0 {
         return;
     }
-    let counters = Arc::new(Counters::default());
-    install_metrics(server, counters.clone());
     let (tx, rx) = mpsc::channel::<IpAddr>(EVENT_QUEUE);
     let c = counters.clone();
     server.on_auth_rejected(Arc::new(move |ip| {
@@ -287,23 +293,27 @@ struct Bans {
     userspace: Arc<sluice_proxy::client::BanList>,
 }
 
-/// The deny list in the proxy: without XDP it closes denied sources at accept; with it,
-/// it still refuses a denied client a trusted edge reports (XDP only sees the edge).
+/// Without XDP the deny list is still honoured: the proxy closes denied sources at
+/// accept, and denied clients a trusted edge reports right after its PROXY header.
 fn deny_in_userspace(cfg: &GuardConfig, server: &mut Server) -> Result<()> {
     if cfg.deny.is_empty() {
         return Ok(());
     }
-    let deny = cfg
-        .deny
-        .iter()
-        .map(|s| sluice_proxy::config::Cidr::parse(s).map_err(|e| anyhow::anyhow!("deny: {e}")))
-        .collect::<Result<Vec<_>>>()?;
+    let deny = parse_deny(cfg)?;
     info!(
         denied = deny.len(),
         "[guard] deny list enforced in userspace too, at accept and for reported clients"
     );
     server.deny_at_accept(deny);
     Ok(())
+}
+
+/// The deny list in the proxy's prefix type.
+fn parse_deny(cfg: &GuardConfig) -> Result<Vec<sluice_proxy::config::Cidr>> {
+    cfg.deny
+        .iter()
+        .map(|s| sluice_proxy::config::Cidr::parse(s).map_err(|e| anyhow::anyhow!("deny: {e}")))
+        .collect()
 }
 
 /// Whether an attach failed because another XDP program (the previous sluice's, during
