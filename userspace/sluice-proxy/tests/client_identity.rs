@@ -363,3 +363,40 @@ async fn denied_reported_clients_are_closed_after_the_header() {
     assert_eq!(metric(admin, "sluice_client_connections_denied_total ").await, 1);
     assert_eq!(via_edge("203.0.113.7:1").await, Some(200));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_hold_over_h2c_behind_xff_and_at_accept_for_direct_peers() {
+    let mut c = cfg();
+    c.listeners[0].trusted_proxies = vec!["127.0.0.1".into()];
+    let (h, seen, _r) = banning_proxy(c).await;
+    // h2c from the edge: one connection, many clients, each judged per request.
+    let tcp = connect_from("127.0.0.1", h.addr()).await;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut status = async |xff: &str, host: &str| {
+        let req = Request::builder()
+            .uri(format!("http://{host}/"))
+            .header("x-forwarded-for", xff)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        send.send_request(req).await.unwrap().status().as_u16()
+    };
+    let locked = "locked.r1.example.test";
+    assert_eq!(status("203.0.113.66", locked).await, 401);
+    assert_eq!(status("203.0.113.66", HOST).await, 403);
+    assert_eq!(status("203.0.113.7", HOST).await, 200);
+    // A direct (untrusted) peer that fails is banned as itself and closed at accept.
+    let tcp = connect_from("127.0.0.2", h.addr()).await;
+    let req = Request::builder().uri("/").header("host", locked).body(Empty::new()).unwrap();
+    assert_eq!(h1_on(tcp, req).await.map(|r| r.status().as_u16()), Some(401));
+    let tcp = connect_from("127.0.0.2", h.addr()).await;
+    assert!(h1_on(tcp, get("/", HOST)).await.is_none(), "a banned peer was served");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["203.0.113.66".parse::<IpAddr>().unwrap(), "127.0.0.2".parse().unwrap()]
+    );
+    assert_eq!(metric(h.admin, "sluice_client_connections_denied_total ").await, 1);
+}
