@@ -40,10 +40,7 @@ pub struct ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            listeners: vec![ListenerConfig {
-                addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-                tls: None,
-            }],
+            listeners: vec![ListenerConfig::new(SocketAddr::from(([127, 0, 0, 1], 8080)))],
             admin: AdminConfig::default(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
@@ -78,6 +75,21 @@ impl ProxyConfig {
             })?;
         }
         for l in &self.listeners {
+            for p in &l.trusted_proxies {
+                Cidr::parse(p).map_err(|e| {
+                    ConfigError::Invalid(format!("listener {} trusted_proxies {p:?}: {e}", l.addr))
+                })?;
+            }
+            // A PROXY header is only believed from a trusted peer: with nobody trusted
+            // the setting could never take effect, which is surely a mistake.
+            if l.proxy_protocol != ProxyProtocol::Off && l.trusted_proxies.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "listener {} has proxy_protocol = {:?} but no trusted_proxies \
+                     (use [\"0.0.0.0/0\", \"::/0\"] to require it from every peer)",
+                    l.addr,
+                    l.proxy_protocol.as_str()
+                )));
+            }
             if let Some(tls) = &l.tls
                 && tls.certs.is_empty()
             {
@@ -122,6 +134,50 @@ pub struct ListenerConfig {
     /// TLS settings; absent means plaintext (HTTP/1.1 and h2c prior knowledge).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// PROXY protocol header expected from `trusted_proxies` peers, before anything else
+    /// (before TLS): `off` (default), `v1`, `v2` or `any`. A trusted peer must send one;
+    /// any other peer that sends one is refused (docs/proxy.md, "Client identity").
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    /// Peers (IPs or CIDRs) trusted to report the client: their PROXY header (when
+    /// `proxy_protocol` is on) and their X-Forwarded-For are believed, and they are never
+    /// banned. Combined with `request_id.trusted_edges`, which applies to every listener.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ListenerConfig {
+    /// A plaintext listener on `addr`, with no PROXY protocol and nobody trusted.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, tls: None, proxy_protocol: ProxyProtocol::Off, trusted_proxies: Vec::new() }
+    }
+}
+
+/// Which PROXY protocol versions a listener accepts from its trusted peers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No PROXY header: every peer speaks HTTP or TLS straight away.
+    #[default]
+    Off,
+    /// The text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+    /// Either version.
+    Any,
+}
+
+impl ProxyProtocol {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+            ProxyProtocol::Any => "any",
+        }
+    }
 }
 
 /// TLS settings of a listener.
@@ -409,6 +465,34 @@ mod tests {
         assert_eq!(c.timeouts.header_read, Duration::from_secs(2));
         let bad: ProxyConfig = toml::from_str("unknown_domain_status = 500").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn listener_identity_settings() {
+        let c: ProxyConfig = toml::from_str(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = \"v2\"\n\
+             trusted_proxies = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listeners[0].proxy_protocol, ProxyProtocol::V2);
+        let plain: ProxyConfig = toml::from_str("[[listeners]]\naddr = \"127.0.0.1:0\"\n").unwrap();
+        assert_eq!(plain.listeners[0].proxy_protocol, ProxyProtocol::Off);
+        let untrusting: ProxyConfig =
+            toml::from_str("[[listeners]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = \"any\"\n")
+                .unwrap();
+        assert!(untrusting.validate().is_err());
+        let bad: ProxyConfig = toml::from_str(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.0/99\"]\n",
+        )
+        .unwrap();
+        assert!(bad.validate().is_err());
+        assert!(
+            toml::from_str::<ProxyConfig>(
+                "[[listeners]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = \"v3\"\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]

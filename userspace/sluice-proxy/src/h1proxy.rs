@@ -110,9 +110,9 @@ pub(crate) async fn serve(
     conn: &Arc<ConnInfo>,
     mut drain: watch::Receiver<bool>,
 ) -> Served {
-    // A trusted edge's forwarding headers and request ids are kept and extended: the
-    // hyper path does that.
-    if state.trusted.iter().any(|c| c.contains(conn.peer.ip())) {
+    // A trusted edge's forwarding headers and request ids are kept and extended, and its
+    // requests' clients read from X-Forwarded-For: the hyper path does that.
+    if conn.trusted {
         return Served::Declined(tcp, Bytes::new());
     }
     let mut client = Client { tcp, buf: BytesMut::new() };
@@ -234,6 +234,7 @@ fn field(state: &ProxyState, name: &str) -> Field {
     } else if is("connection") {
         Field::Connection
     } else if is("x-forwarded-for")
+        || is("x-real-ip")
         || is("x-forwarded-proto")
         || is("x-forwarded-host")
         || is(state.request_id_header.as_str())
@@ -258,6 +259,10 @@ fn field(state: &ProxyState, name: &str) -> Field {
 
 /// Phase 2 for the head at the start of `buf`; on `Go`, the forwarded head is in `out`.
 fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> Planned {
+    // Banned while the connection was open: the hyper path refuses (and counts) it.
+    if state.bans.is_banned(conn.client) {
+        return Planned::Decline;
+    }
     let mut slots = [httparse::EMPTY_HEADER; REQUEST_SLOTS];
     let mut req = httparse::Request::new(&mut slots);
     let head_len = match req.parse(buf) {
@@ -364,6 +369,7 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
         }
     }
     put_field(out, b"x-forwarded-for", conn.forwarded_for.as_bytes());
+    put_field(out, b"x-real-ip", conn.forwarded_for.as_bytes());
     put_field(out, b"x-forwarded-proto", b"http");
     put_field(out, b"x-forwarded-host", raw_host.as_bytes());
     put_field(out, state.request_id_header.as_str().as_bytes(), rid.as_bytes());

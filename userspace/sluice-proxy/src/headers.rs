@@ -15,6 +15,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
@@ -174,12 +175,15 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str().starts_with("proxy-")
 }
 
-/// Sets X-Forwarded-For/-Proto/-Host. A trusted edge's values are extended; anyone
-/// else's are replaced, so clients cannot spoof them. `peer` is [`forwarded_for`] of the
-/// connection's peer.
+/// Sets X-Forwarded-For/-Proto/-Host and X-Real-IP. A trusted edge's X-Forwarded-* are
+/// extended; anyone else's are replaced, so clients cannot spoof them. `peer` is
+/// [`forwarded_for`] of the connection's client (the hop appended to the chain),
+/// `real_ip` that of the request's client (`crate::client`), which X-Real-IP always
+/// carries (a client's own X-Real-IP is never passed on).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: &HeaderValue,
+    real_ip: &HeaderValue,
     trusted: bool,
     proto: &'static str,
     host: &str,
@@ -198,6 +202,7 @@ pub fn set_forwarded(
     if let Some(v) = xff {
         headers.insert(&X_FORWARDED_FOR, v);
     }
+    headers.insert(&X_REAL_IP, real_ip.clone());
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }

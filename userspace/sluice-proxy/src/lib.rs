@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod autoscaler;
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod listener;
 pub mod metrics;
 pub mod mirror;
 mod proxy;
+pub mod proxy_header;
 pub mod server;
 pub mod shutdown;
 pub mod tls;

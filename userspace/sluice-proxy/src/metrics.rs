@@ -54,8 +54,14 @@ pub struct Metrics {
     pub client_connections_total: Counter,
     /// Client connections open.
     pub client_connections_open: Gauge,
-    /// Client connections closed at accept because the source is denied.
+    /// Client connections closed at accept because the source is denied or banned (the
+    /// reported client, after a PROXY header).
     pub client_connections_denied_total: Counter,
+    /// Client connections closed because the PROXY header was missing, malformed, late,
+    /// or sent by a peer not trusted to send one.
+    pub client_proxy_header_refused_total: Counter,
+    /// Requests refused (403) because their client is banned.
+    pub client_requests_banned_total: Counter,
     /// Upstream HTTP/2 connections open.
     pub upstream_h2_open: Gauge,
     /// Upstream HTTP/1.1 connections open.
@@ -80,6 +86,8 @@ impl Default for Metrics {
             client_connections_total: Counter::default(),
             client_connections_open: Gauge::default(),
             client_connections_denied_total: Counter::default(),
+            client_proxy_header_refused_total: Counter::default(),
+            client_requests_banned_total: Counter::default(),
             upstream_h2_open: Gauge::default(),
             upstream_h1_open: Gauge::default(),
             upstream_connect_errors_total: Counter::default(),
@@ -180,8 +188,18 @@ impl Metrics {
         let counters = [
             (
                 "sluice_client_connections_denied_total",
-                "Client connections closed at accept: source on the deny list.",
+                "Client connections closed at accept: source (or PROXY-reported client) denied or banned.",
                 self.client_connections_denied_total.get(),
+            ),
+            (
+                "sluice_client_proxy_header_refused_total",
+                "Client connections closed for a missing, malformed or untrusted PROXY header.",
+                self.client_proxy_header_refused_total.get(),
+            ),
+            (
+                "sluice_client_requests_banned_total",
+                "Requests refused with 403: their client is banned.",
+                self.client_requests_banned_total.get(),
             ),
             (
                 "sluice_upstream_connect_errors_total",

@@ -16,7 +16,7 @@
 //!    the [`OpaqueStreamHandoff`].
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -55,7 +55,12 @@ pub(crate) struct ProxyState {
     pub(crate) on_auth_rejected: Option<crate::server::AuthRejectedHook>,
     pub(crate) ids: RequestIds,
     pub(crate) request_id_header: HeaderName,
-    pub(crate) trusted: Vec<Cidr>,
+    /// Sources closed at accept (the deny list when the XDP guard is not attached).
+    pub(crate) deny: Arc<[Cidr]>,
+    /// Clients a PROXY header reports that are closed right after it.
+    pub(crate) deny_reported: Arc<[Cidr]>,
+    /// Sources banned in userspace (see [`crate::client::BanList`]).
+    pub(crate) bans: Arc<crate::client::BanList>,
     pub(crate) draining: AtomicBool,
     /// Proxy-auth header names (and the look-alikes to strip).
     pub(crate) auth: AuthHeaders,
@@ -71,8 +76,17 @@ pub(crate) struct ProxyState {
 
 /// What the request path knows about the client connection.
 pub(crate) struct ConnInfo {
+    /// The socket peer (the edge, behind a trusted proxy).
     pub(crate) peer: SocketAddr,
-    /// The peer's X-Forwarded-For entry, formatted once per connection.
+    /// The connection's client: the address a trusted peer's PROXY header reported, else
+    /// the socket peer (IPv4-mapped IPv6 written as IPv4).
+    pub(crate) client: IpAddr,
+    /// Whether `client` is trusted: its X-Forwarded-* and request id are kept, and the
+    /// request's client is read from its X-Forwarded-For.
+    pub(crate) trusted: bool,
+    /// The listener's trusted prefixes (`trusted_proxies` and `request_id.trusted_edges`).
+    pub(crate) trusted_set: Arc<[Cidr]>,
+    /// The client's X-Forwarded-For entry, formatted once per connection.
     pub(crate) forwarded_for: HeaderValue,
     pub(crate) tls: bool,
     pub(crate) activity: Arc<Activity>,
@@ -80,6 +94,40 @@ pub(crate) struct ConnInfo {
     pub(crate) drain: watch::Receiver<bool>,
     /// HTTP/1.1 framing verdicts from the connection's read-side scanner.
     pub(crate) verdicts: Arc<Verdicts>,
+}
+
+/// Who one request is from.
+pub(crate) struct Who {
+    /// The connection's client is trusted (see [`ConnInfo::trusted`]).
+    trusted: bool,
+    /// The request's client (see [`crate::client::from_forwarded_for`]).
+    client: IpAddr,
+    /// `client` as a header value, for X-Real-IP.
+    real_ip: HeaderValue,
+}
+
+impl Who {
+    fn of(conn: &ConnInfo, headers: &http::HeaderMap) -> Who {
+        if !conn.trusted {
+            return Who {
+                trusted: false,
+                client: conn.client,
+                real_ip: conn.forwarded_for.clone(),
+            };
+        }
+        let client = crate::client::from_forwarded_for(headers, conn.client, &conn.trusted_set);
+        let real_ip = if client == conn.client {
+            conn.forwarded_for.clone()
+        } else {
+            crate::headers::forwarded_for(client)
+        };
+        Who { trusted: true, client, real_ip }
+    }
+
+    /// Whether this request's client may be banned: never a trusted address.
+    fn bannable(&self, conn: &ConnInfo) -> bool {
+        !crate::client::is_trusted(&conn.trusted_set, self.client)
+    }
 }
 
 /// How a request asks to leave HTTP.
@@ -98,7 +146,8 @@ pub(crate) async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let active = conn.activity.request();
-    let trusted = state.trusted.iter().any(|c| c.contains(conn.peer.ip()));
+    let who = Who::of(&conn, req.headers());
+    let trusted = who.trusted;
     let rid = if trusted {
         state.ids.keep_or_new(req.headers().get(&state.request_id_header))
     } else {
@@ -110,12 +159,18 @@ pub(crate) async fn handle(
     let result = if ambiguous {
         Err(RequestError::BadRequest("both content-length and transfer-encoding"))
     } else {
-        proxy(&state, &conn, req, &rid, trusted, active).await
+        proxy(&state, &conn, req, &rid, &who, active).await
     };
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(request_id = %rid, status = e.status().as_u16(), "rejected: {e}");
+            tracing::debug!(
+                request_id = %rid,
+                client = %who.client,
+                peer = %conn.peer,
+                status = e.status().as_u16(),
+                "rejected: {e}"
+            );
             let bad_framing = e.closes_connection();
             let mut r = e.into_response(&state.request_id_header, &rid);
             if h1 && bad_framing {
@@ -193,7 +248,7 @@ fn forwarded_head(
     parts: &mut http::request::Parts,
     raw_authority: &str,
     rid: &str,
-    trusted: bool,
+    who: &Who,
     keep_upgrade: bool,
 ) -> Result<(), RequestError> {
     strip_hop_by_hop(&mut parts.headers, keep_upgrade);
@@ -207,7 +262,8 @@ fn forwarded_head(
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,
-        trusted,
+        &who.real_ip,
+        who.trusted,
         if conn.tls { "https" } else { "http" },
         raw_authority,
     );
@@ -271,9 +327,16 @@ async fn proxy(
     conn: &Arc<ConnInfo>,
     mut req: Request<Incoming>,
     rid: &str,
-    trusted: bool,
+    who: &Who,
     active: ActiveRequest,
 ) -> Result<Response<ProxyBody>, RequestError> {
+    // Phase 0: a banned client (one behind a trusted edge, or one banned while its
+    // connection was open) is refused here, with the XDP guard's effect but later.
+    if who.bannable(conn) && state.bans.is_banned(who.client) {
+        state.metrics.client_requests_banned_total.inc();
+        let close = drain_rejected(&mut req, state.cfg.auth.drain_body_bytes).await;
+        return Err(RequestError::Forbidden { close });
+    }
     // Phase 1: hygiene.
     let target_len = req.uri().path_and_query().map(|p| p.as_str().len()).unwrap_or(0);
     if target_len > state.cfg.limits.max_uri_bytes {
@@ -320,8 +383,12 @@ async fn proxy(
         };
         if decision != AuthDecision::Allow {
             server.stats.auth_rejected.fetch_add(1, Ordering::Relaxed);
-            if let Some(hook) = &state.on_auth_rejected {
-                hook(conn.peer.ip());
+            // The request's client, never a trusted edge: banning the edge would cut
+            // off every client behind it.
+            if let Some(hook) = &state.on_auth_rejected
+                && who.bannable(conn)
+            {
+                hook(who.client);
             }
             let close = drain_rejected(&mut req, state.cfg.auth.drain_body_bytes).await;
             return Err(match decision {
@@ -375,7 +442,7 @@ async fn proxy(
             kind,
             &raw_authority,
             rid,
-            trusted,
+            who,
             &server,
             &replica,
             Box::new((in_flight, active)),
@@ -386,7 +453,7 @@ async fn proxy(
     // Phase 6: rewrite and forward.
     let h1_client = req.version() < Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
-    forwarded_head(state, conn, &mut parts, &raw_authority, rid, trusted, false)?;
+    forwarded_head(state, conn, &mut parts, &raw_authority, rid, who, false)?;
     let wire = match replica.protocol {
         Protocol::H2c => WireProtocol::H2c,
         _ => WireProtocol::Http1,
@@ -497,13 +564,13 @@ async fn forward_upgrade(
     kind: UpgradeKind,
     raw_authority: &str,
     rid: &str,
-    trusted: bool,
+    who: &Who,
     server: &Arc<Server>,
     replica: &Arc<Replica>,
     hold: Box<dyn Send>,
 ) -> Result<Response<ProxyBody>, RequestError> {
     let (mut parts, body) = req.into_parts();
-    forwarded_head(state, conn, &mut parts, raw_authority, rid, trusted, true)?;
+    forwarded_head(state, conn, &mut parts, raw_authority, rid, who, true)?;
     parts.version = Version::HTTP_11;
     // An HTTP/1.1 upgrade request may carry a body (its framing is the request's own): it
     // goes to the replica, which would otherwise wait for it forever. An HTTP/2 CONNECT

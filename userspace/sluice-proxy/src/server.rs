@@ -19,7 +19,8 @@ use tokio_rustls::TlsAcceptor;
 use sluice_routing::RoutingTable;
 
 use crate::admin::{AdminHandler, AdminRoutes};
-use crate::config::{Cidr, ProxyConfig};
+use crate::client::{BanList, is_trusted};
+use crate::config::{Cidr, ProxyConfig, ProxyProtocol};
 use crate::error::{ConfigError, ProxyError};
 use crate::h1scan::{H1Scan, Verdicts};
 use crate::headers::RequestIds;
@@ -37,6 +38,9 @@ struct BoundListener {
     listener: TcpListener,
     addr: SocketAddr,
     tls: Option<TlsAcceptor>,
+    proxy_protocol: ProxyProtocol,
+    /// `trusted_proxies` and `request_id.trusted_edges`.
+    trusted: Arc<[Cidr]>,
 }
 
 /// A bound, not yet running proxy.
@@ -50,10 +54,13 @@ pub struct Server {
     handoff: Arc<dyn OpaqueStreamHandoff>,
     on_auth_rejected: Option<AuthRejectedHook>,
     deny: Arc<[Cidr]>,
+    deny_reported: Arc<[Cidr]>,
+    bans: Arc<BanList>,
 }
 
-/// Called with the client's socket peer address (never a forwarded header) each time
-/// proxy auth rejects a request. Runs on the request path: it must be cheap and must
+/// Called with the request's client address each time proxy auth rejects a request: the
+/// socket peer, or the client a trusted peer reported (PROXY header, X-Forwarded-For);
+/// never a trusted address, and never a header from an untrusted peer. Runs on the request path: it must be cheap and must
 /// never block (hand the event off, e.g. with a channel's `try_send`).
 pub type AuthRejectedHook = Arc<dyn Fn(std::net::IpAddr) + Send + Sync>;
 
@@ -64,7 +71,13 @@ impl Server {
         cfg.validate()?;
         let mut listeners = Vec::with_capacity(cfg.listeners.len());
         let mut certificates = Vec::new();
+        let parse =
+            |s: &String| Cidr::parse(s).map_err(|e| ConfigError::Invalid(format!("{s:?}: {e}")));
+        let edges =
+            cfg.request_id.trusted_edges.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
         for l in &cfg.listeners {
+            let mut trusted = l.trusted_proxies.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
+            trusted.extend(edges.iter().copied());
             let tls = match &l.tls {
                 Some(t) => {
                     let (config, certs) = tls::load_listener(t)?;
@@ -76,7 +89,13 @@ impl Server {
             let listener = listener::bind(l.addr)
                 .map_err(|source| ProxyError::Bind { addr: l.addr, source })?;
             let addr = listener.local_addr()?;
-            listeners.push(BoundListener { listener, addr, tls });
+            listeners.push(BoundListener {
+                listener,
+                addr,
+                tls,
+                proxy_protocol: l.proxy_protocol,
+                trusted: trusted.into(),
+            });
         }
         let admin = match cfg.admin.addr {
             Some(a) => {
@@ -98,13 +117,31 @@ impl Server {
             handoff: Arc::new(UserspaceRelay),
             on_auth_rejected: None,
             deny: Arc::from([]),
+            deny_reported: Arc::from([]),
+            bans: Arc::default(),
         })
     }
 
     /// Closes connections from these sources at accept, before reading a byte: the
     /// userspace stand-in for the XDP guard's denylist when that cannot attach.
+    /// Also refuses a client a trusted peer's PROXY header reports from these prefixes.
     pub fn deny_at_accept(&mut self, prefixes: Vec<Cidr>) {
         self.deny = prefixes.into();
+        self.deny_reported = self.deny.clone();
+    }
+
+    /// Closes a connection whose PROXY header (from a trusted peer) reports a client in
+    /// these prefixes, right after the header. For when the XDP guard enforces the deny
+    /// list on socket peers but cannot see the clients behind an edge.
+    pub fn deny_reported_clients(&mut self, prefixes: Vec<Cidr>) {
+        self.deny_reported = prefixes.into();
+    }
+
+    /// The userspace ban list, checked at accept (socket peer), after a PROXY header (the
+    /// reported client) and on every request (its client); trusted addresses are never
+    /// refused by it. Whoever bans (sluice's guard) writes here.
+    pub fn bans(&self) -> Arc<BanList> {
+        self.bans.clone()
     }
 
     /// Replaces the opaque-stream hand-off (the kernel data plane's splice).
@@ -113,7 +150,8 @@ impl Server {
     }
 
     /// Reports every proxy-auth rejection (401/403 decided by sluice, not by a replica)
-    /// with the client's socket peer IP, e.g. to ban sources that keep failing.
+    /// with the request's client (see [`AuthRejectedHook`]), e.g. to ban sources that keep
+    /// failing.
     pub fn on_auth_rejected(&mut self, hook: AuthRejectedHook) {
         self.on_auth_rejected = Some(hook);
     }
@@ -161,13 +199,6 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProxyError> {
         let header = HeaderName::from_bytes(self.cfg.request_id.header.as_bytes())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let trusted = self
-            .cfg
-            .request_id
-            .trusted_edges
-            .iter()
-            .map(|s| Cidr::parse(s).map_err(|e| ConfigError::Invalid(format!("{s:?}: {e}"))))
-            .collect::<Result<_, _>>()?;
         let auth = self.cfg.auth.headers()?;
         let session_header = HeaderName::from_bytes(self.cfg.lb.session_header.as_bytes())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -186,7 +217,9 @@ impl Server {
             on_auth_rejected: self.on_auth_rejected,
             ids: RequestIds::new(),
             request_id_header: header,
-            trusted,
+            deny: self.deny,
+            deny_reported: self.deny_reported,
+            bans: self.bans,
             draining: Default::default(),
             auth,
             session_header,
@@ -205,7 +238,6 @@ impl Server {
                 state.clone(),
                 drain_rx.clone(),
                 conns.clone(),
-                self.deny.clone(),
             )));
         }
         if let Some((l, addr)) = self.admin {
@@ -282,7 +314,6 @@ async fn accept_loop(
     state: Arc<ProxyState>,
     drain: watch::Receiver<bool>,
     conns: Arc<Semaphore>,
-    deny: Arc<[Cidr]>,
 ) {
     loop {
         // At the connection limit, stop accepting: the kernel backlog holds the rest.
@@ -296,7 +327,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        if deny.iter().any(|c| c.contains(peer.ip())) {
+        if refused_source(&state, &l.trusted, peer.ip()) {
             state.metrics.client_connections_denied_total.inc();
             // Dropping the socket closes it before anything was read from it.
             drop(tcp);
@@ -313,14 +344,74 @@ async fn accept_loop(
         let state = state.clone();
         let drain = drain.clone();
         let tls = l.tls.clone();
+        let ident = (l.proxy_protocol, l.trusted.clone());
         tokio::spawn(async move {
             state.metrics.client_connections_total.inc();
             state.metrics.client_connections_open.inc();
-            serve_connection(&state, tcp, peer, tls, drain).await;
+            serve_connection(&state, tcp, peer, ident, tls, drain).await;
             state.metrics.client_connections_open.dec();
             drop(permit);
         });
     }
+}
+
+/// Whether connections from `ip` are closed unserved: on the deny list, or banned (a
+/// trusted address never is: banning an edge would cut off every client behind it).
+fn refused_source(state: &ProxyState, trusted: &[Cidr], ip: std::net::IpAddr) -> bool {
+    state.deny.iter().any(|c| c.contains(ip))
+        || (state.bans.is_banned(ip) && !is_trusted(trusted, ip))
+}
+
+/// [`refused_source`] for a client a PROXY header reported.
+fn refused_client(state: &ProxyState, trusted: &[Cidr], ip: std::net::IpAddr) -> bool {
+    state.deny_reported.iter().any(|c| c.contains(ip))
+        || (state.bans.is_banned(ip) && !is_trusted(trusted, ip))
+}
+
+/// The connection's client: the socket peer, or what a trusted peer's PROXY header
+/// reports. `None` when the connection must be closed (counted): a trusted peer's header
+/// missing, malformed or late, an untrusted peer sending one, or a reported client that
+/// is denied or banned.
+async fn identify(
+    state: &ProxyState,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    mode: ProxyProtocol,
+    trusted: &[Cidr],
+) -> Option<std::net::IpAddr> {
+    let peer_ip = peer.ip().to_canonical();
+    if mode == ProxyProtocol::Off {
+        return Some(peer_ip);
+    }
+    let timeout = state.cfg.timeouts.header_read;
+    if !is_trusted(trusted, peer_ip) {
+        // A PROXY header from anyone else is a spoofing attempt (or a misrouted edge):
+        // believing it would let any client pick its own identity.
+        return match crate::proxy_header::untrusted_sends_header(tcp, timeout).await {
+            Ok(false) => Some(peer_ip),
+            Ok(true) => {
+                state.metrics.client_proxy_header_refused_total.inc();
+                tracing::debug!(%peer, "PROXY header from an untrusted peer: closed");
+                None
+            }
+            // The connection failed before its first bytes: nothing to serve.
+            Err(_) => None,
+        };
+    }
+    let client = match crate::proxy_header::read(tcp, mode, timeout).await {
+        Ok(h) => h.source.map_or(peer_ip, |s| s.ip().to_canonical()),
+        Err(e) => {
+            state.metrics.client_proxy_header_refused_total.inc();
+            tracing::debug!(%peer, "PROXY header refused: {e}");
+            return None;
+        }
+    };
+    if client != peer_ip && refused_client(state, trusted, client) {
+        state.metrics.client_connections_denied_total.inc();
+        tracing::debug!(%peer, %client, "reported client denied or banned: closed");
+        return None;
+    }
+    Some(client)
 }
 
 /// What a plaintext connection's first bytes are.
@@ -385,17 +476,37 @@ async fn refuse_bad_preface(mut tcp: TcpStream) {
 
 async fn serve_connection(
     state: &Arc<ProxyState>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
+    (mode, trusted_set): (ProxyProtocol, Arc<[Cidr]>),
     tls: Option<TlsAcceptor>,
     drain: watch::Receiver<bool>,
 ) {
     let t = &state.cfg.timeouts;
+    // Before TLS and the h2c sniff: the PROXY header precedes the client's bytes. Boxed
+    // like the sniff below, so idle connections do not carry its state, and skipped
+    // (no allocation) on listeners without PROXY protocol.
+    let client = if mode == ProxyProtocol::Off {
+        peer.ip().to_canonical()
+    } else {
+        tokio::select! {
+            biased;
+            c = Box::pin(identify(state, &mut tcp, peer, mode, &trusted_set)) => match c {
+                Some(c) => c,
+                None => return,
+            },
+            // A connection that has sent nothing yet is idle: the drain closes it.
+            () = Box::pin(drain_quiet(drain.clone())) => return,
+        }
+    };
     let activity = Activity::new();
     let verdicts = Arc::new(Verdicts::default());
     let info = Arc::new(ConnInfo {
         peer,
-        forwarded_for: crate::headers::forwarded_for(peer.ip()),
+        client,
+        trusted: is_trusted(&trusted_set, client),
+        trusted_set,
+        forwarded_for: crate::headers::forwarded_for(client),
         tls: tls.is_some(),
         activity: activity.clone(),
         drain: drain.clone(),
@@ -457,18 +568,18 @@ async fn serve_tls(
     drain: watch::Receiver<bool>,
 ) {
     let t = &state.cfg.timeouts;
-    let peer = info.peer;
+    let (peer, client) = (info.peer, info.client);
     let max_head = state.cfg.limits.max_header_bytes;
     let io = ConnIo::new(tcp, activity.clone());
     let accept = Box::pin(acceptor.accept(io));
     let stream = match tokio::time::timeout(t.tls_handshake, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, "tls handshake: {e}");
+            tracing::debug!(%peer, %client, "tls handshake: {e}");
             return;
         }
         Err(_) => {
-            tracing::debug!(%peer, "tls handshake timed out");
+            tracing::debug!(%peer, %client, "tls handshake timed out");
             return;
         }
     };

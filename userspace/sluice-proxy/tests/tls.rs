@@ -58,7 +58,6 @@ async fn sni_and_alpn() {
 
     let mut c = cfg();
     c.listeners.push(ListenerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
         tls: Some(TlsConfig {
             certs: vec![
                 CertConfig {
@@ -73,6 +72,7 @@ async fn sni_and_alpn() {
                 },
             ],
         }),
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
     let h = start(c, d).await;
     let tls_addr = h.addrs[1];
@@ -130,10 +130,10 @@ async fn certificate_expiry_is_a_metric() {
     let (cert_pem, key_pem) = write_self_signed(&["*.r1.example.test"], dir.path()).unwrap();
     let mut c = cfg();
     c.listeners.push(ListenerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
         tls: Some(TlsConfig {
             certs: vec![CertConfig { names: vec!["*.r1.example.test".into()], cert_pem, key_pem }],
         }),
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
     let h = start(c, doc(&[])).await;
     let metrics =

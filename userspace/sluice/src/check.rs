@@ -70,6 +70,17 @@ fn check(path: &Path, text: &str) -> Result<String, String> {
             }
             None => out += &format!("listener {} plaintext\n", l.addr),
         }
+        // Who may name the client: worth seeing before it runs (a wrong prefix either
+        // lets anyone spoof the client or refuses the edge).
+        if l.proxy_protocol != sluice_proxy::config::ProxyProtocol::Off
+            || !l.trusted_proxies.is_empty()
+        {
+            out += &format!(
+                "  proxy_protocol {} from trusted_proxies [{}]\n",
+                l.proxy_protocol.as_str(),
+                l.trusted_proxies.join(", ")
+            );
+        }
     }
     match cfg.proxy.admin.addr {
         Some(addr) => out += &format!("admin {addr}\n"),

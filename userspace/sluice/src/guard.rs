@@ -2,11 +2,14 @@
 //! interfaces (static denylist, per-source SYN rate, protected ports) and temporary
 //! bans of sources that keep failing proxy auth.
 //!
-//! Auth-failure bans need the guard attached: the proxy reports each proxy-auth
-//! rejection with the client's socket peer IP, a task counts them per source and bans
-//! a source's host address in the kernel for `auth_ban`. When the guard cannot attach
-//! (no XDP, no data plane) sluice says so once and keeps serving; rejected requests
-//! are then still rejected (401/403) but nobody is banned.
+//! Auth-failure bans: the proxy reports each proxy-auth rejection with the request's
+//! client (the socket peer, or the client a trusted edge reported; never a trusted
+//! address), a task counts them per source and bans a source's host address for
+//! `auth_ban`: in the kernel when the guard is attached, and always in the proxy's
+//! userspace ban list, which closes a banned source at accept, after its PROXY header,
+//! and refuses its requests (403). Behind an edge XDP only sees the edge, so the
+//! userspace list is what keeps a banned client out there; without XDP it is the only
+//! enforcement (the same bans, enforced later and at more cost).
 
 use std::{
     net::IpAddr,
@@ -159,16 +162,20 @@ pub fn start(
 ) -> Result<Guard> {
     if cfg.interfaces.is_empty() {
         deny_in_userspace(cfg, server)?;
-        return Ok(Guard::inactive());
+        let mut guard = Guard::inactive();
+        hook_bans(cfg, None, server, &mut guard);
+        return Ok(guard);
     }
     let Some(dp) = dataplane else {
         // With --require-ebpf a missing data plane already stopped start-up.
         warn!(
             interfaces = ?cfg.interfaces,
-            "[guard] configured but the kernel data plane is not loaded: no XDP guard, no auth-failure bans"
+            "[guard] configured but the kernel data plane is not loaded: no XDP guard; deny list and auth-failure bans enforced in userspace"
         );
         deny_in_userspace(cfg, server)?;
-        return Ok(Guard::inactive());
+        let mut guard = Guard::inactive();
+        hook_bans(cfg, None, server, &mut guard);
+        return Ok(guard);
     };
     let deny = cfg.validate()?;
     let ports: Vec<u16> = if cfg.ports.is_empty() {
@@ -210,10 +217,12 @@ pub fn start(
         if require_ebpf {
             return Err(e.context("--require-ebpf: the XDP guard could not attach"));
         }
-        warn!(error = %format!("{e:#}"), "XDP guard unavailable; serving without it (no auth-failure bans)");
+        warn!(error = %format!("{e:#}"), "XDP guard unavailable; serving without it (deny list and auth-failure bans enforced in userspace)");
         deny_in_userspace(cfg, server)?;
         // Dropping `guard` detaches whatever did attach.
-        return Ok(Guard::inactive());
+        let mut inactive = Guard::inactive();
+        hook_bans(cfg, None, server, &mut inactive);
+        return Ok(inactive);
     }
     // Some interfaces guarded, some not: protect what can be protected, and say which.
     for e in failed {
@@ -235,38 +244,76 @@ pub fn start(
         denied = deny.len(),
         "XDP guard active"
     );
-    let counters = Arc::new(Counters::default());
-    install_metrics(server, counters.clone());
-    if cfg.auth_fail_threshold > 0 {
-        let (tx, rx) = mpsc::channel::<IpAddr>(EVENT_QUEUE);
-        let c = counters.clone();
-        server.on_auth_rejected(Arc::new(move |ip| {
-            // Never block the request path: a full queue drops the event (counted).
-            if tx.try_send(ip).is_err() {
-                c.events_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        guard.stop = Some(stop_tx);
-        let tracker = AuthFailureTracker::new(cfg.auth_fail_threshold, cfg.auth_fail_window);
-        tokio::spawn(ban_loop(rx, stop_rx, dp.clone(), tracker, cfg.auth_ban, counters));
+    // Clients behind a trusted edge reach userspace whatever XDP drops: the reported
+    // client's deny-list check is the proxy's. Socket peers stay XDP's alone (an
+    // interface left unguarded stays open to them, as documented).
+    if !deny.is_empty() {
+        server.deny_reported_clients(deny.clone());
     }
+    hook_bans(cfg, Some(dp.clone()), server, &mut guard);
     Ok(guard)
 }
 
-/// Without XDP the deny list is still honoured: the proxy closes denied sources at accept.
+/// Counts proxy-auth rejections towards bans (unless `auth_fail_threshold` is 0): bans go
+/// to the proxy's userspace ban list and, with `dp`, to the XDP guard too.
+fn hook_bans(
+    cfg: &GuardConfig,
+    dp: Option<Arc<Mutex<Dataplane>>>,
+    server: &mut Server,
+    guard: &mut Guard,
+) {
+    let counters = Arc::new(Counters::default());
+    // With XDP attached the guard's metrics are always there, as before bans moved here.
+    if cfg.auth_fail_threshold > 0 || dp.is_some() {
+        install_metrics(server, counters.clone());
+    }
+    if cfg.auth_fail_threshold == 0 {
+        return;
+    }
+    let (tx, rx) = mpsc::channel::<IpAddr>(EVENT_QUEUE);
+    let c = counters.clone();
+    server.on_auth_rejected(Arc::new(move |ip| {
+        // Never block the request path: a full queue drops the event (counted).
+        if tx.try_send(ip).is_err() {
+            c.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    guard.stop = Some(stop_tx);
+    let tracker = AuthFailureTracker::new(cfg.auth_fail_threshold, cfg.auth_fail_window);
+    let bans = Bans { kernel: dp, userspace: server.bans() };
+    tokio::spawn(ban_loop(rx, stop_rx, bans, tracker, cfg.auth_ban, counters));
+}
+
+/// Where bans are enforced.
+struct Bans {
+    /// The XDP guard, when attached.
+    kernel: Option<Arc<Mutex<Dataplane>>>,
+    /// The proxy's list: always (see the module doc).
+    userspace: Arc<sluice_proxy::client::BanList>,
+}
+
+/// Without XDP the deny list is still honoured: the proxy closes denied sources at
+/// accept, and denied clients a trusted edge reports right after its PROXY header.
 fn deny_in_userspace(cfg: &GuardConfig, server: &mut Server) -> Result<()> {
     if cfg.deny.is_empty() {
         return Ok(());
     }
-    let deny = cfg
-        .deny
-        .iter()
-        .map(|s| sluice_proxy::config::Cidr::parse(s).map_err(|e| anyhow::anyhow!("deny: {e}")))
-        .collect::<Result<Vec<_>>>()?;
-    info!(denied = deny.len(), "[guard] deny list enforced in userspace, at accept");
+    let deny = parse_deny(cfg)?;
+    info!(
+        denied = deny.len(),
+        "[guard] deny list enforced in userspace too, at accept and for reported clients"
+    );
     server.deny_at_accept(deny);
     Ok(())
+}
+
+/// The deny list in the proxy's prefix type.
+fn parse_deny(cfg: &GuardConfig) -> Result<Vec<sluice_proxy::config::Cidr>> {
+    cfg.deny
+        .iter()
+        .map(|s| sluice_proxy::config::Cidr::parse(s).map_err(|e| anyhow::anyhow!("deny: {e}")))
+        .collect()
 }
 
 /// Whether an attach failed because another XDP program (the previous sluice's, during
@@ -340,7 +387,7 @@ fn ban_source(peer: IpAddr) -> IpAddr {
 async fn ban_loop(
     mut rx: mpsc::Receiver<IpAddr>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-    dp: Arc<Mutex<Dataplane>>,
+    bans: Bans,
     mut tracker: AuthFailureTracker,
     ban: Duration,
     counters: Arc<Counters>,
@@ -361,8 +408,12 @@ async fn ban_loop(
                 if !tracker.record(ip, now) {
                     continue;
                 }
-                let result = dp.lock().map_err(|_| "data plane lock poisoned".to_owned())
-                    .and_then(|mut d| d.guard_deny(Cidr::host(ip), Some(ban)).map_err(|e| e.to_string()));
+                bans.userspace.ban(ip, ban);
+                let result = match &bans.kernel {
+                    None => Ok(()),
+                    Some(dp) => dp.lock().map_err(|_| "data plane lock poisoned".to_owned())
+                        .and_then(|mut d| d.guard_deny(Cidr::host(ip), Some(ban)).map_err(|e| e.to_string())),
+                };
                 match result {
                     Ok(()) => {
                         counters.bans.fetch_add(1, Ordering::Relaxed);
@@ -382,8 +433,10 @@ async fn ban_loop(
                 // Static denylist entries never expire, so with no ban of ours
                 // outstanding there is nothing to sweep (and no trie walk under the
                 // data plane lock).
+                bans.userspace.sweep();
                 if !active.is_empty() {
-                    if let Ok(mut d) = dp.lock()
+                    if let Some(dp) = &bans.kernel
+                        && let Ok(mut d) = dp.lock()
                         && let Err(e) = d.guard_expire_bans()
                     {
                         warn!(error = %e, "sweeping expired bans");
@@ -415,13 +468,13 @@ fn install_metrics(server: &mut Server, c: Arc<Counters>) {
             (
                 "sluice_guard_bans_total",
                 "counter",
-                "Sources banned in the XDP guard after repeated proxy-auth failures.",
+                "Sources banned after repeated proxy-auth failures (in userspace, and in the XDP guard when attached).",
                 &c.bans,
             ),
             (
                 "sluice_guard_ban_errors_total",
                 "counter",
-                "Bans the kernel map refused.",
+                "Bans the kernel map refused (the userspace ban still holds).",
                 &c.ban_errors,
             ),
             (

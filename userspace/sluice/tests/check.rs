@@ -108,3 +108,27 @@ fn shipped_config_passes() {
     let out = check(&cfg);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn listener_client_identity_is_shown_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    let listener = |extra: &str| {
+        format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\n{extra}\n[node]\nbase_domains = [\"example.test\"]\n\
+             regions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n"
+        )
+    };
+    std::fs::write(&cfg, listener("proxy_protocol = \"v2\"\ntrusted_proxies = [\"10.0.0.0/8\"]"))
+        .unwrap();
+    let out = check(&cfg);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    assert!(stdout.contains("proxy_protocol v2 from trusted_proxies [10.0.0.0/8]"), "{stdout}");
+    // A PROXY header nobody is trusted to send is a mistake, named before it runs.
+    std::fs::write(&cfg, listener("proxy_protocol = \"any\"")).unwrap();
+    let out = check(&cfg);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("trusted_proxies"), "{}", text(&out.stderr));
+}

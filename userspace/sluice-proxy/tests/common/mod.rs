@@ -63,6 +63,16 @@ pub struct Harness {
 }
 
 impl Harness {
+    pub fn new(
+        addrs: Vec<SocketAddr>,
+        admin: SocketAddr,
+        metrics: Arc<sluice_proxy::Metrics>,
+        stop: oneshot::Sender<()>,
+        done: JoinHandle<Result<(), sluice_proxy::ProxyError>>,
+    ) -> Self {
+        Harness { addrs, admin, metrics, stop: Some(stop), done: Some(done) }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
     }
