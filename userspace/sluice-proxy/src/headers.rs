@@ -186,7 +186,7 @@ pub fn set_forwarded(
     real_ip: &HeaderValue,
     trusted: bool,
     proto: &'static str,
-    host: &str,
+    host: &HeaderValue,
 ) {
     let prior: Vec<&str> = if trusted {
         headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
@@ -206,10 +206,8 @@ pub fn set_forwarded(
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !(trusted && headers.contains_key(&X_FORWARDED_HOST))
-        && let Ok(v) = HeaderValue::from_str(host)
-    {
-        headers.insert(&X_FORWARDED_HOST, v);
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        headers.insert(&X_FORWARDED_HOST, host.clone());
     }
 }
 

@@ -29,7 +29,6 @@ use tokio::time::Instant;
 
 use sluice_routing::{
     AuthDecision, AuthHeaders, LbPolicy, Protocol, Replica, RoutingTable, Server, authorize,
-    canonical_authority,
 };
 
 use crate::body::{LimitedBody, ProxyBody, TrackedBody, empty};
@@ -196,38 +195,50 @@ pub(crate) async fn handle(
 }
 
 /// Phase 2: the one canonical authority, and the raw form to forward.
-fn authority(req: &Request<Incoming>) -> Result<(String, String), RequestError> {
+/// The request's authority as sent (for the replica's Host and X-Forwarded-Host), after
+/// checking that Host and the request target agree. A value, not a string: the hyper path's
+/// Host is then shared with the request rather than copied, and one copy serves both
+/// headers.
+fn authority(req: &Request<Incoming>) -> Result<HeaderValue, RequestError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(RequestError::BadRequest("more than one Host header"));
     }
-    let host = host
+    let host_str = host
         .map(|h| h.to_str().map_err(|_| RequestError::BadRequest("Host is not ASCII")))
         .transpose()?;
     let target = req.uri().authority().map(|a| a.as_str());
-    let canon = |raw: &str| {
-        canonical_authority(raw).map_err(|_| RequestError::BadRequest("invalid authority"))
-    };
-    let raw = match (target, host) {
-        (Some(t), Some(h)) => {
-            if canon(t)? != canon(h)? {
+    let raw = match (target, host, host_str) {
+        (Some(t), Some(_), Some(h)) => {
+            if canonical_host(t)? != canonical_host(h)? {
                 return Err(RequestError::BadRequest(if req.version() == Version::HTTP_2 {
                     "Host and :authority disagree"
                 } else {
                     "absolute request target names another host than Host"
                 }));
             }
-            t
+            authority_value(t)?
         }
-        (Some(t), None) => t,
-        (None, Some(h)) => h,
-        (None, None) => return Err(RequestError::BadRequest("no Host or :authority")),
+        (Some(t), _, _) => authority_value(t)?,
+        (None, Some(h), _) => h.clone(),
+        (None, None, _) => return Err(RequestError::BadRequest("no Host or :authority")),
     };
     if req.version() == Version::HTTP_11 && host.is_none() {
         return Err(RequestError::BadRequest("HTTP/1.1 request without Host"));
     }
-    Ok((canon(raw)?, raw.to_owned()))
+    Ok(raw)
+}
+
+fn authority_value(raw: &str) -> Result<HeaderValue, RequestError> {
+    HeaderValue::from_str(raw).map_err(|_| RequestError::BadRequest("invalid authority"))
+}
+
+/// The routing key of an authority (lower case, no port or trailing dot), borrowed when
+/// the authority is one already.
+fn canonical_host(raw: &str) -> Result<std::borrow::Cow<'_, str>, RequestError> {
+    sluice_routing::canonical_authority_cow(raw)
+        .map_err(|_| RequestError::BadRequest("invalid authority"))
 }
 
 fn upgrade_kind(req: &Request<Incoming>) -> Result<Option<UpgradeKind>, RequestError> {
@@ -246,18 +257,19 @@ fn forwarded_head(
     state: &ProxyState,
     conn: &ConnInfo,
     parts: &mut http::request::Parts,
-    raw_authority: &str,
+    raw_authority: &HeaderValue,
     rid: &str,
     who: &Who,
     keep_upgrade: bool,
 ) -> Result<(), RequestError> {
+    // Room for what is added below (Host, X-Forwarded-*, X-Real-IP, the request id) at
+    // once: growing the map twice cost a reallocation each.
+    parts.headers.reserve(6);
     strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     // sluice answers `100-continue` to the client itself (hyper does, when the body is first
     // read), so the replica must not be asked to.
     parts.headers.remove(header::EXPECT);
-    let host = HeaderValue::from_str(raw_authority)
-        .map_err(|_| RequestError::BadRequest("invalid authority"))?;
-    parts.headers.insert(header::HOST, host);
+    parts.headers.insert(header::HOST, raw_authority.clone());
     crate::headers::strip_forwarding_lookalikes(&mut parts.headers);
     set_forwarded(
         &mut parts.headers,
@@ -358,7 +370,8 @@ async fn proxy(
     let upgrade = upgrade_kind(&req)?;
 
     // Phase 2: authority.
-    let (host, raw_authority) = authority(&req)?;
+    let raw_authority = authority(&req)?;
+    let host = canonical_host(raw_authority.to_str().unwrap_or_default())?;
 
     // Phase 3: route. The snapshot guard is dropped before any await.
     let server: Arc<Server> = {
@@ -562,7 +575,7 @@ async fn forward_upgrade(
     req: Request<Incoming>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     kind: UpgradeKind,
-    raw_authority: &str,
+    raw_authority: &HeaderValue,
     rid: &str,
     who: &Who,
     server: &Arc<Server>,
