@@ -411,6 +411,10 @@ async fn exchange(
 ) -> Next {
     let t = &state.cfg.timeouts;
     let idle = plan.server.spec.timeouts.idle.or(t.upstream_idle);
+    // Before the response head the replica may stay quiet this long (idle, at most the
+    // first-byte timeout), counted afresh from each byte that moves: every write below and
+    // every `read_response` call starts its own wait.
+    let before_head = crate::proxy::head_wait(state, &plan.server);
     let addr = plan.replica.addr;
     client.buf.advance(plan.head_len);
     // The body bytes that came with the head travel with it.
@@ -434,11 +438,15 @@ async fn exchange(
                 }
             }
         };
-        match c.tcp.write_all(out).await {
+        match write_upstream(&mut c, out, before_head).await {
             Ok(()) => break c,
-            Err(_) if reused => continue,
-            Err(e) => {
+            Err(Some(_)) if reused => continue,
+            Err(Some(e)) => {
                 let e = RequestError::Upstream(format!("replica {addr}: {e}"));
+                return fail(state, client, &plan, e, start, body_left > 0).await;
+            }
+            Err(None) => {
+                let e = RequestError::UpstreamTimeout;
                 return fail(state, client, &plan, e, start, body_left > 0).await;
             }
         }
@@ -468,9 +476,18 @@ async fn exchange(
             }
         }
         let n = body_left.min(client.buf.len() as u64) as usize;
-        if up.tcp.write_all(&client.buf[..n]).await.is_err() {
-            body_unread = true;
-            break;
+        match write_upstream(&mut up, &client.buf[..n], before_head).await {
+            Ok(()) => {}
+            // The replica stopped reading: its answer (if any) says why.
+            Err(Some(_)) => {
+                body_unread = true;
+                break;
+            }
+            // Not reading and not answering for the whole wait: nothing moves.
+            Err(None) => {
+                let e = RequestError::UpstreamTimeout;
+                return fail(state, client, &plan, e, start, true).await;
+            }
         }
         client.buf.advance(n);
         body_left -= n as u64;
@@ -518,7 +535,7 @@ async fn exchange(
                 Err(e) => return fail(state, client, &plan, e, start, body_unread).await,
             }
         }
-        match read_response(client, &up, &mut rbuf, idle).await {
+        match read_response(client, &up, &mut rbuf, Some(before_head)).await {
             Ok(n) if n > 0 => attempt_fresh = false,
             Ok(_) if attempt_fresh && rbuf.is_empty() => {
                 // The pooled connection was closed under the request: the replica never
@@ -585,6 +602,26 @@ async fn exchange(
         state.upstreams.put_wire(addr, up);
     }
     if close_after { Next::Close } else { Next::KeepAlive }
+}
+
+/// Writes `bytes` to the replica unless it takes no byte for `quiet`: `Err(None)` then,
+/// `Err(Some(_))` when the write failed. The timer is only registered if the write has to
+/// wait (the usual write completes at once).
+async fn write_upstream(
+    up: &mut WireConn,
+    bytes: &[u8],
+    quiet: Duration,
+) -> Result<(), Option<io::Error>> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match tokio::time::timeout(quiet, up.tcp.write(rest)).await {
+            Ok(Ok(0)) => return Err(Some(io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => rest = &rest[n..],
+            Ok(Err(e)) => return Err(Some(e)),
+            Err(_) => return Err(None),
+        }
+    }
+    Ok(())
 }
 
 /// Why waiting for a replica's bytes ended without any.

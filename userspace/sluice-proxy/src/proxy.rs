@@ -365,6 +365,7 @@ async fn proxy(
             .ok_or(RequestError::NoReplica)?;
     let in_flight = server.try_begin_request(&replica).map_err(|_| RequestError::Overloaded)?;
     let idle = server.spec.timeouts.idle.or(state.cfg.timeouts.upstream_idle);
+    let before_head = head_wait(state, &server);
 
     if let Some(kind) = upgrade {
         let client_upgrade = hyper::upgrade::on(&mut req);
@@ -400,7 +401,12 @@ async fn proxy(
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
     let body_left = body.left();
-    let body = LimitedBody::new(body, limit, exceeded.clone()).boxed_unsync();
+    // The exchange's idle clock: touched by every request-body chunk taken for the
+    // replica and every response chunk, read by one timer.
+    let progress = crate::io::Progress::new();
+    let body = LimitedBody::new(body, limit, exceeded.clone())
+        .with_progress(progress.clone())
+        .boxed_unsync();
     let body = crate::mirror::maybe_tee(state, &server, &parts, body);
     let send = state.upstreams.send(
         replica.addr,
@@ -408,11 +414,10 @@ async fn proxy(
         server.spec.timeouts.connect,
         Request::from_parts(parts, body),
     );
-    let sent = match idle {
-        Some(d) => {
-            tokio::time::timeout(d, send).await.unwrap_or(Err(RequestError::UpstreamTimeout))
-        }
-        None => send.await,
+    // Not a deadline: the wait ends only once nothing moved for `before_head`.
+    let sent = tokio::select! {
+        r = send => r,
+        () = progress.quiet_for(before_head) => Err(RequestError::UpstreamTimeout),
     };
     let up = match sent {
         Ok(up) => {
@@ -442,8 +447,21 @@ async fn proxy(
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));
-    let body = TrackedBody::new(rbody, idle, hold, up.on_complete).boxed_unsync();
+    let body =
+        TrackedBody::new(rbody, idle.map(|d| (d, progress)), hold, up.on_complete).boxed_unsync();
     Ok(Response::from_parts(rparts, body))
+}
+
+/// How long an exchange may stay quiet before its response head: the idle timeout, and
+/// at most the first-byte timeout (both counted from the last byte that moved, so a long
+/// upload does not eat the replica's time to answer).
+pub(crate) fn head_wait(state: &ProxyState, server: &Server) -> std::time::Duration {
+    let t = &server.spec.timeouts;
+    let first = t.first_byte.unwrap_or(state.cfg.timeouts.upstream_first_byte);
+    match t.idle.or(state.cfg.timeouts.upstream_idle) {
+        Some(idle) => idle.min(first),
+        None => first,
+    }
 }
 
 /// Counts an upstream failure towards passive ejection; the last replica of `server` not
