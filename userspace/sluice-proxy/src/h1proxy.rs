@@ -42,6 +42,7 @@ use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, aut
 
 use crate::error::RequestError;
 use crate::headers::{content_length, is_safe_value, put_field, put_status_line};
+use crate::metrics::RetryReason;
 use crate::proxy::{ConnInfo, ProxyState};
 use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
@@ -92,6 +93,36 @@ struct Plan {
     head_method: bool,
     client_close: bool,
     rid: String,
+    /// The session's hash, for a retry's choice of replica.
+    session_hash: Option<u64>,
+    /// The one retry (`retry_elsewhere`) was used.
+    retried: bool,
+}
+
+/// The one retry of a request that provably never reached `plan.replica` (the same policy
+/// as the hyper path's, `crate::proxy`): moves the plan to another ready replica (never
+/// the same one), counting the failure against the first and the retry by `reason`.
+/// `false` when the retry was used already or no other replica can take it; the caller
+/// then fails the request as it would have.
+fn retry_elsewhere(state: &ProxyState, plan: &mut Plan, reason: RetryReason) -> bool {
+    if plan.retried {
+        return false;
+    }
+    plan.retried = true;
+    let Some(other) =
+        sluice_routing::lb::select_other(&plan.server, &plan.replica, plan.session_hash).cloned()
+    else {
+        return false;
+    };
+    let Ok(guard) = plan.server.try_begin_request(&other) else { return false };
+    plan.replica.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::proxy::record_failure(state, &plan.server, &plan.replica);
+    state.metrics.upstream_retries[reason as usize].inc();
+    tracing::debug!(request_id = %plan.rid, from = %plan.replica.addr, to = %other.addr,
+        reason = reason.as_str(), "never sent; retrying on another replica");
+    plan._in_flight = guard;
+    plan.replica = other;
+    true
 }
 
 enum Planned {
@@ -349,6 +380,7 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
         return Planned::Decline;
     };
     let Ok(in_flight) = server.try_begin_request(replica) else { return Planned::Decline };
+    let session_hash = session.map(sluice_routing::lb::session_hash);
     let rid = state.ids.next_id();
 
     // Phase 2e: the forwarded head.
@@ -378,6 +410,8 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
         head_method: method == "HEAD",
         client_close: close,
         rid,
+        session_hash,
+        retried: false,
     })
 }
 
@@ -405,7 +439,7 @@ async fn exchange(
     state: &ProxyState,
     conn: &ConnInfo,
     client: &mut Client,
-    plan: Plan,
+    mut plan: Plan,
     out: &mut Vec<u8>,
     start: Instant,
 ) -> Next {
@@ -415,7 +449,7 @@ async fn exchange(
     // first-byte timeout), counted afresh from each byte that moves: every write below and
     // every `read_response` call starts its own wait.
     let before_head = crate::proxy::head_wait(state, &plan.server);
-    let addr = plan.replica.addr;
+    let mut addr = plan.replica.addr;
     client.buf.advance(plan.head_len);
     // The body bytes that came with the head travel with it.
     let first = plan.body_len.min(client.buf.len() as u64) as usize;
@@ -434,6 +468,11 @@ async fn exchange(
                 reused = false;
                 match state.upstreams.connect_wire(addr, plan.server.spec.timeouts.connect).await {
                     Ok(c) => c,
+                    // Nothing was written: the request may go once to another replica.
+                    Err(_) if retry_elsewhere(state, &mut plan, RetryReason::Connect) => {
+                        addr = plan.replica.addr;
+                        continue;
+                    }
                     Err(e) => return fail(state, client, &plan, e, start, body_left > 0).await,
                 }
             }
@@ -542,20 +581,22 @@ async fn exchange(
                 // read it, so a fresh connection is not a retry.
                 attempt_fresh = false;
                 let request = sent.as_deref().unwrap_or_default();
-                up = match state
-                    .upstreams
-                    .connect_wire(addr, plan.server.spec.timeouts.connect)
-                    .await
-                {
-                    Ok(mut c) => match c.tcp.write_all(request).await {
-                        Ok(()) => c,
-                        Err(e) => {
-                            let e = RequestError::Upstream(format!("replica {addr}: {e}"));
-                            return fail(state, client, &plan, e, start, false).await;
+                let fresh = loop {
+                    let timeout = plan.server.spec.timeouts.connect;
+                    match state.upstreams.connect_wire(addr, timeout).await {
+                        Ok(c) => break c,
+                        // Never sent on either connection: once to another replica.
+                        Err(_) if retry_elsewhere(state, &mut plan, RetryReason::Connect) => {
+                            addr = plan.replica.addr;
                         }
-                    },
-                    Err(e) => return fail(state, client, &plan, e, start, false).await,
+                        Err(e) => return fail(state, client, &plan, e, start, false).await,
+                    }
                 };
+                up = fresh;
+                if let Err(e) = up.tcp.write_all(request).await {
+                    let e = RequestError::Upstream(format!("replica {addr}: {e}"));
+                    return fail(state, client, &plan, e, start, false).await;
+                }
             }
             Ok(_) => {
                 let e = RequestError::Upstream(format!(

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::body::{BoxError, OnComplete};
 use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::error::RequestError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RetryReason};
 
 pub use self::http1::H1Conn;
 
@@ -48,6 +48,28 @@ pub struct UpstreamResponse {
     pub hold: Box<dyn Send>,
     /// Run after the body ended cleanly (returns a keep-alive connection to its pool).
     pub on_complete: Option<OnComplete>,
+}
+
+/// Why [`Upstreams::send`] failed. `unsent` is the request handed back untouched when it
+/// provably never reached the replica (nothing of it was written, or the replica said it
+/// did not process it): the caller may send it once to another replica, and only then.
+pub struct SendError {
+    /// The failure, as the client would be told.
+    pub error: RequestError,
+    /// The request and why it is known to be unsent, if it is.
+    pub unsent: Option<(RetryReason, Request<UpstreamReqBody>)>,
+}
+
+impl SendError {
+    fn unsent(error: RequestError, reason: RetryReason, req: Request<UpstreamReqBody>) -> Self {
+        Self { error, unsent: Some((reason, req)) }
+    }
+}
+
+impl From<RequestError> for SendError {
+    fn from(error: RequestError) -> Self {
+        Self { error, unsent: None }
+    }
 }
 
 /// Settings the upstream side needs.
@@ -160,7 +182,7 @@ impl Upstreams {
         proto: WireProtocol,
         connect_timeout: Option<Duration>,
         req: Request<UpstreamReqBody>,
-    ) -> Result<UpstreamResponse, RequestError> {
+    ) -> Result<UpstreamResponse, SendError> {
         let pool = self.pool(addr);
         let ct = connect_timeout.unwrap_or(self.settings.connect_timeout);
         match proto {

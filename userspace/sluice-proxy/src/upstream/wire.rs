@@ -26,10 +26,11 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tokio::io::AsyncWriteExt as _;
 
-use super::{ReplicaPool, UpstreamReqBody, UpstreamResponse, Upstreams, WireConn};
+use super::{ReplicaPool, SendError, UpstreamReqBody, UpstreamResponse, Upstreams, WireConn};
 use crate::body::BoxError;
 use crate::error::RequestError;
 use crate::headers::{content_length, put_field};
+use crate::metrics::RetryReason;
 
 /// Header slots when parsing a replica's response head.
 const MAX_HEADERS: usize = 128;
@@ -49,7 +50,7 @@ pub(super) async fn send(
     addr: SocketAddr,
     timeout: Duration,
     req: Request<UpstreamReqBody>,
-) -> Result<UpstreamResponse, RequestError> {
+) -> Result<UpstreamResponse, SendError> {
     let (parts, mut body) = req.into_parts();
     let head_method = parts.method == Method::HEAD;
     let known_empty = body.is_end_stream();
@@ -90,13 +91,20 @@ pub(super) async fn send(
             Some(c) => c,
             None => {
                 reused = false;
-                up.connect_wire(addr, Some(timeout)).await?
+                match up.connect_wire(addr, Some(timeout)).await {
+                    Ok(c) => c,
+                    // Nothing was written and the body is untouched: hand it back.
+                    Err(e) => {
+                        let req = Request::from_parts(parts, body);
+                        return Err(SendError::unsent(e, RetryReason::Connect, req));
+                    }
+                }
             }
         };
         match c.tcp.write_all(&head).await {
             Ok(()) => break c,
             Err(_) if reused => continue,
-            Err(e) => return Err(upstream_err(addr, e)),
+            Err(e) => return Err(upstream_err(addr, e).into()),
         }
     };
 
@@ -117,7 +125,7 @@ pub(super) async fn send(
             let frame = match frame {
                 None => break,
                 Some(Ok(f)) => f,
-                Some(Err(e)) => return Err(client_body_error(&*e)),
+                Some(Err(e)) => return Err(client_body_error(&*e).into()),
             };
             let written = match frame.into_data() {
                 Ok(data) if data.is_empty() => Ok(()),
@@ -180,11 +188,18 @@ pub(super) async fn send(
         if fresh_retry && rbuf.is_empty() {
             // Closed under the request before any answer: the replica never took it.
             fresh_retry = false;
-            conn = up.connect_wire(addr, Some(timeout)).await?;
+            conn = match up.connect_wire(addr, Some(timeout)).await {
+                Ok(c) => c,
+                // The request (bodiless) never reached the replica on either connection.
+                Err(e) => {
+                    let req = Request::from_parts(parts, body);
+                    return Err(SendError::unsent(e, RetryReason::Connect, req));
+                }
+            };
             conn.tcp.write_all(&head).await.map_err(|e| upstream_err(addr, e))?;
             continue;
         }
-        return Err(upstream_err(addr, "connection closed before the response"));
+        return Err(upstream_err(addr, "connection closed before the response").into());
     };
     rbuf.advance(parsed.len);
     let reusable = !parsed.close && !body_unsent;
