@@ -116,6 +116,17 @@ async fn connect(
         .initial_connection_window_size(cfg.h2_connection_window)
         .max_header_list_size(256 * 1024)
         .enable_push(false)
+        // h2 counts every reset it makes itself (a frame on a stream sluice already
+        // closed or cancelled: the replica answered, then more arrived) for the life of
+        // the connection and tears it down at 1024, with every stream on it. That guard
+        // is for untrusted peers; a pooled connection to a replica carries millions of
+        // streams, so the count is off here. A replica that misbehaves costs only the
+        // resets it provokes, one per frame it sends.
+        .max_local_error_reset_streams(None)
+        // Remember as many locally reset streams as may be open at once, so the
+        // replica's frames still in flight for them are recognised and dropped instead
+        // of being protocol errors (h2's default remembers 50).
+        .max_concurrent_reset_streams(cfg.h2_max_streams_per_connection.max(1))
         .handshake::<_, Bytes>(tcp);
     let (send, mut conn) = tokio::time::timeout(timeout, handshake)
         .await
