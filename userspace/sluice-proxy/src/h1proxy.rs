@@ -561,7 +561,7 @@ async fn exchange(
             let close = plan.client_close
                 || body_unread
                 || state.draining.load(std::sync::atomic::Ordering::Relaxed);
-            match response_head(state, &plan, &rbuf, close, out) {
+            match response_head(state, &plan, &mut up, &rbuf, close, out) {
                 Ok(Some((len, head))) => {
                     plan.replica.stats.ejection.record_success();
                     rbuf.advance(len);
@@ -722,6 +722,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 fn response_head(
     state: &ProxyState,
     plan: &Plan,
+    up: &mut WireConn,
     rbuf: &[u8],
     close: bool,
     out: &mut Vec<u8>,
@@ -770,6 +771,11 @@ fn response_head(
                 return Err(invalid("unsupported transfer-encoding"));
             }
             chunked = true;
+        } else if n.eq_ignore_ascii_case(b"keep-alive") {
+            // `timeout=`: how long the pooled connection stays usable (too short: not).
+            if !up.keep_alive(h.value) {
+                replica_close = true;
+            }
         } else if n.eq_ignore_ascii_case(b"connection") {
             let v = std::str::from_utf8(h.value).unwrap_or("");
             for token in v.split(',').map(str::trim) {

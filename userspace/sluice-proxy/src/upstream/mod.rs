@@ -112,6 +112,9 @@ struct ReplicaPool {
 pub(crate) struct WireConn {
     /// The socket.
     pub(crate) tcp: TcpStream,
+    /// Not to be reused from then on: the replica's `Keep-Alive: timeout=` (see
+    /// [`WireConn::keep_alive`]).
+    keep_until: Option<Instant>,
     _open: OpenH1,
 }
 
@@ -134,6 +137,9 @@ impl Drop for OpenH1 {
 impl ReplicaPool {
     /// Keeps `conn` for the next request, unless `max` are idle already.
     fn put_wire(&self, conn: WireConn, max: usize) {
+        if conn.expired(Instant::now()) {
+            return;
+        }
         let mut idle = self.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < max {
             idle.push((conn, Instant::now()));
@@ -142,6 +148,24 @@ impl ReplicaPool {
 }
 
 impl WireConn {
+    /// Applies a response's `Keep-Alive` header value: `false` when the connection must
+    /// not be reused at all (the replica's timeout is too short to use safely).
+    pub(crate) fn keep_alive(&mut self, value: &[u8]) -> bool {
+        match crate::headers::keep_alive_deadline(value, Instant::now()) {
+            Some(Some(until)) => {
+                self.keep_until = Some(until);
+                true
+            }
+            Some(None) => false,
+            None => true,
+        }
+    }
+
+    /// Whether the replica's stated keep-alive time has run out.
+    fn expired(&self, now: Instant) -> bool {
+        self.keep_until.is_some_and(|t| now >= t)
+    }
+
     /// Whether an idle connection can no longer carry a request: the replica closed it or
     /// sent bytes nobody asked for. Costs no system call unless the socket is flagged
     /// readable, which an idle keep-alive connection never is while it is usable.
@@ -207,8 +231,9 @@ impl Upstreams {
     pub(crate) fn take_wire(&self, addr: SocketAddr) -> Option<WireConn> {
         let pool = self.pool(addr);
         let mut idle = pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
         while let Some((conn, _)) = idle.pop() {
-            if !conn.is_stale() {
+            if !conn.expired(now) && !conn.is_stale() {
                 return Some(conn);
             }
         }
@@ -232,7 +257,7 @@ impl Upstreams {
         timeout: Option<Duration>,
     ) -> Result<WireConn, RequestError> {
         let tcp = self.connect(addr, timeout.unwrap_or(self.settings.connect_timeout)).await?;
-        Ok(WireConn { tcp, _open: OpenH1::new(&self.metrics) })
+        Ok(WireConn { tcp, keep_until: None, _open: OpenH1::new(&self.metrics) })
     }
 
     /// Closes idle connections older than the pool idle timeout and forgets replicas not
@@ -244,10 +269,9 @@ impl Upstreams {
         pools.retain(|addr, _| live(addr));
         for pool in pools.values() {
             pool.h2.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.keep(now, idle));
-            pool.wire_idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(c, since)| !c.is_stale() && now.duration_since(*since) < idle);
+            pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner()).retain(|(c, since)| {
+                !c.expired(now) && !c.is_stale() && now.duration_since(*since) < idle
+            });
         }
     }
 

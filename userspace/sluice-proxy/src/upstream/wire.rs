@@ -202,7 +202,10 @@ pub(super) async fn send(
         return Err(upstream_err(addr, "connection closed before the response").into());
     };
     rbuf.advance(parsed.len);
-    let reusable = !parsed.close && !body_unsent;
+    // `Connection: close` (or HTTP/1.0) is never reused; `Keep-Alive: timeout=` bounds
+    // how long the connection may wait in the pool.
+    let keep = parsed.keep_alive.as_ref().is_none_or(|v| conn.keep_alive(v.as_bytes()));
+    let reusable = !parsed.close && !body_unsent && keep;
     let mut response = Response::new(());
     *response.status_mut() = parsed.status;
     *response.version_mut() = Version::HTTP_11;
@@ -253,6 +256,8 @@ struct Parsed {
     headers: HeaderMap,
     framing: Framing,
     close: bool,
+    /// The `Keep-Alive` header's value, if any (its `timeout=`).
+    keep_alive: Option<HeaderValue>,
 }
 
 enum Head {
@@ -285,6 +290,7 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = resp.version == Some(0);
+    let mut keep_alive = None;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| upstream_err(addr, "invalid header name"))?;
@@ -306,6 +312,8 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
             chunked = true;
             // De-chunked here: the client side frames the body its own way.
             continue;
+        } else if name.as_str() == "keep-alive" {
+            keep_alive = Some(value.clone());
         } else if name == http::header::CONNECTION {
             for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
@@ -334,7 +342,7 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
     if chunked {
         headers.remove(http::header::CONTENT_LENGTH);
     }
-    Ok(Head::Final(Parsed { len, status, headers, framing, close }))
+    Ok(Head::Final(Parsed { len, status, headers, framing, close, keep_alive }))
 }
 
 /// The replica's response body, read from its connection as the client side polls it.
