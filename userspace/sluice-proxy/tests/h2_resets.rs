@@ -1,7 +1,8 @@
-//! An h2c replica that keeps sending on streams sluice considers closed makes sluice's h2
-//! client reset each of them itself. h2 counts those resets for the life of a connection
-//! and, by default, tears the connection down at 1024 with every stream on it; a pooled
-//! upstream connection must outlive that.
+//! Pooled h2c upstream connections through hand-framed replicas. A replica that keeps
+//! sending on streams sluice considers closed makes sluice's h2 client reset each of them
+//! itself; h2 counts those resets for the life of a connection and, by default, tears the
+//! connection down at 1024 with every stream on it: a pooled upstream connection must
+//! outlive that. And a connection the replica sent GOAWAY on takes no new requests.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -37,13 +38,24 @@ async fn trailing_data_replica(conns: Arc<AtomicUsize>) -> std::net::SocketAddr 
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             conns.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve(tcp));
+            tokio::spawn(serve(tcp, Mode::TrailingData));
         }
     });
     addr
 }
 
-async fn serve(mut tcp: TcpStream) -> Option<()> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Answer, then one more DATA frame on the closed stream.
+    TrailingData,
+    /// Answer cleanly.
+    Clean,
+    /// On the first request: GOAWAY (last stream id 0, NO_ERROR), then read and ignore
+    /// everything without closing (a replica slow to finish its shutdown).
+    GoAwayAndLinger,
+}
+
+async fn serve(mut tcp: TcpStream, mode: Mode) -> Option<()> {
     let mut preface = [0u8; 24];
     tcp.read_exact(&mut preface).await.ok()?;
     tcp.write_all(&frame(4, 0, 0, &[])).await.ok()?;
@@ -63,9 +75,19 @@ async fn serve(mut tcp: TcpStream) -> Option<()> {
             6 if flags & 1 == 0 => out.extend(frame(6, 1, 0, &payload)),
             // HEADERS: `:status 200` (HPACK static index 8), END_HEADERS | END_STREAM,
             // then a DATA frame the stream no longer allows.
+            1 if mode == Mode::GoAwayAndLinger => {
+                let mut goaway = 0u32.to_be_bytes().to_vec();
+                goaway.extend_from_slice(&0u32.to_be_bytes());
+                tcp.write_all(&frame(7, 0, 0, &goaway)).await.ok()?;
+                let mut sink = [0u8; 4096];
+                while tcp.read(&mut sink).await.ok()? > 0 {}
+                return Some(());
+            }
             1 => {
                 out.extend(frame(1, 0x5, stream, &[0x88]));
-                out.extend(frame(0, 0, stream, b"x"));
+                if mode == Mode::TrailingData {
+                    out.extend(frame(0, 0, stream, b"x"));
+                }
             }
             _ => {}
         }
@@ -89,4 +111,37 @@ async fn replica_provoked_resets_do_not_tear_down_the_pooled_connection() {
         let _ = tokio::time::timeout(T, resp.into_body().collect()).await.unwrap();
     }
     assert_eq!(conns.load(Ordering::SeqCst), 1, "the upstream connection was torn down");
+}
+
+/// After a GOAWAY the connection is out of the pool even while the replica keeps it open:
+/// the next request opens a new connection instead of a stream the replica ignores.
+#[tokio::test]
+async fn connection_after_goaway_takes_no_new_requests() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let first = c2.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(serve(tcp, if first { Mode::GoAwayAndLinger } else { Mode::Clean }));
+        }
+    });
+    let mut c = cfg();
+    // Were the second request put on the GOAWAY'd connection, it would wait this long
+    // on a stream the replica ignores, and get 504.
+    c.timeouts.upstream_first_byte = std::time::Duration::from_secs(2);
+    let h = start(c, doc(&[("a", addr, Protocol::H2c)])).await;
+    let mut client = h2_client::<Empty<Bytes>>(h.addr()).await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let req = Request::builder().uri(format!("http://{HOST}/")).body(Empty::new()).unwrap();
+        let resp = tokio::time::timeout(T, client.send_request(req)).await.unwrap().unwrap();
+        statuses.push(resp.status().as_u16());
+        let _ = tokio::time::timeout(T, resp.into_body().collect()).await.unwrap();
+    }
+    // The first stream was above the GOAWAY's last stream id, and there is no other
+    // replica to retry it on (never the same one): 502.
+    assert_eq!(statuses, [502, 200]);
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
 }
