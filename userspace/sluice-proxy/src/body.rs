@@ -15,6 +15,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use tokio::time::{Instant, Sleep};
 
+use crate::io::Progress;
+
 /// Boxed error used by bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,13 +52,21 @@ pin_project_lite::pin_project! {
         limit: Option<u64>,
         seen: u64,
         exceeded: Arc<AtomicBool>,
+        progress: Option<Arc<Progress>>,
     }
 }
 
 impl<B> LimitedBody<B> {
     /// Wraps `inner`; `exceeded` is set when the limit is crossed.
     pub fn new(inner: B, limit: Option<u64>, exceeded: Arc<AtomicBool>) -> Self {
-        Self { inner, limit, seen: 0, exceeded }
+        Self { inner, limit, seen: 0, exceeded, progress: None }
+    }
+
+    /// Also records each chunk taken for the replica in `progress` (the exchange's idle
+    /// clock: an upload that keeps moving keeps the exchange alive).
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 }
 
@@ -75,6 +85,9 @@ where
         let this = self.project();
         match ready!(this.inner.poll_frame(cx)) {
             Some(Ok(frame)) => {
+                if let Some(p) = this.progress {
+                    p.touch();
+                }
                 if let (Some(limit), Some(data)) = (*this.limit, frame.data_ref()) {
                     *this.seen += data.len() as u64;
                     if *this.seen > limit {
@@ -104,11 +117,11 @@ pub type OnComplete = Box<dyn FnOnce() + Send>;
 pin_project_lite::pin_project! {
     /// A response body that keeps `hold` (in-flight guard, upstream stream handles) alive
     /// until the body ends or is dropped, runs `on_complete` on a clean end, and fails if
-    /// the upstream is silent for `idle`.
+    /// no bytes of the exchange moved (either direction, see [`Progress`]) for `idle`.
     pub struct TrackedBody<B> {
         #[pin]
         inner: B,
-        idle: Option<Duration>,
+        idle: Option<(Duration, Arc<Progress>)>,
         sleep: Option<Pin<Box<Sleep>>>,
         hold: Option<Box<dyn Send>>,
         on_complete: Option<OnComplete>,
@@ -116,10 +129,11 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> TrackedBody<B> {
-    /// Wraps `inner`.
+    /// Wraps `inner`; `idle` is the quiet time allowed and the exchange's clock, which
+    /// this body touches on every chunk and the request body on every chunk sent.
     pub fn new(
         inner: B,
-        idle: Option<Duration>,
+        idle: Option<(Duration, Arc<Progress>)>,
         hold: Box<dyn Send>,
         on_complete: Option<OnComplete>,
     ) -> Self {
@@ -147,8 +161,9 @@ where
         let mut inner = this.inner;
         match inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(idle), Some(sleep)) = (*this.idle, this.sleep.as_mut()) {
-                    sleep.as_mut().reset(Instant::now() + idle);
+                // One atomic store; the timer is re-armed only when it fires.
+                if let Some((_, progress)) = this.idle.as_ref() {
+                    progress.touch();
                 }
                 // The upstream body is complete with this frame. hyper's HTTP/1.1 server
                 // drops a Content-Length body once its last byte is written, without
@@ -175,10 +190,18 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if let Some(idle) = *this.idle {
-                    let sleep =
-                        this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                    if sleep.as_mut().poll(cx).is_ready() {
+                if let Some((idle, progress)) = this.idle.as_ref() {
+                    let idle = *idle;
+                    let sleep = this.sleep.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(progress.last() + idle))
+                    });
+                    while sleep.as_mut().poll(cx).is_ready() {
+                        let deadline = progress.last() + idle;
+                        if Instant::now() < deadline {
+                            // Bytes moved since the timer was set: wait for the rest.
+                            sleep.as_mut().reset(deadline);
+                            continue;
+                        }
                         this.hold.take();
                         this.on_complete.take();
                         return Poll::Ready(Some(Err(Box::new(UpstreamIdle(idle)))));

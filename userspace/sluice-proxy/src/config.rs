@@ -273,10 +273,19 @@ pub struct Timeouts {
     /// (e.g. a client keeping its window at zero) is closed after this.
     #[serde(with = "sluice_routing::model::duration_serde")]
     pub stream_idle: Duration,
-    /// Default per-request upstream idle timeout (no response bytes from the replica for
-    /// this long → error); servers may set their own. `None` = none.
+    /// Default per-request upstream idle timeout: no bytes moving in either direction
+    /// (request body chunks sent, response bytes received) for this long → 504 before
+    /// the response head, a reset stream after it. Servers may set their own
+    /// (`timeouts.idle`). `None` = none.
     #[serde(with = "sluice_routing::model::duration_serde::option")]
     pub upstream_idle: Option<Duration>,
+    /// Default time a replica may take to start its response (its head) after the
+    /// request's last byte went to it; over → 504. Servers may set their own
+    /// (`timeouts.first_byte`). Five minutes: long enough for a slow inference request
+    /// to compute its first token, short enough that a replica that never answers does
+    /// not hold a request (and its in-flight slot) forever.
+    #[serde(with = "sluice_routing::model::duration_serde")]
+    pub upstream_first_byte: Duration,
     /// How long graceful shutdown waits for in-flight requests.
     #[serde(with = "sluice_routing::model::duration_serde")]
     pub drain: Duration,
@@ -294,6 +303,7 @@ impl Default for Timeouts {
             connection_idle: Duration::from_secs(120),
             stream_idle: Duration::from_secs(600),
             upstream_idle: None,
+            upstream_first_byte: Duration::from_secs(300),
             drain: Duration::from_secs(30),
             upstream_pool_idle: Duration::from_secs(90),
         }
@@ -459,6 +469,9 @@ mod tests {
         let c: ProxyConfig = toml::from_str("").unwrap();
         c.validate().unwrap();
         assert_eq!(c.unknown_domain_status, 503);
+        // A replica that never answers is bounded by default; idle stays opt-in.
+        assert_eq!(c.timeouts.upstream_first_byte, Duration::from_secs(300));
+        assert_eq!(c.timeouts.upstream_idle, None);
         let c: ProxyConfig =
             toml::from_str("unknown_domain_status = 404\n[timeouts]\nheader_read = \"2s\"\n")
                 .unwrap();

@@ -42,6 +42,7 @@ use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, aut
 
 use crate::error::RequestError;
 use crate::headers::{content_length, is_safe_value, put_field, put_status_line};
+use crate::metrics::RetryReason;
 use crate::proxy::{ConnInfo, ProxyState};
 use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
@@ -92,6 +93,36 @@ struct Plan {
     head_method: bool,
     client_close: bool,
     rid: String,
+    /// The session's hash, for a retry's choice of replica.
+    session_hash: Option<u64>,
+    /// The one retry (`retry_elsewhere`) was used.
+    retried: bool,
+}
+
+/// The one retry of a request that provably never reached `plan.replica` (the same policy
+/// as the hyper path's, `crate::proxy`): moves the plan to another ready replica (never
+/// the same one), counting the failure against the first and the retry by `reason`.
+/// `false` when the retry was used already or no other replica can take it; the caller
+/// then fails the request as it would have.
+fn retry_elsewhere(state: &ProxyState, plan: &mut Plan, reason: RetryReason) -> bool {
+    if plan.retried {
+        return false;
+    }
+    plan.retried = true;
+    let Some(other) =
+        sluice_routing::lb::select_other(&plan.server, &plan.replica, plan.session_hash).cloned()
+    else {
+        return false;
+    };
+    let Ok(guard) = plan.server.try_begin_request(&other) else { return false };
+    plan.replica.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::proxy::record_failure(state, &plan.server, &plan.replica);
+    state.metrics.upstream_retries[reason as usize].inc();
+    tracing::debug!(request_id = %plan.rid, from = %plan.replica.addr, to = %other.addr,
+        reason = reason.as_str(), "never sent; retrying on another replica");
+    plan._in_flight = guard;
+    plan.replica = other;
+    true
 }
 
 enum Planned {
@@ -353,6 +384,7 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
         return Planned::Decline;
     };
     let Ok(in_flight) = server.try_begin_request(replica) else { return Planned::Decline };
+    let session_hash = session.map(sluice_routing::lb::session_hash);
     let rid = state.ids.next_id();
 
     // Phase 2e: the forwarded head.
@@ -383,6 +415,8 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
         head_method: method == "HEAD",
         client_close: close,
         rid,
+        session_hash,
+        retried: false,
     })
 }
 
@@ -409,13 +443,17 @@ enum Framing {
 async fn exchange(
     state: &ProxyState,
     client: &mut Client,
-    plan: Plan,
+    mut plan: Plan,
     out: &mut Vec<u8>,
     start: Instant,
 ) -> Next {
     let t = &state.cfg.timeouts;
     let idle = plan.server.spec.timeouts.idle.or(t.upstream_idle);
-    let addr = plan.replica.addr;
+    // Before the response head the replica may stay quiet this long (idle, at most the
+    // first-byte timeout), counted afresh from each byte that moves: every write below and
+    // every `read_response` call starts its own wait.
+    let before_head = crate::proxy::head_wait(state, &plan.server);
+    let mut addr = plan.replica.addr;
     client.buf.advance(plan.head_len);
     // The body bytes that came with the head travel with it.
     let first = plan.body_len.min(client.buf.len() as u64) as usize;
@@ -434,15 +472,24 @@ async fn exchange(
                 reused = false;
                 match state.upstreams.connect_wire(addr, plan.server.spec.timeouts.connect).await {
                     Ok(c) => c,
+                    // Nothing was written: the request may go once to another replica.
+                    Err(_) if retry_elsewhere(state, &mut plan, RetryReason::Connect) => {
+                        addr = plan.replica.addr;
+                        continue;
+                    }
                     Err(e) => return fail(state, client, &plan, e, start, body_left > 0).await,
                 }
             }
         };
-        match c.tcp.write_all(out).await {
+        match write_upstream(&mut c, out, before_head).await {
             Ok(()) => break c,
-            Err(_) if reused => continue,
-            Err(e) => {
+            Err(Some(_)) if reused => continue,
+            Err(Some(e)) => {
                 let e = RequestError::Upstream(format!("replica {addr}: {e}"));
+                return fail(state, client, &plan, e, start, body_left > 0).await;
+            }
+            Err(None) => {
+                let e = RequestError::UpstreamTimeout;
                 return fail(state, client, &plan, e, start, body_left > 0).await;
             }
         }
@@ -472,9 +519,18 @@ async fn exchange(
             }
         }
         let n = body_left.min(client.buf.len() as u64) as usize;
-        if up.tcp.write_all(&client.buf[..n]).await.is_err() {
-            body_unread = true;
-            break;
+        match write_upstream(&mut up, &client.buf[..n], before_head).await {
+            Ok(()) => {}
+            // The replica stopped reading: its answer (if any) says why.
+            Err(Some(_)) => {
+                body_unread = true;
+                break;
+            }
+            // Not reading and not answering for the whole wait: nothing moves.
+            Err(None) => {
+                let e = RequestError::UpstreamTimeout;
+                return fail(state, client, &plan, e, start, true).await;
+            }
         }
         client.buf.advance(n);
         body_left -= n as u64;
@@ -509,7 +565,7 @@ async fn exchange(
             let close = plan.client_close
                 || body_unread
                 || state.draining.load(std::sync::atomic::Ordering::Relaxed);
-            match response_head(state, &plan, &rbuf, close, out) {
+            match response_head(state, &plan, &mut up, &rbuf, close, out) {
                 Ok(Some((len, head))) => {
                     plan.replica.stats.ejection.record_success();
                     rbuf.advance(len);
@@ -522,27 +578,29 @@ async fn exchange(
                 Err(e) => return fail(state, client, &plan, e, start, body_unread).await,
             }
         }
-        match read_response(client, &up, &mut rbuf, idle).await {
+        match read_response(client, &up, &mut rbuf, Some(before_head)).await {
             Ok(n) if n > 0 => attempt_fresh = false,
             Ok(_) if attempt_fresh && rbuf.is_empty() => {
                 // The pooled connection was closed under the request: the replica never
                 // read it, so a fresh connection is not a retry.
                 attempt_fresh = false;
                 let request = sent.as_deref().unwrap_or_default();
-                up = match state
-                    .upstreams
-                    .connect_wire(addr, plan.server.spec.timeouts.connect)
-                    .await
-                {
-                    Ok(mut c) => match c.tcp.write_all(request).await {
-                        Ok(()) => c,
-                        Err(e) => {
-                            let e = RequestError::Upstream(format!("replica {addr}: {e}"));
-                            return fail(state, client, &plan, e, start, false).await;
+                let fresh = loop {
+                    let timeout = plan.server.spec.timeouts.connect;
+                    match state.upstreams.connect_wire(addr, timeout).await {
+                        Ok(c) => break c,
+                        // Never sent on either connection: once to another replica.
+                        Err(_) if retry_elsewhere(state, &mut plan, RetryReason::Connect) => {
+                            addr = plan.replica.addr;
                         }
-                    },
-                    Err(e) => return fail(state, client, &plan, e, start, false).await,
+                        Err(e) => return fail(state, client, &plan, e, start, false).await,
+                    }
                 };
+                up = fresh;
+                if let Err(e) = up.tcp.write_all(request).await {
+                    let e = RequestError::Upstream(format!("replica {addr}: {e}"));
+                    return fail(state, client, &plan, e, start, false).await;
+                }
             }
             Ok(_) => {
                 let e = RequestError::Upstream(format!(
@@ -589,6 +647,26 @@ async fn exchange(
         state.upstreams.put_wire(addr, up);
     }
     if close_after { Next::Close } else { Next::KeepAlive }
+}
+
+/// Writes `bytes` to the replica unless it takes no byte for `quiet`: `Err(None)` then,
+/// `Err(Some(_))` when the write failed. The timer is only registered if the write has to
+/// wait (the usual write completes at once).
+async fn write_upstream(
+    up: &mut WireConn,
+    bytes: &[u8],
+    quiet: Duration,
+) -> Result<(), Option<io::Error>> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match tokio::time::timeout(quiet, up.tcp.write(rest)).await {
+            Ok(Ok(0)) => return Err(Some(io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => rest = &rest[n..],
+            Ok(Err(e)) => return Err(Some(e)),
+            Err(_) => return Err(None),
+        }
+    }
+    Ok(())
 }
 
 /// Why waiting for a replica's bytes ended without any.
@@ -648,6 +726,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 fn response_head(
     state: &ProxyState,
     plan: &Plan,
+    up: &mut WireConn,
     rbuf: &[u8],
     close: bool,
     out: &mut Vec<u8>,
@@ -696,6 +775,11 @@ fn response_head(
                 return Err(invalid("unsupported transfer-encoding"));
             }
             chunked = true;
+        } else if n.eq_ignore_ascii_case(b"keep-alive") {
+            // `timeout=`: how long the pooled connection stays usable (too short: not).
+            if !up.keep_alive(h.value) {
+                replica_close = true;
+            }
         } else if n.eq_ignore_ascii_case(b"connection") {
             let v = std::str::from_utf8(h.value).unwrap_or("");
             for token in v.split(',').map(str::trim) {

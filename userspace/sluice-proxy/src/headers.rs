@@ -413,3 +413,43 @@ mod tests {
         assert_eq!(fixed.next_id(), format!("{a:016x}{b:016x}"));
     }
 }
+
+/// When a pooled HTTP/1.1 connection stops being safe to reuse after a response carrying
+/// `Keep-Alive: <value>` (`timeout=N`: the replica closes it after N idle seconds).
+/// One second earlier than the replica's own limit, so a request is never written into a
+/// connection the replica is closing at that moment; `Some(None)`: not reusable at all (a
+/// timeout of a second or less). `None`: no timeout stated.
+pub(crate) fn keep_alive_deadline(
+    value: &[u8],
+    now: tokio::time::Instant,
+) -> Option<Option<tokio::time::Instant>> {
+    let v = std::str::from_utf8(value).ok()?;
+    let secs = v.split(',').find_map(|p| {
+        let (k, n) = p.split_once('=')?;
+        k.trim().eq_ignore_ascii_case("timeout").then(|| n.trim().parse::<u64>().ok())?
+    })?;
+    Some((secs > 1).then(|| now + std::time::Duration::from_secs(secs - 1)))
+}
+
+#[cfg(test)]
+mod keep_alive_tests {
+    use super::keep_alive_deadline;
+    use std::time::Duration;
+
+    #[test]
+    fn keep_alive_timeout() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            keep_alive_deadline(b"timeout=5, max=100", now),
+            Some(Some(now + Duration::from_secs(4)))
+        );
+        assert_eq!(
+            keep_alive_deadline(b"max=100,Timeout = 10", now),
+            Some(Some(now + Duration::from_secs(9)))
+        );
+        assert_eq!(keep_alive_deadline(b"timeout=1", now), Some(None));
+        assert_eq!(keep_alive_deadline(b"timeout=0", now), Some(None));
+        assert_eq!(keep_alive_deadline(b"max=5", now), None);
+        assert_eq!(keep_alive_deadline(b"timeout=x", now), None);
+    }
+}

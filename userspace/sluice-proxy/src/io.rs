@@ -21,6 +21,47 @@ fn now_ms() -> u64 {
     Instant::now().saturating_duration_since(epoch()).as_millis() as u64
 }
 
+/// When bytes of one upstream exchange last moved, in either direction: a request-body
+/// chunk taken for the replica or a response chunk received. One atomic store per chunk;
+/// the exchange's single timer reads it only when it fires (and re-arms if bytes moved),
+/// so a busy stream costs no timer churn.
+#[derive(Debug)]
+pub struct Progress {
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    /// A fresh record: bytes moved now.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { last_ms: AtomicU64::new(now_ms()) })
+    }
+
+    /// Records that bytes moved now.
+    pub fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// When bytes last moved.
+    pub fn last(&self) -> Instant {
+        epoch() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once no bytes moved for `quiet`: one timer, re-armed only when it fires
+    /// early because bytes moved meanwhile.
+    pub async fn quiet_for(&self, quiet: Duration) {
+        let sleep = tokio::time::sleep_until(self.last() + quiet);
+        tokio::pin!(sleep);
+        loop {
+            (&mut sleep).await;
+            let deadline = self.last() + quiet;
+            if Instant::now() >= deadline {
+                return;
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// Activity of one client connection.
 #[derive(Debug)]
 pub struct Activity {

@@ -43,6 +43,34 @@ impl Counter {
     }
 }
 
+/// Why a request provably never reached a replica, so it may go once to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// The connection could not be made (refused, reset or timed out while connecting),
+    /// or an HTTP/2 connection was gone before the request's stream was opened.
+    Connect = 0,
+    /// The replica refused the HTTP/2 stream (`REFUSED_STREAM`: not processed, RFC 9113
+    /// section 8.7).
+    RefusedStream = 1,
+    /// The stream was above the last-stream-id of the replica's graceful `GOAWAY`.
+    GoAway = 2,
+}
+
+impl RetryReason {
+    /// Every reason, in discriminant order.
+    pub const ALL: [RetryReason; 3] =
+        [RetryReason::Connect, RetryReason::RefusedStream, RetryReason::GoAway];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Connect => "connect",
+            RetryReason::RefusedStream => "refused_stream",
+            RetryReason::GoAway => "goaway",
+        }
+    }
+}
+
 /// All proxy metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -68,6 +96,9 @@ pub struct Metrics {
     pub upstream_h1_open: Gauge,
     /// Upstream connection attempts that failed.
     pub upstream_connect_errors_total: Counter,
+    /// Requests that provably never reached a replica and were sent once to another one,
+    /// by [`RetryReason`] (its discriminant is the index).
+    pub upstream_retries: [Counter; RetryReason::ALL.len()],
     /// Opaque (upgraded) streams open.
     pub opaque_streams_open: Gauge,
     /// Opaque streams relayed in total.
@@ -91,6 +122,7 @@ impl Default for Metrics {
             upstream_h2_open: Gauge::default(),
             upstream_h1_open: Gauge::default(),
             upstream_connect_errors_total: Counter::default(),
+            upstream_retries: Default::default(),
             opaque_streams_open: Gauge::default(),
             opaque_streams_total: Counter::default(),
             certificates: std::sync::RwLock::default(),
@@ -214,6 +246,15 @@ impl Metrics {
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let name = "sluice_upstream_retries_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests that never reached a replica, sent once to another.\n# TYPE {name} counter"
+        );
+        for reason in RetryReason::ALL {
+            let v = self.upstream_retries[reason as usize].get();
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", reason.as_str());
         }
         self.render_certificates(&mut out);
         out

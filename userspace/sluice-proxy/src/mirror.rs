@@ -280,7 +280,7 @@ async fn run_mirror(
     let up = match up {
         Ok(up) => up,
         Err(e) => {
-            tracing::debug!(mirror = %spec.address, "mirror request failed: {e}");
+            tracing::debug!(mirror = %spec.address, "mirror request failed: {}", e.error);
             tee.abort();
             return;
         }

@@ -41,7 +41,7 @@ use crate::headers::{
 use crate::io::{ActiveRequest, Activity};
 use crate::metrics::Metrics;
 use crate::upgrade::{OpaqueStream, OpaqueStreamHandoff};
-use crate::upstream::{Upstreams, WireProtocol};
+use crate::upstream::{SendError, Upstreams, WireProtocol};
 
 /// State shared by every connection.
 pub(crate) struct ProxyState {
@@ -438,12 +438,15 @@ async fn proxy(
         Some(name) => req.headers().get(name),
         None => req.headers().get(&state.session_header),
     };
-    let replica: Arc<Replica> =
+    let mut replica: Arc<Replica> =
         sluice_routing::lb::select(&server, session.map(|v| v.as_bytes()), &state.lb)
             .cloned()
             .ok_or(RequestError::NoReplica)?;
-    let in_flight = server.try_begin_request(&replica).map_err(|_| RequestError::Overloaded)?;
+    // Kept for a retry's choice; hashed only when a session is named.
+    let session_hash = session.map(|v| sluice_routing::lb::session_hash(v.as_bytes()));
+    let mut in_flight = server.try_begin_request(&replica).map_err(|_| RequestError::Overloaded)?;
     let idle = server.spec.timeouts.idle.or(state.cfg.timeouts.upstream_idle);
+    let before_head = head_wait(state, &server);
 
     if let Some(kind) = upgrade {
         let client_upgrade = hyper::upgrade::on(&mut req);
@@ -467,31 +470,52 @@ async fn proxy(
     let h1_client = req.version() < Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
     forwarded_head(state, conn, &mut parts, &raw_authority, rid, who, false)?;
-    let wire = match replica.protocol {
-        Protocol::H2c => WireProtocol::H2c,
-        _ => WireProtocol::Http1,
-    };
-    parts.version = match wire {
-        WireProtocol::H2c => Version::HTTP_2,
-        WireProtocol::Http1 => Version::HTTP_11,
-    };
+    let (wire, version) = wire_of(&replica);
+    parts.version = version;
     let exceeded = Arc::new(AtomicBool::new(false));
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
     let body_left = body.left();
-    let body = LimitedBody::new(body, limit, exceeded.clone()).boxed_unsync();
+    // The exchange's idle clock: touched by every request-body chunk taken for the
+    // replica and every response chunk, read by one timer.
+    let progress = crate::io::Progress::new();
+    let body = LimitedBody::new(body, limit, exceeded.clone())
+        .with_progress(progress.clone())
+        .boxed_unsync();
     let body = crate::mirror::maybe_tee(state, &server, &parts, body);
-    let send = state.upstreams.send(
-        replica.addr,
-        wire,
-        server.spec.timeouts.connect,
-        Request::from_parts(parts, body),
-    );
-    let sent = match idle {
-        Some(d) => {
-            tokio::time::timeout(d, send).await.unwrap_or(Err(RequestError::UpstreamTimeout))
+    let connect = server.spec.timeouts.connect;
+    let send = async {
+        let req = Request::from_parts(parts, body);
+        match state.upstreams.send(replica.addr, wire, connect, req).await {
+            Ok(up) => Ok(up),
+            Err(SendError { error, unsent: Some((reason, mut req)) }) => {
+                // The one retry: the request provably never reached `replica`. It counts
+                // against `replica`, then goes once to another ready replica (never the
+                // same one); whatever that attempt returns is the answer.
+                replica.stats.failures.fetch_add(1, Ordering::Relaxed);
+                record_failure(state, &server, &replica);
+                let Some(other) =
+                    sluice_routing::lb::select_other(&server, &replica, session_hash).cloned()
+                else {
+                    return Err(error);
+                };
+                let Ok(guard) = server.try_begin_request(&other) else { return Err(error) };
+                state.metrics.upstream_retries[reason as usize].inc();
+                tracing::debug!(request_id = %rid, from = %replica.addr, to = %other.addr,
+                    reason = reason.as_str(), "never sent; retrying on another replica");
+                in_flight = guard;
+                replica = other;
+                let (wire, version) = wire_of(&replica);
+                *req.version_mut() = version;
+                state.upstreams.send(replica.addr, wire, connect, req).await.map_err(|e| e.error)
+            }
+            Err(e) => Err(e.error),
         }
-        None => send.await,
+    };
+    // Not a deadline: the wait ends only once nothing moved for `before_head`.
+    let sent = tokio::select! {
+        r = send => r,
+        () = progress.quiet_for(before_head) => Err(RequestError::UpstreamTimeout),
     };
     let up = match sent {
         Ok(up) => {
@@ -521,8 +545,29 @@ async fn proxy(
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));
-    let body = TrackedBody::new(rbody, idle, hold, up.on_complete).boxed_unsync();
+    let body =
+        TrackedBody::new(rbody, idle.map(|d| (d, progress)), hold, up.on_complete).boxed_unsync();
     Ok(Response::from_parts(rparts, body))
+}
+
+/// The wire protocol to speak to `replica`, and the request version that goes with it.
+fn wire_of(replica: &Replica) -> (WireProtocol, Version) {
+    match replica.protocol {
+        Protocol::H2c => (WireProtocol::H2c, Version::HTTP_2),
+        _ => (WireProtocol::Http1, Version::HTTP_11),
+    }
+}
+
+/// How long an exchange may stay quiet before its response head: the idle timeout, and
+/// at most the first-byte timeout (both counted from the last byte that moved, so a long
+/// upload does not eat the replica's time to answer).
+pub(crate) fn head_wait(state: &ProxyState, server: &Server) -> std::time::Duration {
+    let t = &server.spec.timeouts;
+    let first = t.first_byte.unwrap_or(state.cfg.timeouts.upstream_first_byte);
+    match t.idle.or(state.cfg.timeouts.upstream_idle) {
+        Some(idle) => idle.min(first),
+        None => first,
+    }
 }
 
 /// Counts an upstream failure towards passive ejection; the last replica of `server` not

@@ -164,26 +164,32 @@ impl Iterator for HrwRanks<'_> {
 /// Power-of-two-choices: two distinct replicas at random, the one with fewer requests in
 /// flight wins (the first drawn on a tie).
 pub fn p2c(replicas: &[Arc<Replica>]) -> Option<&Arc<Replica>> {
-    match replicas.len() {
+    p2c_of(replicas.len(), |i| &replicas[i])
+}
+
+/// [`p2c`] over `n` candidates, the `i`th being `at(i)`: lets a retry choose among all
+/// replicas but one without building a list.
+fn p2c_of<'a>(n: usize, at: impl Fn(usize) -> &'a Arc<Replica>) -> Option<&'a Arc<Replica>> {
+    match n {
         0 => None,
-        1 => replicas.first(),
+        1 => Some(at(0)),
         n => {
             let r = next_random();
-            let n = n as u64;
-            let a = (r % n) as usize;
+            let n64 = n as u64;
+            let a = (r % n64) as usize;
             // Second pick among the other n - 1, from the high bits.
-            let mut b = ((r >> 32) % (n - 1)) as usize;
+            let mut b = ((r >> 32) % (n64 - 1)) as usize;
             if b >= a {
                 b += 1;
             }
-            let (ra, rb) = (&replicas[a], &replicas[b]);
+            let (ra, rb) = (at(a), at(b));
             // A passively ejected replica fails fast and so looks idle: skip it, unless
             // every replica is ejected (then the load rule alone decides).
             match (ra.stats.ejection.is_ejected(), rb.stats.ejection.is_ejected()) {
                 (false, true) => return Some(ra),
                 (true, false) => return Some(rb),
                 (true, true) => {
-                    if let Some(r) = replicas.iter().find(|r| !r.stats.ejection.is_ejected()) {
+                    if let Some(r) = (0..n).map(&at).find(|r| !r.stats.ejection.is_ejected()) {
                         return Some(r);
                     }
                 }
@@ -197,6 +203,37 @@ pub fn p2c(replicas: &[Arc<Replica>]) -> Option<&Arc<Replica>> {
                 Some(ra)
             }
         }
+    }
+}
+
+/// The replica for the one retry of a request that provably never reached `failed`:
+/// any replica of `server` but `failed` (never the same one), chosen as [`select`] would
+/// (the session's next rendezvous rank that is not ejected, else power-of-two-choices).
+/// `None` when `failed` is the only replica.
+pub fn select_other<'a>(
+    server: &'a Server,
+    failed: &Arc<Replica>,
+    session_hash: Option<u64>,
+) -> Option<&'a Arc<Replica>> {
+    let replicas = &server.replicas[..];
+    let Some(skip) = replicas.iter().position(|r| Arc::ptr_eq(r, failed)) else {
+        // `failed` left the snapshot meanwhile: every replica is another one.
+        return match session_hash {
+            Some(h) => hrw_first(replicas, h).and_then(|i| replicas.get(i)),
+            None => p2c(replicas),
+        };
+    };
+    match session_hash {
+        Some(h) => {
+            let mut others = HrwRanks::new(replicas, h).filter(|&i| i != skip);
+            let first = others.next()?;
+            let pick = std::iter::once(first)
+                .chain(others)
+                .find(|&i| !replicas[i].stats.ejection.is_ejected())
+                .unwrap_or(first);
+            replicas.get(pick)
+        }
+        None => p2c_of(replicas.len() - 1, |i| &replicas[if i >= skip { i + 1 } else { i }]),
     }
 }
 
@@ -389,6 +426,27 @@ pub(crate) mod tests {
             counts[rs.iter().position(|x| Arc::ptr_eq(x, r)).unwrap()] += 1;
         }
         assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
+    }
+
+    #[test]
+    fn select_other_never_picks_the_failed_replica() {
+        let spec = ServerSpec::new("s", "s");
+        let rs = replicas(3);
+        let server = server_with(spec.clone(), rs.clone());
+        for i in 0..300u32 {
+            let failed = &rs[(i % 3) as usize];
+            let session = (i % 2 == 0).then(|| session_hash(format!("u{i}").as_bytes()));
+            let other = select_other(&server, failed, session).unwrap();
+            assert!(!Arc::ptr_eq(other, failed));
+        }
+        // Sticky: the next rendezvous rank of the session.
+        let h = session_hash(b"user");
+        let mut ranks = HrwRanks::new(&rs, h);
+        let (first, second) = (ranks.next().unwrap(), ranks.next().unwrap());
+        assert!(Arc::ptr_eq(select_other(&server, &rs[first], Some(h)).unwrap(), &rs[second]));
+        // A lone replica has no other.
+        let one = server_with(spec, rs[..1].to_vec());
+        assert!(select_other(&one, &rs[0], None).is_none());
     }
 
     #[test]

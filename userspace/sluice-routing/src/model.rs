@@ -255,9 +255,16 @@ pub struct ServerLimits {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerTimeouts {
-    /// Close a request whose body has made no progress for this long; `None` = proxy default.
+    /// Fail an exchange with no bytes moving in either direction (request body to the
+    /// replica, response from it) for this long: 504 before the response head, a reset
+    /// stream after it. Reset on every chunk, so a slow but steady upload or stream never
+    /// trips it. `None` = proxy default (`timeouts.upstream_idle`).
     #[serde(with = "duration_serde::option")]
     pub idle: Option<Duration>,
+    /// Longest wait for the response head after the request's last byte went to the
+    /// replica (504 then); `None` = proxy default (`timeouts.upstream_first_byte`).
+    #[serde(with = "duration_serde::option")]
+    pub first_byte: Option<Duration>,
     /// Give up connecting to a replica after this long; `None` = proxy default.
     #[serde(with = "duration_serde::option")]
     pub connect: Option<Duration>,
@@ -507,7 +514,7 @@ mod tests {
             label = "hello"
             scale_up_window = 30
             scale_down_window = "5m"
-            timeouts = { idle = "1m 30s" }
+            timeouts = { idle = "1m 30s", first_byte = "10m" }
             "#,
         )
         .unwrap();
@@ -515,6 +522,7 @@ mod tests {
         assert_eq!(s.scale_up_window, Duration::from_secs(30));
         assert_eq!(s.scale_down_window, Duration::from_secs(300));
         assert_eq!(s.timeouts.idle, Some(Duration::from_secs(90)));
+        assert_eq!(s.timeouts.first_byte, Some(Duration::from_secs(600)));
         assert_eq!(s.timeouts.connect, None);
         // Round trip through JSON keeps the values.
         let json = serde_json::to_string(&doc).unwrap();

@@ -199,6 +199,9 @@ pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
     if s.timeouts.idle.is_some_and(|d| d.is_zero()) {
         err("timeouts.idle", "must be positive (omit it for the default)".into());
     }
+    if s.timeouts.first_byte.is_some_and(|d| d.is_zero()) {
+        err("timeouts.first_byte", "must be positive (omit it for the default)".into());
+    }
     if s.timeouts.connect.is_some_and(|d| d.is_zero()) {
         err("timeouts.connect", "must be positive (omit it for the default)".into());
     }

@@ -20,9 +20,10 @@ use http_body_util::BodyExt as _;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::{ReplicaPool, UpstreamReqBody, UpstreamResponse, Upstreams, error_chain};
+use super::{ReplicaPool, SendError, UpstreamReqBody, UpstreamResponse, Upstreams, error_chain};
 use crate::body::BoxError;
 use crate::error::RequestError;
+use crate::metrics::RetryReason;
 
 /// One multiplexed connection to a replica.
 pub(super) struct H2Conn {
@@ -115,6 +116,17 @@ async fn connect(
         .initial_connection_window_size(cfg.h2_connection_window)
         .max_header_list_size(256 * 1024)
         .enable_push(false)
+        // h2 counts every reset it makes itself (a frame on a stream sluice already
+        // closed or cancelled: the replica answered, then more arrived) for the life of
+        // the connection and tears it down at 1024, with every stream on it. That guard
+        // is for untrusted peers; a pooled connection to a replica carries millions of
+        // streams, so the count is off here. A replica that misbehaves costs only the
+        // resets it provokes, one per frame it sends.
+        .max_local_error_reset_streams(None)
+        // Remember as many locally reset streams as may be open at once, so the
+        // replica's frames still in flight for them are recognised and dropped instead
+        // of being protocol errors (h2's default remembers 50).
+        .max_concurrent_reset_streams(cfg.h2_max_streams_per_connection.max(1))
         .handshake::<_, Bytes>(tcp);
     let (send, mut conn) = tokio::time::timeout(timeout, handshake)
         .await
@@ -194,13 +206,34 @@ pub(super) async fn send(
     addr: SocketAddr,
     timeout: Duration,
     req: Request<UpstreamReqBody>,
-) -> Result<UpstreamResponse, RequestError> {
-    let (send, slot) = acquire(up, pool, addr, timeout).await?;
-    let mut send = send
-        .ready()
-        .await
-        .map_err(|e| RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e))))?;
+) -> Result<UpstreamResponse, SendError> {
+    // Until the stream is opened nothing of the request has left: a failure hands it back.
+    let (send, slot) = match acquire(up, pool, addr, timeout).await {
+        Ok(found) => found,
+        Err(e) => return Err(SendError::unsent(e, RetryReason::Connect, req)),
+    };
+    let mut send = match send.ready().await {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = if e.is_go_away() { RetryReason::GoAway } else { RetryReason::Connect };
+            let e = RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e)));
+            return Err(SendError::unsent(e, reason, req));
+        }
+    };
 
+    let end_of_stream = req.body().is_end_stream();
+    // A bodiless request refused by the replica (REFUSED_STREAM, or above a graceful
+    // GOAWAY's last stream id) can go to another replica; h2 consumes the head, so keep a
+    // copy of it, as forwarded (Host still set), for that case only. A request with a body
+    // is not replayed: its body already streams into this stream.
+    let replay = end_of_stream.then(|| {
+        let mut r = Request::new(());
+        *r.method_mut() = req.method().clone();
+        *r.uri_mut() = req.uri().clone();
+        *r.version_mut() = req.version();
+        *r.headers_mut() = req.headers().clone();
+        r
+    });
     let (mut parts, body) = req.into_parts();
     // h2 wants an absolute URI for :scheme and :authority; Host becomes :authority.
     let authority = parts
@@ -215,11 +248,20 @@ pub(super) async fn send(
         .path_and_query(path.as_str())
         .build()
         .map_err(|_| RequestError::BadRequest("request target cannot be forwarded"))?;
-    let end_of_stream = body.is_end_stream();
     let head = Request::from_parts(parts, ());
-    let (resp_fut, stream) = send
-        .send_request(head, end_of_stream)
-        .map_err(|e| RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e))))?;
+    let (resp_fut, stream) = match send.send_request(head, end_of_stream) {
+        Ok(opened) => opened,
+        Err(e) => {
+            // Refused before the stream was opened (the connection is going away): nothing
+            // was sent. Only a bodiless request has its head to hand back.
+            let error = RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e)));
+            let reason = if e.is_go_away() { RetryReason::GoAway } else { RetryReason::Connect };
+            return Err(match replay {
+                Some(head) => SendError::unsent(error, reason, head.map(|()| empty_body())),
+                None => error.into(),
+            });
+        }
+    };
 
     let pump = if end_of_stream {
         AbortOnDrop(None)
@@ -227,11 +269,42 @@ pub(super) async fn send(
         AbortOnDrop(Some(tokio::spawn(pump(body, stream)).abort_handle()))
     };
 
-    let resp = resp_fut
-        .await
-        .map_err(|e| RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e))))?;
+    let resp = match resp_fut.await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let error = RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e)));
+            return Err(match (never_processed(&e), replay) {
+                (Some(reason), Some(head)) => {
+                    SendError::unsent(error, reason, head.map(|()| empty_body()))
+                }
+                _ => error.into(),
+            });
+        }
+    };
     let response = resp.map(|recv| H2RecvBody { recv, data_done: false }.boxed_unsync());
     Ok(UpstreamResponse { response, hold: Box::new((pump, slot)), on_complete: None })
+}
+
+/// Whether a stream error proves the replica did not process the request: it refused the
+/// stream (RFC 9113 section 8.7), or the stream was above the last stream id of a
+/// graceful (`NO_ERROR`) GOAWAY. h2 gives exactly those streams the GOAWAY's own error;
+/// the streams at or below it finish, or fail with another error when the connection
+/// ends. A GOAWAY with an error code is not trusted: h2 then fails every stream with it.
+fn never_processed(e: &h2::Error) -> Option<RetryReason> {
+    if !e.is_remote() {
+        return None;
+    }
+    if e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return Some(RetryReason::RefusedStream);
+    }
+    if e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR) {
+        return Some(RetryReason::GoAway);
+    }
+    None
+}
+
+fn empty_body() -> UpstreamReqBody {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// Streams the request body into the h2 stream, honouring the replica's flow control.

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::body::{BoxError, OnComplete};
 use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::error::RequestError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RetryReason};
 
 pub use self::http1::H1Conn;
 
@@ -48,6 +48,28 @@ pub struct UpstreamResponse {
     pub hold: Box<dyn Send>,
     /// Run after the body ended cleanly (returns a keep-alive connection to its pool).
     pub on_complete: Option<OnComplete>,
+}
+
+/// Why [`Upstreams::send`] failed. `unsent` is the request handed back untouched when it
+/// provably never reached the replica (nothing of it was written, or the replica said it
+/// did not process it): the caller may send it once to another replica, and only then.
+pub struct SendError {
+    /// The failure, as the client would be told.
+    pub error: RequestError,
+    /// The request and why it is known to be unsent, if it is.
+    pub unsent: Option<(RetryReason, Request<UpstreamReqBody>)>,
+}
+
+impl SendError {
+    fn unsent(error: RequestError, reason: RetryReason, req: Request<UpstreamReqBody>) -> Self {
+        Self { error, unsent: Some((reason, req)) }
+    }
+}
+
+impl From<RequestError> for SendError {
+    fn from(error: RequestError) -> Self {
+        Self { error, unsent: None }
+    }
 }
 
 /// Settings the upstream side needs.
@@ -90,6 +112,9 @@ struct ReplicaPool {
 pub(crate) struct WireConn {
     /// The socket.
     pub(crate) tcp: TcpStream,
+    /// Not to be reused from then on: the replica's `Keep-Alive: timeout=` (see
+    /// [`WireConn::keep_alive`]).
+    keep_until: Option<Instant>,
     _open: OpenH1,
 }
 
@@ -112,6 +137,9 @@ impl Drop for OpenH1 {
 impl ReplicaPool {
     /// Keeps `conn` for the next request, unless `max` are idle already.
     fn put_wire(&self, conn: WireConn, max: usize) {
+        if conn.expired(Instant::now()) {
+            return;
+        }
         let mut idle = self.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < max {
             idle.push((conn, Instant::now()));
@@ -120,6 +148,24 @@ impl ReplicaPool {
 }
 
 impl WireConn {
+    /// Applies a response's `Keep-Alive` header value: `false` when the connection must
+    /// not be reused at all (the replica's timeout is too short to use safely).
+    pub(crate) fn keep_alive(&mut self, value: &[u8]) -> bool {
+        match crate::headers::keep_alive_deadline(value, Instant::now()) {
+            Some(Some(until)) => {
+                self.keep_until = Some(until);
+                true
+            }
+            Some(None) => false,
+            None => true,
+        }
+    }
+
+    /// Whether the replica's stated keep-alive time has run out.
+    fn expired(&self, now: Instant) -> bool {
+        self.keep_until.is_some_and(|t| now >= t)
+    }
+
     /// Whether an idle connection can no longer carry a request: the replica closed it or
     /// sent bytes nobody asked for. Costs no system call unless the socket is flagged
     /// readable, which an idle keep-alive connection never is while it is usable.
@@ -162,7 +208,7 @@ impl Upstreams {
         proto: WireProtocol,
         connect_timeout: Option<Duration>,
         req: Request<UpstreamReqBody>,
-    ) -> Result<UpstreamResponse, RequestError> {
+    ) -> Result<UpstreamResponse, SendError> {
         let pool = self.pool(addr);
         let ct = connect_timeout.unwrap_or(self.settings.connect_timeout);
         match proto {
@@ -187,8 +233,9 @@ impl Upstreams {
     pub(crate) fn take_wire(&self, addr: SocketAddr) -> Option<WireConn> {
         let pool = self.pool(addr);
         let mut idle = pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
         while let Some((conn, _)) = idle.pop() {
-            if !conn.is_stale() {
+            if !conn.expired(now) && !conn.is_stale() {
                 return Some(conn);
             }
         }
@@ -212,7 +259,7 @@ impl Upstreams {
         timeout: Option<Duration>,
     ) -> Result<WireConn, RequestError> {
         let tcp = self.connect(addr, timeout.unwrap_or(self.settings.connect_timeout)).await?;
-        Ok(WireConn { tcp, _open: OpenH1::new(&self.metrics) })
+        Ok(WireConn { tcp, keep_until: None, _open: OpenH1::new(&self.metrics) })
     }
 
     /// Closes idle connections older than the pool idle timeout and forgets replicas not
@@ -224,10 +271,9 @@ impl Upstreams {
         pools.retain(|addr, _| live(addr));
         for pool in pools.values() {
             pool.h2.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.keep(now, idle));
-            pool.wire_idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(c, since)| !c.is_stale() && now.duration_since(*since) < idle);
+            pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner()).retain(|(c, since)| {
+                !c.expired(now) && !c.is_stale() && now.duration_since(*since) < idle
+            });
         }
     }
 

@@ -26,10 +26,11 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tokio::io::AsyncWriteExt as _;
 
-use super::{ReplicaPool, UpstreamReqBody, UpstreamResponse, Upstreams, WireConn};
+use super::{ReplicaPool, SendError, UpstreamReqBody, UpstreamResponse, Upstreams, WireConn};
 use crate::body::BoxError;
 use crate::error::RequestError;
 use crate::headers::{content_length, put_field};
+use crate::metrics::RetryReason;
 
 /// Header slots when parsing a replica's response head.
 const MAX_HEADERS: usize = 128;
@@ -49,7 +50,7 @@ pub(super) async fn send(
     addr: SocketAddr,
     timeout: Duration,
     req: Request<UpstreamReqBody>,
-) -> Result<UpstreamResponse, RequestError> {
+) -> Result<UpstreamResponse, SendError> {
     let (parts, mut body) = req.into_parts();
     let head_method = parts.method == Method::HEAD;
     let known_empty = body.is_end_stream();
@@ -90,13 +91,20 @@ pub(super) async fn send(
             Some(c) => c,
             None => {
                 reused = false;
-                up.connect_wire(addr, Some(timeout)).await?
+                match up.connect_wire(addr, Some(timeout)).await {
+                    Ok(c) => c,
+                    // Nothing was written and the body is untouched: hand it back.
+                    Err(e) => {
+                        let req = Request::from_parts(parts, body);
+                        return Err(SendError::unsent(e, RetryReason::Connect, req));
+                    }
+                }
             }
         };
         match c.tcp.write_all(&head).await {
             Ok(()) => break c,
             Err(_) if reused => continue,
-            Err(e) => return Err(upstream_err(addr, e)),
+            Err(e) => return Err(upstream_err(addr, e).into()),
         }
     };
 
@@ -117,7 +125,7 @@ pub(super) async fn send(
             let frame = match frame {
                 None => break,
                 Some(Ok(f)) => f,
-                Some(Err(e)) => return Err(client_body_error(&*e)),
+                Some(Err(e)) => return Err(client_body_error(&*e).into()),
             };
             let written = match frame.into_data() {
                 Ok(data) if data.is_empty() => Ok(()),
@@ -180,14 +188,24 @@ pub(super) async fn send(
         if fresh_retry && rbuf.is_empty() {
             // Closed under the request before any answer: the replica never took it.
             fresh_retry = false;
-            conn = up.connect_wire(addr, Some(timeout)).await?;
+            conn = match up.connect_wire(addr, Some(timeout)).await {
+                Ok(c) => c,
+                // The request (bodiless) never reached the replica on either connection.
+                Err(e) => {
+                    let req = Request::from_parts(parts, body);
+                    return Err(SendError::unsent(e, RetryReason::Connect, req));
+                }
+            };
             conn.tcp.write_all(&head).await.map_err(|e| upstream_err(addr, e))?;
             continue;
         }
-        return Err(upstream_err(addr, "connection closed before the response"));
+        return Err(upstream_err(addr, "connection closed before the response").into());
     };
     rbuf.advance(parsed.len);
-    let reusable = !parsed.close && !body_unsent;
+    // `Connection: close` (or HTTP/1.0) is never reused; `Keep-Alive: timeout=` bounds
+    // how long the connection may wait in the pool.
+    let keep = parsed.keep_alive.as_ref().is_none_or(|v| conn.keep_alive(v.as_bytes()));
+    let reusable = !parsed.close && !body_unsent && keep;
     let mut response = Response::new(());
     *response.status_mut() = parsed.status;
     *response.version_mut() = Version::HTTP_11;
@@ -238,6 +256,8 @@ struct Parsed {
     headers: HeaderMap,
     framing: Framing,
     close: bool,
+    /// The `Keep-Alive` header's value, if any (its `timeout=`).
+    keep_alive: Option<HeaderValue>,
 }
 
 enum Head {
@@ -270,6 +290,7 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = resp.version == Some(0);
+    let mut keep_alive = None;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| upstream_err(addr, "invalid header name"))?;
@@ -291,6 +312,8 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
             chunked = true;
             // De-chunked here: the client side frames the body its own way.
             continue;
+        } else if name.as_str() == "keep-alive" {
+            keep_alive = Some(value.clone());
         } else if name == http::header::CONNECTION {
             for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
@@ -319,7 +342,7 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
     if chunked {
         headers.remove(http::header::CONTENT_LENGTH);
     }
-    Ok(Head::Final(Parsed { len, status, headers, framing, close }))
+    Ok(Head::Final(Parsed { len, status, headers, framing, close, keep_alive }))
 }
 
 /// The replica's response body, read from its connection as the client side polls it.
