@@ -47,7 +47,7 @@ pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
 pub use model::SpliceMode;
 pub use model::{
-    MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
+    LaunchSpec, MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
     ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
 };
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};

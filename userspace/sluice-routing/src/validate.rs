@@ -190,6 +190,18 @@ pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
             err("mirror.max_buffer_bytes", "must be at least 1".into());
         }
     }
+    if let Some(l) = &s.launch {
+        if l.argv.first().is_none_or(|p| p.is_empty()) {
+            err("launch.argv", "must name a program".into());
+        }
+        // An `=` or NUL would make the variable unreadable to the replica.
+        if l.port_env.is_empty() || l.port_env.contains(['=', '\0']) {
+            err("launch.port_env", "must be a variable name (no '=' or NUL)".into());
+        }
+        if l.startup_timeout.is_zero() {
+            err("launch.startup_timeout", "must be positive".into());
+        }
+    }
     if s.limits.max_in_flight == Some(0) {
         err("limits.max_in_flight", "must be at least 1 (omit it for no limit)".into());
     }
