@@ -34,6 +34,7 @@ pub mod model;
 pub mod signal;
 pub mod snapshot;
 pub mod source;
+pub mod supervisor;
 pub mod table;
 pub mod validate;
 
