@@ -48,8 +48,8 @@ pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
 pub use model::SpliceMode;
 pub use model::{
-    LaunchSpec, MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
-    ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
+    LaunchSpec, MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc,
+    ServerLimits, ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
 };
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{

@@ -417,6 +417,19 @@ mod tests {
     }
 
     #[test]
+    fn launch_checks() {
+        let mut s = ServerSpec::new("s", "ok");
+        s.launch = Some(crate::model::LaunchSpec::new(["/bin/app"]));
+        assert!(validate_server(&s).is_empty());
+        let mut bad = crate::model::LaunchSpec::new(Vec::<String>::new());
+        bad.port_env = "A=B".into();
+        bad.startup_timeout = std::time::Duration::ZERO;
+        s.launch = Some(bad);
+        let fields: Vec<_> = validate_server(&s).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["launch.argv", "launch.port_env", "launch.startup_timeout"]);
+    }
+
+    #[test]
     fn server_field_checks() {
         let mut s = ServerSpec::new("s", "ok");
         s.regions = vec!["r1".into(), "r1".into(), "R2".into()];

@@ -28,7 +28,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use sluice_proxy::autoscaler::{DesiredSink, SinkError};
 use sluice_routing::DesiredReplicas;
-use sluice_routing::model::{LaunchSpec, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec};
+use sluice_routing::model::{
+    LaunchSpec, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec,
+};
 use sluice_routing::source::etcd::{EtcdError, EtcdStore};
 use sluice_routing::source::file::SourceError;
 use sluice_routing::supervisor::{Managed, Phase, plan, targets};
@@ -137,7 +139,11 @@ async fn run(args: SuperviseArgs) -> Result<()> {
 
 /// Where server specs and desired counts come from and replicas go.
 enum Store {
-    Files { routes: PathBuf, replicas_file: PathBuf, desired_file: PathBuf },
+    Files {
+        routes: PathBuf,
+        replicas_file: PathBuf,
+        desired_file: PathBuf,
+    },
     Etcd {
         store: Box<EtcdStore>,
         /// What is in etcd now, by (server, id), so a round writes only the changes.
@@ -167,7 +173,9 @@ impl Store {
     /// Make the store hold exactly `replicas` as this supervisor's.
     async fn publish(&mut self, replicas: &[ReplicaSpec]) -> Result<(), SuperviseError> {
         match self {
-            Store::Files { replicas_file, .. } => write_replicas_file(replicas_file, replicas).await,
+            Store::Files { replicas_file, .. } => {
+                write_replicas_file(replicas_file, replicas).await
+            }
             Store::Etcd { store, published } => {
                 let want: BTreeMap<_, _> = replicas
                     .iter()
@@ -456,7 +464,8 @@ impl Supervisor {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawning {program:?}"))?;
-        let pgid = child.id().and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw);
+        let pgid =
+            child.id().and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw);
         span.in_scope(|| tracing::info!(pid = ?child.id(), "replica started"));
         Ok(Replica {
             server: server.to_owned(),
