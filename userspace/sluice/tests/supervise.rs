@@ -345,3 +345,49 @@ fn a_crashed_replica_is_replaced() {
     // No SIGTERM was involved: the first died of SIGKILL and was not "stopped".
     assert!(!s.events().iter().any(|e| e.starts_with("term ")));
 }
+
+/// The same loop over etcd: the server spec (with its launch table) in
+/// `<prefix>servers/`, the autoscaler's count in `<prefix>desired/`, the supervisor's
+/// replicas in `<prefix>replicas/`, and the proxy following them with its etcd source.
+#[test]
+fn scale_from_zero_over_etcd() {
+    use sluice_routing::source::etcd::{EtcdConfig, EtcdStore};
+    let etcd = sluice_tests::etcd::Etcd::start();
+    let ep = etcd.endpoint();
+    let s = Setup::new("1s");
+    // The spec the file tests use, stored in etcd instead.
+    let doc: RoutingDoc =
+        toml::from_str(&std::fs::read_to_string(s.path("routes/app.toml")).unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = rt.block_on(EtcdStore::connect(&EtcdConfig::with_endpoints([ep.clone()]))).unwrap();
+    rt.block_on(store.put_server(&doc.servers[0])).unwrap();
+
+    let rest = format!(
+        "[node]\nbase_domains = [\"example.test\"]\nregions = [\"r1\"]\n[etcd]\nendpoints = \
+         [\"{ep}\"]\n[health]\ninterval = \"100ms\"\n[autoscaler]\ninterval = \"100ms\"\n"
+    );
+    let proxy = SluiceProcess::start(bin(), s.dir.path(), &rest);
+    let _autoscale = spawn(&["autoscale", "--from", &proxy.admin.to_string(), "--endpoints", &ep]);
+    let _sup =
+        spawn(&["supervise", "--endpoints", &ep, "--id-prefix", "node-a", "--interval", "100ms"]);
+
+    let host = "hello.r1.example.test";
+    let (status, head, _) = get(proxy.proxy, host).expect("first request");
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("\r\nretry-after: 1"), "{head}");
+    let body = wait_for("a 200 after scale from zero", Duration::from_secs(40), || {
+        match get(proxy.proxy, host) {
+            Some((200, _, body)) => Some(body),
+            Some((503, _, _)) => None,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    });
+    let replicas = rt.block_on(store.list_replicas(Some("app"))).unwrap().items;
+    assert_eq!(replicas.len(), 1, "{replicas:?}");
+    let r = &replicas[0];
+    assert!(r.id.starts_with("node-a-"), "{r:?}");
+    assert_eq!(r.state, ReplicaState::Ready);
+    assert_eq!(body, r.address.port().to_string());
+    let desired = rt.block_on(store.get_desired("app")).unwrap().expect("a desired count");
+    assert_eq!(desired.replicas, 1);
+}
