@@ -325,6 +325,33 @@ fn pid_of(s: &Setup, port: u16) -> u32 {
 }
 
 #[test]
+fn a_replica_that_never_listens_is_killed_and_replaced() {
+    let s = Setup::new("1s");
+    let spec = std::fs::read_to_string(s.path("routes/app.toml")).unwrap();
+    // A process that never binds its port, with a short startup timeout.
+    let spec = spec
+        .lines()
+        .map(|l| match l {
+            l if l.starts_with("argv") => r#"argv = ["sleep", "600"]"#,
+            l if l.starts_with("startup_timeout") => r#"startup_timeout = "1s""#,
+            l => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(s.path("routes/app.toml"), spec).unwrap();
+    s.set_desired(1);
+    let _sup = s.supervise();
+    let first = wait_for("a starting replica", Duration::from_secs(10), || {
+        sole_replica_in(&s, ReplicaState::Starting)
+    });
+    // Never routed, killed at its startup timeout and replaced by a new one.
+    let second = wait_for("a replacement", Duration::from_secs(20), || {
+        s.registered()?.replicas.into_iter().find(|r| r.id != first.id)
+    });
+    assert_eq!(second.state, ReplicaState::Starting);
+}
+
+#[test]
 fn a_crashed_replica_is_replaced() {
     let s = Setup::new("1s");
     s.set_desired(1);
