@@ -24,6 +24,8 @@ use sluice_tests::process::SluiceProcess;
 
 /// Set in the replica's environment (via the launch spec): where it logs its events.
 const EVENTS_ENV: &str = "SLUICE_SUPERVISE_TEST_EVENTS";
+/// Set (via the launch spec's env): the replica logs SIGTERM but keeps running.
+const IGNORE_TERM_ENV: &str = "SLUICE_SUPERVISE_TEST_IGNORE_TERM";
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_sluice"))
@@ -47,7 +49,10 @@ fn replica_process() {
             tokio::select! {
                 _ = term.recv() => {
                     log_event(&events, &format!("term {port}"));
-                    std::process::exit(0);
+                    // A replica that ignores SIGTERM, to be SIGKILLed.
+                    if std::env::var_os(IGNORE_TERM_ENV).is_none() {
+                        std::process::exit(0);
+                    }
                 }
                 Ok((s, _)) = listener.accept() => {
                     let s = s.into_std().unwrap();
@@ -154,6 +159,10 @@ exit_grace_period = {grace:?}
     }
 
     fn supervise(&self) -> Proc {
+        self.supervise_killing_after("5s")
+    }
+
+    fn supervise_killing_after(&self, kill_after: &str) -> Proc {
         let p = |n: &str| self.path(n).to_str().unwrap().to_owned();
         spawn(&[
             "supervise",
@@ -166,7 +175,7 @@ exit_grace_period = {grace:?}
             "--interval",
             "100ms",
             "--kill-after",
-            "5s",
+            kill_after,
         ])
     }
 
@@ -313,6 +322,37 @@ fn scale_down_drains_then_sigterms_after_the_grace_period() {
     wait_for("the registration gone", Duration::from_secs(10), || {
         s.registered().filter(|d| d.replicas.is_empty())
     });
+}
+
+#[test]
+fn a_replica_ignoring_sigterm_is_sigkilled() {
+    let s = Setup::new("1s");
+    let spec = std::fs::read_to_string(s.path("routes/app.toml")).unwrap();
+    let spec = spec.replace("env = { ", &format!("env = {{ {IGNORE_TERM_ENV} = \"1\", "));
+    std::fs::write(s.path("routes/app.toml"), spec).unwrap();
+    s.set_desired(1);
+    let _sup = s.supervise_killing_after("1s");
+    let r = wait_for("a ready replica", Duration::from_secs(30), || {
+        sole_replica_in(&s, ReplicaState::Ready)
+    });
+    let port = r.address.port();
+    let pid = pid_of(&s, port);
+    s.set_desired(0);
+    let term = format!("term {port}");
+    wait_for("the replica's SIGTERM", Duration::from_secs(20), || {
+        s.events().contains(&term).then_some(())
+    });
+    // It ignored SIGTERM; SIGKILL ends it, and its registration goes.
+    wait_for("the registration gone", Duration::from_secs(20), || {
+        s.registered().filter(|d| d.replicas.is_empty())
+    });
+    let alive = Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(!alive, "pid {pid} still running");
 }
 
 /// The pid a replica logged at start (the log line follows its bind, so the port may
