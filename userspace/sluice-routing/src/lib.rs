@@ -34,6 +34,7 @@ pub mod model;
 pub mod signal;
 pub mod snapshot;
 pub mod source;
+pub mod supervisor;
 pub mod table;
 pub mod validate;
 
@@ -47,8 +48,8 @@ pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
 pub use model::SpliceMode;
 pub use model::{
-    MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerLimits,
-    ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
+    LaunchSpec, MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc,
+    ServerLimits, ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
 };
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{

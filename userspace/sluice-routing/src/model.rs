@@ -182,6 +182,12 @@ pub struct ServerSpec {
     /// `auto` (the default) decides per stream from its observed traffic.
     #[serde(default)]
     pub splice: SpliceMode,
+    /// How to start a replica of this server on a node (`sluice supervise`, the reference
+    /// compute side). `None`: replicas are started by something else (a real scheduler).
+    // Left out when unset, so specs without it serialize as before and older nodes
+    // (deny_unknown_fields) still read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<LaunchSpec>,
 }
 
 impl ServerSpec {
@@ -207,6 +213,7 @@ impl ServerSpec {
             limits: ServerLimits::default(),
             timeouts: ServerTimeouts::default(),
             splice: SpliceMode::default(),
+            launch: None,
         }
     }
 }
@@ -216,6 +223,65 @@ impl Default for ServerSpec {
     fn default() -> Self {
         ServerSpec::new("", "")
     }
+}
+
+/// Default `launch.port_env`.
+pub const DEFAULT_PORT_ENV: &str = "PORT";
+/// Default `launch.startup_timeout`.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `launch.exit_grace_period`.
+pub const DEFAULT_EXIT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+/// How to start one replica process (`[servers.launch]`), for `sluice supervise`.
+///
+/// The supervisor picks a free loopback port, passes it in the `port_env` variable and
+/// registers the replica at `127.0.0.1:<port>` with `protocol`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSpec {
+    /// Program and arguments (non-empty); run directly, not through a shell.
+    pub argv: Vec<String>,
+    /// Extra environment variables (on top of the supervisor's own environment).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The variable that tells the replica which port to listen on.
+    #[serde(default = "default_port_env")]
+    pub port_env: String,
+    /// How sluice speaks to the replica.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// A replica whose port does not accept connections within this long is killed and
+    /// replaced.
+    #[serde(default = "default_startup_timeout", with = "duration_serde")]
+    pub startup_timeout: Duration,
+    /// On scale-down: how long a replica drains (and then has after SIGTERM) before it is
+    /// killed.
+    #[serde(default = "default_exit_grace_period", with = "duration_serde")]
+    pub exit_grace_period: Duration,
+}
+
+impl LaunchSpec {
+    /// A launch spec for `argv` with every other field at its default.
+    pub fn new(argv: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        LaunchSpec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Default::default(),
+            port_env: default_port_env(),
+            protocol: Protocol::default(),
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            exit_grace_period: DEFAULT_EXIT_GRACE_PERIOD,
+        }
+    }
+}
+
+fn default_port_env() -> String {
+    DEFAULT_PORT_ENV.to_owned()
+}
+fn default_startup_timeout() -> Duration {
+    DEFAULT_STARTUP_TIMEOUT
+}
+fn default_exit_grace_period() -> Duration {
+    DEFAULT_EXIT_GRACE_PERIOD
 }
 
 /// Mirroring: a sampled fraction of requests (headers and full body) is copied to a shadow
@@ -565,6 +631,36 @@ mod tests {
         // Without a VIP, neither field is written.
         let plain = serde_json::to_string(&ServerSpec::new("s", "l")).unwrap();
         assert!(!plain.contains("vip"), "{plain}");
+    }
+
+    #[test]
+    fn launch_defaults_and_round_trip() {
+        let doc: RoutingDoc = toml::from_str(
+            r#"
+            [[servers]]
+            id = "s1"
+            label = "hello"
+            [servers.launch]
+            argv = ["/bin/app", "--serve"]
+            env = { MODE = "prod" }
+            startup_timeout = "5s"
+            "#,
+        )
+        .unwrap();
+        let l = doc.servers[0].launch.as_ref().unwrap();
+        assert_eq!(l.argv, ["/bin/app", "--serve"]);
+        assert_eq!(l.env.get("MODE").map(String::as_str), Some("prod"));
+        assert_eq!(l.port_env, "PORT");
+        assert_eq!(l.protocol, Protocol::Http1);
+        assert_eq!(l.startup_timeout, Duration::from_secs(5));
+        assert_eq!(l.exit_grace_period, DEFAULT_EXIT_GRACE_PERIOD);
+        let back: RoutingDoc = toml::from_str(&toml::to_string(&doc).unwrap()).unwrap();
+        assert_eq!(back, doc);
+        let back: RoutingDoc = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
+        assert_eq!(back, doc);
+        // Without a launch spec nothing is written.
+        let plain = serde_json::to_string(&ServerSpec::new("s", "l")).unwrap();
+        assert!(!plain.contains("launch"), "{plain}");
     }
 
     #[test]

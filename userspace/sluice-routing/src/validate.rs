@@ -190,6 +190,18 @@ pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
             err("mirror.max_buffer_bytes", "must be at least 1".into());
         }
     }
+    if let Some(l) = &s.launch {
+        if l.argv.first().is_none_or(|p| p.is_empty()) {
+            err("launch.argv", "must name a program".into());
+        }
+        // An `=` or NUL would make the variable unreadable to the replica.
+        if l.port_env.is_empty() || l.port_env.contains(['=', '\0']) {
+            err("launch.port_env", "must be a variable name (no '=' or NUL)".into());
+        }
+        if l.startup_timeout.is_zero() {
+            err("launch.startup_timeout", "must be positive".into());
+        }
+    }
     if s.limits.max_in_flight == Some(0) {
         err("limits.max_in_flight", "must be at least 1 (omit it for no limit)".into());
     }
@@ -405,6 +417,19 @@ mod tests {
             errs[0].to_string(),
             r#"server "hello": label: must be a DNS label (a-z0-9-, 1..63 chars)"#
         );
+    }
+
+    #[test]
+    fn launch_checks() {
+        let mut s = ServerSpec::new("s", "ok");
+        s.launch = Some(crate::model::LaunchSpec::new(["/bin/app"]));
+        assert!(validate_server(&s).is_empty());
+        let mut bad = crate::model::LaunchSpec::new(Vec::<String>::new());
+        bad.port_env = "A=B".into();
+        bad.startup_timeout = std::time::Duration::ZERO;
+        s.launch = Some(bad);
+        let fields: Vec<_> = validate_server(&s).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["launch.argv", "launch.port_env", "launch.startup_timeout"]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod logging;
 mod run;
 mod splice;
 mod splice_policy;
+mod supervise;
 mod upgrade;
 mod vip;
 
@@ -74,6 +75,9 @@ enum Command {
     /// Follow the proxies' autoscaler streams and write desired replica counts into the
     /// store for an orchestrator to act on.
     Autoscale(autoscale::AutoscaleArgs),
+    /// Run replica processes for the desired counts the autoscaler writes, and register
+    /// them in the routing state (the reference compute side for one node).
+    Supervise(supervise::SuperviseArgs),
     /// Inspect the kernel data plane.
     Bpf {
         #[command(subcommand)]
@@ -126,6 +130,7 @@ fn main() -> Result<ExitCode> {
         Command::Demo(args) => demo::main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),
+        Command::Supervise(args) => supervise::main(args),
         Command::Bpf { command } => bpf::main(command),
         Command::Completions { .. } | Command::Man => Ok(()),
     };

@@ -10,7 +10,7 @@ fn sluice(args: &[&str]) -> String {
 }
 
 const SUBCOMMANDS: &[&str] =
-    &["run", "upgrade", "demo", "ctl", "autoscale", "bpf", "completions", "man"];
+    &["run", "upgrade", "demo", "ctl", "autoscale", "supervise", "bpf", "completions", "man"];
 
 #[test]
 fn bash_completions_name_the_subcommands() {
