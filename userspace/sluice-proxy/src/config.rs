@@ -429,6 +429,22 @@ mod tests {
         assert!(bad.validate().is_err());
     }
 
+    /// The slow-reader bounds (docs/proxy.md, "Memory"): defaults, and a send buffer
+    /// below one frame refused (hyper could then never send a DATA frame).
+    #[test]
+    fn h2_buffer_bounds() {
+        let c = ProxyConfig::default();
+        assert_eq!(c.limits.h2_max_send_buffer, 32 * 1024);
+        assert_eq!(
+            (c.upstream.h2_stream_window, c.upstream.h2_connection_window),
+            (256 << 10, 2 << 20)
+        );
+        let c: ProxyConfig = toml::from_str("[limits]\nh2_max_send_buffer = 16384\n").unwrap();
+        c.validate().unwrap();
+        let c: ProxyConfig = toml::from_str("[limits]\nh2_max_send_buffer = 1024\n").unwrap();
+        assert!(c.validate().is_err());
+    }
+
     #[test]
     fn cidr() {
         let c = Cidr::parse("10.0.0.0/8").unwrap();
