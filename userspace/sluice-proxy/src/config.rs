@@ -116,6 +116,11 @@ impl ProxyConfig {
         if self.autoscaler.interval < Duration::from_millis(10) {
             return Err(ConfigError::Invalid("autoscaler.interval must be at least 10ms".into()));
         }
+        if self.limits.h2_max_send_buffer < 16 * 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.h2_max_send_buffer must be at least 16384 (one frame)".into(),
+            ));
+        }
         if self.limits.max_header_bytes < 8192 {
             return Err(ConfigError::Invalid(
                 "limits.max_header_bytes must be at least 8192".into(),
@@ -233,6 +238,11 @@ pub struct Limits {
     pub h2_stream_window: u32,
     /// HTTP/2 per-connection receive window (client side), bytes.
     pub h2_connection_window: u32,
+    /// Response bytes sluice buffers per HTTP/2 client stream beyond what the client's
+    /// window lets it send (hyper's `max_send_buf_size`). A client that reads slowly
+    /// holds at most this much of its response in sluice; the rest waits in the
+    /// replica's window. At least 16 KiB (one frame).
+    pub h2_max_send_buffer: u32,
     /// Default maximum request body, bytes (servers may set their own); `None` = unlimited.
     pub max_body_bytes: Option<u64>,
 }
@@ -247,6 +257,9 @@ impl Default for Limits {
             h2_max_concurrent_streams: 100,
             h2_stream_window: 1024 * 1024,
             h2_connection_window: 4 * 1024 * 1024,
+            // Two frames: one being written while the next is read from the replica.
+            // hyper's default, 400 KiB, held ~180 KiB of RSS per slow reader; this ~100.
+            h2_max_send_buffer: 32 * 1024,
             max_body_bytes: None,
         }
     }
@@ -332,9 +345,12 @@ impl Default for RequestIdConfig {
 pub struct UpstreamConfig {
     /// Idle HTTP/1.1 connections kept per replica.
     pub h1_max_idle_per_replica: usize,
-    /// HTTP/2 per-stream receive window towards replicas, bytes.
+    /// HTTP/2 per-stream receive window towards replicas, bytes: the most of one
+    /// response sluice holds while its client reads slowly (the window is handed back
+    /// only as the client takes the bytes).
     pub h2_stream_window: u32,
-    /// HTTP/2 per-connection receive window towards replicas, bytes.
+    /// HTTP/2 per-connection receive window towards replicas, bytes: the most sluice
+    /// holds for all the streams of one replica connection together.
     pub h2_connection_window: u32,
     /// Cap on streams per upstream h2 connection, below the replica's own advertised limit.
     pub h2_max_streams_per_connection: usize,
@@ -344,8 +360,10 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             h1_max_idle_per_replica: 256,
-            h2_stream_window: 1024 * 1024,
-            h2_connection_window: 8 * 1024 * 1024,
+            // Replicas are on this node: a round trip is tens of microseconds, so 256 KiB
+            // in flight still moves gigabytes a second, and a slow client pins no more.
+            h2_stream_window: 256 * 1024,
+            h2_connection_window: 2 * 1024 * 1024,
             h2_max_streams_per_connection: 1000,
         }
     }
@@ -478,6 +496,22 @@ mod tests {
         assert_eq!(c.timeouts.header_read, Duration::from_secs(2));
         let bad: ProxyConfig = toml::from_str("unknown_domain_status = 500").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    /// The slow-reader bounds (docs/proxy.md, "Memory"): defaults, and a send buffer
+    /// below one frame refused (hyper could then never send a DATA frame).
+    #[test]
+    fn h2_buffer_bounds() {
+        let c = ProxyConfig::default();
+        assert_eq!(c.limits.h2_max_send_buffer, 32 * 1024);
+        assert_eq!(
+            (c.upstream.h2_stream_window, c.upstream.h2_connection_window),
+            (256 << 10, 2 << 20)
+        );
+        let c: ProxyConfig = toml::from_str("[limits]\nh2_max_send_buffer = 16384\n").unwrap();
+        c.validate().unwrap();
+        let c: ProxyConfig = toml::from_str("[limits]\nh2_max_send_buffer = 1024\n").unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -637,6 +637,9 @@ async fn serve_h2<I>(
         .max_header_list_size(u32::try_from(c.limits.max_header_bytes).unwrap_or(u32::MAX))
         .initial_stream_window_size(c.limits.h2_stream_window)
         .initial_connection_window_size(c.limits.h2_connection_window)
+        // hyper's default lets each stream buffer 400 KiB past the client's window: a
+        // slow reader's response then sits in sluice instead of the replica's window.
+        .max_send_buf_size(c.limits.h2_max_send_buffer as usize)
         .enable_connect_protocol()
         .serve_connection(io, svc);
     let conn = crate::h2streams::WithStreams::new(conn, exec);

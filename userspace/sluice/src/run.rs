@@ -173,13 +173,22 @@ pub(crate) fn block_on(fut: impl std::future::Future<Output = Result<()>>) -> Re
 /// One worker per CPU this process may run on. On one CPU that is a current-thread
 /// runtime: every task, the I/O driver and the timers share the one thread, so a request
 /// never pays a cross-thread wake-up or the work-stealing scheduler's bookkeeping.
+///
+/// Every worker hands its allocator's free pages back when it parks (at most once a
+/// second each, see `sluice_alloc::collect_when_idle`): mimalloc keeps a thread's freed
+/// pages until that thread collects, so without this the buffers of a burst of
+/// connections (slow readers) stayed resident after they closed (docs/proxy.md,
+/// "Memory").
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    let mut b = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(cpus).enable_all().build()
-    }
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cpus);
+        b
+    };
+    b.enable_all().on_thread_park(sluice_alloc::collect_when_idle).build()
 }
 
 /// Serves `cfg` until SIGTERM/SIGINT (or a handover): what `sluice run` and `sluice demo`
