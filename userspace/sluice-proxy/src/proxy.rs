@@ -194,8 +194,7 @@ pub(crate) async fn handle(
     Ok(resp)
 }
 
-/// Phase 2: the one canonical authority, and the raw form to forward.
-/// The request's authority as sent (for the replica's Host and X-Forwarded-Host), after
+/// Phase 2: the request's authority as sent (for the replica's Host and X-Forwarded-Host), after
 /// checking that Host and the request target agree. A value, not a string: the hyper path's
 /// Host is then shared with the request rather than copied, and one copy serves both
 /// headers.
@@ -209,8 +208,8 @@ fn authority(req: &Request<Incoming>) -> Result<HeaderValue, RequestError> {
         .map(|h| h.to_str().map_err(|_| RequestError::BadRequest("Host is not ASCII")))
         .transpose()?;
     let target = req.uri().authority().map(|a| a.as_str());
-    let raw = match (target, host, host_str) {
-        (Some(t), Some(_), Some(h)) => {
+    let raw = match (target, host.zip(host_str)) {
+        (Some(t), Some((_, h))) => {
             if canonical_host(t)? != canonical_host(h)? {
                 return Err(RequestError::BadRequest(if req.version() == Version::HTTP_2 {
                     "Host and :authority disagree"
@@ -220,9 +219,9 @@ fn authority(req: &Request<Incoming>) -> Result<HeaderValue, RequestError> {
             }
             authority_value(t)?
         }
-        (Some(t), _, _) => authority_value(t)?,
-        (None, Some(h), _) => h.clone(),
-        (None, None, _) => return Err(RequestError::BadRequest("no Host or :authority")),
+        (Some(t), None) => authority_value(t)?,
+        (None, Some((h, _))) => h.clone(),
+        (None, None) => return Err(RequestError::BadRequest("no Host or :authority")),
     };
     if req.version() == Version::HTTP_11 && host.is_none() {
         return Err(RequestError::BadRequest("HTTP/1.1 request without Host"));
