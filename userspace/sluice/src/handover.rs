@@ -35,6 +35,10 @@ pub const PROTOCOL: &str = "sluice-handover";
 /// This build's protocol version. Bump it with any change to [`Msg`] or to what a
 /// handed-over connection carries; builds with different versions refuse each other.
 pub const VERSION: u32 = 1;
+/// Makes this process claim another protocol version in its hello, so that a handover
+/// with it is refused and its predecessor's streams drain: the test (and operations)
+/// knob for the fallback.
+pub const VERSION_ENV: &str = "SLUICE_HANDOVER_VERSION";
 /// Largest message: a pair's offer is a few hundred bytes.
 const MAX_MSG: usize = 64 * 1024;
 /// Most descriptors one message carries (a spliced pair's two legs).
@@ -86,9 +90,10 @@ pub struct Hello {
 impl Hello {
     /// This process's hello.
     pub fn mine(splice_map: Option<u32>) -> Hello {
+        let version = std::env::var(VERSION_ENV).ok().and_then(|v| v.parse().ok());
         Hello {
             protocol: PROTOCOL.to_owned(),
-            version: VERSION,
+            version: version.unwrap_or(VERSION),
             pid: std::process::id(),
             splice_map,
         }

@@ -2,7 +2,8 @@
 //! `sluice upgrade`. The old process hands the spliced pair to the new one over the
 //! handover channel and exits long before its drain deadline; a bounded message loop
 //! running across the upgrade sees every message echoed once, in order, both ways; and
-//! the new process counts the stream in flight until it closes.
+//! the new process counts the stream in flight until it closes. And a refused handover
+//! (the new process claims another protocol version) falls back to the drain.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -102,13 +103,11 @@ async fn wait_in_flight(admin: std::net::SocketAddr, want: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spliced_websocket_survives_an_upgrade() {
-    sluice_tests::require_root!();
-    let replica = echo_replica().await;
-    let dir = tempfile::tempdir().unwrap();
+/// Routes for one server spliced `always` to `replica`; the rest of the config with the
+/// given drain deadline.
+fn spliced_config(dir: &Path, replica: std::net::SocketAddr, drain: &str) -> String {
     std::fs::write(
-        dir.path().join("routes.toml"),
+        dir.join("routes.toml"),
         format!(
             "[[servers]]\nid = \"hello\"\nlabel = \"hello\"\nunauthenticated = true\n\
              splice = \"always\"\n\
@@ -117,13 +116,34 @@ async fn spliced_websocket_survives_an_upgrade() {
         ),
     )
     .unwrap();
+    format!(
+        "[timeouts]\ndrain = \"{drain}\"\n[node]\nbase_domains = [\"example.test\"]\n\
+         regions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n"
+    )
+}
+
+/// Whether the stream was spliced (`always`); when not, the kernel refused splicing
+/// here and the caller skips: the userspace relay is not what these tests are about.
+async fn spliced(admin: std::net::SocketAddr) -> bool {
+    let metrics = get(admin, "/metrics").await.unwrap().1;
+    let always = metric(&metrics, "sluice_splice_decisions_total{decision=\"always\"}");
+    if always != Some(1) {
+        eprintln!("SKIPPED: kernel splice unavailable here (decisions: {always:?})");
+    }
+    always == Some(1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spliced_websocket_survives_an_upgrade() {
+    sluice_tests::require_root!();
+    let replica = echo_replica().await;
+    let dir = tempfile::tempdir().unwrap();
     // A drain far longer than the upgrade may take: the old process can only exit in
     // time if it handed the stream over rather than waiting for it.
-    let rest = "[timeouts]\ndrain = \"120s\"\n[node]\nbase_domains = [\"example.test\"]\n\
-                regions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n";
+    let rest = spliced_config(dir.path(), replica, "120s");
     let old = tokio::task::spawn_blocking({
         let dir = dir.path().to_owned();
-        move || SluiceProcess::start(Path::new(BIN), &dir, rest)
+        move || SluiceProcess::start(Path::new(BIN), &dir, &rest)
     })
     .await
     .unwrap();
@@ -132,12 +152,7 @@ async fn spliced_websocket_survives_an_upgrade() {
     let successors = Successors { pin_dir: pin_dir.clone(), old_pid };
 
     let ws = ws_connect(proxy).await;
-    let metrics = get(admin, "/metrics").await.unwrap().1;
-    let always = metric(&metrics, "sluice_splice_decisions_total{decision=\"always\"}");
-    if always != Some(1) {
-        // The behaviour probe or the verifier refused splicing on this kernel: the
-        // stream relays in userspace, which this test is not about.
-        eprintln!("SKIPPED: kernel splice unavailable here (decisions: {always:?})");
+    if !spliced(admin).await {
         drop(successors);
         drop(old);
         return;
@@ -246,5 +261,75 @@ async fn spliced_websocket_survives_an_upgrade() {
     wait_in_flight(admin, 0).await;
     assert_eq!(successors.pids(), vec![new_pid], "exactly one new process");
     drop(successors);
+    drop(old);
+}
+
+/// One echo of message `i`: `Some(true)` when it came back intact, `None` when the
+/// stream failed or ended.
+async fn echo(ws: &mut Ws, i: u64) -> Option<bool> {
+    let msg = message(i);
+    ws.send(msg.clone()).await.ok()?;
+    let back = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.ok()??;
+    Some(back.ok()? == msg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handover_drains_as_before() {
+    sluice_tests::require_root!();
+    let replica = echo_replica().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rest = spliced_config(dir.path(), replica, "3s");
+    let old = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || SluiceProcess::start(Path::new(BIN), &dir, &rest)
+    })
+    .await
+    .unwrap();
+    let (proxy, admin, old_pid) = (old.proxy, old.admin, old.pid());
+    let pin_dir: PathBuf = old.pin_dir().to_owned();
+    let successors = Successors { pin_dir: pin_dir.clone(), old_pid };
+    let mut ws = ws_connect(proxy).await;
+    if !spliced(admin).await {
+        drop(successors);
+        drop(old);
+        return;
+    }
+    for i in 0..50 {
+        assert_eq!(echo(&mut ws, i).await, Some(true), "message {i} before the takeover");
+    }
+
+    // A takeover by a build that claims another handover protocol version (started by
+    // hand, as the DaemonSet's new pod would be, since `sluice upgrade` re-executes the
+    // same environment).
+    let mut new = Command::new(BIN)
+        .args(["run", "--takeover", "--config"])
+        .arg(dir.path().join("sluice.toml"))
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .env("SLUICE_HANDOVER_VERSION", "999")
+        .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while owner_pid(&pin_dir) != Some(new.id()) {
+        assert!(Instant::now() < deadline, "the new process did not take over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Today's behaviour: the stream stays on the draining old process, working, until
+    // the drain deadline cuts it.
+    for i in 50..70 {
+        assert_eq!(echo(&mut ws, i).await, Some(true), "message {i} on the draining process");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running(old_pid) {
+        assert!(Instant::now() < deadline, "the old process did not drain and exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(echo(&mut ws, 70).await, Some(true), "the stream outlived the old process");
+    assert_eq!(in_flight(admin).await, Some(0), "the new process adopted a refused stream");
+    drop(successors);
+    let _ = new.wait();
     drop(old);
 }
