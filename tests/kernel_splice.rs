@@ -232,3 +232,79 @@ fn behaviour_probe_passes_here_and_a_forced_failure_is_named() {
     let stats = k.dp.lock().unwrap().splice_stats().unwrap();
     assert!(stats.bytes > 0, "{stats:?}");
 }
+
+/// Removes a test pin directory (on bpffs) on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One round trip of `msg` through the pair.
+fn round_trip(client: &mut TcpStream, msg: &[u8]) {
+    client.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn a_spliced_pair_moves_to_a_process_sharing_the_maps() {
+    require_root!();
+    sluice_dataplane::sys::ensure_bpffs().expect("bpffs");
+    let pins = PinDir(format!("/sys/fs/bpf/sluice-handover-test-{}", std::process::id()).into());
+    let options = || DataplaneOptions { pin_dir: Some(pins.0.clone()) };
+    let old_dp = Arc::new(Mutex::new(Dataplane::load(options()).expect("load old")));
+    let old =
+        Kernel { watcher: SpliceWatcher::spawn(old_dp.clone()).expect("watcher"), dp: old_dp };
+    let (mut client, replica, old_end) = connect_through(&old, echo);
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 0..100u32 {
+        round_trip(&mut client, &i.to_be_bytes().repeat(1 + i as usize % 50));
+    }
+
+    // The successor: same pin dir, splice maps shared.
+    let new_dp = Arc::new(Mutex::new(Dataplane::load_for_takeover(options()).expect("load new")));
+    let new_watcher = SpliceWatcher::spawn(new_dp.clone()).expect("watcher");
+    let mut detached = old.watcher.detach_open();
+    assert_eq!(detached.len(), 1, "the open pair is given back");
+    let d = detached.pop().unwrap();
+    // A process with its own maps cannot adopt it.
+    let mut stranger = Dataplane::load(DataplaneOptions { pin_dir: None }).expect("load");
+    assert!(stranger.adopt_splice(&d.legs[0], &d.legs[1], d.pair.written_before()).is_err());
+    drop(stranger);
+    let [a, b] = d.legs;
+    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let pair =
+        new_dp.lock().unwrap().adopt_splice(&a2, &b2, d.pair.written_before()).expect("adopt");
+    let (tx, new_end) = mpsc::channel();
+    new_watcher.watch(
+        pair,
+        a2,
+        b2,
+        Box::new(move |end| {
+            let _ = tx.send(end);
+        }),
+    );
+    // The old process lets go: its copies closed, its end callback told, its data plane
+    // gone (leaving the pins to the successor).
+    drop((a, b));
+    (d.on_end)(SpliceEnd { a_to_b: 0, b_to_a: 0, clean: true });
+    assert!(old_end.recv_timeout(Duration::from_secs(1)).is_ok());
+    drop(old.watcher);
+    old.dp.lock().unwrap().release_pins();
+    drop(old.dp);
+
+    for i in 100..200u32 {
+        round_trip(&mut client, &i.to_be_bytes().repeat(1 + i as usize % 50));
+    }
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let end = new_end.recv_timeout(Duration::from_secs(10)).expect("the new watcher ends it");
+    assert!(end.clean, "{end:?}");
+    assert!(replica.join().unwrap() > 0);
+}

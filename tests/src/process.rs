@@ -50,6 +50,62 @@ pub fn owner_pid(pin_dir: &Path) -> Option<u32> {
     target.to_string_lossy().split_once('@')?.0.parse().ok()
 }
 
+/// Running and not a zombie.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, t)| t.trim_start().starts_with(['Z', 'X'])))
+        == Some(false)
+}
+
+/// The processes an upgrade started (the re-exec'd sluice is not the test's child): on
+/// drop (also when the test fails half-way), every process started on `pin_dir` other
+/// than `old_pid` (which the `SluiceProcess` handle owns) gets SIGTERM, then SIGKILL;
+/// drop it before that handle removes the pin dir.
+pub struct Successors {
+    /// The pin dir the processes were started with.
+    pub pin_dir: PathBuf,
+    /// The process the test started itself.
+    pub old_pid: u32,
+}
+
+impl Successors {
+    /// Live processes started on the pin dir, other than the test's own.
+    pub fn pids(&self) -> Vec<u32> {
+        let needle = self.pin_dir.as_os_str().as_encoded_bytes();
+        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+        procs
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != self.old_pid && running(pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        // By pid from here on: an exiting process's cmdline reads empty before it is
+        // reaped.
+        let pids = self.pids();
+        for signal in ["-TERM", "-KILL"] {
+            let alive: Vec<u32> = pids.iter().copied().filter(|p| running(*p)).collect();
+            if alive.is_empty() {
+                return;
+            }
+            for pid in &alive {
+                let _ = Command::new("kill").args([signal, &pid.to_string()]).status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive.iter().any(|p| running(*p)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// A running `sluice run`.
 pub struct SluiceProcess {
     child: Child,

@@ -34,7 +34,7 @@ pub use sluice_abi::{
     SteerStats, VipStats, hrw, names,
 };
 pub use sluice_abi::{Cidr, CidrError};
-pub use splice_watch::{OnSpliceEnd, SpliceEnd, SpliceWatcher};
+pub use splice_watch::{DetachedPair, OnSpliceEnd, SpliceEnd, SpliceWatcher};
 pub use steer::SteerGeneration;
 pub use vip::{VipMode, VipReplica};
 

@@ -75,10 +75,25 @@ impl Dataplane {
     /// here, and reusing an old sockhash can leave sockets that make inserts fail with
     /// EBUSY (docs/design.md, What bites).
     pub fn load(options: DataplaneOptions) -> Result<Dataplane, DataplaneError> {
+        Self::load_inner(options, false)
+    }
+
+    /// Like [`Dataplane::load`] for a process taking over from a running one on the same
+    /// pin directory: the splice maps pinned there are reused rather than replaced, so
+    /// that pairs the old process spliced can be handed over without leaving the
+    /// kernel path (see [`Dataplane::adopt_splice`]).
+    pub fn load_for_takeover(options: DataplaneOptions) -> Result<Dataplane, DataplaneError> {
+        Self::load_inner(options, true)
+    }
+
+    fn load_inner(
+        options: DataplaneOptions,
+        share_splice: bool,
+    ) -> Result<Dataplane, DataplaneError> {
         if options.pin_dir.is_some() {
             sys::ensure_bpffs()?;
         }
-        let ebpf = load_object(options.pin_dir.as_deref())?;
+        let ebpf = load_object(options.pin_dir.as_deref(), share_splice)?;
         let mut dp = Dataplane {
             ebpf,
             guard_links: Vec::new(),
@@ -289,9 +304,15 @@ impl Drop for Dataplane {
 /// maps by pin so the old and new process steer one SO_REUSEPORT group together.
 pub(crate) const SHARED_MAPS: [&str; 2] = [names::STEER_SOCKS, names::STEER_CONFIG];
 
+/// Maps a taking-over process shares with its predecessor (see
+/// [`DataplaneOptions::share_splice`]): a spliced pair's sockets stay in the same
+/// sockhash, its byte counts in the same pairing map, across the handover.
+pub(crate) const SPLICE_MAPS: [&str; 3] =
+    [names::SPLICE_SOCKS, names::SPLICE_PEERS, names::SPLICE_STATS];
+
 /// Loads the object; with a pin directory, the shared maps are reused from their pins
 /// (created and pinned when absent). A pin left by an incompatible build is replaced.
-fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
+fn load_object(pin_dir: Option<&Path>, share_splice: bool) -> Result<Ebpf, DataplaneError> {
     let Some(dir) = pin_dir else {
         return Ok(EbpfLoader::new().load(crate::object())?);
     };
@@ -303,9 +324,10 @@ fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
     }
     fs::create_dir_all(dir)
         .map_err(|e| DataplaneError::io(format!("creating {}", dir.display()), e))?;
+    let splice: &[&str] = if share_splice { &SPLICE_MAPS } else { &[] };
     let load = || {
         let mut loader = EbpfLoader::new();
-        for name in SHARED_MAPS {
+        for name in SHARED_MAPS.iter().chain(splice) {
             loader.map_pin_path(name, dir.join(name));
         }
         loader.load(crate::object())
@@ -313,8 +335,10 @@ fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
     match load() {
         Ok(ebpf) => Ok(ebpf),
         Err(e) => {
+            // The splice maps are then fresh too: a handover of spliced pairs sees a
+            // different sockhash and is refused (the pairs drain on the old process).
             warn!(error = %e, "shared maps could not be reused; replacing their pins");
-            for name in SHARED_MAPS {
+            for name in SHARED_MAPS.iter().chain(splice) {
                 let _ = fs::remove_file(dir.join(name));
             }
             Ok(load()?)

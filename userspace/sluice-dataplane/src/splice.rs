@@ -45,6 +45,14 @@ pub struct SplicedPair {
     b_written_before: u64,
 }
 
+impl SplicedPair {
+    /// Bytes written into legs A and B before the splice: what a process adopting the
+    /// pair needs (with the two sockets) to keep checking its drains.
+    pub fn written_before(&self) -> (u64, u64) {
+        (self.a_written_before, self.b_written_before)
+    }
+}
+
 fn sock_addrs(fd: BorrowedFd<'_>) -> io::Result<(SocketAddr, SocketAddr)> {
     let s = socket2::SockRef::from(&fd);
     let local =
@@ -211,6 +219,54 @@ impl Dataplane {
                 .map_err(|e| DataplaneError::io("splice: pushing queued bytes through", e))?;
         }
         Ok(pair)
+    }
+
+    /// Takes over a pair another process spliced into the same (shared, see
+    /// [`Dataplane::load_for_takeover`]) maps: nothing changes in the kernel, the bytes
+    /// keep flowing; this only checks that both sockets are there, paired with each
+    /// other, and makes sure this process's verdict program is attached for later
+    /// splices. `written_before` is [`SplicedPair::written_before`] of the old process.
+    pub fn adopt_splice(
+        &mut self,
+        a: impl AsFd,
+        b: impl AsFd,
+        written_before: (u64, u64),
+    ) -> Result<SplicedPair, DataplaneError> {
+        self.ensure_splice_attached()?;
+        let io = |e| DataplaneError::io("adopting a spliced pair: reading socket state", e);
+        let ka = sock_key(a.as_fd()).map_err(io)?;
+        let kb = sock_key(b.as_fd()).map_err(io)?;
+        let name = names::SPLICE_PEERS;
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let peers: HashMap<&MapData, SockKey, SplicePeer> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let peer_of = |k: &SockKey| match peers.get(k, 0) {
+            Ok(v) => Ok(Some(v.peer)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name)(e)),
+        };
+        if peer_of(&ka)? != Some(kb) || peer_of(&kb)? != Some(ka) {
+            return Err(DataplaneError::Unsupported(
+                "adopting a spliced pair: it is not paired in this process's splice maps".into(),
+            ));
+        }
+        Ok(SplicedPair {
+            a: ka,
+            b: kb,
+            a_written_before: written_before.0,
+            b_written_before: written_before.1,
+        })
+    }
+
+    /// The kernel's id of the splice sockhash: two processes that report the same id
+    /// share it, and can hand spliced pairs to each other.
+    pub fn splice_map_id(&self) -> Result<u32, DataplaneError> {
+        let name = names::SPLICE_SOCKS;
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::SockHash(m)) => Ok(m.info().map_err(map_err(name))?.id()),
+            Some(_) => Err(DataplaneError::Unsupported(format!("map {name} is not a sockhash"))),
+            None => Err(DataplaneError::MissingMap(name)),
+        }
     }
 
     /// Bytes the kernel redirected out of `from`'s peer so far.

@@ -7,6 +7,11 @@
 //! as a half-close of the other once the other has taken in every byte redirected to
 //! it; a reset on either leg resets the other. When both directions are done the pair
 //! is unspliced, both sockets are closed, and the owner is told how many bytes moved.
+//!
+//! For an upgrade, [`SpliceWatcher::detach_open`] gives back every pair whose both
+//! directions are still open, without unsplicing it: its sockets can then go to the new
+//! process, whose own watcher takes them over (registering a socket that already hung
+//! up reports the hang-up at once, so no close is missed in between).
 
 use std::{
     collections::HashMap,
@@ -43,6 +48,8 @@ pub struct SpliceEnd {
 pub type OnSpliceEnd = Box<dyn FnOnce(SpliceEnd) + Send>;
 
 struct Watched {
+    /// The owner's name for the pair (see [`SpliceWatcher::watch`]).
+    tag: u64,
     pair: SplicedPair,
     legs: [OwnedFd; 2],
     /// Direction finished: leg i's read side closed and passed on to the other leg.
@@ -53,8 +60,22 @@ struct Watched {
     on_end: Option<OnSpliceEnd>,
 }
 
+/// A pair taken back out of the watcher, still spliced (see
+/// [`SpliceWatcher::detach_open`]).
+pub struct DetachedPair {
+    /// The tag it was watched under.
+    pub tag: u64,
+    /// The pair, as the kernel paths know it.
+    pub pair: SplicedPair,
+    /// Legs A and B.
+    pub legs: [OwnedFd; 2],
+    /// The owner's end callback, not yet called.
+    pub on_end: OnSpliceEnd,
+}
+
 enum Cmd {
     Watch(Box<Watched>),
+    Detach(mpsc::Sender<Vec<DetachedPair>>),
     Stop,
 }
 
@@ -151,7 +172,21 @@ impl SpliceWatcher {
     /// Takes ownership of a spliced pair's sockets and watches them until both
     /// directions are closed; `on_end` runs on the watcher thread at the end.
     pub fn watch(&self, pair: SplicedPair, a: OwnedFd, b: OwnedFd, on_end: OnSpliceEnd) {
+        self.watch_tagged(0, pair, a, b, on_end);
+    }
+
+    /// [`SpliceWatcher::watch`], naming the pair `tag` for the owner: the tag comes back
+    /// with the pair from [`SpliceWatcher::detach_open`].
+    pub fn watch_tagged(
+        &self,
+        tag: u64,
+        pair: SplicedPair,
+        a: OwnedFd,
+        b: OwnedFd,
+        on_end: OnSpliceEnd,
+    ) {
         let w = Watched {
+            tag,
             pair,
             legs: [a, b],
             done: [false; 2],
@@ -162,6 +197,19 @@ impl SpliceWatcher {
         if self.cmds.send(Cmd::Watch(Box::new(w))).is_ok() {
             poke(&self.wake);
         }
+    }
+
+    /// Stops watching every pair whose both directions are still open and returns them,
+    /// still spliced and with their end callbacks not called: the caller now owns them
+    /// (to hand them to another process, or to [`SpliceWatcher::watch`] them again).
+    /// Pairs already half-closed stay and finish here.
+    pub fn detach_open(&self) -> Vec<DetachedPair> {
+        let (tx, rx) = mpsc::channel();
+        if self.cmds.send(Cmd::Detach(tx)).is_err() {
+            return Vec::new();
+        }
+        poke(&self.wake);
+        rx.recv().unwrap_or_default()
     }
 
     /// How many times the watcher thread woke up (for tests and metrics: it should
@@ -190,6 +238,7 @@ fn run(
 ) {
     let mut pairs: HashMap<u64, Watched> = HashMap::new();
     let mut next_id: u64 = 0;
+    // Tokens of the pairs' legs: pair id * 2 + leg (below the wake token).
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
     let interest = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLET) as u32;
     loop {
@@ -219,6 +268,28 @@ fn run(
                                 finish(w, &dp, false);
                             }
                             return;
+                        }
+                        Cmd::Detach(reply) => {
+                            let open: Vec<u64> = pairs
+                                .iter()
+                                .filter(|(_, w)| w.done == [false; 2] && w.pending == [None; 2])
+                                .map(|(id, _)| *id)
+                                .collect();
+                            let mut out = Vec::with_capacity(open.len());
+                            for id in open {
+                                let Some(mut w) = pairs.remove(&id) else { continue };
+                                for leg in &w.legs {
+                                    let _ = epoll_ctl(&ep, libc::EPOLL_CTL_DEL, leg, 0, 0);
+                                }
+                                let Some(on_end) = w.on_end.take() else { continue };
+                                out.push(DetachedPair {
+                                    tag: w.tag,
+                                    pair: w.pair,
+                                    legs: w.legs,
+                                    on_end,
+                                });
+                            }
+                            let _ = reply.send(out);
                         }
                         Cmd::Watch(w) => {
                             let id = next_id;

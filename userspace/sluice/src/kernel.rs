@@ -68,7 +68,9 @@ impl Kernel {
 
 /// Probes the kernel and loads the data plane. Must run inside a multi-threaded Tokio
 /// runtime (the kernel log bridge is a task; the behaviour probe blocks briefly).
-pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>) -> Result<Kernel> {
+/// `takeover`: this process replaces a running one on the same pin directory, whose
+/// splice maps it then shares (so spliced streams can be handed over).
+pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>, takeover: bool) -> Result<Kernel> {
     let report = probe::probe();
     if let Some(missing) = report.summary_of_missing() {
         if require_ebpf {
@@ -77,7 +79,9 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>) -> Result<Kernel> {
         warn!(%missing, "kernel data plane incomplete; serving those paths in userspace");
     }
     let options = DataplaneOptions { pin_dir };
-    let dataplane = match Dataplane::load(options) {
+    let loaded =
+        if takeover { Dataplane::load_for_takeover(options) } else { Dataplane::load(options) };
+    let dataplane = match loaded {
         Ok(mut dp) => {
             if let Err(e) = dp.start_kernel_logs() {
                 warn!(error = %e, "kernel logs will not be forwarded");

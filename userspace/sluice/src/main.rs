@@ -10,6 +10,7 @@ mod ctl;
 mod demo;
 mod etcd_args;
 mod guard;
+mod handover;
 mod kernel;
 mod local_redirect;
 mod logging;

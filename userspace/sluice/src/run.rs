@@ -197,7 +197,7 @@ pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) 
     // Before the pin dir is touched: refuses a second sluice beside a live one.
     let mut handover = crate::upgrade::Handover::begin(&pin_dir)?;
     // Kept alive for the whole run: dropping it detaches the kernel programs.
-    let kernel = crate::kernel::start(require_ebpf, Some(pin_dir))?;
+    let kernel = crate::kernel::start(require_ebpf, Some(pin_dir), handover.replaces_another())?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
     let table = RoutingTable::new(cfg.node.clone());
     let stop = Arc::new(Notify::new());
@@ -241,7 +241,11 @@ pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) 
         && kernel.splice_usable()
     {
         match crate::splice::KernelSplice::new(dp.clone(), cfg.splice, decisions) {
-            Ok(splice) => server.set_handoff(Arc::new(splice)),
+            Ok(splice) => {
+                let splice = Arc::new(splice);
+                handover.set_splice(splice.clone());
+                server.set_handoff(splice);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "kernel splice unavailable; relaying in userspace")
             }

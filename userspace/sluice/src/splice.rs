@@ -11,15 +11,20 @@
 //! written. Bytes that arrived in the kernel but were not read yet are carried by the
 //! splice itself (the data plane's RCVLOWAT kick), so nothing is lost, duplicated or
 //! reordered.
+//!
+//! On an upgrade the spliced pairs move to the new process (see [`crate::handover`]):
+//! both processes use the same pinned sockhash, so a pair never leaves the kernel path;
+//! only its sockets, its accounting and its close watching change hands.
 
 use std::{
+    collections::HashMap,
     future::poll_fn,
     io,
-    os::fd::OwnedFd,
+    os::fd::{AsFd, OwnedFd},
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
     time::Instant,
@@ -27,14 +32,16 @@ use std::{
 
 use futures_util::future::BoxFuture;
 use hyper_util::rt::TokioIo;
-use sluice_dataplane::{Dataplane, SpliceWatcher};
-use sluice_proxy::{OpaqueStream, OpaqueStreamHandoff, into_tcp};
-use sluice_routing::SpliceMode;
+use sluice_dataplane::{Dataplane, DetachedPair, SpliceEnd, SpliceWatcher, splice::Leg};
+use sluice_proxy::{Metrics, OpaqueStream, OpaqueStreamHandoff, into_tcp};
+use sluice_routing::{InFlightGuard, RoutingTable, SpliceMode};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use crate::handover::{Channel, Msg, SpliceOffer};
 
 use crate::splice_policy::{
     Decision, Decisions, Observer, PolicyConfig, SpliceConfig, Verdict, effective_mode,
@@ -58,6 +65,31 @@ struct Inner {
     node_mode: SpliceMode,
     policy: PolicyConfig,
     decisions: Arc<Decisions>,
+    /// Names the watched pairs (see [`SpliceWatcher::watch_tagged`]).
+    tags: AtomicU64,
+    /// What a handover needs to know of each watched pair, by tag.
+    live: Arc<Mutex<HashMap<u64, Accounted>>>,
+    /// Pairs offered to a successor that never answered: it may hold them, so they are
+    /// neither watched nor unspliced here, only kept open until this process exits.
+    limbo: Mutex<Vec<DetachedPair>>,
+}
+
+/// Whom a spliced pair counts against.
+#[derive(Clone)]
+struct Accounted {
+    server: String,
+    replica: String,
+    /// Bytes userspace moved each way before the splice.
+    moved: (u64, u64),
+}
+
+/// What a handover of spliced pairs did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exported {
+    /// Pairs the new process now holds.
+    pub handed: usize,
+    /// Pairs that stay here and drain (refused, or the channel failed).
+    pub kept: usize,
 }
 
 impl KernelSplice {
@@ -78,6 +110,9 @@ impl KernelSplice {
                 node_mode: config.mode,
                 policy: config.policy(),
                 decisions,
+                tags: AtomicU64::new(1),
+                live: Arc::default(),
+                limbo: Mutex::default(),
             }),
         })
     }
@@ -88,6 +123,7 @@ impl OpaqueStreamHandoff for KernelSplice {
         let this = self.inner.clone();
         Box::pin(async move {
             let OpaqueStream { client, upstream, server, replica, splice, .. } = stream;
+            let who = (server.clone(), replica.clone());
             let mode = effective_mode(this.node_mode, splice);
             match (into_tcp(client), into_tcp(upstream)) {
                 (Ok((mut c, c_buf)), Ok((mut u, u_buf))) => {
@@ -102,7 +138,7 @@ impl OpaqueStreamHandoff for KernelSplice {
                             let (up, down, _) = relay_loop(&mut c, &mut u, None).await?;
                             Ok((up + pre.0, down + pre.1))
                         }
-                        SpliceMode::Always => this.splice(c, u, pre, Decision::Always).await,
+                        SpliceMode::Always => this.splice(c, u, pre, Decision::Always, who).await,
                         SpliceMode::Auto => {
                             let mut observer = Observer::new(this.policy);
                             let (up, down, switch) =
@@ -115,7 +151,7 @@ impl OpaqueStreamHandoff for KernelSplice {
                                     window = ?observer.last_window(),
                                     "splice policy: stream looks latency-bound; splicing"
                                 );
-                                this.splice(c, u, moved, Decision::AutoSpliced).await
+                                this.splice(c, u, moved, Decision::AutoSpliced, who).await
                             } else {
                                 debug!(
                                     %server, %replica, up = moved.0, down = moved.1,
@@ -168,6 +204,7 @@ impl Inner {
         u: TcpStream,
         pre: (u64, u64),
         decision: Decision,
+        (server, replica): (String, String),
     ) -> io::Result<(u64, u64)> {
         let (c_std, u_std) = (c.into_std()?, u.into_std()?);
         let spliced = self
@@ -180,11 +217,16 @@ impl Inner {
                 self.decisions.count(decision);
                 debug!(decision = decision.label(), "opaque stream spliced in the kernel");
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                self.watcher.watch(
+                let tag = self.tags.fetch_add(1, Ordering::Relaxed);
+                self.lock_live().insert(tag, Accounted { server, replica, moved: pre });
+                let live = self.live.clone();
+                self.watcher.watch_tagged(
+                    tag,
                     pair,
                     OwnedFd::from(c_std),
                     OwnedFd::from(u_std),
                     Box::new(move |end| {
+                        forget(&live, tag);
                         let _ = tx.send(end);
                     }),
                 );
@@ -202,6 +244,171 @@ impl Inner {
                 Ok((up + pre.0, down + pre.1))
             }
         }
+    }
+}
+
+impl Inner {
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Accounted>> {
+        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn forget(live: &Mutex<HashMap<u64, Accounted>>, tag: u64) {
+    live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&tag);
+}
+
+impl KernelSplice {
+    /// The kernel id of the splice sockhash this process uses, for the handover hello.
+    pub fn map_id(&self) -> Option<u32> {
+        self.inner.dp.lock().ok()?.splice_map_id().ok()
+    }
+
+    /// The old process's side of a handover (blocking): offers every spliced pair
+    /// whose both directions are open to the new process, one at a time, and closes its
+    /// copies of a pair's sockets once the new process has acknowledged it. A pair the
+    /// new process refuses goes back to this process's watcher and drains here.
+    pub fn export(&self, ch: &Channel) -> Exported {
+        let inner = &self.inner;
+        let mut out = Exported::default();
+        let mut broken = false;
+        for d in inner.watcher.detach_open() {
+            let accounted = inner.lock_live().get(&d.tag).cloned();
+            let Some(acc) = accounted.filter(|_| !broken) else {
+                self.rewatch(d);
+                out.kept += 1;
+                continue;
+            };
+            let offer = SpliceOffer {
+                tag: d.tag,
+                server: acc.server,
+                replica: acc.replica,
+                written_before: d.pair.written_before(),
+                moved: acc.moved,
+            };
+            if let Err(e) = ch.send(&Msg::Splice(offer), &[d.legs[0].as_fd(), d.legs[1].as_fd()]) {
+                warn!(error = %e, "handover: offering a spliced pair failed; it drains here");
+                broken = true;
+                self.rewatch(d);
+                out.kept += 1;
+                continue;
+            }
+            match ch.recv() {
+                Ok((Msg::Ack { tag, adopted: true, .. }, _)) if tag == d.tag => {
+                    self.handed_over(d);
+                    out.handed += 1;
+                }
+                Ok((Msg::Ack { tag, adopted: false, error }, _)) if tag == d.tag => {
+                    warn!(error = ?error, "handover: the new process refused a spliced pair");
+                    self.rewatch(d);
+                    out.kept += 1;
+                }
+                other => {
+                    // It has the sockets and may be watching them: unsplicing or
+                    // closing them here could cut its stream, so they wait for exit.
+                    warn!(answer = ?other.map(|(m, _)| m), "handover: no clear answer");
+                    broken = true;
+                    inner.limbo.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(d);
+                    out.kept += 1;
+                }
+            }
+        }
+        if !broken {
+            let _ = ch.send(&Msg::Done, &[]);
+        }
+        out
+    }
+
+    fn rewatch(&self, d: DetachedPair) {
+        let [a, b] = d.legs;
+        self.inner.watcher.watch_tagged(d.tag, d.pair, a, b, d.on_end);
+    }
+
+    /// The new process holds the pair: close this process's copies (the sockets stay
+    /// open, and spliced, through the new process's) and end the stream here.
+    fn handed_over(&self, d: DetachedPair) {
+        let DetachedPair { tag, pair, legs, on_end } = d;
+        let (a_to_b, b_to_a) = match self.inner.dp.lock() {
+            Ok(dp) => (
+                dp.spliced_bytes(&pair, Leg::A).unwrap_or(0),
+                dp.spliced_bytes(&pair, Leg::B).unwrap_or(0),
+            ),
+            Err(_) => (0, 0),
+        };
+        drop(legs);
+        forget(&self.inner.live, tag);
+        debug!(a_to_b, b_to_a, "spliced stream handed over");
+        on_end(SpliceEnd { a_to_b, b_to_a, clean: true });
+    }
+
+    /// The new process's side: takes a pair offered by the old process into this
+    /// process's close watcher and in-flight accounting. The pair stays spliced
+    /// throughout (both processes share the sockhash).
+    pub fn adopt(
+        &self,
+        offer: &SpliceOffer,
+        fds: Vec<OwnedFd>,
+        table: &RoutingTable,
+        metrics: &Arc<Metrics>,
+    ) -> Result<(), String> {
+        let [a, b]: [OwnedFd; 2] =
+            fds.try_into().map_err(|v: Vec<_>| format!("{} descriptors, not 2", v.len()))?;
+        let inner = &self.inner;
+        let pair = inner
+            .dp
+            .lock()
+            .map_err(|_| "data plane lock poisoned".to_owned())?
+            .adopt_splice(&a, &b, offer.written_before)
+            .map_err(|e| e.to_string())?;
+        let guard = count_in_flight(table, &offer.server, &offer.replica);
+        if guard.is_none() {
+            warn!(server = %offer.server, "adopted a spliced stream of a server this process does not route");
+        }
+        metrics.opaque_streams_open.inc();
+        let tag = inner.tags.fetch_add(1, Ordering::Relaxed);
+        inner.lock_live().insert(
+            tag,
+            Accounted {
+                server: offer.server.clone(),
+                replica: offer.replica.clone(),
+                moved: offer.moved,
+            },
+        );
+        let (live, metrics) = (inner.live.clone(), metrics.clone());
+        let moved = offer.moved;
+        inner.watcher.watch_tagged(
+            tag,
+            pair,
+            a,
+            b,
+            Box::new(move |end| {
+                drop(guard);
+                metrics.opaque_streams_open.dec();
+                forget(&live, tag);
+                debug!(
+                    up = end.a_to_b + moved.0,
+                    down = end.b_to_a + moved.1,
+                    clean = end.clean,
+                    "adopted spliced stream closed"
+                );
+            }),
+        );
+        Ok(())
+    }
+}
+
+/// Counts an adopted stream in flight like one this process routed: against its
+/// server and, when this process routes it too, its replica.
+fn count_in_flight(table: &RoutingTable, server: &str, replica: &str) -> Option<InFlightGuard> {
+    let snap = table.load_full();
+    let s = snap.server(server)?;
+    let stats = s.replicas.iter().find(|r| r.id == replica).map(|r| r.stats.clone());
+    Some(InFlightGuard::new(s.stats.clone(), stats.unwrap_or_default()))
+}
+
+/// Logs what a handover of spliced pairs did.
+pub fn log_export(e: Exported) {
+    if e.handed + e.kept > 0 {
+        info!(handed = e.handed, kept = e.kept, "spliced streams handed to the new process");
     }
 }
 

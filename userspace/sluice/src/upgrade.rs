@@ -13,6 +13,10 @@
 //! whatever was still queued on them to the new listeners (the program is attached in
 //! select-or-migrate mode, which migrates whatever `net.ipv4.tcp_migrate_req` says).
 //!
+//! Before it activates, the new process connects to the old one's handover channel
+//! ([`crate::handover`]); when their hellos agree, the old process, once superseded,
+//! passes its spliced streams over that channel instead of draining them.
+//!
 //! Without kernel steering the same handover runs degraded: the old process learns of
 //! its successor from the owner record only, and connections still queued on its
 //! listeners when it closes them may be reset (unless `net.ipv4.tcp_migrate_req = 1`).
@@ -36,7 +40,11 @@ use sluice_routing::{RoutingTable, model::ReplicaState, snapshot::Health};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::kernel::Kernel;
+use crate::{
+    handover::{Agreement, Channel, ChannelError, ChannelListener, Hello, Msg, socket_path},
+    kernel::Kernel,
+    splice::KernelSplice,
+};
 
 /// How often a serving process checks whether a successor took over: cheap (one map
 /// lookup and one readlink), and short next to any drain deadline.
@@ -47,6 +55,10 @@ const RECORD: &str = "owner";
 
 /// Longest a taking-over process waits for its routing to be complete.
 const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest the new process waits on the handover channel for the old process's next
+/// message (it offers its streams once it sees the new process active, within a poll).
+const RECEIVE_WAIT: Duration = Duration::from_secs(30);
 
 /// `--takeover`: this start is an intended takeover of a running sluice.
 static TAKEOVER: AtomicBool = AtomicBool::new(false);
@@ -172,6 +184,12 @@ pub struct Handover {
     /// This process's active steering generation.
     steer: Option<(Arc<Mutex<Dataplane>>, SteerGeneration)>,
     superseded: bool,
+    /// Where this process's successor connects.
+    listener: Option<ChannelListener>,
+    /// The agreed channel to a successor, with its hello.
+    successor_channel: Option<(Channel, Hello, Agreement)>,
+    /// The kernel splice, whose pairs a handover moves.
+    splice: Option<Arc<KernelSplice>>,
 }
 
 impl Handover {
@@ -228,7 +246,20 @@ impl Handover {
             usr2,
             steer: None,
             superseded: false,
+            listener: None,
+            successor_channel: None,
+            splice: None,
         })
+    }
+
+    /// The kernel splice whose pairs an upgrade hands over (and into which the pairs of
+    /// the process this one replaces are adopted).
+    pub fn set_splice(&mut self, splice: Arc<KernelSplice>) {
+        self.splice = Some(splice);
+    }
+
+    fn hello(&self) -> Hello {
+        Hello::mine(self.splice.as_ref().and_then(|s| s.map_id()))
     }
 
     /// Whether this process is replacing a running sluice: kernel attachments that one
@@ -252,6 +283,12 @@ impl Handover {
         if self.previous.is_some() || TAKEOVER.load(Ordering::Relaxed) {
             wait_until_routable(table, routed).await;
         }
+        // Agreed before this process becomes active, so the old one knows, when it sees
+        // a successor, whether to hand its streams over or drain them.
+        let predecessor = match &self.previous {
+            Some(prev) => connect_predecessor(prev.clone(), self.hello()).await,
+            None => None,
+        };
         let fds = server.listener_fds();
         if let Some(dp) = &kernel.dataplane
             && kernel.report.has(Feature::SkReuseport)
@@ -293,6 +330,24 @@ impl Handover {
                 );
             }
         }
+        if let Some(ch) = predecessor {
+            let (splice, table, metrics) = (self.splice.clone(), table.clone(), server.metrics());
+            let spawned = std::thread::Builder::new()
+                .name("sluice-handover".into())
+                .spawn(move || receive(&ch, splice.as_deref(), &table, &metrics));
+            if let Err(e) = spawned {
+                warn!(error = %e, "handover: no receiver thread; the old process's streams drain");
+            }
+        }
+        let path = socket_path(self.me.pid, self.me.ns);
+        match ChannelListener::bind(&path) {
+            Ok(l) => self.listener = Some(l),
+            Err(e) => warn!(
+                error = %e,
+                path = %path.display(),
+                "no handover channel: at the next upgrade established streams drain"
+            ),
+        }
         match write_owner(&self.pin_dir, &self.me) {
             Ok(path) => {
                 info!(
@@ -322,9 +377,11 @@ impl Handover {
             tokio::select! {
                 () = &mut term => return,
                 _ = tick.tick() => {
+                    self.poll_channel().await;
                     if let Some(why) = self.successor() {
                         info!("{why}: draining and handing over");
                         self.superseded = true;
+                        self.hand_over_streams().await;
                         return;
                     }
                 }
@@ -349,6 +406,71 @@ impl Handover {
                     child = None;
                 }
             }
+        }
+    }
+
+    /// The old side of the hello, for a successor that connected since the last tick:
+    /// one that agrees is remembered for the handover; one that does not leaves this
+    /// process's streams to drain.
+    async fn poll_channel(&mut self) {
+        let ch = match self.listener.as_ref().map(ChannelListener::try_accept) {
+            Some(Ok(Some(ch))) => ch,
+            Some(Ok(None)) | None => return,
+            Some(Err(e)) => {
+                warn!(error = %e, "handover channel: accept failed");
+                return;
+            }
+        };
+        let mine = self.hello();
+        let agreed =
+            tokio::task::spawn_blocking(move || ch.handshake(&mine).map(|(h, a)| (ch, h, a))).await;
+        match agreed {
+            Ok(Ok((ch, theirs, agreement))) => {
+                info!(
+                    pid = theirs.pid,
+                    splice = agreement.splice,
+                    "handover channel agreed with the new process"
+                );
+                self.successor_channel = Some((ch, theirs, agreement));
+            }
+            Ok(Err(e)) => warn!(error = %e, "established connections will drain at the upgrade"),
+            Err(e) => warn!(error = %e, "handover channel: handshake task failed"),
+        }
+    }
+
+    /// Passes the spliced streams to the successor over the agreed channel, if any.
+    async fn hand_over_streams(&mut self) {
+        let Some((ch, theirs, agreement)) = self.successor_channel.take() else {
+            info!("no handover channel with the new process: established streams drain");
+            return;
+        };
+        // The process that became active must be the one that said hello.
+        if let Some(owner) = read_owner(&self.pin_dir)
+            && owner != self.me
+            && owner.pid != theirs.pid
+        {
+            warn!(
+                active = owner.pid,
+                channel = theirs.pid,
+                "the active process is not the one on the handover channel: streams drain"
+            );
+            return;
+        }
+        let splice = self.splice.clone().filter(|_| agreement.splice);
+        let done = tokio::task::spawn_blocking(move || match splice {
+            Some(s) => Some(s.export(&ch)),
+            None => {
+                let _ = ch.send(&Msg::Done, &[]);
+                None
+            }
+        })
+        .await;
+        match done {
+            Ok(Some(exported)) => crate::splice::log_export(exported),
+            Ok(None) => info!(
+                "the new process does not share this process's splice maps: spliced                  streams drain"
+            ),
+            Err(e) => warn!(error = %e, "handover task failed"),
         }
     }
 
@@ -456,6 +578,85 @@ fn activate(
         "this process is the active listener generation"
     );
     Ok(generation)
+}
+
+/// The new side of the hello, to the process `prev`: `None` (with the reason logged)
+/// means its established streams drain as without a channel.
+async fn connect_predecessor(prev: Owner, mine: Hello) -> Option<Channel> {
+    let path = socket_path(prev.pid, prev.ns);
+    let res = tokio::task::spawn_blocking(move || {
+        let ch = Channel::connect(&path)?;
+        ch.handshake(&mine).map(|(_, agreement)| (ch, agreement))
+    })
+    .await;
+    match res {
+        Ok(Ok((ch, agreement))) => {
+            info!(pid = prev.pid, splice = agreement.splice, "handover channel agreed");
+            Some(ch)
+        }
+        Ok(Err(e)) => {
+            info!(
+                pid = prev.pid,
+                error = %e,
+                "no handover with the old process: its established streams drain"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "handover channel: connect task failed");
+            None
+        }
+    }
+}
+
+/// The new process's receiver (blocking, on its own thread): adopts every pair the old
+/// process offers and acknowledges each, until the old process is done.
+fn receive(
+    ch: &Channel,
+    splice: Option<&KernelSplice>,
+    table: &RoutingTable,
+    metrics: &Arc<sluice_proxy::Metrics>,
+) {
+    let deadline = Instant::now() + RECEIVE_WAIT;
+    let (mut adopted, mut refused) = (0u64, 0u64);
+    loop {
+        match ch.recv() {
+            Ok((Msg::Splice(offer), fds)) => {
+                let res = match splice {
+                    Some(s) => s.adopt(&offer, fds, table, metrics),
+                    None => Err("this process does not splice".to_owned()),
+                };
+                let ack = match res {
+                    Ok(()) => {
+                        adopted += 1;
+                        Msg::Ack { tag: offer.tag, adopted: true, error: None }
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        warn!(error = %e, server = %offer.server, "handover: not adopting a spliced stream");
+                        Msg::Ack { tag: offer.tag, adopted: false, error: Some(e) }
+                    }
+                };
+                if let Err(e) = ch.send(&ack, &[]) {
+                    warn!(error = %e, "handover: acknowledging failed");
+                    break;
+                }
+            }
+            Ok((Msg::Done, _)) | Err(ChannelError::Closed) => break,
+            Ok((other, _)) => {
+                warn!(message = ?other, "handover: unexpected message");
+                break;
+            }
+            Err(ChannelError::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+                    && Instant::now() < deadline => {}
+            Err(e) => {
+                warn!(error = %e, "handover: channel failed");
+                break;
+            }
+        }
+    }
+    info!(adopted, refused, "handover from the old process complete");
 }
 
 async fn recv(sig: &mut Option<Signal>) -> Option<()> {

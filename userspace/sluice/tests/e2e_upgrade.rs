@@ -25,7 +25,7 @@ use hyper_util::{
     },
     rt::TokioExecutor,
 };
-use sluice_tests::process::{SluiceProcess, http_get, owner_pid};
+use sluice_tests::process::{SluiceProcess, Successors, http_get, owner_pid, running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOST: &str = "hello.r1.example.test";
@@ -78,59 +78,6 @@ impl tower_service::Service<Name> for ToProxy {
 
     fn call(&mut self, _: Name) -> Self::Future {
         std::future::ready(Ok(std::iter::once(self.0)))
-    }
-}
-
-/// Running and not a zombie.
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, t)| t.trim_start().starts_with(['Z', 'X'])))
-        == Some(false)
-}
-
-/// The re-exec'd sluice is not this test's child: on drop (also when the test fails
-/// half-way), every process started on this test's pin dir other than the one the
-/// `SluiceProcess` handle owns gets SIGTERM, then SIGKILL; before that handle removes
-/// the pin dir.
-struct Successors {
-    pin_dir: PathBuf,
-    old_pid: u32,
-}
-
-impl Successors {
-    fn pids(&self) -> Vec<u32> {
-        let needle = self.pin_dir.as_os_str().as_encoded_bytes();
-        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
-        procs
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| pid != self.old_pid && running(pid))
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Successors {
-    fn drop(&mut self) {
-        // By pid from here on: an exiting process's cmdline reads empty before it is
-        // reaped.
-        let pids = self.pids();
-        for signal in ["-TERM", "-KILL"] {
-            let alive: Vec<u32> = pids.iter().copied().filter(|p| running(*p)).collect();
-            if alive.is_empty() {
-                return;
-            }
-            for pid in &alive {
-                let _ = Command::new("kill").args([signal, &pid.to_string()]).status();
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while alive.iter().any(|p| running(*p)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
     }
 }
 
