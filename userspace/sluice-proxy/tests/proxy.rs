@@ -580,6 +580,40 @@ async fn header_and_uri_limits() {
     assert_eq!(r.hits(), 0);
 }
 
+/// The HTTP/1.1 idle timer is armed once per connection: a connection kept busy for
+/// longer than `connection_idle` in total must stay open (the early firing re-arms), and
+/// still close once it really goes quiet.
+#[tokio::test]
+async fn busy_connection_outlives_its_first_idle_deadline() {
+    let r = hello("a", Protocol::Http1).await;
+    let mut c = cfg();
+    c.timeouts.connection_idle = Duration::from_secs(1);
+    let h = start(c, doc(&[("a", r.addr, Protocol::Http1)])).await;
+    let mut tcp = TcpStream::connect(h.addr()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let t0 = Instant::now();
+    let mut sent = 0;
+    while t0.elapsed() < Duration::from_millis(1600) {
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: hello.r1.example.test\r\n\r\n").await.unwrap();
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "request {sent}");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let quiet = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle h1 connection not closed");
+    assert!(quiet.elapsed() >= Duration::from_millis(800), "closed early: {:?}", quiet.elapsed());
+}
+
 #[tokio::test]
 async fn idle_connection_closed() {
     let r = hello("a", Protocol::Http1).await;
