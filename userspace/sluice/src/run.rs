@@ -224,6 +224,13 @@ pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) 
             cfg.proxy.unknown_domain_status
         );
     }
+    // Certificates that servers name by file are re-read when their files change.
+    let s = stop.clone();
+    sluice_routing::cert::spawn_file_watcher(
+        table.clone(),
+        sluice_routing::cert::DEFAULT_FILE_POLL_INTERVAL,
+        async move { s.notified().await },
+    );
     let routed = cfg.etcd.is_some() || cfg.routes.file.is_some();
     let mut server = Server::bind(cfg.proxy, table.clone()).await?;
     crate::admin::install(&mut server, &table, store);

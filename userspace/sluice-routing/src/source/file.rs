@@ -154,15 +154,22 @@ pub fn load_validated(
 /// Load `path`, validate it and replace the table's contents at generation + 1. Returns the
 /// new generation. On error the table is unchanged.
 pub fn load_into(table: &RoutingTable, path: impl AsRef<Path>) -> Result<u64, SourceError> {
-    let doc = load_validated(path, table.load().node())?;
+    let files = load_files(path.as_ref())?;
+    let doc = merge(&files);
+    validate::validate_doc(table.load().node(), &doc).map_err(|e| located(&files, e))?;
     let generation = table.generation() + 1;
-    // Validated above against the same node config, so this cannot fail; map it anyway.
-    table.replace(doc, generation).map_err(|e| {
-        SourceError::Invalid(
-            e.errors.into_iter().map(|error| LocatedError { location: None, error }).collect(),
-        )
-    })?;
+    // Certificates are parsed and checked here, as the snapshot is built.
+    table.replace(doc, generation).map_err(|e| located(&files, e))?;
     Ok(generation)
+}
+
+fn located(files: &[Loaded], e: validate::ValidationError) -> SourceError {
+    SourceError::Invalid(
+        e.errors
+            .into_iter()
+            .map(|error| LocatedError { location: locate(files, &error), error })
+            .collect(),
+    )
 }
 
 /// Per-field spans of one file's objects, from a second, lenient parse.
@@ -219,6 +226,14 @@ fn find_key(text: &str, key: &str) -> Option<usize> {
         let trimmed = line.trim_start();
         if let Some(rest) = trimmed.strip_prefix(key)
             && rest.trim_start().starts_with('=')
+        {
+            return Some(offset + (line.len() - trimmed.len()));
+        }
+        // A nested table or array of tables: `[[servers.certificates]]`.
+        let header = trimmed.trim_start_matches('[');
+        if header.len() < trimmed.len()
+            && header.split(']').next().and_then(|h| h.rsplit('.').next()).map(str::trim)
+                == Some(key)
         {
             return Some(offset + (line.len() - trimmed.len()));
         }
