@@ -71,10 +71,10 @@ pub struct ListenerCerts {
 
 impl ListenerCerts {
     /// Loads the certificates of every TLS listener in `cfg` that this server also has
-    /// (matched by configured address) and swaps them in, all or none: on an error nothing
-    /// changes. Returns the addresses whose certificates were replaced.
-    pub fn reload(&self, cfg: &ProxyConfig) -> Result<Vec<SocketAddr>, ConfigError> {
-        let mut loaded = Vec::new();
+    /// (matched by configured address), without swapping anything in yet: on an error
+    /// nothing changes.
+    pub fn prepare(&self, cfg: &ProxyConfig) -> Result<PreparedCerts, ConfigError> {
+        let mut sets = Vec::new();
         let mut summaries = Vec::new();
         for (addr, set) in self.sets.iter() {
             let Some(tls) =
@@ -96,22 +96,38 @@ impl ListenerCerts {
             }
             let (resolver, certs) = result?;
             summaries.extend(certs);
-            loaded.push((*addr, set, resolver));
+            sets.push((*addr, set.clone(), resolver));
         }
-        let mut done = Vec::with_capacity(loaded.len());
-        for (addr, set, resolver) in loaded {
+        Ok(PreparedCerts { sets, summaries, owner: self.clone() })
+    }
+}
+
+/// Listener certificates loaded by [`ListenerCerts::prepare`], not yet serving.
+#[derive(Debug)]
+pub struct PreparedCerts {
+    sets: Vec<(SocketAddr, Arc<arc_swap::ArcSwap<tls::SniResolver>>, tls::SniResolver)>,
+    summaries: Vec<tls::CertSummary>,
+    owner: ListenerCerts,
+}
+
+impl PreparedCerts {
+    /// Swaps the loaded certificates in (new handshakes use them; those in flight finish
+    /// with the set they started with). Returns the listeners whose set was replaced.
+    pub fn apply(self) -> Vec<SocketAddr> {
+        let mut done = Vec::with_capacity(self.sets.len());
+        for (addr, set, resolver) in self.sets {
             set.store(Arc::new(resolver));
             done.push(addr);
         }
-        if let Some(r) = &self.routing {
-            for _ in &summaries {
+        if let Some(r) = &self.owner.routing {
+            for _ in &self.summaries {
                 r.load().certificate_counters().record_load();
             }
         }
-        if let Some(m) = &self.metrics {
-            m.set_certificates(summaries);
+        if let Some(m) = &self.owner.metrics {
+            m.set_certificates(self.summaries);
         }
-        Ok(done)
+        done
     }
 }
 

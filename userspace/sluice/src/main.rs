@@ -13,6 +13,7 @@ mod guard;
 mod kernel;
 mod local_redirect;
 mod logging;
+mod reload;
 mod run;
 mod splice;
 mod splice_policy;
