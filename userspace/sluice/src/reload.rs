@@ -63,18 +63,30 @@ pub(crate) struct Reloader {
 
 impl Reloader {
     /// Reloads on every SIGHUP until the process ends.
-    pub(crate) fn spawn(mut self) -> Result<()> {
+    pub(crate) fn spawn(self) -> Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         tokio::spawn(async move {
+            let mut reloader = self;
             while hup.recv().await.is_some() {
-                match self.reload() {
-                    Ok(()) => {}
-                    Err(e) => tracing::error!(
-                        path = %self.path.display(),
+                // Reading files and loading a routing document are blocking work, kept off
+                // the runtime's (possibly only) worker.
+                let done = tokio::task::spawn_blocking(move || {
+                    let result = reloader.reload();
+                    (reloader, result)
+                })
+                .await;
+                let Ok((r, result)) = done else {
+                    tracing::error!("config reload task failed; SIGHUP reloads stop");
+                    return;
+                };
+                reloader = r;
+                if let Err(e) = result {
+                    tracing::error!(
+                        path = %reloader.path.display(),
                         error = format!("{e:#}"),
                         "config reload refused; the running config stays"
-                    ),
+                    );
                 }
             }
         });
