@@ -92,7 +92,7 @@ pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<CertifiedKe
     };
     let (chain, key) = (read(cert_pem)?, read(key_pem)?);
     cert::parse_pem(&chain, &key).map_err(|e| match e {
-        CertError::Parse(m) if m == "no private key" => {
+        CertError::NoPrivateKey => {
             ConfigError::Tls(format!("{}: no private key", key_pem.display()))
         }
         e => ConfigError::Tls(format!("{}: {e}", cert_pem.display())),
@@ -107,9 +107,9 @@ pub fn certified_key(
     cert::certified_key(certs, key).map_err(|e| ConfigError::Tls(e.to_string()))
 }
 
-/// The listener certificates in the order SNI picks them, and how the handshake chooses
-/// among them and the routing state's: exact name (a server's certificate, then the
-/// listener's), then the listener's wildcard, then its default.
+/// A TLS listener's certificate resolver: per handshake, the exact SNI name (a server's
+/// certificate from the routing state, then the listener's), then the listener's
+/// wildcard, then its default.
 ///
 /// The listener's set sits behind an `ArcSwap` so a config reload can replace it; the
 /// routing state's is read from the current snapshot. Both are lock-free loads: a

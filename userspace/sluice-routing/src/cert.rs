@@ -44,6 +44,9 @@ pub enum CertError {
     /// The chain or the key is not valid PEM / DER, or the key type is unsupported.
     #[error("{0}")]
     Parse(String),
+    /// The key text holds no private key.
+    #[error("no private key")]
+    NoPrivateKey,
     /// The key is not the certificate's.
     #[error("the private key does not match the certificate ({0})")]
     KeyMismatch(String),
@@ -64,7 +67,7 @@ impl CertError {
     fn reason_index(&self) -> usize {
         match self {
             CertError::Read { .. } => 0,
-            CertError::Parse(_) => 1,
+            CertError::Parse(_) | CertError::NoPrivateKey => 1,
             CertError::KeyMismatch(_) => 2,
             CertError::NotCovered(_) => 3,
         }
@@ -124,7 +127,7 @@ pub fn parse_pem(chain: &[u8], key: &[u8]) -> Result<CertifiedKey, CertError> {
         .map_err(|e| CertError::Parse(format!("certificate chain: {e}")))?;
     // The key's own parse errors are summarised, not quoted: they may echo its text.
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => CertError::Parse("no private key".into()),
+        rustls_pki_types::pem::Error::NoItemsFound => CertError::NoPrivateKey,
         _ => CertError::Parse("the private key is not valid PEM".into()),
     })?;
     certified_key(certs, key)
@@ -221,6 +224,9 @@ pub fn load(spec: &CertificateSpec) -> Result<LoadedCert, CertError> {
             let (chain, key) = (read(c)?, read(k)?);
             parse_pem(&chain, &key).map_err(|e| match e {
                 CertError::Parse(m) => CertError::Parse(format!("{}: {m}", c.display())),
+                CertError::NoPrivateKey => {
+                    CertError::Parse(format!("{}: no private key", k.display()))
+                }
                 e => e,
             })?
         }
