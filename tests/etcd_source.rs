@@ -580,3 +580,59 @@ async fn user_password_authentication() {
     assert!(err.to_string().contains("absent"), "names the file: {err}");
     assert!(!err.to_string().contains("s3cret"));
 }
+
+/// A server's certificate travels in its spec through the change stream: installed with
+/// it, replaced with it, and a bad one is refused with an error naming the key while the
+/// last good one keeps serving (and no key material reaches the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_arrive_with_their_server() {
+    use sluice_routing::CertificateSpec;
+    let pem = |names: &[&str]| {
+        let c = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        (c.cert.pem(), c.key_pair.serialize_pem())
+    };
+    let with_cert = |cert: &str, key: &str| {
+        let mut s = server("shop", "shop");
+        s.custom_domains = vec!["shop.example.org".into()];
+        s.certificates = vec![CertificateSpec::inline(["shop.example.org"], cert, key)];
+        s
+    };
+    let etcd = Etcd::start();
+    let st = store(etcd.endpoint()).await;
+    let mut src = Running::start(cfg(etcd.endpoint()));
+    src.synced().await;
+
+    let (c1, k1) = pem(&["shop.example.org"]);
+    let rev = st.put_server(&with_cert(&c1, &k1)).await.unwrap();
+    src.routable_by(rev, SETTLE_WITHIN).await;
+    let first = src.table.load().certificate("shop.example.org").unwrap().clone();
+
+    let (c2, k2) = pem(&["shop.example.org"]);
+    let rev = st.put_server(&with_cert(&c2, &k2)).await.unwrap();
+    src.routable_by(rev, SETTLE_WITHIN).await;
+    let second = src.table.load().certificate("shop.example.org").unwrap().clone();
+    assert!(!Arc::ptr_eq(&first, &second), "replaced with its server's change");
+
+    // The key of another certificate: refused, named, the last good one serves.
+    let rev = st.put_server(&with_cert(&c1, &k2)).await.unwrap();
+    src.routable_by(rev, SETTLE_WITHIN).await;
+    let now = src.table.load().certificate("shop.example.org").unwrap().clone();
+    assert!(Arc::ptr_eq(&now, &second));
+    let logs = src.logs.text();
+    assert!(
+        logs.lines().any(|l| l.contains("ERROR")
+            && l.contains("/sluice/servers/shop")
+            && l.contains("does not match")),
+        "no error naming the key:\n{logs}"
+    );
+    assert!(!logs.contains("PRIVATE KEY"), "key material in the log:\n{logs}");
+
+    // Removed with the server.
+    let rev = st.delete_server("shop").await.unwrap().unwrap();
+    src.routable_by(rev, SETTLE_WITHIN).await;
+    assert!(src.table.load().certificate("shop.example.org").is_none());
+    src.stop().await;
+}

@@ -228,8 +228,10 @@ fn readyz(s: &ProxyState, listeners: usize, extra: &[AdminExtra]) -> Response<Pr
 }
 
 fn metrics_text(s: &ProxyState) -> String {
-    let mut out = s.metrics.render();
     let snap = s.routing.load_full();
+    let store: Vec<&sluice_routing::cert::CertSummary> =
+        snap.certificates().filter_map(|c| c.loaded.as_ref().map(|l| &l.summary)).collect();
+    let mut out = s.metrics.render_with_certificates(&store, snap.certificate_counters());
     let _ = writeln!(out, "# HELP sluice_routing_generation Generation of the routing snapshot.");
     let _ = writeln!(out, "# TYPE sluice_routing_generation gauge");
     let _ = writeln!(out, "sluice_routing_generation {}", snap.generation());

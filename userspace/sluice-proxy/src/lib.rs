@@ -44,5 +44,5 @@ pub use admin::{AdminHandler, AdminRoutes, StreamError, follow_autoscaler_stream
 pub use config::ProxyConfig;
 pub use error::{ConfigError, ProxyError, RequestError};
 pub use metrics::Metrics;
-pub use server::{AuthRejectedHook, Server};
+pub use server::{AuthRejectedHook, ListenerCerts, PreparedCerts, Server};
 pub use upgrade::{OpaqueStream, OpaqueStreamHandoff, UserspaceRelay, into_tcp};

@@ -256,8 +256,43 @@ impl Metrics {
             let v = self.upstream_retries[reason as usize].get();
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", reason.as_str());
         }
-        self.render_certificates(&mut out);
+        self.render_certificates(&mut out, &[]);
         out
+    }
+
+    /// [`render`](Self::render), with the expiry of the routing state's certificates too
+    /// and the certificate load and refusal counters.
+    pub fn render_with_certificates(
+        &self,
+        store: &[&sluice_routing::cert::CertSummary],
+        counters: &sluice_routing::cert::CertCounters,
+    ) -> String {
+        let mut out = self.render();
+        if !self.has_listener_certificates() {
+            self.render_certificates(&mut out, store);
+        } else {
+            // The family's header is out already; only the series follow.
+            Self::certificate_series(&mut out, store.iter().copied(), "store");
+        }
+        let name = "sluice_tls_certificate_reloads_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Certificates loaded and accepted (listeners' and servers').\n# TYPE {name} counter\n{name} {}",
+            counters.loads()
+        );
+        let name = "sluice_tls_certificate_errors_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Certificates refused (the last good one keeps serving), by reason.\n# TYPE {name} counter"
+        );
+        for (reason, n) in counters.errors() {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+        }
+        out
+    }
+
+    fn has_listener_certificates(&self) -> bool {
+        self.certificates.read().is_ok_and(|c| !c.is_empty())
     }
 
     /// Records the certificates the listeners serve (replacing any before).
@@ -267,9 +302,9 @@ impl Metrics {
         }
     }
 
-    fn render_certificates(&self, out: &mut String) {
+    fn render_certificates(&self, out: &mut String, store: &[&crate::tls::CertSummary]) {
         let Ok(certs) = self.certificates.read() else { return };
-        if certs.is_empty() {
+        if certs.is_empty() && store.is_empty() {
             return;
         }
         let name = "sluice_tls_certificate_expiry_timestamp_seconds";
@@ -277,11 +312,21 @@ impl Metrics {
             out,
             "# HELP {name} When a served certificate expires (Unix time), per SNI name.\n# TYPE {name} gauge"
         );
-        for c in certs.iter() {
+        Self::certificate_series(out, certs.iter(), "listener");
+        Self::certificate_series(out, store.iter().copied(), "store");
+    }
+
+    fn certificate_series<'a>(
+        out: &mut String,
+        certs: impl Iterator<Item = &'a crate::tls::CertSummary>,
+        source: &str,
+    ) {
+        let name = "sluice_tls_certificate_expiry_timestamp_seconds";
+        for c in certs {
             for sni in &c.names {
                 let _ = writeln!(
                     out,
-                    "{name}{{name=\"{}\",serial=\"{}\"}} {}",
+                    "{name}{{name=\"{}\",serial=\"{}\",source=\"{source}\"}} {}",
                     label_value(sni),
                     label_value(&c.serial),
                     c.not_after

@@ -56,6 +56,79 @@ pub struct Server {
     deny: Arc<[Cidr]>,
     deny_reported: Arc<[Cidr]>,
     bans: Arc<BanList>,
+    tls_certs: ListenerCerts,
+}
+
+/// The certificate sets of the TLS listeners (by configured address, in config order),
+/// swappable while they serve: a config reload loads new files and stores them here; a
+/// handshake in flight keeps the set it started with.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerCerts {
+    sets: Arc<[(SocketAddr, Arc<arc_swap::ArcSwap<tls::SniResolver>>)]>,
+    metrics: Option<Arc<Metrics>>,
+    routing: Option<RoutingTable>,
+}
+
+impl ListenerCerts {
+    /// Loads the certificates of every TLS listener in `cfg` that this server also has
+    /// (matched by configured address), without swapping anything in yet: on an error
+    /// nothing changes.
+    pub fn prepare(&self, cfg: &ProxyConfig) -> Result<PreparedCerts, ConfigError> {
+        let mut sets = Vec::new();
+        let mut summaries = Vec::new();
+        for (addr, set) in self.sets.iter() {
+            let Some(tls) =
+                cfg.listeners.iter().find(|l| l.addr == *addr).and_then(|l| l.tls.as_ref())
+            else {
+                continue;
+            };
+            let result = tls::load_resolver(tls);
+            if let (Err(e), Some(r)) = (&result, &self.routing) {
+                // Counted as a read or a parse failure: the listener's error is a message.
+                use sluice_routing::cert::CertError;
+                let kind = match e {
+                    ConfigError::Read { path, source } => {
+                        CertError::Read { path: path.clone(), message: source.to_string() }
+                    }
+                    e => CertError::Parse(e.to_string()),
+                };
+                r.load().certificate_counters().record_error(&kind);
+            }
+            let (resolver, certs) = result?;
+            summaries.extend(certs);
+            sets.push((*addr, set.clone(), resolver));
+        }
+        Ok(PreparedCerts { sets, summaries, owner: self.clone() })
+    }
+}
+
+/// Listener certificates loaded by [`ListenerCerts::prepare`], not yet serving.
+#[derive(Debug)]
+pub struct PreparedCerts {
+    sets: Vec<(SocketAddr, Arc<arc_swap::ArcSwap<tls::SniResolver>>, tls::SniResolver)>,
+    summaries: Vec<tls::CertSummary>,
+    owner: ListenerCerts,
+}
+
+impl PreparedCerts {
+    /// Swaps the loaded certificates in (new handshakes use them; those in flight finish
+    /// with the set they started with). Returns the listeners whose set was replaced.
+    pub fn apply(self) -> Vec<SocketAddr> {
+        let mut done = Vec::with_capacity(self.sets.len());
+        for (addr, set, resolver) in self.sets {
+            set.store(Arc::new(resolver));
+            done.push(addr);
+        }
+        if let Some(r) = &self.owner.routing {
+            for _ in &self.summaries {
+                r.load().certificate_counters().record_load();
+            }
+        }
+        if let Some(m) = &self.owner.metrics {
+            m.set_certificates(self.summaries);
+        }
+        done
+    }
 }
 
 /// Called with the request's client address each time proxy auth rejects a request: the
@@ -71,6 +144,7 @@ impl Server {
         cfg.validate()?;
         let mut listeners = Vec::with_capacity(cfg.listeners.len());
         let mut certificates = Vec::new();
+        let mut listener_certs = Vec::new();
         let parse =
             |s: &String| Cidr::parse(s).map_err(|e| ConfigError::Invalid(format!("{s:?}: {e}")));
         let edges =
@@ -80,9 +154,15 @@ impl Server {
             trusted.extend(edges.iter().copied());
             let tls = match &l.tls {
                 Some(t) => {
-                    let (config, certs) = tls::load_listener(t)?;
+                    let (resolver, certs) = tls::load_resolver(t)?;
+                    for _ in &certs {
+                        routing.load().certificate_counters().record_load();
+                    }
                     certificates.extend(certs);
-                    Some(TlsAcceptor::from(config))
+                    let own = Arc::new(arc_swap::ArcSwap::from_pointee(resolver));
+                    listener_certs.push((l.addr, own.clone()));
+                    let live = tls::LiveResolver::new(Some(routing.clone()), own);
+                    Some(TlsAcceptor::from(tls::server_config_with(Arc::new(live))?))
                 }
                 None => None,
             };
@@ -107,6 +187,11 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::default());
         metrics.set_certificates(certificates);
+        let tls_certs = ListenerCerts {
+            sets: listener_certs.into(),
+            metrics: Some(metrics.clone()),
+            routing: Some(routing.clone()),
+        };
         Ok(Self {
             cfg,
             routing,
@@ -119,6 +204,7 @@ impl Server {
             deny: Arc::from([]),
             deny_reported: Arc::from([]),
             bans: Arc::default(),
+            tls_certs,
         })
     }
 
@@ -142,6 +228,11 @@ impl Server {
     /// refused by it. Whoever bans (sluice's guard) writes here.
     pub fn bans(&self) -> Arc<BanList> {
         self.bans.clone()
+    }
+
+    /// The TLS listeners' certificate sets, to reload them while the server runs.
+    pub fn listener_certs(&self) -> ListenerCerts {
+        self.tls_certs.clone()
     }
 
     /// Replaces the opaque-stream hand-off (the kernel data plane's splice).

@@ -1,17 +1,22 @@
 //! TLS: rustls (ring provider), TLS 1.2+, ALPN `h2` and `http/1.1`, certificates chosen
-//! by SNI with exact names first, then `*.domain` wildcards (one label deep).
+//! by SNI: exact names first (a server's certificate from the routing state, then the
+//! listener's), then the listener's `*.domain` wildcards (one label deep), then its
+//! default (the first certificate).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sluice_routing::RoutingTable;
+pub use sluice_routing::cert::CertSummary;
+use sluice_routing::cert::{self, CertError};
 
 use crate::config::TlsConfig;
 use crate::error::ConfigError;
@@ -57,43 +62,41 @@ impl SniResolver {
         Ok(())
     }
 
-    /// The certificate for an SNI name.
+    /// The certificate for an SNI name: exact, then wildcard, then the default (the
+    /// first certificate), so a name without its own certificate still completes the
+    /// handshake (the client decides whether it trusts what it got).
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let Some(sni) = sni else {
-            return self.default.clone();
-        };
-        let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(k) = self.exact.get(&sni) {
+        match sni {
+            Some(sni) => self.lookup_canonical(&canonical_sni(sni)),
+            None => self.default.clone(),
+        }
+    }
+
+    fn lookup_canonical(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(k) = self.exact.get(sni) {
             return Some(k.clone());
         }
-        let (_, parent) = sni.split_once('.')?;
-        self.wildcard.get(parent).cloned()
-    }
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.lookup(hello.server_name())
+        sni.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .or(self.default.as_ref())
+            .cloned()
     }
 }
 
 /// Loads a PEM chain and key into a rustls signing key.
 pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<CertifiedKey, ConfigError> {
-    // Opened here rather than by `from_pem_file` so that a missing file stays a read error
-    // naming the path, not a TLS one.
+    // Read here so that a missing file stays a read error naming the path, not a TLS one.
     let read = |p: &Path| {
-        File::open(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })
+        std::fs::read(p)
+            .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_reader_iter(read(cert_pem)?)
-        .collect::<Result<_, _>>()
-        .map_err(|e| ConfigError::Tls(format!("{}: {e}", cert_pem.display())))?;
-    let key = PrivateKeyDer::from_pem_reader(read(key_pem)?).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => {
+    let (chain, key) = (read(cert_pem)?, read(key_pem)?);
+    cert::parse_pem(&chain, &key).map_err(|e| match e {
+        CertError::NoPrivateKey => {
             ConfigError::Tls(format!("{}: no private key", key_pem.display()))
         }
-        e => ConfigError::Tls(format!("{}: {e}", key_pem.display())),
-    })?;
-    certified_key(certs, key).map_err(|e| ConfigError::Tls(format!("{}: {e}", cert_pem.display())))
+        e => ConfigError::Tls(format!("{}: {e}", cert_pem.display())),
+    })
 }
 
 /// Builds a signing key from DER parts.
@@ -101,56 +104,78 @@ pub fn certified_key(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<CertifiedKey, ConfigError> {
-    if certs.is_empty() {
-        return Err(ConfigError::Tls("empty certificate chain".into()));
+    cert::certified_key(certs, key).map_err(|e| ConfigError::Tls(e.to_string()))
+}
+
+/// A TLS listener's certificate resolver: per handshake, the exact SNI name (a server's
+/// certificate from the routing state, then the listener's), then the listener's
+/// wildcard, then its default.
+///
+/// The listener's set sits behind an `ArcSwap` so a config reload can replace it; the
+/// routing state's is read from the current snapshot. Both are lock-free loads: a
+/// handshake in flight keeps the `Arc` it resolved, so a swap never fails it.
+#[derive(Debug)]
+pub struct LiveResolver {
+    routing: Option<RoutingTable>,
+    listener: Arc<ArcSwap<SniResolver>>,
+}
+
+impl LiveResolver {
+    /// A resolver over the routing state's certificates (if `routing` is given) and
+    /// `listener`'s.
+    pub fn new(routing: Option<RoutingTable>, listener: Arc<ArcSwap<SniResolver>>) -> Self {
+        LiveResolver { routing, listener }
     }
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| ConfigError::Tls(format!("unsupported key: {e}")))?;
-    let ck = CertifiedKey::new(certs, signer);
-    // A key of another certificate would load fine and fail every handshake later.
-    ck.keys_match().map_err(|e| {
-        ConfigError::Tls(format!("the private key does not match the certificate ({e})"))
-    })?;
-    Ok(ck)
-}
 
-/// What an operator may see of a certificate: never key material.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct CertSummary {
-    /// The SNI names it is configured for.
-    pub names: Vec<String>,
-    /// The leaf certificate's issuer (distinguished name).
-    pub issuer: String,
-    /// The leaf's serial number, hex.
-    pub serial: String,
-    /// When the leaf expires: seconds since the Unix epoch.
-    pub not_after: i64,
-}
-
-impl CertSummary {
-    /// Reads the leaf of `key`'s chain.
-    pub fn of(key: &CertifiedKey, names: &[String]) -> Result<CertSummary, ConfigError> {
-        let leaf = key.end_entity_cert().map_err(|e| ConfigError::Tls(e.to_string()))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| ConfigError::Tls(format!("certificate for {names:?}: {e}")))?;
-        Ok(CertSummary {
-            names: names.to_vec(),
-            issuer: cert.issuer().to_string(),
-            serial: cert.raw_serial_as_string().replace(':', ""),
-            not_after: cert.validity().not_after.timestamp(),
-        })
+    /// The certificate for an SNI name.
+    pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let listener = self.listener.load();
+        let Some(raw) = sni else {
+            return listener.default.clone();
+        };
+        let name = canonical_sni(raw);
+        if let Some(routing) = &self.routing
+            && let Some(k) = routing.load().certificate(&name)
+        {
+            return Some(k.clone());
+        }
+        listener.lookup_canonical(&name)
     }
 }
 
-/// Builds the rustls server config of a TLS listener.
+impl ResolvesServerCert for LiveResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.lookup(hello.server_name())
+    }
+}
+
+/// An SNI name lowercased without its trailing dot, borrowed when it already is.
+fn canonical_sni(sni: &str) -> std::borrow::Cow<'_, str> {
+    let sni = sni.strip_suffix('.').unwrap_or(sni);
+    if sni.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(sni.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(sni)
+    }
+}
+
+/// Builds the rustls server config of a TLS listener (its own certificates only).
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
-    load_listener(tls).map(|(cfg, _)| cfg)
+    let (resolver, _) = load_resolver(tls)?;
+    server_config_with(Arc::new(LiveResolver::new(None, Arc::new(ArcSwap::from_pointee(resolver)))))
 }
 
 /// Builds the rustls server config of a TLS listener, with a summary of each certificate.
 pub fn load_listener(
     tls: &TlsConfig,
 ) -> Result<(Arc<ServerConfig>, Vec<CertSummary>), ConfigError> {
+    let (resolver, summaries) = load_resolver(tls)?;
+    let live = LiveResolver::new(None, Arc::new(ArcSwap::from_pointee(resolver)));
+    Ok((server_config_with(Arc::new(live))?, summaries))
+}
+
+/// Loads a listener's certificates into a resolver, with a summary of each.
+pub fn load_resolver(tls: &TlsConfig) -> Result<(SniResolver, Vec<CertSummary>), ConfigError> {
     let mut resolver = SniResolver::default();
     let mut summaries = Vec::with_capacity(tls.certs.len());
     for c in &tls.certs {
@@ -161,16 +186,18 @@ pub fn load_listener(
         );
         resolver.add(&c.names, Arc::new(key))?;
     }
-    Ok((server_config_with(resolver)?, summaries))
+    Ok((resolver, summaries))
 }
 
-/// Builds a rustls server config around a resolver.
-pub fn server_config_with(resolver: SniResolver) -> Result<Arc<ServerConfig>, ConfigError> {
+/// Builds a rustls server config around a certificate resolver.
+pub fn server_config_with(
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, ConfigError> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ConfigError::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -194,8 +221,9 @@ mod tests {
         r.add(&["*.example.com".into()], w.clone()).unwrap();
         assert!(Arc::ptr_eq(&r.lookup(Some("A.example.com")).unwrap(), &a));
         assert!(Arc::ptr_eq(&r.lookup(Some("b.example.com")).unwrap(), &w));
-        assert!(r.lookup(Some("x.b.example.com")).is_none());
-        assert!(r.lookup(Some("example.com")).is_none());
+        // Names no certificate covers get the default (the first added).
+        assert!(Arc::ptr_eq(&r.lookup(Some("x.b.example.com")).unwrap(), &a));
+        assert!(Arc::ptr_eq(&r.lookup(Some("example.com.")).unwrap(), &a));
         assert!(Arc::ptr_eq(&r.lookup(None).unwrap(), &a));
     }
 }

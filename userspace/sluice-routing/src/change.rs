@@ -6,9 +6,10 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::cert::ServedCert;
 use crate::model::{ReplicaSpec, ServerSpec, TokenSpec};
 use crate::snapshot::{Health, Replica, ReplicaEntry, ReplicaStats, Server, ServerEntry, Snapshot};
-use crate::validate::{self, ObjectRef, ValidationError};
+use crate::validate::{self, FieldError, ObjectRef, ValidationError};
 
 /// One change to the routing state, as a store's change stream delivers it. Deletes of
 /// things that do not exist are no-ops (streams replay).
@@ -212,6 +213,10 @@ impl Builder {
                 }
             }
         }
+        let id: Arc<str> = Arc::from(spec.id.as_str());
+        // Parsed here, by the single writer, so the handshake only ever looks one up.
+        let old_certs = old.as_ref().map(|o| o.certs.clone()).unwrap_or_else(|| Arc::new([]));
+        let certs: Arc<[Arc<ServedCert>]> = self.load_certs(&id, &spec, &old_certs)?.into();
         if let Some(old) = &old {
             for d in old.domains.iter() {
                 if domains.binary_search(d).is_err() {
@@ -219,8 +224,19 @@ impl Builder {
                 }
             }
         }
+        self.unlink_certs(&id, &old_certs);
+        for d in &domains {
+            // A certificate another server left on a domain this one now owns.
+            if self.snap.certs.get(d).is_some_and(|c| c.server != id) {
+                self.snap.certs.remove(d);
+            }
+        }
+        for c in certs.iter() {
+            for d in &c.spec.domains {
+                self.snap.certs.insert(Arc::from(d.to_ascii_lowercase()), c.clone());
+            }
+        }
         let stats = old.map(|o| o.server.stats.clone()).unwrap_or_default();
-        let id: Arc<str> = Arc::from(spec.id.as_str());
         let server = Arc::new(Server { spec: Arc::new(spec), replicas: Arc::new([]), stats });
         if !self.trusted {
             // Claim the domains now so later changes in the batch see them; `finish` points
@@ -229,9 +245,75 @@ impl Builder {
                 self.snap.domains.insert(d.clone(), server.clone());
             }
         }
-        self.snap.servers.insert(id.clone(), ServerEntry { server, domains: domains.into() });
+        self.snap
+            .servers
+            .insert(id.clone(), ServerEntry { server, domains: domains.into(), certs });
         self.dirty.insert(id);
         Ok(())
+    }
+
+    /// The certificates of `spec`, parsed and checked. An unchanged certificate keeps its
+    /// parsed form (files are re-read by the watcher, not by unrelated edits).
+    fn load_certs(
+        &self,
+        id: &Arc<str>,
+        spec: &ServerSpec,
+        old: &[Arc<ServedCert>],
+    ) -> Result<Vec<Arc<ServedCert>>, ApplyErrorKind> {
+        spec.certificates
+            .iter()
+            .map(|cs| {
+                if let Some(same) = old.iter().find(|o| o.spec == *cs) {
+                    return Ok(same.clone());
+                }
+                let previous = old.iter().find(|o| o.spec.domains == cs.domains);
+                ServedCert::load(id.clone(), cs, previous.map(|p| &**p), &self.snap.cert_counters)
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        let message = format!("certificate for {}: {e}", cs.domains.join(", "));
+                        let e = FieldError::new(
+                            ObjectRef::Server(spec.id.clone()),
+                            "certificates",
+                            message,
+                        );
+                        ApplyErrorKind::Invalid(ValidationError { errors: vec![e] })
+                    })
+            })
+            .collect()
+    }
+
+    /// Removes the domain links of `certs` that still point at server `id`'s.
+    fn unlink_certs(&mut self, id: &str, certs: &[Arc<ServedCert>]) {
+        for c in certs {
+            for d in &c.spec.domains {
+                let d = d.to_ascii_lowercase();
+                if self.snap.certs.get(d.as_str()).is_some_and(|c| &*c.server == id) {
+                    self.snap.certs.remove(d.as_str());
+                }
+            }
+        }
+    }
+
+    /// Swaps one certificate of server `id` (its file watcher re-read it); the server's
+    /// spec and routes stay.
+    pub(crate) fn replace_cert(&mut self, id: &str, index: usize, cert: ServedCert) {
+        let Some(mut e) = self.snap.servers.get(id).cloned() else {
+            return;
+        };
+        let cert = Arc::new(cert);
+        let mut certs = e.certs.to_vec();
+        let Some(slot) = certs.get_mut(index) else {
+            return;
+        };
+        *slot = cert.clone();
+        for d in &cert.spec.domains {
+            let d = d.to_ascii_lowercase();
+            if self.snap.certs.get(d.as_str()).is_some_and(|c| &*c.server == id) {
+                self.snap.certs.insert(Arc::from(d), cert.clone());
+            }
+        }
+        e.certs = certs.into();
+        self.snap.servers.insert(Arc::from(id), e);
     }
 
     /// Release a server's domains ahead of a batch that moves domains between servers
@@ -274,6 +356,7 @@ impl Builder {
             for d in e.domains.iter() {
                 self.snap.domains.remove(d);
             }
+            self.unlink_certs(id, &e.certs);
         }
         self.dirty.remove(id);
     }
@@ -397,7 +480,9 @@ impl Builder {
             for d in entry.domains.iter() {
                 self.snap.domains.insert(d.clone(), server.clone());
             }
-            self.snap.servers.insert(id, ServerEntry { server, domains: entry.domains });
+            self.snap
+                .servers
+                .insert(id, ServerEntry { server, domains: entry.domains, certs: entry.certs });
         }
         self.snap.generation = generation;
         (self.snap, self.events)

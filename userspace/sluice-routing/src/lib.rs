@@ -25,6 +25,7 @@ pub mod authority;
 pub mod authz;
 pub mod autoscale;
 pub mod backoff;
+pub mod cert;
 pub mod change;
 pub mod health;
 pub mod lb;
@@ -48,8 +49,8 @@ pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
 pub use model::SpliceMode;
 pub use model::{
-    LaunchSpec, MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState, RoutingDoc,
-    ServerLimits, ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
+    CertificateSpec, LaunchSpec, MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState,
+    RoutingDoc, SecretPem, ServerLimits, ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
 };
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{

@@ -188,6 +188,96 @@ pub struct ServerSpec {
     // (deny_unknown_fields) still read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<LaunchSpec>,
+    /// Certificates for custom domains (`[[servers.certificates]]`), served by SNI on every
+    /// TLS listener ahead of the listener's own. Left out when empty, like `launch`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateSpec>,
+}
+
+/// A certificate for some of a server's custom domains: a PEM chain and key inline, or
+/// the files that hold them (e.g. a mounted Kubernetes Secret's `tls.crt` and `tls.key`,
+/// re-read when they change).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSpec {
+    /// The server's custom domains it is served for (non-empty); it must cover each.
+    pub domains: Vec<String>,
+    /// PEM certificate chain, leaf first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_pem: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1), with `cert_pem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_pem: Option<SecretPem>,
+    /// Absolute path of a PEM chain file, instead of `cert_pem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Absolute path of its PEM key file, with `cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl CertificateSpec {
+    /// An inline certificate for `domains`.
+    pub fn inline(
+        domains: impl IntoIterator<Item = impl Into<String>>,
+        cert_pem: impl Into<String>,
+        key_pem: impl Into<String>,
+    ) -> Self {
+        CertificateSpec {
+            domains: domains.into_iter().map(Into::into).collect(),
+            cert_pem: Some(cert_pem.into()),
+            key_pem: Some(SecretPem(key_pem.into())),
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    /// A certificate read from files.
+    pub fn files(
+        domains: impl IntoIterator<Item = impl Into<String>>,
+        cert_file: impl Into<std::path::PathBuf>,
+        key_file: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        CertificateSpec {
+            domains: domains.into_iter().map(Into::into).collect(),
+            cert_pem: None,
+            key_pem: None,
+            cert_file: Some(cert_file.into()),
+            key_file: Some(key_file.into()),
+        }
+    }
+}
+
+// By hand: the key must never reach a log, and the chain is only noise there.
+impl std::fmt::Debug for CertificateSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateSpec")
+            .field("domains", &self.domains)
+            .field("cert_pem", &self.cert_pem.as_ref().map(|p| format!("<{} bytes>", p.len())))
+            .field("key_pem", &self.key_pem)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+/// Private key text: serialized as itself (the store must hold it), never shown by
+/// `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretPem(pub String);
+
+impl SecretPem {
+    /// The key text, for parsing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl ServerSpec {
@@ -214,6 +304,7 @@ impl ServerSpec {
             timeouts: ServerTimeouts::default(),
             splice: SpliceMode::default(),
             launch: None,
+            certificates: Vec::new(),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::cert::{CertCounters, CertView, ServedCert};
 use crate::model::{NodeConfig, Protocol, ReplicaSpec, ReplicaState, ServerSpec, TokenSpec};
 
 /// Live per-replica counters. The same `Arc` is carried into every snapshot for the same
@@ -247,6 +248,8 @@ impl ReplicaEntry {
 pub(crate) struct ServerEntry {
     pub(crate) server: Arc<Server>,
     pub(crate) domains: Arc<[Arc<str>]>,
+    /// Its certificates, in spec order.
+    pub(crate) certs: Arc<[Arc<ServedCert>]>,
 }
 
 /// The snapshot's persistent maps. foldhash instead of the default SipHash: a request
@@ -273,6 +276,10 @@ pub struct Snapshot {
     /// they are kept, not routed, so the result does not depend on the order a store
     /// delivers keys in.
     pub(crate) replicas: Map<Arc<str>, imbl::OrdMap<Arc<str>, ReplicaEntry>>,
+    /// Lowercase custom domain → the certificate its server carries for it.
+    pub(crate) certs: Map<Arc<str>, Arc<ServedCert>>,
+    /// Shared by every snapshot of the table.
+    pub(crate) cert_counters: Arc<CertCounters>,
 }
 
 impl Snapshot {
@@ -286,7 +293,26 @@ impl Snapshot {
             servers: Map::default(),
             tokens: Map::default(),
             replicas: Map::default(),
+            certs: Map::default(),
+            cert_counters: Arc::default(),
         }
+    }
+
+    /// The signing key a server's certificate provides for an SNI name (lowercase, no
+    /// trailing dot): one hash lookup, for the TLS handshake. `None` when no server carries
+    /// a (loaded) certificate for exactly that name.
+    pub fn certificate(&self, sni: &str) -> Option<&Arc<rustls::sign::CertifiedKey>> {
+        self.certs.get(sni)?.loaded.as_ref().map(|l| &l.key)
+    }
+
+    /// Every server's certificates (arbitrary order).
+    pub fn certificates(&self) -> impl Iterator<Item = &Arc<ServedCert>> {
+        self.servers.values().flat_map(|e| e.certs.iter())
+    }
+
+    /// Certificate loads and refusals so far (shared by every snapshot of the table).
+    pub fn certificate_counters(&self) -> &CertCounters {
+        &self.cert_counters
     }
 
     /// The store revision this snapshot reflects.
@@ -412,7 +438,12 @@ impl Snapshot {
             in_flight: s.stats.in_flight.load(Ordering::Relaxed),
             requests: s.stats.requests.load(Ordering::Relaxed),
             no_replica: s.stats.no_replica.load(Ordering::Relaxed),
-            spec: (*s.spec).clone(),
+            spec: ServerSpec {
+                // Shown below as names, issuer, serial and expiry only.
+                certificates: Vec::new(),
+                ..(*s.spec).clone()
+            },
+            certificates: e.certs.iter().map(|c| CertView::from(&**c)).collect(),
             replicas,
         }
     }
@@ -472,8 +503,11 @@ pub struct ServerView {
     pub requests: u64,
     /// `503`s for lack of a ready replica.
     pub no_replica: u64,
-    /// Full configuration.
+    /// Full configuration, without its certificates (see `certificates`).
     pub spec: ServerSpec,
+    /// Its certificates: names, issuer, serial, expiry and the last error; no key material.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertView>,
     /// All its replicas, any state.
     pub replicas: Vec<ReplicaView>,
 }

@@ -9,10 +9,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 
-use crate::change::{ApplyError, Builder, Change, ReplicaEvent};
+use crate::cert::ServedCert;
+use crate::change::{ApplyError, ApplyErrorKind, Builder, Change, ReplicaEvent};
 use crate::model::{NodeConfig, ReplicaState, RoutingDoc};
 use crate::snapshot::{Health, Snapshot};
-use crate::validate::{self, ValidationError};
+use crate::validate::{self, FieldError, ValidationError};
 
 /// Shared handle to the current routing snapshot (cheap `Clone`; `arc-swap` inside).
 ///
@@ -169,12 +170,77 @@ impl RoutingTable {
         validate::validate_doc(current.node(), &doc)?;
         let mut b = Builder::trusted(&current);
         let problems = sync_into(&mut b, &current, doc);
-        // Unreachable after `validate_doc`; if it ever happens, say so rather than hide it.
-        for p in &problems {
-            tracing::error!(error = %p, "routing: change rejected after whole-document validation");
+        // What `validate_doc` cannot see: a certificate that does not parse, match its key
+        // or cover its domains. The builder is dropped unpublished, so nothing changes.
+        if !problems.is_empty() {
+            let errors = problems
+                .into_iter()
+                .flat_map(|p| match p.reason {
+                    ApplyErrorKind::Invalid(v) => v.errors,
+                    other => vec![FieldError::new(p.object, "custom_domains", other.to_string())],
+                })
+                .collect();
+            return Err(ValidationError { errors });
         }
         self.publish(&mut w, &current, b, generation);
         Ok(())
+    }
+
+    /// Re-reads every file-referenced certificate whose files changed since they were
+    /// read, and publishes the result at the same generation (routes do not change).
+    /// A file that fails to load keeps the last good certificate serving, and is tried
+    /// again when it changes again. Returns how many certificates were re-read.
+    pub fn refresh_certificate_files(&self) -> usize {
+        // Looked at without the writer lock first: usually nothing changed.
+        let snap = self.load_full();
+        let changed: Vec<(Arc<str>, usize)> = snap
+            .servers
+            .iter()
+            .flat_map(|(id, e)| {
+                e.certs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.files_changed())
+                    .map(move |(i, _)| (id.clone(), i))
+            })
+            .collect();
+        if changed.is_empty() {
+            return 0;
+        }
+        let mut w = self.writer();
+        let current = self.inner.current.load_full();
+        let mut b = Builder::new(&current);
+        let mut reread = 0;
+        for (id, index) in changed {
+            let Some(old) = current.servers.get(&id).and_then(|e| e.certs.get(index)).cloned()
+            else {
+                continue;
+            };
+            if !old.files_changed() {
+                continue;
+            }
+            let Ok(new) =
+                ServedCert::load(old.server.clone(), &old.spec, Some(&old), &current.cert_counters)
+            else {
+                continue;
+            };
+            if new.error.is_none()
+                && let Some(l) = &new.loaded
+            {
+                tracing::info!(
+                    server = %id,
+                    domains = ?new.spec.domains,
+                    serial = %l.summary.serial,
+                    not_after = %crate::cert::rfc3339(l.summary.not_after),
+                    "certificate re-read from its files"
+                );
+            }
+            b.replace_cert(&id, index, new);
+            reread += 1;
+        }
+        let generation = current.generation();
+        self.publish(&mut w, &current, b, generation);
+        reread
     }
 
     /// Make the state equal to `doc` object by object, and publish at `generation`: like

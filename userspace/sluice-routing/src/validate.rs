@@ -217,6 +217,40 @@ pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
     if s.timeouts.connect.is_some_and(|d| d.is_zero()) {
         err("timeouts.connect", "must be positive (omit it for the default)".into());
     }
+    let custom: HashSet<String> = s.custom_domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+    let mut with_cert = HashSet::new();
+    for c in &s.certificates {
+        if c.domains.is_empty() {
+            err("certificates", "a certificate must list the domains it is for".into());
+        }
+        for d in &c.domains {
+            let d = d.to_ascii_lowercase();
+            if !custom.contains(&d) {
+                err("certificates", format!("{d:?} is not one of the server's custom_domains"));
+            } else if !with_cert.insert(d.clone()) {
+                err("certificates", format!("{d:?} has two certificates"));
+            }
+        }
+        let inline = (c.cert_pem.is_some(), c.key_pem.is_some());
+        let files = (c.cert_file.is_some(), c.key_file.is_some());
+        match (inline, files) {
+            ((true, true), (false, false)) => {}
+            ((false, false), (true, true)) => {
+                for p in [&c.cert_file, &c.key_file].into_iter().flatten() {
+                    if !p.is_absolute() {
+                        err("certificates", format!("{} must be an absolute path", p.display()));
+                    }
+                }
+            }
+            _ => err(
+                "certificates",
+                format!(
+                    "certificate for {:?}: give cert_pem and key_pem, or cert_file and key_file",
+                    c.domains
+                ),
+            ),
+        }
+    }
     errs
 }
 

@@ -101,6 +101,27 @@ fn check(path: &Path, text: &str) -> Result<String, String> {
             file.display(),
             snap.server_count()
         );
+        // Parsed and checked by the load above, as the running process does.
+        let mut certs: Vec<_> = snap.certificates().collect();
+        certs.sort_by(|a, b| a.spec.domains.cmp(&b.spec.domains));
+        for c in certs {
+            match (&c.loaded, &c.error) {
+                (_, Some(e)) => {
+                    return Err(format!("{}: error: server {:?}: {e}", file.display(), &*c.server));
+                }
+                (Some(l), None) => {
+                    out += &format!(
+                        "  certificate [{}] of server {} serial {} issuer {} expires {}\n",
+                        c.spec.domains.join(", "),
+                        c.server,
+                        l.summary.serial,
+                        l.summary.issuer,
+                        expiry(l.summary.not_after)
+                    )
+                }
+                (None, None) => {}
+            }
+        }
     } else if let Some(etcd) = &cfg.etcd {
         out += &format!(
             "routes from etcd {} prefix {} (not contacted){}\n",

@@ -94,7 +94,7 @@ fn serve(
             running.push(replica);
         }
         print_instructions(args, replicas, secret);
-        let res = crate::run::serve(cfg, false, pin_dir).await;
+        let res = crate::run::serve(cfg, false, pin_dir, None).await;
         drop(running);
         res
     })

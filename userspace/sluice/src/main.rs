@@ -14,6 +14,7 @@ mod handover;
 mod kernel;
 mod local_redirect;
 mod logging;
+mod reload;
 mod run;
 mod splice;
 mod splice_policy;

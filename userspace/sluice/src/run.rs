@@ -15,7 +15,7 @@ use serde::Deserialize;
 use sluice_proxy::{ProxyConfig, Server};
 use sluice_routing::health::{HealthChecker, HealthPolicy};
 use sluice_routing::source::etcd::{EtcdConfig, EtcdSource, StatusHandle};
-use sluice_routing::source::file::{FileSource, load_into};
+use sluice_routing::source::file::load_into;
 use sluice_routing::{NodeConfig, RoutingTable};
 use tokio::sync::Notify;
 
@@ -158,7 +158,7 @@ pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new("."));
     let cfg = RunConfig::parse(&text, base).with_context(|| format!("in {}", config.display()))?;
-    block_on(serve(cfg, require_ebpf, pin_dir))
+    block_on(serve(cfg, require_ebpf, pin_dir, Some((config.to_owned(), text))))
 }
 
 /// Runs `fut` on the runtime `sluice run` serves with, then shuts the runtime down.
@@ -193,7 +193,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Serves `cfg` until SIGTERM/SIGINT (or a handover): what `sluice run` and `sluice demo`
 /// both do once they have a config.
-pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
+///
+/// With `reload` (the config file's path and the text `cfg` was parsed from), SIGHUP
+/// reloads what can change live (see `crate::reload`).
+pub(crate) async fn serve(
+    cfg: RunConfig,
+    require_ebpf: bool,
+    pin_dir: PathBuf,
+    reload: Option<(PathBuf, String)>,
+) -> Result<()> {
     // Before the pin dir is touched: refuses a second sluice beside a live one.
     let mut handover = crate::upgrade::Handover::begin(&pin_dir)?;
     // Kept alive for the whole run: dropping it detaches the kernel programs.
@@ -205,6 +213,7 @@ pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) 
     // port has accepted a connection.
     let health = HealthChecker::spawn(table.clone(), cfg.health.policy());
     let mut store: Option<StatusHandle> = None;
+    let mut routes = None;
     if let Some(etcd) = cfg.etcd.clone() {
         let source = EtcdSource::new(etcd, table.clone());
         store = Some(source.status());
@@ -216,16 +225,34 @@ pub(crate) async fn serve(cfg: RunConfig, require_ebpf: bool, pin_dir: PathBuf) 
         let generation = load_into(&table, file)
             .with_context(|| format!("loading routes from {}", file.display()))?;
         tracing::info!(path = %file.display(), generation, "routing loaded");
-        let s = stop.clone();
-        FileSource::new(file.clone()).spawn(table.clone(), async move { s.notified().await });
+        routes = Some(crate::reload::watch_routes(&table, file.clone(), stop.clone()));
     } else {
         tracing::warn!(
             "no [routes] file or [etcd]: every domain answers {}",
             cfg.proxy.unknown_domain_status
         );
     }
+    // Certificates that servers name by file are re-read when their files change.
+    let s = stop.clone();
+    sluice_routing::cert::spawn_file_watcher(
+        table.clone(),
+        sluice_routing::cert::DEFAULT_FILE_POLL_INTERVAL,
+        async move { s.notified().await },
+    );
     let routed = cfg.etcd.is_some() || cfg.routes.file.is_some();
     let mut server = Server::bind(cfg.proxy, table.clone()).await?;
+    if let Some((path, text)) = reload {
+        crate::reload::Reloader {
+            path,
+            running: toml::from_str(&text)?,
+            certs: server.listener_certs(),
+            table: table.clone(),
+            routes,
+            uses_etcd: cfg.etcd.is_some(),
+            global_stop: stop.clone(),
+        }
+        .spawn()?;
+    }
     crate::admin::install(&mut server, &table, store);
     crate::admin::install_logging(&mut server);
     let pins = kernel

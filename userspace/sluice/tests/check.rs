@@ -132,3 +132,40 @@ fn listener_client_identity_is_shown_and_checked() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("trusted_proxies"), "{}", text(&out.stderr));
 }
+
+/// The routing file's certificates are loaded as `sluice run` loads them: a good one is
+/// listed (no key material), a refused one exits 1 at its `[[servers.certificates]]`.
+#[test]
+fn routing_file_certificates_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path());
+    let cert = rcgen::generate_simple_self_signed(vec!["api.custom.test".to_owned()]).unwrap();
+    let routes = |key: String| {
+        format!(
+            "{ROUTES}\n[[servers]]\nid = \"c\"\nlabel = \"c\"\ncustom_domains = [\"api.custom.test\"]\n\n\
+             [[servers.certificates]]\ndomains = [\"api.custom.test\"]\ncert_pem = {:?}\nkey_pem = {key:?}\n",
+            cert.cert.pem()
+        )
+    };
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(&cfg, config("key.pem", "")).unwrap();
+    std::fs::write(dir.path().join("routes.toml"), routes(cert.key_pair.serialize_pem())).unwrap();
+    let out = check(&cfg);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    assert!(stdout.contains("certificate [api.custom.test] of server c serial"), "{stdout}");
+    assert!(!stdout.contains("PRIVATE KEY"), "{stdout}");
+
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), routes(other.serialize_pem())).unwrap();
+    let out = check(&cfg);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    let routes_path = dir.path().join("routes.toml");
+    assert!(
+        stderr.contains(&format!("{}:17:1: server \"c\": certificates:", routes_path.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("does not match"), "{stderr}");
+    assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+}

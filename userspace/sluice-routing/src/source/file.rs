@@ -154,15 +154,22 @@ pub fn load_validated(
 /// Load `path`, validate it and replace the table's contents at generation + 1. Returns the
 /// new generation. On error the table is unchanged.
 pub fn load_into(table: &RoutingTable, path: impl AsRef<Path>) -> Result<u64, SourceError> {
-    let doc = load_validated(path, table.load().node())?;
+    let files = load_files(path.as_ref())?;
+    let doc = merge(&files);
+    validate::validate_doc(table.load().node(), &doc).map_err(|e| located(&files, e))?;
     let generation = table.generation() + 1;
-    // Validated above against the same node config, so this cannot fail; map it anyway.
-    table.replace(doc, generation).map_err(|e| {
-        SourceError::Invalid(
-            e.errors.into_iter().map(|error| LocatedError { location: None, error }).collect(),
-        )
-    })?;
+    // Certificates are parsed and checked here, as the snapshot is built.
+    table.replace(doc, generation).map_err(|e| located(&files, e))?;
     Ok(generation)
+}
+
+fn located(files: &[Loaded], e: validate::ValidationError) -> SourceError {
+    SourceError::Invalid(
+        e.errors
+            .into_iter()
+            .map(|error| LocatedError { location: locate(files, &error), error })
+            .collect(),
+    )
 }
 
 /// Per-field spans of one file's objects, from a second, lenient parse.
@@ -200,13 +207,40 @@ fn locate(files: &[Loaded], err: &FieldError) -> Option<(PathBuf, usize, usize)>
         // key textually within the object's own span instead.
         let field = err.field.split('.').next().unwrap_or_default();
         let span = obj.span();
-        let start = find_key(&f.text[span.clone()], field)
+        // The span leaves out the object's own sub-tables (`[[servers.certificates]]`
+        // after it): those run until the next header of another object.
+        let kind = match &err.object {
+            ObjectRef::Server(_) => "servers",
+            ObjectRef::Replica { .. } => "replicas",
+            _ => "tokens",
+        };
+        let end = end_of_object(&f.text, span.end, kind);
+        let start = find_key(&f.text[span.start..end], field)
             .map(|off| span.start + off)
             .unwrap_or(span.start);
         let (line, col) = line_col(&f.text, start);
         return Some((f.path.clone(), line, col));
     }
     None
+}
+
+/// Where the object of array `kind` whose own span ends at `from` really ends: at the
+/// next table header that is not one of its sub-tables (`[[kind.x]]`, `[kind.x]`).
+fn end_of_object(text: &str, from: usize, kind: &str) -> usize {
+    let from = from.min(text.len());
+    let mut offset = from;
+    for line in text.get(from..).unwrap_or_default().split_inclusive('\n') {
+        let header = line.trim_start();
+        if header.starts_with('[') {
+            let name = header.trim_start_matches('[').trim_start();
+            let sub = name.strip_prefix(kind).is_some_and(|rest| rest.starts_with('.'));
+            if !sub {
+                return offset;
+            }
+        }
+        offset += line.len();
+    }
+    text.len()
 }
 
 /// Offset of a line that assigns `key` (`key =` after optional indentation) in `text`.
@@ -219,6 +253,14 @@ fn find_key(text: &str, key: &str) -> Option<usize> {
         let trimmed = line.trim_start();
         if let Some(rest) = trimmed.strip_prefix(key)
             && rest.trim_start().starts_with('=')
+        {
+            return Some(offset + (line.len() - trimmed.len()));
+        }
+        // A nested table or array of tables: `[[servers.certificates]]`.
+        let header = trimmed.trim_start_matches('[');
+        if header.len() < trimmed.len()
+            && header.split(']').next().and_then(|h| h.rsplit('.').next()).map(str::trim)
+                == Some(key)
         {
             return Some(offset + (line.len() - trimmed.len()));
         }
@@ -422,5 +464,32 @@ mod tests {
             )
         );
         assert_eq!(load_doc(dir.path()).unwrap().servers.len(), 2);
+    }
+
+    #[test]
+    fn refused_certificate_is_located_and_keeps_the_last_good_state() {
+        let c = rcgen::generate_simple_self_signed(vec!["api.example.org".to_owned()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["api.example.org".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.toml");
+        let text = |key: String| {
+            format!(
+                "[[servers]]\nid = \"a\"\nlabel = \"a\"\ncustom_domains = [\"api.example.org\"]\n\n\
+                 [[servers.certificates]]\ndomains = [\"api.example.org\"]\ncert_pem = {:?}\nkey_pem = {key:?}\n",
+                c.cert.pem()
+            )
+        };
+        std::fs::write(&p, text(c.key_pair.serialize_pem())).unwrap();
+        let table = RoutingTable::new(NodeConfig::default());
+        assert_eq!(load_into(&table, &p).unwrap(), 1);
+        assert!(table.load().certificate("api.example.org").is_some());
+        std::fs::write(&p, text(other.key_pair.serialize_pem())).unwrap();
+        let e = load_into(&table, &p).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}:6:1: server \"a\": certificates: ", p.display())),
+            "{e}"
+        );
+        assert!(e.contains("does not match"), "{e}");
+        assert_eq!(table.generation(), 1, "the last good snapshot stays");
     }
 }
