@@ -37,6 +37,10 @@ impl Counter {
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    /// +n.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
     /// Current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -99,6 +103,9 @@ pub struct Metrics {
     /// Requests that provably never reached a replica and were sent once to another one,
     /// by [`RetryReason`] (its discriminant is the index).
     pub upstream_retries: [Counter; RetryReason::ALL.len()],
+    /// Exchanges still in flight to a draining replica when its drain deadline passed,
+    /// ended by sluice (502, reset stream or closed connection).
+    pub replica_drain_deadline_cancelled_total: Counter,
     /// Opaque (upgraded) streams open.
     pub opaque_streams_open: Gauge,
     /// Opaque streams relayed in total.
@@ -122,6 +129,7 @@ impl Default for Metrics {
             upstream_h2_open: Gauge::default(),
             upstream_h1_open: Gauge::default(),
             upstream_connect_errors_total: Counter::default(),
+            replica_drain_deadline_cancelled_total: Counter::default(),
             upstream_retries: Default::default(),
             opaque_streams_open: Gauge::default(),
             opaque_streams_total: Counter::default(),
@@ -237,6 +245,11 @@ impl Metrics {
                 "sluice_upstream_connect_errors_total",
                 "Failed upstream connects.",
                 self.upstream_connect_errors_total.get(),
+            ),
+            (
+                "sluice_replica_drain_deadline_cancelled_total",
+                "Exchanges with a draining replica ended because its drain deadline passed.",
+                self.replica_drain_deadline_cancelled_total.get(),
             ),
             (
                 "sluice_opaque_streams_total",

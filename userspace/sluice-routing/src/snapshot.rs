@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -352,6 +353,14 @@ impl Snapshot {
     /// All servers (arbitrary order).
     pub fn servers(&self) -> impl Iterator<Item = &Arc<Server>> {
         self.servers.values().map(|e| &e.server)
+    }
+
+    /// Replicas the store marks `draining`, with their drain deadline if they have one:
+    /// they take no new requests; their in-flight ones may run until the deadline.
+    pub fn draining(&self) -> impl Iterator<Item = (&Arc<Replica>, Option<SystemTime>)> {
+        self.all_replicas()
+            .filter(|e| e.spec.state == ReplicaState::Draining)
+            .map(|e| (&e.replica, e.spec.drain_deadline))
     }
 
     /// Every replica the store knows of (any state, including replicas of unknown servers).
