@@ -119,6 +119,8 @@ pub struct ServerStats {
     pub requests: AtomicU64,
     /// Requests answered `503` because no replica was ready: demand for scale-from-zero.
     pub no_replica: AtomicU64,
+    /// Requests waiting now in the server's cold-start hold.
+    pub cold_start_held: AtomicU32,
     /// Requests answered `503` because the server was at `limits.max_in_flight`.
     pub over_limit: AtomicU64,
     /// Requests rejected by proxy auth (`401` and `403`); they never reach a replica and
