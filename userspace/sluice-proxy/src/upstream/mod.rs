@@ -117,13 +117,16 @@ struct ReplicaPool {
 /// path looks at it.
 #[derive(Default)]
 pub(crate) struct OpenSockets {
-    /// id → (fd, the streams it carries: `None` for a raw HTTP/1.1 connection, which
-    /// carries one exchange while out of the pool).
-    fds: Mutex<HashMap<u64, (OwnedFd, Option<Arc<std::sync::atomic::AtomicUsize>>)>>,
+    /// id → the socket (a duplicate of its descriptor) and what it carries.
+    fds: Mutex<HashMap<u64, (OwnedFd, Streams)>>,
     next: std::sync::atomic::AtomicU64,
     /// Set once the deadline passed: no new connection is opened to the address.
     cut: std::sync::atomic::AtomicBool,
 }
+
+/// The streams a registered socket carries: `None` for a raw HTTP/1.1 connection, which
+/// carries one exchange while out of the pool; an h2c connection's stream count.
+type Streams = Option<Arc<std::sync::atomic::AtomicUsize>>;
 
 /// One registered socket; deregisters on drop. The registry holds a duplicate of the
 /// socket's descriptor (one `dup` per connection, none per request), so a shutdown
@@ -139,7 +142,7 @@ impl OpenSockets {
     fn register(
         self: &Arc<Self>,
         tcp: &TcpStream,
-        streams: Option<Arc<std::sync::atomic::AtomicUsize>>,
+        streams: Streams,
     ) -> Result<Registered, RequestError> {
         let fd = tcp
             .as_fd()
