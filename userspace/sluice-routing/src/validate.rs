@@ -442,6 +442,25 @@ mod tests {
     }
 
     #[test]
+    fn cold_start_checks() {
+        use std::time::Duration;
+        let mut s = ServerSpec::new("s", "ok");
+        s.cold_start_hold = Some(Duration::from_secs(5));
+        assert!(validate_server(&s).is_empty());
+        s.cold_start_hold = Some(Duration::ZERO);
+        s.cold_start_max_held = 0;
+        let fields: Vec<_> = validate_server(&s).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["cold_start_hold", "cold_start_max_held"]);
+        s.cold_start_hold = Some(Duration::from_secs(301));
+        s.cold_start_max_held = 1;
+        let fields: Vec<_> = validate_server(&s).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["cold_start_hold"]);
+        // Unset, it stays out of the serialized spec (older nodes reject unknown keys).
+        let text = toml::to_string(&ServerSpec::new("s", "ok")).unwrap();
+        assert!(!text.contains("cold_start"), "{text}");
+    }
+
+    #[test]
     fn server_field_checks() {
         let mut s = ServerSpec::new("s", "ok");
         s.regions = vec!["r1".into(), "r1".into(), "R2".into()];
