@@ -597,7 +597,9 @@ async fn exchange(
         }
         match read_response(client, &up, &mut rbuf, Some(before_head)).await {
             Ok(n) if n > 0 => attempt_fresh = false,
-            Ok(_) if attempt_fresh && rbuf.is_empty() => {
+            // Cut at a drain deadline: the replica had the request, so it goes nowhere
+            // again.
+            Ok(_) if attempt_fresh && rbuf.is_empty() && !up.open.is_cut() => {
                 // The pooled connection was closed under the request: the replica never
                 // read it, so a fresh connection is not a retry.
                 attempt_fresh = false;
@@ -914,6 +916,8 @@ async fn stream_body(
                 }
                 rbuf.reserve(BODY_READ);
                 match read_response(client, up, rbuf, idle).await {
+                    // A drain-deadline cut is not the replica's end of the body.
+                    Ok(0) if up.open.is_cut() => return Err(()),
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(_) => return Err(()),

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod autoscaler;
 pub mod body;
 pub mod client;
+mod coldstart;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -37,6 +37,10 @@ impl Counter {
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    /// +n.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
     /// Current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -99,6 +103,17 @@ pub struct Metrics {
     /// Requests that provably never reached a replica and were sent once to another one,
     /// by [`RetryReason`] (its discriminant is the index).
     pub upstream_retries: [Counter; RetryReason::ALL.len()],
+    /// Exchanges still in flight to a draining replica when its drain deadline passed,
+    /// ended by sluice (502, reset stream or closed connection).
+    pub replica_drain_deadline_cancelled_total: Counter,
+    /// Requests waiting in a cold-start hold for a server's first ready replica.
+    pub cold_start_held: Gauge,
+    /// Requests that waited in a cold-start hold and got a replica.
+    pub cold_start_released_total: Counter,
+    /// Requests that waited in a cold-start hold and got the 503 when it passed.
+    pub cold_start_timed_out_total: Counter,
+    /// Requests answered 503 at once because the server's hold was full.
+    pub cold_start_hold_full_total: Counter,
     /// Opaque (upgraded) streams open.
     pub opaque_streams_open: Gauge,
     /// Opaque streams relayed in total.
@@ -122,6 +137,11 @@ impl Default for Metrics {
             upstream_h2_open: Gauge::default(),
             upstream_h1_open: Gauge::default(),
             upstream_connect_errors_total: Counter::default(),
+            replica_drain_deadline_cancelled_total: Counter::default(),
+            cold_start_held: Gauge::default(),
+            cold_start_released_total: Counter::default(),
+            cold_start_timed_out_total: Counter::default(),
+            cold_start_hold_full_total: Counter::default(),
             upstream_retries: Default::default(),
             opaque_streams_open: Gauge::default(),
             opaque_streams_total: Counter::default(),
@@ -178,7 +198,7 @@ impl Metrics {
         let sum = self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "sluice_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "sluice_request_duration_seconds_count {count}");
-        let gauges: [(&str, &str, &str, i64); 5] = [
+        let gauges: [(&str, &str, &str, i64); 6] = [
             (
                 "sluice_client_connections_open",
                 "gauge",
@@ -202,6 +222,12 @@ impl Metrics {
                 "gauge",
                 "Upgraded (opaque) streams open.",
                 self.opaque_streams_open.get(),
+            ),
+            (
+                "sluice_cold_start_held",
+                "gauge",
+                "Requests waiting in a cold-start hold for a server's first ready replica.",
+                self.cold_start_held.get(),
             ),
             (
                 "sluice_client_connections_total",
@@ -237,6 +263,26 @@ impl Metrics {
                 "sluice_upstream_connect_errors_total",
                 "Failed upstream connects.",
                 self.upstream_connect_errors_total.get(),
+            ),
+            (
+                "sluice_replica_drain_deadline_cancelled_total",
+                "Exchanges with a draining replica ended because its drain deadline passed.",
+                self.replica_drain_deadline_cancelled_total.get(),
+            ),
+            (
+                "sluice_cold_start_released_total",
+                "Requests held for a server's first ready replica that got one.",
+                self.cold_start_released_total.get(),
+            ),
+            (
+                "sluice_cold_start_timed_out_total",
+                "Requests held for a server's first ready replica that got 503 when the hold passed.",
+                self.cold_start_timed_out_total.get(),
+            ),
+            (
+                "sluice_cold_start_hold_full_total",
+                "Requests answered 503 at once because their server's cold-start hold was full.",
+                self.cold_start_hold_full_total.get(),
             ),
             (
                 "sluice_opaque_streams_total",

@@ -409,10 +409,16 @@ async fn proxy(
             });
         }
     }
+    let mut server = server;
     if server.replicas.is_empty() {
-        // Demand: the scale-from-zero signal in the autoscaler stream.
+        // Demand: the scale-from-zero signal in the autoscaler stream (a held request
+        // is the same demand: it is what makes the first replica start).
         server.stats.no_replica.fetch_add(1, Ordering::Relaxed);
-        return Err(RequestError::NoReplica);
+        let Some(hold) = server.spec.cold_start_hold else {
+            return Err(RequestError::NoReplica);
+        };
+        server =
+            crate::coldstart::hold(state, &server, hold).await.ok_or(RequestError::NoReplica)?;
     }
     if server.at_in_flight_cap() {
         server.stats.over_limit.fetch_add(1, Ordering::Relaxed);

@@ -337,6 +337,7 @@ impl Server {
             tasks.push(tokio::spawn(crate::admin::serve(l, routes)));
         }
         tasks.push(tokio::spawn(reaper(state.clone())));
+        tasks.push(tokio::spawn(enforce_drain_deadlines(state.clone())));
         tasks.push(tokio::spawn(sample_autoscaler_signal(state.clone())));
 
         shutdown.await;
@@ -364,13 +365,62 @@ async fn reaper(state: Arc<ProxyState>) {
     loop {
         tick.tick().await;
         let snap = state.routing.load_full();
+        // Draining replicas keep their connection sets: the drain deadline cuts through them.
         let live: std::collections::HashSet<SocketAddr> = snap
             .servers()
             .flat_map(|s| {
                 s.replicas.iter().map(|r| r.addr).chain(s.spec.mirror.as_ref().map(|m| m.address))
             })
+            .chain(snap.draining().map(|(r, _)| r.addr))
             .collect();
         state.upstreams.reap(&|a| live.contains(a));
+    }
+}
+
+/// Ends the exchanges still in flight to a draining replica once its `drain_deadline`
+/// passes (see [`Upstreams::cut`]). Wakes on snapshot changes and at the next deadline,
+/// never per request: the request path pays nothing for it.
+async fn enforce_drain_deadlines(state: Arc<ProxyState>) {
+    let mut changes = state.routing.subscribe_snapshots();
+    // Addresses cut already, so each is cut (and counted) once per drain.
+    let mut cut: std::collections::HashSet<SocketAddr> = Default::default();
+    loop {
+        let snap = state.routing.load_full();
+        let now = std::time::SystemTime::now();
+        let mut next: Option<std::time::SystemTime> = None;
+        let mut draining = std::collections::HashSet::new();
+        for (replica, deadline) in snap.draining() {
+            let Some(deadline) = deadline else { continue };
+            draining.insert(replica.addr);
+            if deadline > now {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            } else if cut.insert(replica.addr) {
+                let ended = state.upstreams.cut(replica.addr);
+                state.metrics.replica_drain_deadline_cancelled_total.add(ended);
+                tracing::info!(server = %replica.server, replica = %replica.id,
+                    addr = %replica.addr, ended, "drain deadline passed: in-flight exchanges ended");
+            }
+        }
+        // A replica no longer draining (deleted, or back to ready) may be connected to
+        // again.
+        cut.retain(|a| {
+            let keep = draining.contains(a);
+            if !keep {
+                state.upstreams.uncut(*a);
+            }
+            keep
+        });
+        drop(snap);
+        let wait = next.map(|d| d.duration_since(now).unwrap_or_default());
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            () = async {
+                match wait {
+                    Some(w) => tokio::time::sleep(w).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
     }
 }
 

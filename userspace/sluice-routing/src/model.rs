@@ -188,6 +188,21 @@ pub struct ServerSpec {
     // (deny_unknown_fields) still read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<LaunchSpec>,
+    /// Opt-in cold-start hold: a request that finds no ready replica waits up to this
+    /// long for the first one (woken when a snapshot brings one) before the usual `503`.
+    /// `None`, the default: the `503` at once (the platform's contract is a fast `503`
+    /// its clients retry).
+    // Left out when unset, like `launch`, for older nodes.
+    #[serde(default, with = "duration_serde::option", skip_serializing_if = "Option::is_none")]
+    pub cold_start_hold: Option<Duration>,
+    /// Most requests held at once for this server under `cold_start_hold`; beyond it a
+    /// request gets the `503` at once. Bounds the memory a burst against a cold server
+    /// holds (each held request keeps its head, never its body).
+    #[serde(
+        default = "default_cold_start_max_held",
+        skip_serializing_if = "is_default_cold_start_max_held"
+    )]
+    pub cold_start_max_held: u32,
     /// Certificates for custom domains (`[[servers.certificates]]`), served by SNI on every
     /// TLS listener ahead of the listener's own. Left out when empty, like `launch`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -280,6 +295,17 @@ impl std::fmt::Debug for SecretPem {
     }
 }
 
+/// Default `cold_start_max_held`.
+pub const DEFAULT_COLD_START_MAX_HELD: u32 = 64;
+
+fn default_cold_start_max_held() -> u32 {
+    DEFAULT_COLD_START_MAX_HELD
+}
+
+fn is_default_cold_start_max_held(n: &u32) -> bool {
+    *n == DEFAULT_COLD_START_MAX_HELD
+}
+
 impl ServerSpec {
     /// A server with the given id and label and every other field at its default.
     pub fn new(id: impl Into<String>, label: impl Into<String>) -> Self {
@@ -304,6 +330,8 @@ impl ServerSpec {
             timeouts: ServerTimeouts::default(),
             splice: SpliceMode::default(),
             launch: None,
+            cold_start_hold: None,
+            cold_start_max_held: DEFAULT_COLD_START_MAX_HELD,
             certificates: Vec::new(),
         }
     }

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -119,6 +120,8 @@ pub struct ServerStats {
     pub requests: AtomicU64,
     /// Requests answered `503` because no replica was ready: demand for scale-from-zero.
     pub no_replica: AtomicU64,
+    /// Requests waiting now in the server's cold-start hold.
+    pub cold_start_held: AtomicU32,
     /// Requests answered `503` because the server was at `limits.max_in_flight`.
     pub over_limit: AtomicU64,
     /// Requests rejected by proxy auth (`401` and `403`); they never reach a replica and
@@ -378,6 +381,14 @@ impl Snapshot {
     /// All servers (arbitrary order).
     pub fn servers(&self) -> impl Iterator<Item = &Arc<Server>> {
         self.servers.values().map(|e| &e.server)
+    }
+
+    /// Replicas the store marks `draining`, with their drain deadline if they have one:
+    /// they take no new requests; their in-flight ones may run until the deadline.
+    pub fn draining(&self) -> impl Iterator<Item = (&Arc<Replica>, Option<SystemTime>)> {
+        self.all_replicas()
+            .filter(|e| e.spec.state == ReplicaState::Draining)
+            .map(|e| (&e.replica, e.spec.drain_deadline))
     }
 
     /// Every replica the store knows of (any state, including replicas of unknown servers).

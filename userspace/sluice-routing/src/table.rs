@@ -28,6 +28,9 @@ struct Inner {
     current: ArcSwap<Snapshot>,
     writer: Mutex<Writer>,
     generation_tx: watch::Sender<u64>,
+    /// Bumped on every published snapshot (health changes too), for the few background
+    /// tasks that act on a change (drain deadlines, cold-start holds) without polling.
+    published_tx: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -84,6 +87,7 @@ impl RoutingTable {
                 current: ArcSwap::from_pointee(Snapshot::empty(Arc::new(node))),
                 writer: Mutex::new(Writer::default()),
                 generation_tx,
+                published_tx: watch::Sender::new(0),
             }),
         }
     }
@@ -139,6 +143,12 @@ impl RoutingTable {
     /// staleness, fences).
     pub fn subscribe_generation(&self) -> watch::Receiver<u64> {
         self.inner.generation_tx.subscribe()
+    }
+
+    /// A receiver that changes whenever a new snapshot is published (any change: store,
+    /// health): the value is a count of publications, only its changes mean anything.
+    pub fn subscribe_snapshots(&self) -> watch::Receiver<u64> {
+        self.inner.published_tx.subscribe()
     }
 
     /// Apply a batch of changes in order and publish one new snapshot at `generation`.
@@ -389,6 +399,7 @@ impl RoutingTable {
         let (snap, events) = b.finish(generation);
         let snap = Arc::new(snap);
         self.inner.current.store(snap.clone());
+        self.inner.published_tx.send_modify(|n| *n = n.wrapping_add(1));
         if let Some(tx) = w.replica_events.clone() {
             for e in events {
                 w.unpend(&e.server, &e.id);

@@ -128,6 +128,9 @@ fn is_domain(s: &str) -> bool {
         && s.split('.').all(|l| is_dns_label(&l.to_ascii_lowercase()))
 }
 
+/// Longest `cold_start_hold`: a hold is for a replica's start, not a queue.
+const MAX_COLD_START_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Validate one server on its own.
 pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
     let obj = || ObjectRef::Server(s.id.clone());
@@ -207,6 +210,12 @@ pub fn validate_server(s: &ServerSpec) -> Vec<FieldError> {
     }
     if s.limits.max_buffered_bytes == Some(0) {
         err("limits.max_buffered_bytes", "must be at least 1 (omit it for no limit)".into());
+    }
+    if s.cold_start_hold.is_some_and(|d| d.is_zero() || d > MAX_COLD_START_HOLD) {
+        err("cold_start_hold", "must be positive and at most 5m (omit it for none)".into());
+    }
+    if s.cold_start_max_held == 0 {
+        err("cold_start_max_held", "must be at least 1".into());
     }
     if s.timeouts.idle.is_some_and(|d| d.is_zero()) {
         err("timeouts.idle", "must be positive (omit it for the default)".into());
@@ -464,6 +473,25 @@ mod tests {
         s.launch = Some(bad);
         let fields: Vec<_> = validate_server(&s).into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["launch.argv", "launch.port_env", "launch.startup_timeout"]);
+    }
+
+    #[test]
+    fn cold_start_checks() {
+        use std::time::Duration;
+        let mut s = ServerSpec::new("s", "ok");
+        s.cold_start_hold = Some(Duration::from_secs(5));
+        assert!(validate_server(&s).is_empty());
+        s.cold_start_hold = Some(Duration::ZERO);
+        s.cold_start_max_held = 0;
+        let fields: Vec<_> = validate_server(&s).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["cold_start_hold", "cold_start_max_held"]);
+        s.cold_start_hold = Some(Duration::from_secs(301));
+        s.cold_start_max_held = 1;
+        let fields: Vec<_> = validate_server(&s).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["cold_start_hold"]);
+        // Unset, it stays out of the serialized spec (older nodes reject unknown keys).
+        let text = toml::to_string(&ServerSpec::new("s", "ok")).unwrap();
+        assert!(!text.contains("cold_start"), "{text}");
     }
 
     #[test]

@@ -79,15 +79,34 @@ pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHa
     let t = table.clone();
     server.admin_route(
         "/state",
-        endpoint(READ_ONLY, "routing state, JSON", move |_req| {
-            let snap = t.load_full();
-            async move {
-                match serde_json::to_string_pretty(&snap.state_view()) {
-                    Ok(body) => json(StatusCode::OK, body),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("state: {e}\n")),
+        endpoint(
+            READ_ONLY,
+            "routing state, JSON (?server=<id>: that server only)",
+            move |req: http::Request<hyper::body::Incoming>| {
+                let snap = t.load_full();
+                // `?server=<id>` keeps the answer small on a node with many servers.
+                let one = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("server=")))
+                    .map(String::from);
+                async move {
+                    let body = match one {
+                        None => serde_json::to_string_pretty(&snap.state_view()),
+                        Some(id) => match snap.server_view(&id) {
+                            Some(view) => serde_json::to_string_pretty(&view),
+                            None => {
+                                return text(StatusCode::NOT_FOUND, format!("no server {id:?}\n"));
+                            }
+                        },
+                    };
+                    match body {
+                        Ok(body) => json(StatusCode::OK, body),
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("state: {e}\n")),
+                    }
                 }
-            }
-        }),
+            },
+        ),
     );
     if let Some(store) = store {
         let st = store.clone();

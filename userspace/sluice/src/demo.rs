@@ -2,13 +2,23 @@
 //! starts itself. Same start-up, same admin API (`/generation`, `/state`, `/bpf`,
 //! `/autoscaler/stream`, `/metrics`), and, as root, the same kernel data plane; only
 //! the config is written for it (into a temporary directory) instead of read.
+//!
+//! Beside the proxy it runs the serverless loop in-process: the autoscaler (following
+//! the demo's own `/autoscaler/stream`, writing `desired.json`) and the replica
+//! supervisor (starting `sluice demo-replica` processes for the scale-from-zero server
+//! `lazy`, registered in `routes/zz-supervisor.toml`), with short windows so a newcomer
+//! sees `lazy` go from zero to one replica and back within half a minute.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
+use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
 use sluice_proxy::demo::{DemoProtocol, spawn_replica_at, write_self_signed};
 use sluice_proxy::headers::RequestIds;
+use sluice_routing::model::LaunchSpec;
 use sluice_routing::{Protocol, ReplicaSpec, RoutingDoc, ServerSpec, TokenSpec, hash_secret};
 
 use crate::run::RunConfig;
@@ -41,6 +51,47 @@ pub struct DemoArgs {
     pub pin_dir: PathBuf,
 }
 
+/// `sluice demo-replica` (hidden): one demo replica process, as the supervisor starts
+/// them for the `lazy` server. Listens on `127.0.0.1:$PORT` until SIGTERM/SIGINT.
+#[derive(clap::Args)]
+pub struct ReplicaArgs {
+    /// The name it answers with (`hello from replica <name>`).
+    #[arg(long, default_value = "replica")]
+    pub name: String,
+    /// The variable holding the port to listen on.
+    #[arg(long, default_value = sluice_routing::model::DEFAULT_PORT_ENV)]
+    pub port_env: String,
+}
+
+/// Runs one demo replica until SIGTERM/SIGINT.
+pub fn replica_main(args: ReplicaArgs) -> Result<()> {
+    let port: u16 = std::env::var(&args.port_env)
+        .with_context(|| format!("${} (the port to listen on)", args.port_env))?
+        .parse()
+        .with_context(|| format!("${} is not a port", args.port_env))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let _replica = spawn_replica_at(&args.name, DemoProtocol::Http1, addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(%addr, name = %args.name, "demo replica listening");
+        sluice_proxy::shutdown::signal().await;
+        Ok(())
+    })
+}
+
+/// The scale-from-zero server: no replica until a request asks for one.
+const LAZY: &str = "lazy";
+/// How long `lazy`'s demand must stay at zero before its replica goes (short, so the
+/// whole loop fits in the time a newcomer watches).
+const LAZY_SCALE_DOWN: Duration = Duration::from_secs(10);
+/// How long `lazy`'s draining replica keeps its in-flight requests before SIGTERM.
+const LAZY_GRACE: Duration = Duration::from_secs(2);
+
 /// The demo's replicas: (server, replica id, protocol).
 const REPLICAS: [(&str, &str, Protocol); 3] = [
     ("hello", "hello-h2c", Protocol::H2c),
@@ -54,9 +105,10 @@ pub fn main(args: DemoArgs) -> Result<()> {
     let secret = RequestIds::new().next_id();
     let replicas = replica_addrs(args.replica_port_base)?;
     let config = node_config(&args);
-    let routes = routing_doc(&replicas, &secret)?;
+    let exe = std::env::current_exe().context("finding the sluice binary for `lazy`")?;
+    let routes = routing_doc(&replicas, &secret, &exe)?;
     if args.print_config {
-        print!("# sluice.toml\n{config}\n# routes.toml\n{routes}");
+        print!("# sluice.toml\n{config}\n# routes/demo.toml\n{routes}");
         return Ok(());
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -76,10 +128,17 @@ fn serve(
     let hello_host = format!("hello.{REGION}.{BASE}");
     let wildcard = format!("*.{REGION}.{BASE}");
     write_self_signed(&[&wildcard, &hello_host, "localhost"], dir)?;
-    std::fs::write(dir.join("routes.toml"), routes)?;
+    let routes_dir = dir.join("routes");
+    std::fs::create_dir_all(&routes_dir)?;
+    std::fs::write(routes_dir.join("demo.toml"), routes)?;
+    // The supervisor's file, empty until it starts a replica.
+    let replicas_file = routes_dir.join("zz-supervisor.toml");
+    std::fs::write(&replicas_file, "")?;
     std::fs::write(dir.join("sluice.toml"), config)?;
     let cfg = RunConfig::parse(config, dir).context("the demo's config")?;
     let pin_dir = args.pin_dir.clone();
+    let desired_file = dir.join("desired.json");
+    let admin = args.admin;
     crate::run::block_on(async move {
         // Held until the proxy stops: dropping a replica stops it.
         let mut running = Vec::new();
@@ -93,11 +152,57 @@ fn serve(
                 .with_context(|| format!("demo replica {id} on {addr}"))?;
             running.push(replica);
         }
+        // The serverless loop beside the proxy: the autoscaler follows the demo's own
+        // stream and the supervisor acts on what it decides. Both stop when the proxy
+        // does, the supervisor deregistering and stopping its replicas.
+        let stop = stop_signal();
+        let autoscaler = {
+            let stop = stop.clone();
+            let sink = DesiredSink::File(desired_file.clone());
+            tokio::spawn(async move {
+                let settings = AutoscalerSettings::new(vec![admin]);
+                if let Err(e) = run_autoscaler(settings, sink, wait(stop)).await {
+                    tracing::warn!("demo autoscaler: {e}");
+                }
+            })
+        };
+        let supervisor = {
+            let stop = stop.clone();
+            let files =
+                crate::supervise::FileStore { routes: routes_dir, replicas_file, desired_file };
+            tokio::spawn(async move {
+                let every = Duration::from_millis(200);
+                let res = crate::supervise::run_on_files(
+                    files,
+                    "demo".into(),
+                    Duration::from_secs(5),
+                    every,
+                    wait(stop),
+                );
+                if let Err(e) = res.await {
+                    tracing::warn!("demo supervisor: {e:#}");
+                }
+            })
+        };
         print_instructions(args, replicas, secret);
         let res = crate::run::serve(cfg, false, pin_dir, None).await;
+        let _ = stop.send(true);
+        let _ = autoscaler.await;
+        let _ = supervisor.await;
         drop(running);
         res
     })
+}
+
+/// A stop signal several tasks wait on (a watch, so a task that starts waiting after
+/// the send still sees it).
+fn stop_signal() -> tokio::sync::watch::Sender<bool> {
+    tokio::sync::watch::Sender::new(false)
+}
+
+async fn wait(stop: tokio::sync::watch::Sender<bool>) {
+    let mut rx = stop.subscribe();
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 fn replica_addrs(base: u16) -> Result<Vec<SocketAddr>> {
@@ -127,8 +232,15 @@ addr = "{admin}"
 base_domains = ["{BASE}"]
 regions = ["{REGION}"]
 
+# Short rounds, so the demo's loop (503, a replica started, 200) takes about a second.
+[autoscaler]
+interval = "500ms"
+
+[health]
+interval = "500ms"
+
 [routes]
-file = "routes.toml"
+file = "routes"
 "#,
         http = args.http,
         https = args.https,
@@ -136,13 +248,30 @@ file = "routes.toml"
     )
 }
 
-/// The routing document: `hello` (open, one h2c and one HTTP/1.1 replica) and `private`
-/// (needs the `demo` token).
-fn routing_doc(replicas: &[SocketAddr], secret: &str) -> Result<String> {
+/// The routing document: `hello` (open, one h2c and one HTTP/1.1 replica), `private`
+/// (needs the `demo` token) and `lazy` (open, no replica until a request comes: the
+/// supervisor starts `exe demo-replica` for it, and stops it once idle).
+fn routing_doc(replicas: &[SocketAddr], secret: &str, exe: &Path) -> Result<String> {
     let mut hello = ServerSpec::new("hello", "hello");
     hello.unauthenticated = true;
     let mut private = ServerSpec::new("private", "private");
     private.environment = "demo".into();
+    let mut lazy = ServerSpec::new(LAZY, LAZY);
+    lazy.unauthenticated = true;
+    lazy.min_replicas = 0;
+    lazy.max_replicas = 3;
+    lazy.target_concurrency = 5;
+    lazy.scale_up_window = Duration::from_secs(5);
+    lazy.scale_down_window = LAZY_SCALE_DOWN;
+    let mut launch = LaunchSpec::new([
+        exe.to_string_lossy().into_owned(),
+        "demo-replica".into(),
+        "--name".into(),
+        LAZY.into(),
+    ]);
+    launch.startup_timeout = Duration::from_secs(10);
+    launch.exit_grace_period = LAZY_GRACE;
+    lazy.launch = Some(launch);
     let replicas = REPLICAS
         .iter()
         .zip(replicas)
@@ -153,7 +282,7 @@ fn routing_doc(replicas: &[SocketAddr], secret: &str) -> Result<String> {
         })
         .collect();
     let doc = RoutingDoc {
-        servers: vec![hello, private],
+        servers: vec![hello, private, lazy],
         replicas,
         tokens: vec![TokenSpec {
             id: "demo".into(),
@@ -167,6 +296,8 @@ fn routing_doc(replicas: &[SocketAddr], secret: &str) -> Result<String> {
 fn print_instructions(args: &DemoArgs, replicas: &[SocketAddr], secret: &str) {
     let hello_host = format!("hello.{REGION}.{BASE}");
     let private_host = format!("private.{REGION}.{BASE}");
+    let lazy_host = format!("{LAZY}.{REGION}.{BASE}");
+    let (down, grace) = (LAZY_SCALE_DOWN.as_secs(), LAZY_GRACE.as_secs());
     let (http, https, admin) = (args.http, args.https, args.admin);
     let (h2c, h1, p1) = (replicas[0], replicas[1], replicas[2]);
     let (hp, tp) = (http.port(), https.port());
@@ -195,6 +326,17 @@ Try:
   curl http://{admin}/metrics
   curl --no-buffer http://{admin}/autoscaler/stream   # in-flight per server and replica, each second
   sudo bpftool prog show | grep -A2 sluice            # the kernel programs, when run as root
+
+Scale from zero and back (server "lazy", min_replicas = 0; the demo runs the autoscaler
+and the replica supervisor in-process):
+  curl --no-buffer http://{admin}/autoscaler/stream | grep --line-buffered '"{LAZY}"' &
+                                            # lazy's in-flight, replicas and 503s, each interval
+  curl -i http://{lazy_host}:{hp}/           # 503 + Retry-After: no replica yet (the demand is counted)
+  curl --retry 10 http://{lazy_host}:{hp}/  # curl retries a 503 after its Retry-After; 200 once the supervisor's replica is ready
+  curl -s 'http://{admin}/state?server={LAZY}' | grep '"state"'
+                                            # the replica count: starting, ready, then draining
+  About {down} s after the last request lazy's desired count is back at 0: its replica drains,
+  gets SIGTERM {grace} s later and is gone (the same /state shows no replica, curl gets 503 again).
 "#
     );
 }

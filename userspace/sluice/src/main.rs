@@ -72,6 +72,9 @@ enum Command {
     Check(check::CheckArgs),
     /// `sluice run` on an embedded default config, with demo replicas it starts itself.
     Demo(demo::DemoArgs),
+    /// One demo replica process (what the demo's supervisor starts for `lazy`).
+    #[command(hide = true)]
+    DemoReplica(demo::ReplicaArgs),
     /// Read and write the routing state in etcd (servers, replicas, tokens).
     Ctl(ctl::CtlArgs),
     /// Follow the proxies' autoscaler streams and write desired replica counts into the
@@ -130,6 +133,7 @@ fn main() -> Result<ExitCode> {
         }
         Command::Upgrade(args) => upgrade::command(args),
         Command::Demo(args) => demo::main(args),
+        Command::DemoReplica(args) => demo::replica_main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),
         Command::Supervise(args) => supervise::main(args),

@@ -101,15 +101,9 @@ pub fn main(args: SuperviseArgs) -> Result<()> {
 }
 
 async fn run(args: SuperviseArgs) -> Result<()> {
-    if args.interval.is_zero() {
-        bail!("--interval must be positive");
-    }
-    let mut store = match (args.routes, args.replicas_file, args.desired_file) {
+    let store = match (args.routes, args.replicas_file, args.desired_file) {
         (Some(routes), Some(replicas_file), Some(desired_file)) => {
-            if replicas_file.extension().is_none_or(|e| e != "toml") {
-                bail!("--replicas-file must end in .toml, or the proxy's file source skips it");
-            }
-            Store::Files { routes, replicas_file, desired_file }
+            Store::files(FileStore { routes, replicas_file, desired_file })?
         }
         _ => {
             let etcd = crate::etcd_args::connect(&args.etcd.config()).await?;
@@ -118,14 +112,49 @@ async fn run(args: SuperviseArgs) -> Result<()> {
             store
         }
     };
-    let mut sup = Supervisor::new(args.id_prefix, args.kill_after);
+    let sup = Supervisor::new(args.id_prefix, args.kill_after);
+    supervise(store, sup, args.interval, sluice_proxy::shutdown::signal()).await
+}
+
+/// The file store's paths (see [`SuperviseArgs`]).
+pub(crate) struct FileStore {
+    /// The proxy's routing file or directory.
+    pub routes: PathBuf,
+    /// This supervisor's replicas, a `*.toml` inside `routes`.
+    pub replicas_file: PathBuf,
+    /// The autoscaler's desired counts.
+    pub desired_file: PathBuf,
+}
+
+/// Supervises on the file store until `shutdown` resolves, then deregisters and stops
+/// every replica: what `sluice demo` runs in-process beside the proxy and the
+/// autoscaler, so its scale-from-zero server has a compute side.
+pub(crate) async fn run_on_files(
+    files: FileStore,
+    id_prefix: String,
+    kill_after: Duration,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let store = Store::files(files)?;
+    supervise(store, Supervisor::new(id_prefix, kill_after), interval, shutdown).await
+}
+
+async fn supervise(
+    mut store: Store,
+    mut sup: Supervisor,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    if interval.is_zero() {
+        bail!("--interval must be positive");
+    }
     // Registers nothing yet, but truncates a replicas file an earlier run left: its
     // processes died with it (kill_on_drop), so its entries would only be dead ports.
     store.publish(&[]).await?;
     tracing::info!("supervisor running");
-    let mut tick = tokio::time::interval(args.interval);
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let shutdown = sluice_proxy::shutdown::signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -152,6 +181,14 @@ enum Store {
 }
 
 impl Store {
+    fn files(f: FileStore) -> Result<Store> {
+        if f.replicas_file.extension().is_none_or(|e| e != "toml") {
+            bail!("--replicas-file must end in .toml, or the proxy's file source skips it");
+        }
+        let FileStore { routes, replicas_file, desired_file } = f;
+        Ok(Store::Files { routes, replicas_file, desired_file })
+    }
+
     async fn inputs(&self) -> Result<(Vec<ServerSpec>, Vec<DesiredReplicas>), SuperviseError> {
         match self {
             Store::Files { routes, desired_file, .. } => {

@@ -1,10 +1,16 @@
 //! `sluice demo` through the binary: it is `sluice run` on its embedded config, so the
 //! same admin API answers (`/generation`, `/state`, `/bpf`, `/metrics`) and its
-//! replicas serve through the proxy; `--print-config` shows the config it runs.
+//! replicas serve through the proxy; `--print-config` shows the config it runs; its
+//! `lazy` server scales from zero and back with the in-process autoscaler and
+//! supervisor.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use sluice_tests::process::{SluiceProcess, http_get};
 
@@ -34,11 +40,12 @@ fn print_config_shows_a_run_config() {
     let out = Command::new(bin()).args(["demo", "--print-config"]).output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    let (node, routes) = text.split_once("# routes.toml\n").expect("both files");
+    let (node, routes) = text.split_once("# routes/demo.toml\n").expect("both files");
     // The node config is what `sluice check` accepts, once its routes file exists.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("sluice.toml"), node).unwrap();
-    std::fs::write(dir.path().join("routes.toml"), routes).unwrap();
+    std::fs::create_dir(dir.path().join("routes")).unwrap();
+    std::fs::write(dir.path().join("routes/demo.toml"), routes).unwrap();
     sluice_proxy::demo::write_self_signed(&["*.local.sluice.localhost"], dir.path()).unwrap();
     let check = Command::new(bin())
         .args(["check", "--config"])
@@ -47,5 +54,66 @@ fn print_config_shows_a_run_config() {
         .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     let summary = String::from_utf8_lossy(&check.stdout);
-    assert!(summary.contains("2 servers, 3 replicas"), "{summary}");
+    assert!(summary.contains("3 servers, 3 replicas"), "{summary}");
+}
+
+/// One request on a fresh connection: status and lower-cased head.
+fn get_head(addr: SocketAddr, host: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out.to_ascii_lowercase()))
+}
+
+/// Poll `f` every 100 ms until it returns Some, for at most `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How many replicas (any state) the demo's `/state` shows for `lazy`.
+fn lazy_replicas(admin: SocketAddr) -> usize {
+    let (status, body) = http_get(admin, "admin", "/state?server=lazy").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    view["replicas"].as_array().unwrap().len()
+}
+
+#[test]
+fn lazy_scales_from_zero_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = SluiceProcess::start_demo(bin(), dir.path());
+    let host = "lazy.local.sluice.localhost";
+    assert_eq!(lazy_replicas(demo.admin), 0, "no replica before the first request");
+    let (status, head) = get_head(demo.proxy, host).unwrap();
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("\r\nretry-after: 1\r\n"), "{head}");
+
+    // A client retrying on the 503 gets its 200 once the supervisor's replica is ready:
+    // the autoscaler's and supervisor's rounds plus a process start.
+    let head =
+        wait_for("a 200 from lazy", Duration::from_secs(30), || match get_head(demo.proxy, host) {
+            Some((200, head)) => Some(head),
+            Some((503, _)) => None,
+            other => panic!("unexpected answer {other:?}"),
+        });
+    assert!(head.contains("hello from replica lazy"), "{head}");
+    assert_eq!(lazy_replicas(demo.admin), 1);
+
+    // Idle: after the scale-down window (10 s), the grace period (2 s) and SIGTERM the
+    // replica is gone, and lazy refuses again as at the start.
+    wait_for("lazy back at zero", Duration::from_secs(60), || {
+        (lazy_replicas(demo.admin) == 0).then_some(())
+    });
+    let (status, head) = get_head(demo.proxy, host).unwrap();
+    assert_eq!(status, 503, "{head}");
 }

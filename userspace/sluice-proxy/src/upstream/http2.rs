@@ -28,7 +28,8 @@ use crate::metrics::RetryReason;
 /// One multiplexed connection to a replica.
 pub(super) struct H2Conn {
     send: SendRequest<Bytes>,
-    active: AtomicUsize,
+    /// Streams in use (shared with the socket's registration, see `OpenSockets`).
+    active: Arc<AtomicUsize>,
     /// The peer's advertised limit, refreshed by the connection driver.
     peer_max: Arc<AtomicUsize>,
     cap: usize,
@@ -106,10 +107,12 @@ impl Drop for AbortOnDrop {
 
 async fn connect(
     up: &Upstreams,
+    pool: &ReplicaPool,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<Arc<H2Conn>, RequestError> {
-    let tcp = up.connect(addr, timeout).await?;
+    let active = Arc::new(AtomicUsize::new(0));
+    let tcp = up.connect_registered(pool, addr, timeout, active.clone()).await?;
     let cfg = &up.settings.cfg;
     let handshake = h2::client::Builder::new()
         .initial_window_size(cfg.h2_stream_window)
@@ -160,7 +163,7 @@ async fn connect(
     });
     Ok(Arc::new(H2Conn {
         send,
-        active: AtomicUsize::new(0),
+        active,
         peer_max,
         cap: cfg.h2_max_streams_per_connection.max(1),
         closed,
@@ -191,7 +194,7 @@ async fn acquire(
         return Ok(found);
     }
     // All saturated (or none yet): open another connection.
-    let conn = connect(up, addr, timeout).await?;
+    let conn = connect(up, pool, addr, timeout).await?;
     let slot = conn
         .try_acquire()
         .ok_or_else(|| RequestError::Upstream(format!("replica {addr} allows no streams")))?;

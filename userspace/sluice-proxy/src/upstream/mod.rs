@@ -10,6 +10,8 @@ mod wire;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -97,6 +99,8 @@ impl UpstreamSettings {
 /// Connections to one replica address.
 #[derive(Default)]
 struct ReplicaPool {
+    /// Its open sockets, so a drain deadline can end them (see [`Upstreams::cut`]).
+    open: Arc<OpenSockets>,
     h2: Mutex<Vec<Arc<http2::H2Conn>>>,
     /// One h2 connect at a time per replica, so a burst against a cold (or saturated)
     /// replica opens one connection and multiplexes onto it instead of one per request.
@@ -106,10 +110,136 @@ struct ReplicaPool {
     wire_idle: Mutex<Vec<(WireConn, Instant)>>,
 }
 
+/// The open sockets to one replica address. Registered once per connection (not per
+/// request: a pooled connection carries many), so that when a draining replica's
+/// deadline passes [`Upstreams::cut`] can shut them down; the tasks blocked on them are
+/// then woken by the kernel, as if the replica had reset them. Nothing on the request
+/// path looks at it.
+#[derive(Default)]
+pub(crate) struct OpenSockets {
+    /// id → the socket (a duplicate of its descriptor) and what it carries.
+    fds: Mutex<HashMap<u64, (OwnedFd, Streams)>>,
+    next: std::sync::atomic::AtomicU64,
+    /// Set once the deadline passed: no new connection is opened to the address.
+    cut: std::sync::atomic::AtomicBool,
+}
+
+/// The streams a registered socket carries: `None` for a raw HTTP/1.1 connection, which
+/// carries one exchange while out of the pool; an h2c connection's stream count.
+type Streams = Option<Arc<std::sync::atomic::AtomicUsize>>;
+
+/// One registered socket; deregisters on drop. The registry holds a duplicate of the
+/// socket's descriptor (one `dup` per connection, none per request), so a shutdown
+/// through it reaches the connection's socket and nothing else; it is dropped before
+/// the socket closes (declared before it in the owning struct: fields drop in order), so
+/// it never keeps a closed connection's socket open.
+pub(crate) struct Registered {
+    set: Arc<OpenSockets>,
+    id: u64,
+}
+
+impl OpenSockets {
+    fn register(
+        self: &Arc<Self>,
+        tcp: &TcpStream,
+        streams: Streams,
+    ) -> Result<Registered, RequestError> {
+        let fd = tcp
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| RequestError::Upstream(format!("registering a replica socket: {e}")))?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.fds.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (fd, streams));
+        Ok(Registered { set: self.clone(), id })
+    }
+
+    /// Whether the address's drain deadline passed.
+    pub(crate) fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
+    }
+
+    /// Shuts every registered socket down; returns the exchanges they carried.
+    fn cut(&self) -> u64 {
+        self.cut.store(true, Ordering::Relaxed);
+        let fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut exchanges = 0u64;
+        for (fd, streams) in fds.values() {
+            let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+            exchanges += streams.as_ref().map_or(1, |n| n.load(Ordering::Relaxed) as u64);
+        }
+        exchanges
+    }
+}
+
+/// A registered socket for a connection driven elsewhere (the h2 driver): deregistered
+/// before the socket closes (field order).
+pub(crate) struct RegisteredStream {
+    _registered: Registered,
+    tcp: TcpStream,
+}
+
+impl tokio::io::AsyncRead for RegisteredStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for RegisteredStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let gone = self.set.fds.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        // The duplicate is closed outside the lock.
+        drop(gone);
+    }
+}
+
 /// A raw HTTP/1.1 connection to a replica, framed by sluice itself (`crate::h1proxy`,
 /// [`wire`]) in the task of the request using it: no driver task, no channel.
 /// Dropping it closes the connection.
 pub(crate) struct WireConn {
+    /// Declared before `tcp`: deregistered before the socket closes.
+    _registered: Registered,
+    /// The replica address's sockets (to tell a deadline cut from a replica's close).
+    pub(crate) open: Arc<OpenSockets>,
     /// The socket.
     pub(crate) tcp: TcpStream,
     /// Not to be reused from then on: the replica's `Keep-Alive: timeout=` (see
@@ -258,8 +388,66 @@ impl Upstreams {
         addr: SocketAddr,
         timeout: Option<Duration>,
     ) -> Result<WireConn, RequestError> {
-        let tcp = self.connect(addr, timeout.unwrap_or(self.settings.connect_timeout)).await?;
-        Ok(WireConn { tcp, keep_until: None, _open: OpenH1::new(&self.metrics) })
+        let open = self.pool(addr).open.clone();
+        let tcp = self
+            .connect_open(&open, addr, timeout.unwrap_or(self.settings.connect_timeout))
+            .await?;
+        let registered = open.register(&tcp, None)?;
+        Ok(WireConn {
+            _registered: registered,
+            open,
+            tcp,
+            keep_until: None,
+            _open: OpenH1::new(&self.metrics),
+        })
+    }
+
+    /// A draining replica's deadline passed: end every exchange still on a connection to
+    /// `addr` (shut its sockets down; before the response head the client gets a 502,
+    /// after it a reset stream or a closed connection, never a clean end) and open no
+    /// new one. Returns how many exchanges were ended.
+    pub fn cut(&self, addr: SocketAddr) -> u64 {
+        let Some(pool) = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&addr).cloned()
+        else {
+            return 0;
+        };
+        // Idle connections carry nothing: closed, not counted.
+        pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        pool.open.cut()
+    }
+
+    /// A new connection to `addr` for a driver task, registered as carrying `streams`.
+    async fn connect_registered(
+        &self,
+        pool: &ReplicaPool,
+        addr: SocketAddr,
+        timeout: Duration,
+        streams: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Result<RegisteredStream, RequestError> {
+        let tcp = self.connect_open(&pool.open, addr, timeout).await?;
+        let registered = pool.open.register(&tcp, Some(streams))?;
+        Ok(RegisteredStream { _registered: registered, tcp })
+    }
+
+    /// `addr` is no longer a draining replica past its deadline (it left the store, or is
+    /// ready again): connections to it may be opened again.
+    pub fn uncut(&self, addr: SocketAddr) {
+        if let Some(pool) = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+            pool.open.cut.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Connects unless `addr`'s drain deadline passed.
+    async fn connect_open(
+        &self,
+        open: &OpenSockets,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream, RequestError> {
+        if open.is_cut() {
+            return Err(RequestError::Upstream(format!("replica {addr}: drain deadline passed")));
+        }
+        self.connect(addr, timeout).await
     }
 
     /// Closes idle connections older than the pool idle timeout and forgets replicas not

@@ -185,6 +185,10 @@ pub(super) async fn send(
             fresh_retry = false;
             continue;
         }
+        if conn.open.is_cut() {
+            // The replica had the request; it must not go anywhere again.
+            return Err(upstream_err(addr, "drain deadline passed").into());
+        }
         if fresh_retry && rbuf.is_empty() {
             // Closed under the request before any answer: the replica never took it.
             fresh_retry = false;
@@ -529,7 +533,8 @@ impl Body for WireBody {
             this.rbuf.reserve(READ);
             match crate::io::read_drained(&conn.tcp, &mut this.rbuf) {
                 Ok(0) => {
-                    if matches!(this.framing, Framing::UntilClose) {
+                    // A drain-deadline cut is not the replica's end of the body.
+                    if matches!(this.framing, Framing::UntilClose) && !conn.open.is_cut() {
                         this.finish();
                         return Poll::Ready(None);
                     }
