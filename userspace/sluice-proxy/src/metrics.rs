@@ -103,6 +103,10 @@ pub struct Metrics {
     pub opaque_streams_open: Gauge,
     /// Opaque streams relayed in total.
     pub opaque_streams_total: Counter,
+    /// Access log entries dropped because the writer's queue was full.
+    pub access_log_dropped_total: Counter,
+    /// Access log writes that failed (the sink refused bytes).
+    pub access_log_write_errors_total: Counter,
     /// The listeners' certificates, for their expiry gauge. Read at scrape time only.
     certificates: std::sync::RwLock<Vec<crate::tls::CertSummary>>,
 }
@@ -125,6 +129,8 @@ impl Default for Metrics {
             upstream_retries: Default::default(),
             opaque_streams_open: Gauge::default(),
             opaque_streams_total: Counter::default(),
+            access_log_dropped_total: Counter::default(),
+            access_log_write_errors_total: Counter::default(),
             certificates: std::sync::RwLock::default(),
         }
     }
@@ -242,6 +248,16 @@ impl Metrics {
                 "sluice_opaque_streams_total",
                 "Upgraded streams relayed.",
                 self.opaque_streams_total.get(),
+            ),
+            (
+                "sluice_access_log_dropped_total",
+                "Access log entries dropped: the writer's queue was full.",
+                self.access_log_dropped_total.get(),
+            ),
+            (
+                "sluice_access_log_write_errors_total",
+                "Access log writes that failed.",
+                self.access_log_write_errors_total.get(),
             ),
         ];
         for (name, help, v) in counters {

@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use sluice_routing::RoutingTable;
 
+use crate::access_log::{AccessLog, Writer as AccessLogWriter};
 use crate::admin::{AdminHandler, AdminRoutes};
 use crate::client::{BanList, is_trusted};
 use crate::config::{Cidr, ProxyConfig, ProxyProtocol};
@@ -56,6 +57,8 @@ pub struct Server {
     deny: Arc<[Cidr]>,
     deny_reported: Arc<[Cidr]>,
     bans: Arc<BanList>,
+    /// The access log's queue and its not yet started writer (when it is on).
+    access_log: Option<(AccessLog, AccessLogWriter)>,
 }
 
 /// Called with the request's client address each time proxy auth rejects a request: the
@@ -107,6 +110,7 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::default());
         metrics.set_certificates(certificates);
+        let access_log = AccessLog::open(&cfg.access_log, &metrics)?;
         Ok(Self {
             cfg,
             routing,
@@ -119,6 +123,7 @@ impl Server {
             deny: Arc::from([]),
             deny_reported: Arc::from([]),
             bans: Arc::default(),
+            access_log,
         })
     }
 
@@ -205,6 +210,10 @@ impl Server {
         let lb = sluice_routing::LbPolicy { bounded_load: self.cfg.lb.bounded_load };
         let ejection = self.cfg.lb.ejection();
         let (signal, _) = tokio::sync::broadcast::channel(16);
+        let (access_log, writer) = match self.access_log {
+            Some((log, writer)) => (Some(log), Some(writer.spawn()?)),
+            None => (None, None),
+        };
         let state = Arc::new(ProxyState {
             upstreams: Upstreams::new(
                 UpstreamSettings::from_config(&self.cfg),
@@ -226,6 +235,7 @@ impl Server {
             lb,
             ejection,
             signal,
+            access_log,
         });
         let (drain_tx, drain_rx) = watch::channel(false);
         let conns = Arc::new(Semaphore::new(state.cfg.limits.max_connections.max(1)));
@@ -263,6 +273,9 @@ impl Server {
             );
         } else {
             tracing::info!("drained");
+        }
+        if let Some(w) = writer {
+            w.stop(Duration::from_secs(1)).await;
         }
         Ok(())
     }

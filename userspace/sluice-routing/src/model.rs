@@ -188,6 +188,11 @@ pub struct ServerSpec {
     // (deny_unknown_fields) still read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<LaunchSpec>,
+    /// Whether this server's requests go to the node's access log (when the node has one):
+    /// `true` or `false` override the node's `access_log.all_servers`; `None` follows it.
+    // Left out when unset, for the same reason as `launch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
 }
 
 impl ServerSpec {
@@ -214,6 +219,7 @@ impl ServerSpec {
             timeouts: ServerTimeouts::default(),
             splice: SpliceMode::default(),
             launch: None,
+            access_log: None,
         }
     }
 }
