@@ -415,6 +415,30 @@ pub(crate) fn route(log: &mut Option<Entry>, access: Option<&AccessLog>, server:
     }
 }
 
+/// A request's entry (the hyper path) until its response head is out: a request
+/// dropped before then (its client left) is still logged, with status 0, incomplete.
+pub(crate) struct Unanswered<'a> {
+    /// The entry, taken once the response head is out.
+    pub(crate) entry: Option<Entry>,
+    state: &'a crate::proxy::ProxyState,
+}
+
+impl<'a> Unanswered<'a> {
+    /// Guards `entry` (none: the request is not logged).
+    pub(crate) fn new(state: &'a crate::proxy::ProxyState, entry: Option<Entry>) -> Self {
+        Self { entry, state }
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let (Some(mut e), Some(log)) = (self.entry.take(), &self.state.access_log) {
+            e.end(false);
+            log.push(e);
+        }
+    }
+}
+
 /// A response body (the hyper path) that counts its bytes and hands its request's entry
 /// to the writer when it ends or is dropped.
 pub(crate) struct LoggedBody {

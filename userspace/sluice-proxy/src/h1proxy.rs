@@ -185,6 +185,9 @@ pub(crate) async fn serve(
             Some(l) if l.sample() && l.wants(&plan.server) => {
                 let mut e = Entry::begin(start, Proto::Http11, false, conn.client, conn.peer);
                 e.server = Some(plan.server.clone());
+                // Until a retry moves it, which the outcome records.
+                e.replica = Some(plan.replica.clone());
+                e.proto_out = Some(Proto::Http11);
                 e.request_id.clone_from(&plan.rid);
                 Some(e)
             }

@@ -31,7 +31,7 @@ use sluice_routing::{
     AuthDecision, AuthHeaders, LbPolicy, Protocol, Replica, RoutingTable, Server, authorize,
 };
 
-use crate::access_log::{Entry, LoggedBody, Proto};
+use crate::access_log::{Entry, LoggedBody, Proto, Unanswered};
 use crate::body::{LimitedBody, ProxyBody, TrackedBody, empty};
 use crate::config::{Cidr, ProxyConfig};
 use crate::error::RequestError;
@@ -157,23 +157,27 @@ pub(crate) async fn handle(
     };
     let h1 = req.version() < Version::HTTP_2;
     // Off, the access log costs this one branch.
-    let mut log = match &state.access_log {
+    let entry = match &state.access_log {
         Some(l) if l.sample() => {
-            Some(Entry::begin(start, Proto::of(req.version()), conn.tls, who.client, conn.peer))
+            let mut e =
+                Entry::begin(start, Proto::of(req.version()), conn.tls, who.client, conn.peer);
+            e.request_id.clone_from(&rid);
+            Some(e)
         }
         _ => None,
     };
+    let mut log = Unanswered::new(&state, entry);
     // Every HTTP/1 request takes its verdict, in order, so later ones stay aligned.
     let ambiguous = h1 && conn.verdicts.next();
     let result = if ambiguous {
         Err(RequestError::BadRequest("both content-length and transfer-encoding"))
     } else {
-        proxy(&state, &conn, req, &rid, &who, active, &mut log).await
+        proxy(&state, &conn, req, &rid, &who, active, &mut log.entry).await
     };
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
-            if let Some(entry) = &mut log {
+            if let Some(entry) = &mut log.entry {
                 entry.error = Some(e.reason());
             }
             tracing::debug!(
@@ -204,10 +208,9 @@ pub(crate) async fn handle(
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     state.metrics.observe(resp.status().as_u16(), start.elapsed());
-    if let Some(mut entry) = log {
+    if let Some(mut entry) = log.entry.take() {
         // The rest of the record (bytes out, duration) is known when the body ends.
         entry.head(resp.status().as_u16());
-        entry.request_id = rid;
         let (parts, body) = resp.into_parts();
         let body = LoggedBody::new(body, entry, state.clone()).boxed_unsync();
         resp = Response::from_parts(parts, body);

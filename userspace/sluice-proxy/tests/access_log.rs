@@ -193,6 +193,41 @@ async fn per_server_override() {
     assert_eq!(e[0]["server"], "hello");
 }
 
+/// A client that leaves before the response head is logged too, on both paths: status
+/// 0, incomplete, with the replica the request went to.
+#[tokio::test]
+async fn client_gone_before_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let r = replica(Protocol::Http1, |_req| std::future::pending()).await;
+    let h = start(logging(&path), doc(&[("stuck", r.addr, Protocol::Http1)])).await;
+    // HTTP/2: the stream is reset.
+    let mut send = h2_client(h.addr()).await;
+    let req = get(&format!("http://{HOST}/"), HOST);
+    let waiting = tokio::time::timeout(Duration::from_millis(300), send.send_request(req));
+    assert!(waiting.await.is_err());
+    drop(send);
+    // HTTP/1.1 on the fast path: the connection is closed.
+    let mut tcp = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    let req = format!("GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, req.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + T;
+    while r.hits() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tcp);
+    let mut e = wait_entries(&path, 2).await;
+    e.sort_by_key(|e| e["protocol_in"].as_str().unwrap().to_owned());
+    for (e, proto) in e.iter().zip(["HTTP/1.1", "HTTP/2"]) {
+        assert_eq!(e["protocol_in"], proto, "{e}");
+        assert_eq!(e["status"], 0, "{e}");
+        assert_eq!(e["complete"], false, "{e}");
+        assert_eq!(e["replica"], "stuck", "{e}");
+        assert_eq!(e["ttfb_ms"], Value::Null, "{e}");
+        assert_eq!(e["request_id"].as_str().unwrap().len(), 32, "{e}");
+    }
+}
+
 #[tokio::test]
 async fn sample_zero_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
