@@ -73,7 +73,7 @@ impl AccessLogConfig {
 
 /// The request path's side of the access log.
 pub(crate) struct AccessLog {
-    tx: SyncSender<Entry>,
+    tx: SyncSender<Box<Entry>>,
     /// A request is logged when the thread's next random number is below this.
     threshold: u64,
     all_servers: bool,
@@ -82,7 +82,7 @@ pub(crate) struct AccessLog {
 
 /// The writer thread's side, until it is started.
 pub(crate) struct Writer {
-    rx: Receiver<Entry>,
+    rx: Receiver<Box<Entry>>,
     sink: Box<dyn io::Write + Send>,
     metrics: Arc<Metrics>,
     /// Set when the proxy stops: the writer drains what is queued, flushes and ends.
@@ -145,7 +145,7 @@ impl AccessLog {
     }
 
     /// Hands a finished entry to the writer; never blocks. A full queue drops it.
-    pub(crate) fn push(&self, entry: Entry) {
+    pub(crate) fn push(&self, entry: Box<Entry>) {
         match self.tx.try_send(entry) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -312,8 +312,8 @@ impl Entry {
         tls: bool,
         client: IpAddr,
         peer: SocketAddr,
-    ) -> Entry {
-        Entry {
+    ) -> Box<Entry> {
+        Box::new(Entry {
             time: {
                 let now = SystemTime::now();
                 now.checked_sub(start.elapsed()).unwrap_or(now)
@@ -335,7 +335,7 @@ impl Entry {
             peer,
             error: None,
             complete: false,
-        }
+        })
     }
 
     /// The response head went out now.
@@ -402,7 +402,11 @@ impl Entry {
 }
 
 /// Keeps `log` for a request routed to `server` if the server is logged, and names it.
-pub(crate) fn route(log: &mut Option<Entry>, access: Option<&AccessLog>, server: &Arc<Server>) {
+pub(crate) fn route(
+    log: &mut Option<Box<Entry>>,
+    access: Option<&AccessLog>,
+    server: &Arc<Server>,
+) {
     if log.is_none() {
         return;
     }
@@ -419,13 +423,13 @@ pub(crate) fn route(log: &mut Option<Entry>, access: Option<&AccessLog>, server:
 /// dropped before then (its client left) is still logged, with status 0, incomplete.
 pub(crate) struct Unanswered<'a> {
     /// The entry, taken once the response head is out.
-    pub(crate) entry: Option<Entry>,
+    pub(crate) entry: Option<Box<Entry>>,
     state: &'a crate::proxy::ProxyState,
 }
 
 impl<'a> Unanswered<'a> {
     /// Guards `entry` (none: the request is not logged).
-    pub(crate) fn new(state: &'a crate::proxy::ProxyState, entry: Option<Entry>) -> Self {
+    pub(crate) fn new(state: &'a crate::proxy::ProxyState, entry: Option<Box<Entry>>) -> Self {
         Self { entry, state }
     }
 }
@@ -451,16 +455,16 @@ impl LoggedBody {
     /// Wraps the response body of the request `entry` describes.
     pub(crate) fn new(
         inner: ProxyBody,
-        entry: Entry,
+        entry: Box<Entry>,
         state: Arc<crate::proxy::ProxyState>,
     ) -> Self {
-        Self { inner, entry: Some(Box::new(entry)), state }
+        Self { inner, entry: Some(entry), state }
     }
 
     fn finish(&mut self, complete: bool) {
         if let (Some(mut e), Some(log)) = (self.entry.take(), &self.state.access_log) {
             e.end(complete);
-            log.push(*e);
+            log.push(e);
         }
     }
 }

@@ -465,7 +465,7 @@ async fn exchange(
     mut plan: Plan,
     out: &mut Vec<u8>,
     start: Instant,
-    log: &mut Option<Entry>,
+    log: &mut Option<Box<Entry>>,
 ) -> Next {
     let t = &state.cfg.timeouts;
     let idle = plan.server.spec.timeouts.idle.or(t.upstream_idle);
@@ -999,7 +999,7 @@ async fn fail(
     e: RequestError,
     start: Instant,
     body_unread: bool,
-    log: &mut Option<Entry>,
+    log: &mut Option<Box<Entry>>,
 ) -> Next {
     tracing::debug!(request_id = %plan.rid, status = e.status().as_u16(), "rejected: {e}");
     // Only the replica's own failures count against it (and towards its ejection); a

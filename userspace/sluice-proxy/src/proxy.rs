@@ -364,7 +364,7 @@ async fn proxy(
     rid: &str,
     who: &Who,
     active: ActiveRequest,
-    log: &mut Option<Entry>,
+    log: &mut Option<Box<Entry>>,
 ) -> Result<Response<ProxyBody>, RequestError> {
     // Phase 0: a banned client (one behind a trusted edge, or one banned while its
     // connection was open) is refused here, with the XDP guard's effect but later.
