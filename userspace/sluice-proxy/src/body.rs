@@ -53,19 +53,26 @@ pin_project_lite::pin_project! {
         seen: u64,
         exceeded: Arc<AtomicBool>,
         progress: Option<Arc<Progress>>,
+        count: Option<Arc<AtomicU64>>,
     }
 }
 
 impl<B> LimitedBody<B> {
     /// Wraps `inner`; `exceeded` is set when the limit is crossed.
     pub fn new(inner: B, limit: Option<u64>, exceeded: Arc<AtomicBool>) -> Self {
-        Self { inner, limit, seen: 0, exceeded, progress: None }
+        Self { inner, limit, seen: 0, exceeded, progress: None, count: None }
     }
 
     /// Also records each chunk taken for the replica in `progress` (the exchange's idle
     /// clock: an upload that keeps moving keeps the exchange alive).
     pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
         self.progress = Some(progress);
+        self
+    }
+
+    /// Also adds the bytes of each chunk to `count` (the access log's bytes in).
+    pub fn with_count(mut self, count: Arc<AtomicU64>) -> Self {
+        self.count = Some(count);
         self
     }
 }
@@ -87,6 +94,9 @@ where
             Some(Ok(frame)) => {
                 if let Some(p) = this.progress {
                     p.touch();
+                }
+                if let (Some(c), Some(data)) = (this.count, frame.data_ref()) {
+                    c.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 if let (Some(limit), Some(data)) = (*this.limit, frame.data_ref()) {
                     *this.seen += data.len() as u64;

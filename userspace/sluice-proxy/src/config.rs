@@ -35,6 +35,8 @@ pub struct ProxyConfig {
     pub lb: LbConfig,
     /// The autoscaler stream (`GET /autoscaler/stream` on the admin listener).
     pub autoscaler: AutoscalerConfig,
+    /// The access log (`[access_log]`), off by default.
+    pub access_log: crate::access_log::AccessLogConfig,
 }
 
 impl Default for ProxyConfig {
@@ -50,6 +52,7 @@ impl Default for ProxyConfig {
             auth: AuthConfig::default(),
             lb: LbConfig::default(),
             autoscaler: AutoscalerConfig::default(),
+            access_log: crate::access_log::AccessLogConfig::default(),
         }
     }
 }
@@ -121,6 +124,7 @@ impl ProxyConfig {
                 "limits.h2_max_send_buffer must be at least 16384 (one frame)".into(),
             ));
         }
+        self.access_log.validate()?;
         if self.limits.max_header_bytes < 8192 {
             return Err(ConfigError::Invalid(
                 "limits.max_header_bytes must be at least 8192".into(),

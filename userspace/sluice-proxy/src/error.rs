@@ -114,6 +114,24 @@ impl RequestError {
         }
     }
 
+    /// A stable name for why sluice answered itself (the access log's `error`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RequestError::BadRequest(_) => "bad_request",
+            RequestError::UriTooLong => "uri_too_long",
+            RequestError::HeadersTooLarge => "headers_too_large",
+            RequestError::BodyTooLarge(_) => "body_too_large",
+            RequestError::UnknownDomain(_) => "unknown_domain",
+            RequestError::NoReplica => "no_replica",
+            RequestError::Upstream(_) => "upstream",
+            RequestError::UpstreamTimeout => "upstream_timeout",
+            RequestError::Overloaded => "overloaded",
+            RequestError::ShuttingDown => "shutting_down",
+            RequestError::Unauthenticated { .. } => "unauthenticated",
+            RequestError::Forbidden { .. } => "forbidden",
+        }
+    }
+
     /// Whether an HTTP/1.1 connection must close after this answer (the request's framing
     /// or body is unknowable or was left unread).
     pub fn closes_connection(&self) -> bool {
@@ -152,13 +170,14 @@ impl RequestError {
 
     /// The same answer as [`Self::into_response`], written as HTTP/1.1 bytes onto `out`
     /// (the HTTP/1.1 fast path frames its own responses); `close` adds `connection: close`.
+    /// Returns the length of the body.
     pub(crate) fn write_h1(
         &self,
         request_id_header: &header::HeaderName,
         request_id: &str,
         close: bool,
         out: &mut Vec<u8>,
-    ) {
+    ) -> usize {
         let status = self.status();
         let text = self.text(request_id);
         put_status_line(out, status);
@@ -179,6 +198,7 @@ impl RequestError {
         out.extend_from_slice(itoa::Buffer::new().format(text.len()).as_bytes());
         out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(text.as_bytes());
+        text.len()
     }
 
     /// A short plain-text response carrying the reason and the request id.

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 
 use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, authorize};
 
+use crate::access_log::{Entry, Proto};
 use crate::error::RequestError;
 use crate::headers::{content_length, is_safe_value, put_field, put_status_line};
 use crate::metrics::RetryReason;
@@ -185,8 +186,26 @@ pub(crate) async fn serve(
                 Ok(_) => {}
             }
         };
+        // Off, the access log costs this one branch.
+        let mut log = match &state.access_log {
+            Some(l) if l.sample() && l.wants(&plan.server) => {
+                let mut e = Entry::begin(start, Proto::Http11, false, conn.client, conn.peer);
+                e.server = Some(plan.server.clone());
+                // Until a retry moves it, which the outcome records.
+                e.replica = Some(plan.replica.clone());
+                e.proto_out = Some(Proto::Http11);
+                e.request_id.clone_from(&plan.rid);
+                Some(e)
+            }
+            _ => None,
+        };
         // Boxed: an idle connection's task then holds only the small waiting state.
-        match Box::pin(exchange(state, &mut client, plan, &mut out, start)).await {
+        let next = Box::pin(exchange(state, &mut client, plan, &mut out, start, &mut log)).await;
+        if let (Some(mut e), Some(l)) = (log, &state.access_log) {
+            e.end(!matches!(next, Next::Abort));
+            l.push(e);
+        }
+        match next {
             Next::KeepAlive => {}
             Next::Close => {
                 let _ = client.tcp.shutdown().await;
@@ -463,6 +482,7 @@ async fn exchange(
     mut plan: Plan,
     out: &mut Vec<u8>,
     start: Instant,
+    log: &mut Option<Box<Entry>>,
 ) -> Next {
     let t = &state.cfg.timeouts;
     let idle = plan.server.spec.timeouts.idle.or(t.upstream_idle);
@@ -477,6 +497,9 @@ async fn exchange(
     out.extend_from_slice(&client.buf[..first]);
     client.buf.advance(first);
     let mut body_left = plan.body_len - first as u64;
+    if let Some(e) = log.as_mut() {
+        e.bytes_in = first as u64;
+    }
 
     // Phase 3: forward. A pooled connection the replica closed meanwhile fails at once;
     // the request, held whole in `out`, then goes once to a fresh connection.
@@ -494,7 +517,9 @@ async fn exchange(
                         addr = plan.replica.addr;
                         continue;
                     }
-                    Err(e) => return fail(state, client, &plan, e, start, body_left > 0).await,
+                    Err(e) => {
+                        return fail(state, client, &plan, e, start, body_left > 0, log).await;
+                    }
                 }
             }
         };
@@ -503,11 +528,11 @@ async fn exchange(
             Err(Some(_)) if reused => continue,
             Err(Some(e)) => {
                 let e = RequestError::Upstream(format!("replica {addr}: {e}"));
-                return fail(state, client, &plan, e, start, body_left > 0).await;
+                return fail(state, client, &plan, e, start, body_left > 0, log).await;
             }
             Err(None) => {
                 let e = RequestError::UpstreamTimeout;
-                return fail(state, client, &plan, e, start, body_left > 0).await;
+                return fail(state, client, &plan, e, start, body_left > 0, log).await;
             }
         }
     };
@@ -546,11 +571,14 @@ async fn exchange(
             // Not reading and not answering for the whole wait: nothing moves.
             Err(None) => {
                 let e = RequestError::UpstreamTimeout;
-                return fail(state, client, &plan, e, start, true).await;
+                return fail(state, client, &plan, e, start, true, log).await;
             }
         }
         client.buf.advance(n);
         body_left -= n as u64;
+        if let Some(e) = log.as_mut() {
+            e.bytes_in += n as u64;
+        }
     }
     if body_left > 0 {
         body_unread = true;
@@ -592,7 +620,9 @@ async fn exchange(
                     }
                 }
                 Ok(None) => {}
-                Err(e) => return fail(state, client, &plan, e, start, body_unread).await,
+                Err(e) => {
+                    return fail(state, client, &plan, e, start, body_unread, log).await;
+                }
             }
         }
         match read_response(client, &up, &mut rbuf, Some(before_head)).await {
@@ -612,29 +642,31 @@ async fn exchange(
                         Err(_) if retry_elsewhere(state, &mut plan, RetryReason::Connect) => {
                             addr = plan.replica.addr;
                         }
-                        Err(e) => return fail(state, client, &plan, e, start, false).await,
+                        Err(e) => {
+                            return fail(state, client, &plan, e, start, false, log).await;
+                        }
                     }
                 };
                 up = fresh;
                 if let Err(e) = up.tcp.write_all(request).await {
                     let e = RequestError::Upstream(format!("replica {addr}: {e}"));
-                    return fail(state, client, &plan, e, start, false).await;
+                    return fail(state, client, &plan, e, start, false, log).await;
                 }
             }
             Ok(_) => {
                 let e = RequestError::Upstream(format!(
                     "replica {addr} closed the connection before responding"
                 ));
-                return fail(state, client, &plan, e, start, body_unread).await;
+                return fail(state, client, &plan, e, start, body_unread, log).await;
             }
             Err(Failure::ClientGone) => return Next::Abort,
             Err(Failure::Timeout) => {
                 let e = RequestError::UpstreamTimeout;
-                return fail(state, client, &plan, e, start, body_unread).await;
+                return fail(state, client, &plan, e, start, body_unread, log).await;
             }
             Err(Failure::Io(e)) => {
                 let e = RequestError::Upstream(format!("replica {addr}: {e}"));
-                return fail(state, client, &plan, e, start, body_unread).await;
+                return fail(state, client, &plan, e, start, body_unread, log).await;
             }
         }
     };
@@ -646,12 +678,24 @@ async fn exchange(
         *out = request;
     }
     state.metrics.observe(status, start.elapsed());
+    if let Some(e) = log.as_mut() {
+        e.head(status);
+        e.replica = Some(plan.replica.clone());
+        e.proto_out = Some(Proto::Http11);
+    }
     let close_after = plan.client_close
         || body_unread
         || state.draining.load(std::sync::atomic::Ordering::Relaxed);
 
     // Phase 4b: the body, as it arrives.
-    let complete = match stream_body(state, client, &mut up, &mut rbuf, out, framing, idle).await {
+    let head_len = out.len() as u64;
+    let mut sent = 0;
+    let streamed = stream_body(state, client, &mut up, &mut rbuf, out, framing, idle, &mut sent);
+    let streamed = streamed.await;
+    if let Some(e) = log.as_mut() {
+        e.bytes_out = sent.saturating_sub(head_len);
+    }
+    let complete = match streamed {
         Ok(()) => true,
         Err(()) => return Next::Abort,
     };
@@ -857,8 +901,10 @@ fn response_head(
     Ok(Some((len, Some((framing, replica_close, code)))))
 }
 
-/// Streams the response body after the head in `out`; `Err` when either side failed
-/// mid-body (the client must then see the connection fail, never a clean end).
+/// Streams the response body after the head in `out`, adding the bytes written to the
+/// client to `sent`; `Err` when either side failed mid-body (the client must then see the
+/// connection fail, never a clean end).
+#[allow(clippy::too_many_arguments)]
 async fn stream_body(
     state: &ProxyState,
     client: &mut Client,
@@ -867,20 +913,22 @@ async fn stream_body(
     out: &mut Vec<u8>,
     framing: Framing,
     idle: Option<Duration>,
+    sent: &mut u64,
 ) -> Result<(), ()> {
     let stall = state.cfg.timeouts.stream_idle;
+
     match framing {
-        Framing::None => write_client(client, out, stall).await,
+        Framing::None => write_counted(client, out, stall, sent).await,
         Framing::Length(n) => {
             let first = n.min(rbuf.len() as u64) as usize;
             out.extend_from_slice(&rbuf[..first]);
             rbuf.advance(first);
-            write_client(client, out, stall).await?;
+            write_counted(client, out, stall, sent).await?;
             let mut left = n - first as u64;
             while left > 0 {
                 read_body(client, up, rbuf, idle).await?;
                 let k = left.min(rbuf.len() as u64) as usize;
-                write_client(client, &rbuf[..k], stall).await?;
+                write_counted(client, &rbuf[..k], stall, sent).await?;
                 rbuf.advance(k);
                 left -= k as u64;
             }
@@ -893,7 +941,7 @@ async fn stream_body(
                 out.extend_from_slice(&rbuf[..used]);
                 rbuf.advance(used);
                 if done || !out.is_empty() {
-                    write_client(client, out, stall).await?;
+                    write_counted(client, out, stall, sent).await?;
                     out.clear();
                 }
                 if done {
@@ -911,7 +959,7 @@ async fn stream_body(
                     rbuf.clear();
                 }
                 if !out.is_empty() {
-                    write_client(client, out, stall).await?;
+                    write_counted(client, out, stall, sent).await?;
                     out.clear();
                 }
                 rbuf.reserve(BODY_READ);
@@ -923,7 +971,7 @@ async fn stream_body(
                     Err(_) => return Err(()),
                 }
             }
-            write_client(client, b"0\r\n\r\n", stall).await
+            write_counted(client, b"0\r\n\r\n", stall, sent).await
         }
     }
 }
@@ -940,6 +988,18 @@ async fn read_body(
         Ok(n) if n > 0 => Ok(()),
         _ => Err(()),
     }
+}
+
+/// [`write_client`], adding what was written to `sent`.
+async fn write_counted(
+    client: &mut Client,
+    bytes: &[u8],
+    stall: Duration,
+    sent: &mut u64,
+) -> Result<(), ()> {
+    write_client(client, bytes, stall).await?;
+    *sent += bytes.len() as u64;
+    Ok(())
 }
 
 async fn write_client(client: &mut Client, bytes: &[u8], stall: Duration) -> Result<(), ()> {
@@ -960,6 +1020,7 @@ async fn fail(
     e: RequestError,
     start: Instant,
     body_unread: bool,
+    log: &mut Option<Box<Entry>>,
 ) -> Next {
     tracing::debug!(request_id = %plan.rid, status = e.status().as_u16(), "rejected: {e}");
     // Only the replica's own failures count against it (and towards its ejection); a
@@ -973,7 +1034,14 @@ async fn fail(
         || plan.client_close
         || state.draining.load(std::sync::atomic::Ordering::Relaxed);
     let mut out = Vec::with_capacity(256);
-    e.write_h1(&state.request_id_header, &plan.rid, close, &mut out);
+    let body_len = e.write_h1(&state.request_id_header, &plan.rid, close, &mut out);
+    if let Some(l) = log {
+        l.head(e.status().as_u16());
+        l.error = Some(e.reason());
+        l.replica = Some(plan.replica.clone());
+        l.proto_out = Some(Proto::Http11);
+        l.bytes_out = body_len as u64;
+    }
     if write_client(client, &out, state.cfg.timeouts.stream_idle).await.is_err() {
         return Next::Abort;
     }

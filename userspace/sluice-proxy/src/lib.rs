@@ -17,6 +17,7 @@
 //! # }
 //! ```
 
+pub mod access_log;
 pub mod admin;
 pub mod autoscaler;
 pub mod body;

@@ -118,6 +118,10 @@ pub struct Metrics {
     pub opaque_streams_open: Gauge,
     /// Opaque streams relayed in total.
     pub opaque_streams_total: Counter,
+    /// Access log entries dropped because the writer's queue was full.
+    pub access_log_dropped_total: Counter,
+    /// Access log writes that failed (the sink refused bytes).
+    pub access_log_write_errors_total: Counter,
     /// The listeners' certificates, for their expiry gauge. Read at scrape time only.
     certificates: std::sync::RwLock<Vec<crate::tls::CertSummary>>,
 }
@@ -145,6 +149,8 @@ impl Default for Metrics {
             upstream_retries: Default::default(),
             opaque_streams_open: Gauge::default(),
             opaque_streams_total: Counter::default(),
+            access_log_dropped_total: Counter::default(),
+            access_log_write_errors_total: Counter::default(),
             certificates: std::sync::RwLock::default(),
         }
     }
@@ -289,6 +295,16 @@ impl Metrics {
                 "Upgraded streams relayed.",
                 self.opaque_streams_total.get(),
             ),
+            (
+                "sluice_access_log_dropped_total",
+                "Access log entries dropped: the writer's queue was full.",
+                self.access_log_dropped_total.get(),
+            ),
+            (
+                "sluice_access_log_write_errors_total",
+                "Access log writes that failed.",
+                self.access_log_write_errors_total.get(),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -303,6 +319,8 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", reason.as_str());
         }
         self.render_certificates(&mut out, &[]);
+        render_build_info(&mut out);
+        render_process(&mut out);
         out
     }
 
@@ -382,6 +400,118 @@ impl Metrics {
     }
 }
 
+/// `sluice_build_info`: always 1, with what was built as labels.
+fn render_build_info(out: &mut String) {
+    let name = "sluice_build_info";
+    let _ = writeln!(
+        out,
+        "# HELP {name} The running build, as labels (always 1).\n# TYPE {name} gauge\n\
+         {name}{{version=\"{}\",profile=\"{}\",arch=\"{}\",os=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+    );
+}
+
+/// The standard `process_*` metrics, read from `/proc/self` at scrape time (nothing is
+/// kept between scrapes). A file that cannot be read leaves its metrics out.
+fn render_process(out: &mut String) {
+    let p = ProcessStats::read();
+    let mut metric = |name: &str, kind: &str, help: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+    };
+    metric(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent, seconds.",
+        p.cpu_seconds,
+    );
+    metric(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size, bytes.",
+        p.resident_bytes,
+    );
+    metric("process_virtual_memory_bytes", "gauge", "Virtual memory size, bytes.", p.virtual_bytes);
+    metric("process_open_fds", "gauge", "Open file descriptors.", p.open_fds);
+    metric("process_max_fds", "gauge", "Limit on open file descriptors.", p.max_fds);
+    metric(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since the Unix epoch, seconds.",
+        p.start_time_seconds,
+    );
+}
+
+/// What `/proc` says about this process.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<f64>,
+    virtual_bytes: Option<f64>,
+    open_fds: Option<f64>,
+    max_fds: Option<f64>,
+    start_time_seconds: Option<f64>,
+}
+
+/// The unit of `/proc/<pid>/stat` times: `USER_HZ`, 100 on every Linux architecture
+/// (the kernel converts to it for userspace whatever its internal tick rate).
+const USER_HZ: f64 = 100.0;
+
+impl ProcessStats {
+    fn read() -> ProcessStats {
+        let text = |p: &str| std::fs::read_to_string(p).ok();
+        let mut s = ProcessStats::default();
+        if let Some(stat) = text("/proc/self/stat") {
+            let boot = text("/proc/stat").as_deref().and_then(boot_time);
+            s.apply_stat(&stat, boot);
+        }
+        if let Some(status) = text("/proc/self/status") {
+            s.resident_bytes = status_kib(&status, "VmRSS:").map(|k| k * 1024.0);
+            s.virtual_bytes = status_kib(&status, "VmSize:").map(|k| k * 1024.0);
+        }
+        s.open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as f64);
+        s.max_fds = text("/proc/self/limits").as_deref().and_then(max_open_files);
+        s
+    }
+
+    /// CPU time and start time from a `/proc/<pid>/stat` line; `boot` is the boot time
+    /// (Unix seconds).
+    fn apply_stat(&mut self, stat: &str, boot: Option<f64>) {
+        // The command name (field 2) may hold spaces and parentheses: fields are counted
+        // after its last `)`. There, field 3 (state) is index 0.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+        if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+            self.cpu_seconds = Some((utime + stime) / USER_HZ);
+        }
+        if let (Some(start), Some(boot)) = (field(22), boot) {
+            self.start_time_seconds = Some(boot + start / USER_HZ);
+        }
+    }
+}
+
+/// `btime` of `/proc/stat`: when the system booted, Unix seconds.
+fn boot_time(stat: &str) -> Option<f64> {
+    stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// A `kB` line of `/proc/<pid>/status`.
+fn status_kib(status: &str, key: &str) -> Option<f64> {
+    let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// The soft limit on open files from `/proc/<pid>/limits`.
+fn max_open_files(limits: &str) -> Option<f64> {
+    let line = limits.lines().find_map(|l| l.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
 /// A Prometheus label value: backslash, quote and newline escaped.
 fn label_value(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -400,5 +530,26 @@ mod tests {
         assert!(t.contains("sluice_requests_total{code=\"200\"} 1"), "{t}");
         assert!(t.contains("sluice_request_duration_seconds_bucket{le=\"0.005\"} 1"), "{t}");
         assert!(t.contains("sluice_request_duration_seconds_bucket{le=\"+Inf\"} 2"), "{t}");
+    }
+
+    #[test]
+    fn process_stat_parsing() {
+        // A command name with a space and a parenthesis, as the kernel writes it.
+        let stat = "4711 (sluice (x) y) S 1 4711 4711 0 -1 4194560 1 0 0 0 250 50 0 0 20 0 \
+                    9 0 12345 100000 200 18446744073709551615";
+        let mut s = ProcessStats::default();
+        s.apply_stat(stat, Some(1_700_000_000.0));
+        assert_eq!(s.cpu_seconds, Some(3.0));
+        let start = s.start_time_seconds.unwrap();
+        assert!((start - 1_700_000_123.45).abs() < 1e-3, "{start}");
+        assert_eq!(boot_time("cpu 1 2\nbtime 1700000000\nprocesses 9\n"), Some(1.7e9));
+        assert_eq!(status_kib("Name:\tx\nVmRSS:\t  1024 kB\n", "VmRSS:"), Some(1024.0));
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1024                 524288               files\n";
+        assert_eq!(max_open_files(limits), Some(1024.0));
+        let now = ProcessStats::read();
+        assert!(now.resident_bytes.is_some_and(|b| b > 0.0), "{now:?}");
+        assert!(now.open_fds.is_some_and(|n| n >= 1.0), "{now:?}");
+        assert!(now.start_time_seconds.is_some_and(|t| t > 1.6e9), "{now:?}");
     }
 }

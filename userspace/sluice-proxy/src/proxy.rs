@@ -31,6 +31,7 @@ use sluice_routing::{
     AuthDecision, AuthHeaders, LbPolicy, Protocol, Replica, RoutingTable, Server, authorize,
 };
 
+use crate::access_log::{Entry, LoggedBody, Proto, Unanswered};
 use crate::body::{LimitedBody, ProxyBody, TrackedBody, empty};
 use crate::config::{Cidr, ProxyConfig};
 use crate::error::RequestError;
@@ -71,6 +72,8 @@ pub(crate) struct ProxyState {
     pub(crate) ejection: sluice_routing::snapshot::EjectionPolicy,
     /// Autoscaler stream: one NDJSON chunk (every server's record) per interval.
     pub(crate) signal: tokio::sync::broadcast::Sender<bytes::Bytes>,
+    /// The access log, when it is on.
+    pub(crate) access_log: Option<crate::access_log::AccessLog>,
 }
 
 /// What the request path knows about the client connection.
@@ -153,16 +156,30 @@ pub(crate) async fn handle(
         state.ids.next_id()
     };
     let h1 = req.version() < Version::HTTP_2;
+    // Off, the access log costs this one branch.
+    let entry = match &state.access_log {
+        Some(l) if l.sample() => {
+            let mut e =
+                Entry::begin(start, Proto::of(req.version()), conn.tls, who.client, conn.peer);
+            e.request_id.clone_from(&rid);
+            Some(e)
+        }
+        _ => None,
+    };
+    let mut log = Unanswered::new(&state, entry);
     // Every HTTP/1 request takes its verdict, in order, so later ones stay aligned.
     let ambiguous = h1 && conn.verdicts.next();
     let result = if ambiguous {
         Err(RequestError::BadRequest("both content-length and transfer-encoding"))
     } else {
-        proxy(&state, &conn, req, &rid, &who, active).await
+        proxy(&state, &conn, req, &rid, &who, active, &mut log.entry).await
     };
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
+            if let Some(entry) = &mut log.entry {
+                entry.error = Some(e.reason());
+            }
             tracing::debug!(
                 request_id = %rid,
                 client = %who.client,
@@ -191,6 +208,13 @@ pub(crate) async fn handle(
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     state.metrics.observe(resp.status().as_u16(), start.elapsed());
+    if let Some(mut entry) = log.entry.take() {
+        // The rest of the record (bytes out, duration) is known when the body ends.
+        entry.head(resp.status().as_u16());
+        let (parts, body) = resp.into_parts();
+        let body = LoggedBody::new(body, entry, state.clone()).boxed_unsync();
+        resp = Response::from_parts(parts, body);
+    }
     Ok(resp)
 }
 
@@ -340,6 +364,7 @@ async fn proxy(
     rid: &str,
     who: &Who,
     active: ActiveRequest,
+    log: &mut Option<Box<Entry>>,
 ) -> Result<Response<ProxyBody>, RequestError> {
     // Phase 0: a banned client (one behind a trusted edge, or one banned while its
     // connection was open) is refused here, with the XDP guard's effect but later.
@@ -384,6 +409,7 @@ async fn proxy(
             }
         }
     };
+    crate::access_log::route(log, state.access_log.as_ref(), &server);
 
     // Phase 4: proxy auth, before anything is counted or sent.
     if !server.spec.unauthenticated {
@@ -450,6 +476,11 @@ async fn proxy(
     // Kept for a retry's choice; hashed only when a session is named.
     let session_hash = session.map(|v| sluice_routing::lb::session_hash(v.as_bytes()));
     let mut in_flight = server.try_begin_request(&replica).map_err(|_| RequestError::Overloaded)?;
+    if let Some(e) = log.as_mut() {
+        e.replica = Some(replica.clone());
+        e.proto_out =
+            Some(Proto::of(if upgrade.is_some() { Version::HTTP_11 } else { wire_of(&replica).1 }));
+    }
     let idle = server.spec.timeouts.idle.or(state.cfg.timeouts.upstream_idle);
     let before_head = head_wait(state, &server);
 
@@ -484,9 +515,13 @@ async fn proxy(
     // The exchange's idle clock: touched by every request-body chunk taken for the
     // replica and every response chunk, read by one timer.
     let progress = crate::io::Progress::new();
-    let body = LimitedBody::new(body, limit, exceeded.clone())
-        .with_progress(progress.clone())
-        .boxed_unsync();
+    let mut body = LimitedBody::new(body, limit, exceeded.clone()).with_progress(progress.clone());
+    if let Some(e) = log.as_mut() {
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        body = body.with_count(count.clone());
+        e.bytes_in_counter = Some(count);
+    }
+    let body = body.boxed_unsync();
     let body = crate::mirror::maybe_tee(state, &server, &parts, body);
     let connect = server.spec.timeouts.connect;
     let send = async {
@@ -522,6 +557,11 @@ async fn proxy(
         r = send => r,
         () = progress.quiet_for(before_head) => Err(RequestError::UpstreamTimeout),
     };
+    if let Some(e) = log.as_mut() {
+        // A retry may have moved the request to another replica.
+        e.replica = Some(replica.clone());
+        e.proto_out = Some(Proto::of(wire_of(&replica).1));
+    }
     let up = match sent {
         Ok(up) => {
             replica.stats.ejection.record_success();

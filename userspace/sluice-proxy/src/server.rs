@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use sluice_routing::RoutingTable;
 
+use crate::access_log::{AccessLog, Writer as AccessLogWriter};
 use crate::admin::{AdminHandler, AdminRoutes};
 use crate::client::{BanList, is_trusted};
 use crate::config::{Cidr, ProxyConfig, ProxyProtocol};
@@ -57,6 +58,8 @@ pub struct Server {
     deny_reported: Arc<[Cidr]>,
     bans: Arc<BanList>,
     tls_certs: ListenerCerts,
+    /// The access log's queue and its not yet started writer (when it is on).
+    access_log: Option<(AccessLog, AccessLogWriter)>,
 }
 
 /// The certificate sets of the TLS listeners (by configured address, in config order),
@@ -192,6 +195,7 @@ impl Server {
             metrics: Some(metrics.clone()),
             routing: Some(routing.clone()),
         };
+        let access_log = AccessLog::open(&cfg.access_log, &metrics)?;
         Ok(Self {
             cfg,
             routing,
@@ -205,6 +209,7 @@ impl Server {
             deny_reported: Arc::from([]),
             bans: Arc::default(),
             tls_certs,
+            access_log,
         })
     }
 
@@ -296,6 +301,10 @@ impl Server {
         let lb = sluice_routing::LbPolicy { bounded_load: self.cfg.lb.bounded_load };
         let ejection = self.cfg.lb.ejection();
         let (signal, _) = tokio::sync::broadcast::channel(16);
+        let (access_log, writer) = match self.access_log {
+            Some((log, writer)) => (Some(log), Some(writer.spawn()?)),
+            None => (None, None),
+        };
         let state = Arc::new(ProxyState {
             upstreams: Upstreams::new(
                 UpstreamSettings::from_config(&self.cfg),
@@ -317,6 +326,7 @@ impl Server {
             lb,
             ejection,
             signal,
+            access_log,
         });
         let (drain_tx, drain_rx) = watch::channel(false);
         let conns = Arc::new(Semaphore::new(state.cfg.limits.max_connections.max(1)));
@@ -355,6 +365,9 @@ impl Server {
             );
         } else {
             tracing::info!("drained");
+        }
+        if let Some(w) = writer {
+            w.stop(Duration::from_secs(1)).await;
         }
         Ok(())
     }

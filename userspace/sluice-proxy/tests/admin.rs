@@ -94,3 +94,43 @@ async fn content_types() {
     let resp = h1(addr, get("/autoscaler/stream", "admin")).await.unwrap();
     assert_eq!(content_type(&resp), "application/x-ndjson");
 }
+
+/// `/metrics` carries the build and the standard process metrics, with their types, read
+/// from this very process.
+#[tokio::test]
+async fn metrics_include_build_info_and_process_metrics() {
+    let (addr, _stop) = admin().await;
+    let resp = h1(addr, get("/metrics", "admin")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = body_string(resp).await;
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    for (name, kind) in [
+        ("sluice_build_info", "gauge"),
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} {kind}\n")), "{name}: {text}");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(text.contains(&format!("sluice_build_info{{version=\"{version}\"")), "{text}");
+    assert_eq!(value("sluice_build_info{"), 1.0);
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let started = value("process_start_time_seconds");
+    // This test process started before the scrape, and not long before.
+    assert!(started <= now + 1.0 && started > now - 3600.0, "{started} vs {now}");
+}

@@ -188,6 +188,11 @@ pub struct ServerSpec {
     // (deny_unknown_fields) still read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<LaunchSpec>,
+    /// Whether this server's requests go to the node's access log (when the node has one):
+    /// `true` or `false` override the node's `access_log.all_servers`; `None` follows it.
+    // Left out when unset, for the same reason as `launch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
     /// Opt-in cold-start hold: a request that finds no ready replica waits up to this
     /// long for the first one (woken when a snapshot brings one) before the usual `503`.
     /// `None`, the default: the `503` at once (the platform's contract is a fast `503`
@@ -330,6 +335,7 @@ impl ServerSpec {
             timeouts: ServerTimeouts::default(),
             splice: SpliceMode::default(),
             launch: None,
+            access_log: None,
             cold_start_hold: None,
             cold_start_max_held: DEFAULT_COLD_START_MAX_HELD,
             certificates: Vec::new(),

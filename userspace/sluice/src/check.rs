@@ -86,6 +86,16 @@ fn check(path: &Path, text: &str) -> Result<String, String> {
         Some(addr) => out += &format!("admin {addr}\n"),
         None => out += "admin off\n",
     }
+    let log = &cfg.proxy.access_log;
+    if log.enabled {
+        out += &format!(
+            "access log {} sample {} queue {}{}\n",
+            log.path,
+            log.sample,
+            log.queue,
+            if log.all_servers { "" } else { ", servers that opt in only" }
+        );
+    }
     out += &format!(
         "node base domains [{}], regions [{}]\n",
         cfg.node.base_domains.join(", "),

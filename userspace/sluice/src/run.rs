@@ -125,6 +125,11 @@ impl RunConfig {
         {
             cfg.routes.file = Some(base_dir.join(f));
         }
+        // Like every other path in the file, a relative access log is next to it.
+        let log = &mut cfg.proxy.access_log.path;
+        if log != "stdout" && Path::new(log.as_str()).is_relative() {
+            *log = base_dir.join(&*log).to_string_lossy().into_owned();
+        }
         for l in &mut cfg.proxy.listeners {
             if let Some(tls) = &mut l.tls {
                 for c in &mut tls.certs {
@@ -362,5 +367,18 @@ file = "routes.toml"
         assert_eq!(tls.certs[0].cert_pem, Path::new("/etc/sluice/c.pem"));
         assert_eq!(cfg.proxy.timeouts.header_read, std::time::Duration::from_secs(5));
         assert!(RunConfig::parse("bogus = 1", Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn access_log_section() {
+        let base = Path::new("/etc/sluice");
+        let cfg = RunConfig::parse("[access_log]\nenabled = true\npath = \"a.log\"\n", base);
+        let log = cfg.unwrap().proxy.access_log;
+        assert!(log.enabled);
+        assert_eq!(log.path, "/etc/sluice/a.log");
+        let log = RunConfig::parse("", base).unwrap().proxy.access_log;
+        assert!(!log.enabled);
+        assert_eq!(log.path, "stdout");
+        assert!(RunConfig::parse("[access_log]\nsampel = 0.5\n", base).is_err());
     }
 }
