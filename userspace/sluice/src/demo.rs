@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
@@ -21,9 +21,14 @@ use sluice_proxy::headers::RequestIds;
 use sluice_routing::model::LaunchSpec;
 use sluice_routing::{Protocol, ReplicaSpec, RoutingDoc, ServerSpec, TokenSpec, hash_secret};
 
+use sluice_dataplane::sys::ScopedCgroup;
+
 use crate::run::RunConfig;
 
 const BASE: &str = "sluice.localhost";
+/// `hello`'s VIP, from a range no machine routes (served only inside the demo's cgroup).
+const HELLO_VIP: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 255, 1), 80));
 const REGION: &str = "local";
 
 /// `sluice demo` arguments: where it listens. The defaults are what the printed
@@ -104,7 +109,11 @@ pub fn main(args: DemoArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
     let secret = RequestIds::new().next_id();
     let replicas = replica_addrs(args.replica_port_base)?;
-    let config = node_config(&args);
+    // As root, the demo moves into a cgroup of its own before it opens a socket, so the
+    // local-replica redirect and the VIP programs act on its sockets (and its replicas')
+    // only, never on the rest of the machine. Removed when the demo stops.
+    let cgroup = if args.print_config { None } else { demo_cgroup() };
+    let config = node_config(&args, cgroup.as_ref().map(ScopedCgroup::path));
     let exe = std::env::current_exe().context("finding the sluice binary for `lazy`")?;
     let routes = routing_doc(&replicas, &secret, &exe)?;
     if args.print_config {
@@ -114,7 +123,26 @@ pub fn main(args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let res = serve(&args, &dir, &config, &routes, &replicas, &secret);
     let _ = std::fs::remove_dir_all(&dir);
+    drop(cgroup);
     res
+}
+
+/// The demo's own cgroup, when it may make one (root, cgroup v2), with this process in
+/// it; `None`, said in one line, otherwise: the demo then serves without the
+/// local-replica redirect and VIPs.
+fn demo_cgroup() -> Option<ScopedCgroup> {
+    if !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    let made = ScopedCgroup::create(&format!("sluice-demo-{}", std::process::id()))
+        .and_then(|cg| cg.add_pid(std::process::id()).map(|()| cg));
+    match made {
+        Ok(cg) => Some(cg),
+        Err(e) => {
+            tracing::warn!(error = %e, "no cgroup of its own: the demo runs without the local-replica redirect and VIPs");
+            None
+        }
+    }
 }
 
 fn serve(
@@ -160,6 +188,12 @@ fn serve(
             let stop = stop.clone();
             let sink = DesiredSink::File(desired_file.clone());
             tokio::spawn(async move {
+                // It follows the admin listener the proxy is about to open: wait for it
+                // (bounded), so a newcomer's first screen has no reconnect warnings.
+                let up = Instant::now() + Duration::from_secs(10);
+                while tokio::net::TcpStream::connect(admin).await.is_err() && Instant::now() < up {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 let settings = AutoscalerSettings::new(vec![admin]);
                 if let Err(e) = run_autoscaler(settings, sink, wait(stop)).await {
                     tracing::warn!("demo autoscaler: {e}");
@@ -215,8 +249,8 @@ fn replica_addrs(base: u16) -> Result<Vec<SocketAddr>> {
 }
 
 /// The node config the demo runs: the same file format as `sluice run --config`.
-fn node_config(args: &DemoArgs) -> String {
-    format!(
+fn node_config(args: &DemoArgs, cgroup: Option<&Path>) -> String {
+    let mut config = format!(
         r#"# sluice demo: plaintext and TLS listeners on loopback, routes from routes.toml.
 [[listeners]]
 addr = "{http}"
@@ -245,7 +279,24 @@ file = "routes"
         http = args.http,
         https = args.https,
         admin = args.admin,
-    )
+    );
+    if let Some(cgroup) = cgroup {
+        config.push_str(&format!(
+            r#"
+# As root: the demo's own cgroup (it and its replicas run in it). Proxy <-> replica
+# bytes go socket to socket in the kernel (sluice_track, sluice_redirect), and a
+# connect from inside it to hello's VIP reaches a replica (sluice_vip4, sluice_vip6).
+[local_replicas]
+cgroup = "{cg}"
+prefixes = ["127.0.0.0/8"]
+
+[vip]
+cgroup = "{cg}"
+"#,
+            cg = cgroup.display()
+        ));
+    }
+    config
 }
 
 /// The routing document: `hello` (open, one h2c and one HTTP/1.1 replica), `private`
@@ -254,6 +305,7 @@ file = "routes"
 fn routing_doc(replicas: &[SocketAddr], secret: &str, exe: &Path) -> Result<String> {
     let mut hello = ServerSpec::new("hello", "hello");
     hello.unauthenticated = true;
+    hello.vip = Some(HELLO_VIP);
     let mut private = ServerSpec::new("private", "private");
     private.environment = "demo".into();
     let mut lazy = ServerSpec::new(LAZY, LAZY);
@@ -301,6 +353,10 @@ fn print_instructions(args: &DemoArgs, replicas: &[SocketAddr], secret: &str) {
     let (http, https, admin) = (args.http, args.https, args.admin);
     let (h2c, h1, p1) = (replicas[0], replicas[1], replicas[2]);
     let (hp, tp) = (http.port(), https.port());
+    let (pin, vip) = (args.pin_dir.display(), HELLO_VIP);
+    let cgroup = sluice_dataplane::sys::cgroup2_mount()
+        .map(|m| m.join(format!("sluice-demo-{}", std::process::id())).display().to_string())
+        .unwrap_or_else(|_| "<no cgroup v2>".into());
     println!(
         r#"
 sluice demo is running: `sluice run` on the config `sluice demo --print-config` shows (Ctrl-C to stop).
@@ -326,6 +382,14 @@ Try:
   curl http://{admin}/metrics
   curl --no-buffer http://{admin}/autoscaler/stream   # in-flight per server and replica, each second
   sudo bpftool prog show | grep -A2 sluice            # the kernel programs, when run as root
+
+As root, the kernel at work:
+  sluice bpf status --pin-dir {pin}     # splice, steering, redirect and VIP counters; curl, then look again
+  curl -s http://{admin}/metrics | grep sluice_bpf_redirect   # proxy <-> replica bytes moved socket to socket
+  cat {cgroup}/cgroup.procs   # the demo's own cgroup, where redirect and VIP act
+  hello's VIP {vip} answers connects from inside that cgroup (sluice_vip4 rewrites them to a replica).
+  The XDP guard stays off in the demo: on lo it would filter every loopback client of these ports
+  on the machine; `[guard] interfaces = ["eth0"]` turns it on in `sluice run` (docs/operations.md, "Guard").
 
 Scale from zero and back (server "lazy", min_replicas = 0; the demo runs the autoscaler
 and the replica supervisor in-process):

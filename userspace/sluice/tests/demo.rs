@@ -117,3 +117,36 @@ fn lazy_scales_from_zero_and_back() {
     let (status, head) = get_head(demo.proxy, host).unwrap();
     assert_eq!(status, 503, "{head}");
 }
+
+/// As root the demo runs the kernel data plane: the splice, steering, local-replica
+/// redirect and VIP programs are loaded, and proxy <-> replica bytes move socket to
+/// socket (its redirect counter grows with a request).
+#[test]
+fn demo_as_root_runs_the_kernel_data_plane() {
+    sluice_tests::require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let demo = SluiceProcess::start_demo(bin(), dir.path());
+    let (status, bpf) = http_get(demo.admin, "admin", "/bpf").unwrap();
+    assert_eq!(status, 200, "{bpf}");
+    let out = Command::new("bpftool").args(["prog", "show"]).output();
+    if let Some(out) = out.ok().filter(|o| o.status.success()) {
+        let progs = String::from_utf8_lossy(&out.stdout);
+        for name in
+            ["sluice_splice", "sluice_steer", "sluice_track", "sluice_redirect", "sluice_vip4"]
+        {
+            assert!(progs.contains(name), "{name} not loaded:\n{progs}");
+        }
+    }
+    let redirected = || {
+        let (_, metrics) = http_get(demo.admin, "admin", "/metrics").unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_bpf_redirect_bytes_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = redirected();
+    let (status, body) = http_get(demo.proxy, "hello.local.sluice.localhost", "/").unwrap();
+    assert_eq!(status, 200, "{body}");
+    wait_for("redirected bytes", Duration::from_secs(10), || (redirected() > before).then_some(()));
+}
