@@ -127,6 +127,11 @@ pub fn main(args: DemoArgs) -> Result<()> {
     res
 }
 
+/// The name of the demo's cgroup under the cgroup v2 mount: one per demo process.
+fn demo_cgroup_name() -> String {
+    format!("sluice-demo-{}", std::process::id())
+}
+
 /// The demo's own cgroup, when it may make one (root, cgroup v2), with this process in
 /// it; `None`, said in one line, otherwise: the demo then serves without the
 /// local-replica redirect and VIPs.
@@ -134,7 +139,7 @@ fn demo_cgroup() -> Option<ScopedCgroup> {
     if !rustix::process::geteuid().is_root() {
         return None;
     }
-    let made = ScopedCgroup::create(&format!("sluice-demo-{}", std::process::id()))
+    let made = ScopedCgroup::create(&demo_cgroup_name())
         .and_then(|cg| cg.add_pid(std::process::id()).map(|()| cg));
     match made {
         Ok(cg) => Some(cg),
@@ -355,7 +360,7 @@ fn print_instructions(args: &DemoArgs, replicas: &[SocketAddr], secret: &str) {
     let (hp, tp) = (http.port(), https.port());
     let (pin, vip) = (args.pin_dir.display(), HELLO_VIP);
     let cgroup = sluice_dataplane::sys::cgroup2_mount()
-        .map(|m| m.join(format!("sluice-demo-{}", std::process::id())).display().to_string())
+        .map(|m| m.join(demo_cgroup_name()).display().to_string())
         .unwrap_or_else(|_| "<no cgroup v2>".into());
     println!(
         r#"
