@@ -85,8 +85,28 @@ struct Running {
     task: Option<JoinHandle<()>>,
 }
 
+/// Installs, once per test binary, a process-wide subscriber interested in INFO and above.
+///
+/// Why: tracing caches each callsite's interest process-wide the first time any thread
+/// reaches it. With only one dispatcher registered, that interest is computed against the
+/// registering thread's default, so a sibling test (or the test's own thread, which has
+/// no scoped subscriber) reaching a log line first caches `never` and a scoped capture
+/// goes blind to it. With a global subscriber also registered, interest is the union of
+/// all live dispatchers and INFO lines stay live for every capture.
+fn keep_info_callsites_live() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let global = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(global);
+    });
+}
+
 impl Running {
     fn start(cfg: EtcdConfig) -> Self {
+        keep_info_callsites_live();
         let table = RoutingTable::new(node());
         let source = EtcdSource::new(cfg, table.clone());
         let status = source.status();
