@@ -1,8 +1,11 @@
 //! `cargo xtask bench [SCENARIO…]`: sluice against a direct connection, nginx and
 //! HAProxy, on this machine, in one run, reported as ratios.
 //!
-//! Every system forwards to the same upstream (a single-threaded hyper server this
-//! binary runs as a child, `__upstream`), runs with one worker, and is pinned with
+//! Every system forwards to the same upstream program (a single-threaded hyper server
+//! this binary runs as a child, `__upstream`): nginx and HAProxy share one instance; the
+//! main sluice has a second of its own, a local replica in a cgroup of the run's with its
+//! local-replica redirect on, as replicas on its node are (`--no-local-redirect` turns
+//! that off). Every system runs with one worker, and is pinned with
 //! `taskset` in two placements: A = proxy alone on CPU 1, load generator + upstream on
 //! CPU 0; B = everything on CPU 0. (A wake-up across vCPUs costs tens of µs here, so an
 //! unpinned run flips between modes.) Each number is min / median / max over several
@@ -90,6 +93,10 @@ pub struct Opts {
     /// of a change, e.g. one built from an earlier commit in another worktree.
     #[arg(long, value_name = "PATH")]
     pub baseline_bin: Option<PathBuf>,
+    /// Measure sluice without its local-replica redirect: the main sluice then forwards
+    /// to the shared upstream over loopback TCP, like nginx and HAProxy.
+    #[arg(long)]
+    pub no_local_redirect: bool,
 }
 
 /// Where processes run.
@@ -294,6 +301,16 @@ fn run(opts: Opts) -> Result<()> {
         dir.join("upstream.log"),
     )?;
     upstream.check_alive()?;
+    // sluice's own replica: the same upstream program, with sluice in a cgroup of this
+    // run's own (see `systems::LocalReplica`). Started before the harness pins itself so
+    // it is placed exactly like the shared upstream.
+    let mut local_replica = None;
+    if wanted.contains(&Kind::Sluice) && !opts.no_local_redirect {
+        match start_local_replica(&dir, &exe) {
+            Ok(l) => local_replica = Some(l),
+            Err(e) => eprintln!("bench: sluice's local-replica redirect off: {e:#}"),
+        }
+    }
     // The harness's own clients (P6, P7) live with the load generators.
     procs::pin_self(HOME_CPU)?;
 
@@ -314,9 +331,37 @@ fn run(opts: Opts) -> Result<()> {
     eprintln!("bench: upstream {up_addr}: {}", procs::placement(upstream.pid()));
 
     let mut results = Results::default();
+    match &local_replica {
+        Some((cg, l, guard)) => {
+            eprintln!(
+                "bench: sluice's local replica {}: {}",
+                l.upstream,
+                procs::placement(guard.pid())
+            );
+            results.note(
+                "all",
+                format!(
+                    "sluice forwards to a local replica of its own (the upstream program, a \
+                     second instance on CPU {HOME_CPU}) with its local-replica redirect on, \
+                     both in cgroup {}; nginx and HAProxy use the shared upstream, outside it",
+                    cg.path().display()
+                ),
+            );
+        }
+        None => results.note(
+            "all",
+            "sluice forwards to the shared upstream over loopback TCP (local-replica redirect off)",
+        ),
+    }
     let mut systems = Vec::new();
     for kind in &wanted {
-        match systems::start(*kind, &env, A.proxy, "main") {
+        let started = match (&local_replica, kind) {
+            (Some((cg, l, _)), Kind::Sluice) => {
+                cg.spawn_inside(|| systems::start_sluice_local(&env, A.proxy, "main", l))
+            }
+            _ => systems::start(*kind, &env, A.proxy, "main"),
+        };
+        match started {
             Ok(r) => {
                 // Say whether sluice's kernel data plane came up (it serves on the
                 // userspace path either way).
@@ -360,6 +405,9 @@ fn run(opts: Opts) -> Result<()> {
         }
         eprintln!("bench: {s} took {:.0} s", t.elapsed().as_secs_f64());
         upstream.check_alive()?;
+        if let Some((_, _, g)) = local_replica.as_mut() {
+            g.check_alive()?;
+        }
     }
     let meta = report::Meta::new(
         machine,
@@ -379,8 +427,28 @@ fn run(opts: Opts) -> Result<()> {
     }
     drop(ctx);
     drop(upstream);
+    drop(local_replica);
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Creates the run's cgroup for sluice and starts sluice's own replica inside it.
+fn start_local_replica(
+    dir: &Path,
+    exe: &str,
+) -> Result<(procs::RunCgroup, systems::LocalReplica, Guard)> {
+    let cg = procs::RunCgroup::create(&format!("sluice-bench-{}", std::process::id()))?;
+    let (guard, addr) = cg.spawn_inside(|| {
+        Guard::spawn_announcing(
+            "sluice's local replica",
+            HOME_CPU,
+            exe,
+            &["bench".into(), "__upstream".into(), "127.0.0.1:0".into()],
+            dir.join("local-replica.log"),
+        )
+    })?;
+    let local = systems::LocalReplica { upstream: addr, cgroup: cg.path().to_path_buf() };
+    Ok((cg, local, guard))
 }
 
 fn first_lines(s: &str, n: usize) -> String {

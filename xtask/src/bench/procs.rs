@@ -55,6 +55,13 @@ pub fn on_interrupt(scratch: PathBuf) {
             signal("KILL", &tree(pid));
         }
         let _ = fs::remove_dir_all(&scratch);
+        if let Some(cg) = RUN_CGROUP.get() {
+            // Killed processes leave their cgroup as they exit: a bounded wait.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while fs::remove_dir(cg).is_err() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
         std::process::exit(130);
     });
 }
@@ -463,4 +470,74 @@ pub fn raise_nofile(want: u64) -> Result<u64> {
         bail!("prlimit --nofile={hard} failed");
     }
     Ok(hard)
+}
+
+/// The run's cgroup, for the interrupt handler to remove.
+static RUN_CGROUP: OnceLock<PathBuf> = OnceLock::new();
+
+/// A cgroup v2 directory this run creates for sluice and its local replica, so sluice's
+/// local-replica redirect (sock_ops + sk_msg) covers exactly those two processes and
+/// never the peers' sockets. Removed on drop, with anything still in it moved back.
+///
+/// Hand-rolled rather than sluice-dataplane's `ScopedCgroup`: xtask must build on a
+/// fresh machine before the eBPF object that crate embeds exists (xtask builds it).
+pub struct RunCgroup {
+    path: PathBuf,
+    /// The cgroup this process was in, where it returns after each spawn.
+    home: PathBuf,
+}
+
+impl RunCgroup {
+    /// Creates `<cgroup2 mount>/<name>`; fails without cgroup v2 or without root.
+    pub fn create(name: &str) -> Result<Self> {
+        let mounts = fs::read_to_string("/proc/mounts")?;
+        let mount = mounts
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+                (kind == "cgroup2").then(|| PathBuf::from(at))
+            })
+            .context("no cgroup v2 mount")?;
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("this process is in no cgroup v2")?;
+        let home = mount.join(rel.trim_start_matches('/'));
+        let path = mount.join(name);
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let _ = RUN_CGROUP.set(path.clone());
+        Ok(Self { path, home })
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with this process inside the cgroup, so what `f` spawns starts there
+    /// (and creates its sockets there: a socket keeps the cgroup it was made in), then
+    /// moves this process back home.
+    pub fn spawn_inside<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let me = std::process::id().to_string();
+        fs::write(self.path.join("cgroup.procs"), &me)
+            .with_context(|| format!("joining {}", self.path.display()))?;
+        let out = f();
+        fs::write(self.home.join("cgroup.procs"), &me)
+            .with_context(|| format!("returning to {}", self.home.display()))?;
+        out
+    }
+}
+
+impl Drop for RunCgroup {
+    fn drop(&mut self) {
+        // Only an empty cgroup can be removed.
+        if let Ok(pids) = fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in pids.lines() {
+                let _ = fs::write(self.home.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
 }

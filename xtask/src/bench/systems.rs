@@ -114,6 +114,18 @@ pub struct Env {
     pub nofile: u64,
 }
 
+/// The main sluice's local replica: a second instance of the upstream program, started
+/// with sluice inside a cgroup of the run's own, so sluice's kernel redirect carries the
+/// proxy ↔ replica bytes (as it does for replicas on a node) while nginx and HAProxy keep
+/// the shared upstream, untouched by any program.
+#[derive(Debug, Clone)]
+pub struct LocalReplica {
+    /// Its address (loopback, a local replica by sluice's default prefixes).
+    pub upstream: SocketAddr,
+    /// The cgroup v2 directory holding it and the main sluice.
+    pub cgroup: PathBuf,
+}
+
 impl Env {
     /// HAProxy's `maxconn`: it reserves two descriptors per connection and refuses to
     /// start if the open-file limit cannot hold them.
@@ -316,7 +328,18 @@ fn start_haproxy(env: &Env, cpus: Cpus, tag: &str, wrap: &[String]) -> Result<Ru
 }
 
 fn start_sluice(env: &Env, cpus: Cpus, tag: &str, wrap: &[String]) -> Result<Running> {
-    start_sluice_wrapped(env, cpus, tag, None, None, wrap).map(|(r, _)| r)
+    start_sluice_wrapped(env, cpus, tag, None, None, wrap, None).map(|(r, _)| r)
+}
+
+/// Starts the main sluice serving its own replica `local` with the local-replica
+/// redirect attached to `local.cgroup`. The caller spawns it inside that cgroup.
+pub fn start_sluice_local(
+    env: &Env,
+    cpus: Cpus,
+    tag: &str,
+    local: &LocalReplica,
+) -> Result<Running> {
+    start_sluice_wrapped(env, cpus, tag, None, None, &[], Some(local)).map(|(r, _)| r)
 }
 
 /// This run's pin directory for the sluice started as `tag`: each bench sluice has its
@@ -344,7 +367,7 @@ pub fn start_sluice_routes(
     routes: Option<&str>,
     pin_dir: Option<&Path>,
 ) -> Result<(Running, SocketAddr)> {
-    start_sluice_wrapped(env, cpus, tag, routes, pin_dir, &[])
+    start_sluice_wrapped(env, cpus, tag, routes, pin_dir, &[], None)
 }
 
 fn start_sluice_wrapped(
@@ -354,6 +377,7 @@ fn start_sluice_wrapped(
     routes: Option<&str>,
     pin_dir: Option<&Path>,
     wrap: &[String],
+    local: Option<&LocalReplica>,
 ) -> Result<(Running, SocketAddr)> {
     let bin = binary(&env.sluice, "sluice")?;
     let dir = env.dir.join(format!("sluice-{tag}"));
@@ -366,13 +390,27 @@ fn start_sluice_wrapped(
         ("TLS_PORT", tls.to_string()),
         ("ADMIN_PORT", admin.to_string()),
     ]);
+    if let Some(l) = local {
+        for (name, value) in values.iter_mut() {
+            if *name == "UPSTREAM" {
+                *value = l.upstream.to_string();
+            }
+        }
+    }
     let routes = match routes {
         Some(r) => r.to_string(),
         None => fill(ROUTES_TOML, &values)?,
     };
     fs::write(dir.join("routes.toml"), routes)?;
     let path = dir.join("sluice.toml");
-    fs::write(&path, fill(SLUICE_TOML, &values)?)?;
+    let mut config = fill(SLUICE_TOML, &values)?;
+    if let Some(l) = local {
+        config.push_str(&format!(
+            "\n[local_replicas]\ncgroup = \"{}\"\nprefixes = [\"127.0.0.0/8\"]\n",
+            l.cgroup.display()
+        ));
+    }
+    fs::write(&path, config)?;
     let pin_dir = pin_dir.map(Path::to_path_buf).unwrap_or_else(|| bench_pin_dir(tag));
     let args: Vec<String> = vec![
         "run".into(),
