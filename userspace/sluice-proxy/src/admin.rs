@@ -235,7 +235,7 @@ fn metrics_text(s: &ProxyState) -> String {
     let _ = writeln!(out, "# HELP sluice_routing_generation Generation of the routing snapshot.");
     let _ = writeln!(out, "# TYPE sluice_routing_generation gauge");
     let _ = writeln!(out, "sluice_routing_generation {}", snap.generation());
-    sluice_routing::signal::render_prometheus(&snap, &mut out);
+    sluice_routing::signal::render_prometheus(&snap, s.cfg.admin.metrics_max_servers, &mut out);
     out
 }
 

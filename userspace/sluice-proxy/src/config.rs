@@ -215,11 +215,14 @@ pub struct CertConfig {
 pub struct AdminConfig {
     /// Address of the admin listener; `None` disables it.
     pub addr: Option<SocketAddr>,
+    /// At most this many servers get per-server and per-replica series in `/metrics`
+    /// (the ones with the most requests): the bound on the scrape's cardinality.
+    pub metrics_max_servers: usize,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))) }
+        Self { addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))), metrics_max_servers: 1000 }
     }
 }
 

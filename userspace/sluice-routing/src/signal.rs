@@ -177,9 +177,31 @@ impl Sampler {
 /// Append the per-server and per-replica counters of `snapshot` as Prometheus text
 /// (HELP/TYPE once per family). Replicas are the routable ones; a draining replica's
 /// remaining requests still count in its server's `sluice_server_in_flight`.
-pub fn render_prometheus(snapshot: &Snapshot, out: &mut String) {
+///
+/// At most `max_servers` servers get series: those with the most requests routed (ties
+/// by id, so the choice is stable between scrapes). A node may route 100k servers, and a
+/// series per family for each would be over a million per scrape. How many were left
+/// out is `sluice_metrics_servers_omitted`.
+pub fn render_prometheus(snapshot: &Snapshot, max_servers: usize, out: &mut String) {
     let mut servers: Vec<&Arc<Server>> = snapshot.servers().collect();
+    let omitted = servers.len().saturating_sub(max_servers);
+    if omitted > 0 {
+        let busiest = |a: &&Arc<Server>, b: &&Arc<Server>| {
+            let load = |s: &Server| s.stats.requests.load(Ordering::Relaxed);
+            load(b).cmp(&load(a)).then_with(|| a.id().cmp(b.id()))
+        };
+        if max_servers > 0 {
+            servers.select_nth_unstable_by(max_servers - 1, busiest);
+        }
+        servers.truncate(max_servers);
+    }
     servers.sort_by(|a, b| a.id().cmp(b.id()));
+    let _ = writeln!(
+        out,
+        "# HELP sluice_metrics_servers_omitted Servers left out of the per-server and \
+         per-replica series ([admin] metrics_max_servers).\n\
+         # TYPE sluice_metrics_servers_omitted gauge\nsluice_metrics_servers_omitted {omitted}"
+    );
     type Get = fn(&Server) -> u64;
     let families: [(&str, &str, &str, Get); 9] = [
         ("sluice_server_in_flight", "gauge", "Requests in flight to the server.", |s| {
@@ -377,7 +399,7 @@ mod tests {
         let a = snap.server("a").unwrap();
         let _g = a.begin_request(&a.replicas[1]);
         let mut out = String::new();
-        render_prometheus(&snap, &mut out);
+        render_prometheus(&snap, usize::MAX, &mut out);
         assert!(out.contains("# TYPE sluice_server_in_flight gauge\n"), "{out}");
         assert!(out.contains("sluice_server_in_flight{server=\"a\"} 1\n"), "{out}");
         assert!(out.contains("sluice_server_in_flight{server=\"b\"} 0\n"), "{out}");
@@ -386,5 +408,24 @@ mod tests {
         assert!(out.contains("sluice_replica_requests_total{server=\"a\",replica=\"r2\"} 1\n"));
         assert_eq!(out.matches("# TYPE sluice_replica_in_flight").count(), 1);
         assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+        assert!(out.contains("sluice_metrics_servers_omitted 0\n"), "{out}");
+    }
+
+    #[test]
+    fn prometheus_series_are_bounded_to_the_busiest_servers() {
+        let t = table();
+        let snap = t.load_full();
+        // `b` has routed a request, `a` none: with room for one server, `b` is listed.
+        let b = snap.server("b").unwrap();
+        b.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut out = String::new();
+        render_prometheus(&snap, 1, &mut out);
+        assert!(out.contains("sluice_server_requests_total{server=\"b\"} 1\n"), "{out}");
+        assert!(!out.contains("server=\"a\""), "a's series (and its replicas') left out: {out}");
+        assert!(out.contains("sluice_metrics_servers_omitted 1\n"), "{out}");
+        let mut none = String::new();
+        render_prometheus(&snap, 0, &mut none);
+        assert!(!none.contains("server=\""), "{none}");
+        assert!(none.contains("sluice_metrics_servers_omitted 2\n"), "{none}");
     }
 }
