@@ -189,7 +189,13 @@ fn percent_decode(v: &str) -> Result<String, String> {
 
 fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String) {
     use std::fmt::Write as _;
-    let since_contact = s.last_contact.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+    // A `_timestamp_seconds` gauge rather than an age with a sentinel: `time() - it` is
+    // the age, and 0 (never) reads as infinitely stale in the same alert.
+    let last_contact = s
+        .last_contact
+        .and_then(|t| std::time::SystemTime::now().checked_sub(t.elapsed()))
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
     let gauges: [(&str, &str, f64); 6] = [
         (
             "sluice_store_connected",
@@ -207,9 +213,9 @@ fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String
             s.last_revision as f64,
         ),
         (
-            "sluice_store_seconds_since_contact",
-            "Seconds since the store last answered (-1: never).",
-            since_contact,
+            "sluice_store_last_contact_timestamp_seconds",
+            "When the store last answered (Unix time; 0: never).",
+            last_contact,
         ),
         (
             "sluice_store_relists_total",
@@ -278,16 +284,6 @@ pub fn install_kernel(
             live.redirect.map(|r| r.track_failed),
         );
         counter(
-            "sluice_bpf_guard_dropped_denied_total",
-            "Packets the XDP guard dropped from denied sources.",
-            live.guard.map(|g| g.dropped_denied),
-        );
-        counter(
-            "sluice_bpf_guard_dropped_syn_rate_total",
-            "SYNs the XDP guard dropped over the per-source rate.",
-            live.guard.map(|g| g.dropped_syn_rate),
-        );
-        counter(
             "sluice_bpf_vip_rewritten_total",
             "Connects to a VIP rewritten to a replica.",
             live.vip.map(|v| v.rewritten),
@@ -302,6 +298,16 @@ pub fn install_kernel(
             "Connections migrated off a closing listener.",
             live.steer.map(|s| s.migrated),
         );
+        if let Some(g) = live.guard {
+            let _ = writeln!(
+                out,
+                "# HELP sluice_bpf_guard_dropped_total Packets the XDP guard dropped, by reason.\n\
+                 # TYPE sluice_bpf_guard_dropped_total counter\n\
+                 sluice_bpf_guard_dropped_total{{reason=\"denied\"}} {}\n\
+                 sluice_bpf_guard_dropped_total{{reason=\"syn_rate\"}} {}",
+                g.dropped_denied, g.dropped_syn_rate
+            );
+        }
     }));
 }
 

@@ -303,7 +303,8 @@ fn syn_flood_from_one_source_is_limited_while_another_is_served() {
     assert!(ok >= 1 && dropped >= 3, "burst 3 at 1/s: {ok} connected, {dropped} dropped");
     assert_eq!(get(&topo, &sluice, 2, OPEN), Some(200), "client 2 must be unaffected");
     let (_, metrics) = http_get_in(&topo.node, sluice.admin, "admin", "/metrics", &[]).unwrap();
-    let counted = metric(&metrics, "sluice_bpf_guard_dropped_syn_rate_total").unwrap_or(0);
+    let counted =
+        metric(&metrics, "sluice_bpf_guard_dropped_total{reason=\"syn_rate\"}").unwrap_or(0);
     assert!(counted >= 3, "{metrics}");
 }
 

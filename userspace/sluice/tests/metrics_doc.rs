@@ -80,3 +80,51 @@ fn the_documented_metrics_table_is_what_the_binary_serves() {
     }
     assert!(problems.is_empty(), "docs/operations.md vs /metrics:\n{}", problems.join("\n"));
 }
+
+/// The Grafana dashboard shipped in deploy/ queries only documented, served families.
+#[test]
+fn the_dashboard_queries_documented_metrics() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let documented = documented();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.extend(target["expr"].as_str().map(str::to_string));
+        }
+    }
+    assert!(!exprs.is_empty());
+    let mut problems = Vec::new();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            // A histogram's series are its family's `_bucket`, `_sum` and `_count`.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| documented.contains_key(*f)))
+                .unwrap_or(&name);
+            match documented.get(family) {
+                None => problems.push(format!("{name} (in {expr}) is not documented")),
+                Some(row) if !row.status.starts_with("served") => {
+                    problems.push(format!("{name} is queried but {:?}", row.status))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(problems.is_empty(), "deploy/grafana-dashboard.json:\n{}", problems.join("\n"));
+}
+
+/// The `sluice_…` and `process_…` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = ["sluice_", "process_"].iter().filter_map(|p| rest.find(p)).min() {
+        let tail = &rest[at..];
+        let end =
+            tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        names.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
