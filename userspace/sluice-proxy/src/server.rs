@@ -704,8 +704,8 @@ async fn serve_connection(
             // The fast path does not keep the activity clock (only `drive` reads it): the
             // declined request's bytes are the connection's latest activity.
             activity.touch();
-            let io = ConnIo::with_prefix(tcp, activity.clone(), read);
-            let io = TokioIo::new(H1Scan::new(io, max_head, verdicts));
+            let io =
+                crate::upgrade::plain_client_io(tcp, activity.clone(), read, max_head, verdicts);
             Box::pin(serve_h1(state, io, info, drain)).await;
         }
     }

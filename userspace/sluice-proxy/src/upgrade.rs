@@ -52,28 +52,76 @@ impl OpaqueStreamHandoff for UserspaceRelay {
     }
 }
 
+/// The I/O stack of a plaintext HTTP/1.1 client connection on the hyper path, as
+/// [`plain_client_io`] builds it. [`into_tcp`] downcasts to this same alias, so a
+/// wrapper added to the stack changes both at once, and the compiler then asks for its
+/// [`UnwrapTcp`] (a downcast to a stale type would silently stop splicing instead).
+pub(crate) type PlainClientIo = TokioIo<H1Scan<ConnIo<TcpStream>>>;
+
+/// The I/O of an upstream HTTP/1.1 connection (`upstream/http1.rs`), under the same rule.
+pub(crate) type PlainUpstreamIo = TokioIo<TcpStream>;
+
+/// Builds [`PlainClientIo`] around a plaintext client socket: `read` holds bytes the fast
+/// path had already taken from it, `max_head` and `verdicts` are [`H1Scan`]'s.
+pub(crate) fn plain_client_io(
+    tcp: TcpStream,
+    activity: std::sync::Arc<crate::io::Activity>,
+    read: Bytes,
+    max_head: usize,
+    verdicts: std::sync::Arc<crate::h1scan::Verdicts>,
+) -> PlainClientIo {
+    TokioIo::new(H1Scan::new(ConnIo::with_prefix(tcp, activity, read), max_head, verdicts))
+}
+
+/// The plaintext I/O layers an upgraded connection may be wrapped in, each able to give
+/// back the socket and the bytes it holds that its reader has not seen yet.
+pub(crate) trait UnwrapTcp {
+    /// The socket, and bytes read from it but not yet passed on.
+    fn unwrap_tcp(self) -> (TcpStream, Bytes);
+}
+
+impl UnwrapTcp for TcpStream {
+    fn unwrap_tcp(self) -> (TcpStream, Bytes) {
+        (self, Bytes::new())
+    }
+}
+
+impl<T: UnwrapTcp> UnwrapTcp for ConnIo<T> {
+    fn unwrap_tcp(self) -> (TcpStream, Bytes) {
+        let (inner, prefix) = self.into_parts();
+        let (tcp, deeper) = inner.unwrap_tcp();
+        (tcp, joined(deeper, prefix))
+    }
+}
+
+impl<T: UnwrapTcp> UnwrapTcp for H1Scan<T> {
+    fn unwrap_tcp(self) -> (TcpStream, Bytes) {
+        self.into_inner().unwrap_tcp()
+    }
+}
+
+impl<T: UnwrapTcp> UnwrapTcp for TokioIo<T> {
+    fn unwrap_tcp(self) -> (TcpStream, Bytes) {
+        self.into_inner().unwrap_tcp()
+    }
+}
+
+/// `upgraded` as the plaintext stack `T`, unwrapped to its socket: bytes hyper had read
+/// past the upgrade first, then what the wrappers held.
+fn take<T>(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded>
+where
+    T: UnwrapTcp + hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let parts = upgraded.downcast::<T>()?;
+    let (tcp, held) = parts.io.unwrap_tcp();
+    Ok((tcp, joined(parts.read_buf, held)))
+}
+
 /// Recovers the raw TCP socket of a plaintext leg, with any bytes hyper had already read
 /// past the upgrade (they must be delivered to the peer first). Returns the `Upgraded`
 /// unchanged if the leg is not plain TCP (TLS, or an HTTP/2 stream).
 pub fn into_tcp(upgraded: Upgraded) -> Result<(TcpStream, Bytes), Upgraded> {
-    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => return Ok((parts.io.into_inner(), parts.read_buf)),
-        Err(u) => u,
-    };
-    let upgraded = match upgraded.downcast::<TokioIo<H1Scan<ConnIo<TcpStream>>>>() {
-        Ok(parts) => {
-            let (tcp, prefix) = parts.io.into_inner().into_inner().into_parts();
-            return Ok((tcp, joined(parts.read_buf, prefix)));
-        }
-        Err(u) => u,
-    };
-    match upgraded.downcast::<TokioIo<ConnIo<TcpStream>>>() {
-        Ok(parts) => {
-            let (tcp, prefix) = parts.io.into_inner().into_parts();
-            Ok((tcp, joined(parts.read_buf, prefix)))
-        }
-        Err(u) => Err(u),
-    }
+    take::<PlainUpstreamIo>(upgraded).or_else(take::<PlainClientIo>)
 }
 
 /// Bytes hyper had read past the upgrade, then the wrapper's prefix it had not read yet.

@@ -40,10 +40,10 @@ async fn connect(
     timeout: Duration,
 ) -> Result<H1Conn, RequestError> {
     let tcp = up.connect(addr, timeout).await?;
-    // `TokioIo<TcpStream>` stays the concrete I/O type so an upgraded connection can be
-    // downcast back to the raw socket (see `upgrade::into_tcp`).
+    // The concrete I/O type `into_tcp` downcasts an upgraded connection to.
+    let io: crate::upgrade::PlainUpstreamIo = TokioIo::new(tcp);
     let (send, conn) = Builder::new()
-        .handshake::<_, UpstreamReqBody>(TokioIo::new(tcp))
+        .handshake::<_, UpstreamReqBody>(io)
         .await
         .map_err(|e| RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e))))?;
     let open = OpenH1::new(&up.metrics);
