@@ -128,8 +128,8 @@ fn main() -> Result<ExitCode> {
     let done = match cli.command {
         Command::Check(args) => return check::main(args),
         Command::Run { config, require_ebpf, pin_dir, takeover, linger_after_handover } => {
-            upgrade::set_flags(takeover, linger_after_handover);
-            run::main(&config, require_ebpf, pin_dir)
+            let flags = upgrade::HandoverFlags { takeover, linger: linger_after_handover };
+            run::main(&config, require_ebpf, pin_dir, flags)
         }
         Command::Upgrade(args) => upgrade::command(args),
         Command::Demo(args) => demo::main(args),

@@ -158,12 +158,17 @@ fn section<T: serde::de::DeserializeOwned + Default>(
 }
 
 /// Runs sluice from a config file until SIGTERM/SIGINT.
-pub fn main(config: &Path, require_ebpf: bool, pin_dir: PathBuf) -> Result<()> {
+pub fn main(
+    config: &Path,
+    require_ebpf: bool,
+    pin_dir: PathBuf,
+    flags: crate::upgrade::HandoverFlags,
+) -> Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new("."));
     let cfg = RunConfig::parse(&text, base).with_context(|| format!("in {}", config.display()))?;
-    block_on(serve(cfg, require_ebpf, pin_dir, Some((config.to_owned(), text))))
+    block_on(serve_with(cfg, require_ebpf, pin_dir, Some((config.to_owned(), text)), flags))
 }
 
 /// Runs `fut` on the runtime `sluice run` serves with, then shuts the runtime down.
@@ -207,8 +212,19 @@ pub(crate) async fn serve(
     pin_dir: PathBuf,
     reload: Option<(PathBuf, String)>,
 ) -> Result<()> {
+    serve_with(cfg, require_ebpf, pin_dir, reload, crate::upgrade::HandoverFlags::default()).await
+}
+
+/// [`serve`], with the `sluice run` flags that shape a handover.
+async fn serve_with(
+    cfg: RunConfig,
+    require_ebpf: bool,
+    pin_dir: PathBuf,
+    reload: Option<(PathBuf, String)>,
+    flags: crate::upgrade::HandoverFlags,
+) -> Result<()> {
     // Before the pin dir is touched: refuses a second sluice beside a live one.
-    let mut handover = crate::upgrade::Handover::begin(&pin_dir)?;
+    let mut handover = crate::upgrade::Handover::begin(&pin_dir, flags)?;
     // Kept alive for the whole run: dropping it detaches the kernel programs.
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir), handover.replaces_another())?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");

@@ -26,10 +26,7 @@ use std::{
     path::{Path, PathBuf},
     pin::pin,
     process::ExitStatus,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -60,15 +57,13 @@ const READY_WAIT: Duration = Duration::from_secs(10);
 /// message (it offers its streams once it sees the new process active, within a poll).
 const RECEIVE_WAIT: Duration = Duration::from_secs(30);
 
-/// `--takeover`: this start is an intended takeover of a running sluice.
-static TAKEOVER: AtomicBool = AtomicBool::new(false);
-/// `--linger-after-handover`: after handing over, wait for SIGTERM instead of exiting.
-static LINGER: AtomicBool = AtomicBool::new(false);
-
-/// Records the `sluice run` flags that shape the handover (set once, before `run`).
-pub fn set_flags(takeover: bool, linger: bool) {
-    TAKEOVER.store(takeover, Ordering::Relaxed);
-    LINGER.store(linger, Ordering::Relaxed);
+/// The `sluice run` flags that shape a handover.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandoverFlags {
+    /// `--takeover`: this start is an intended takeover of a running sluice.
+    pub takeover: bool,
+    /// `--linger-after-handover`: after handing over, wait for SIGTERM instead of exiting.
+    pub linger: bool,
 }
 
 /// A sluice process as the owner record names it.
@@ -190,15 +185,17 @@ pub struct Handover {
     successor_channel: Option<(Channel, Hello, Agreement)>,
     /// The kernel splice, whose pairs a handover moves.
     splice: Option<Arc<KernelSplice>>,
+    /// How this start was asked to treat a running sluice.
+    flags: HandoverFlags,
 }
 
 impl Handover {
     /// Runs before anything touches the pin directory or binds a port: refuses to start
     /// beside a live sluice unless this is an intended takeover (`--takeover`), and
     /// installs the SIGUSR2 handler (SIGUSR2's default action would kill the process).
-    pub fn begin(pin_dir: &Path) -> Result<Handover> {
+    pub fn begin(pin_dir: &Path, flags: HandoverFlags) -> Result<Handover> {
         let me = Owner::me();
-        let takeover = TAKEOVER.load(Ordering::Relaxed);
+        let takeover = flags.takeover;
         let mut previous = None;
         if let Some(owner) = read_owner(pin_dir).filter(|o| *o != me) {
             match owner.alive() {
@@ -249,6 +246,7 @@ impl Handover {
             listener: None,
             successor_channel: None,
             splice: None,
+            flags,
         })
     }
 
@@ -280,7 +278,7 @@ impl Handover {
         table: &RoutingTable,
         routed: bool,
     ) {
-        if self.previous.is_some() || TAKEOVER.load(Ordering::Relaxed) {
+        if self.previous.is_some() || self.flags.takeover {
             wait_until_routable(table, routed).await;
         }
         // Agreed before this process becomes active, so the old one knows, when it sees
@@ -517,7 +515,7 @@ impl Handover {
             }
         }
         info!("handed over to the new process");
-        if LINGER.load(Ordering::Relaxed) {
+        if self.flags.linger {
             info!("--linger-after-handover: idle until SIGTERM");
             sluice_proxy::shutdown::signal().await;
         }
