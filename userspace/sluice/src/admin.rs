@@ -196,40 +196,45 @@ fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String
         .and_then(|t| std::time::SystemTime::now().checked_sub(t.elapsed()))
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    let gauges: [(&str, &str, f64); 6] = [
+    let families: [(&str, &str, &str, f64); 6] = [
         (
             "sluice_store_connected",
+            "gauge",
             "1 while the routing store's watch is connected.",
             f64::from(u8::from(s.connected)),
         ),
         (
             "sluice_store_stale",
+            "gauge",
             "1 while routing may be behind the store (never synced, or disconnected).",
             f64::from(u8::from(s.is_stale())),
         ),
         (
             "sluice_store_revision",
+            "gauge",
             "Store revision the routing snapshot reflects.",
             s.last_revision as f64,
         ),
         (
             "sluice_store_last_contact_timestamp_seconds",
+            "gauge",
             "When the store last answered (Unix time; 0: never).",
             last_contact,
         ),
         (
             "sluice_store_relists_total",
+            "counter",
             "Full re-lists (after compaction or first sync).",
             s.relists as f64,
         ),
         (
             "sluice_store_malformed_values_total",
+            "counter",
             "Store values ignored as malformed.",
             s.malformed_values as f64,
         ),
     ];
-    for (name, help, v) in gauges {
-        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+    for (name, kind, help, v) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
 }
