@@ -94,7 +94,8 @@ const LAZY: &str = "lazy";
 /// How long `lazy`'s demand must stay at zero before its replica goes (short, so the
 /// whole loop fits in the time a newcomer watches).
 const LAZY_SCALE_DOWN: Duration = Duration::from_secs(10);
-/// How long `lazy`'s draining replica keeps its in-flight requests before SIGTERM.
+/// How long `lazy`'s draining replica may keep in-flight requests before SIGTERM (it
+/// gets it sooner once the proxy shows none).
 const LAZY_GRACE: Duration = Duration::from_secs(2);
 
 /// The demo's replicas: (server, replica id, protocol).
@@ -169,6 +170,9 @@ fn serve(
     std::fs::write(&replicas_file, "")?;
     std::fs::write(dir.join("sluice.toml"), config)?;
     let cfg = RunConfig::parse(config, dir).context("the demo's config")?;
+    // Shared with the in-process supervisor, which reads its draining replicas'
+    // in-flight counts from it.
+    let table = sluice_routing::RoutingTable::new(cfg.node.clone());
     let pin_dir = args.pin_dir.clone();
     let desired_file = dir.join("desired.json");
     let admin = args.admin;
@@ -209,10 +213,12 @@ fn serve(
             let stop = stop.clone();
             let files =
                 crate::supervise::FileStore { routes: routes_dir, replicas_file, desired_file };
+            let proxy = crate::supervise::SharedState(table.clone());
             tokio::spawn(async move {
                 let every = Duration::from_millis(200);
                 let res = crate::supervise::run_on_files(
                     files,
+                    proxy,
                     "demo".into(),
                     Duration::from_secs(5),
                     every,
@@ -224,7 +230,7 @@ fn serve(
             })
         };
         print_instructions(args, replicas, secret);
-        let res = crate::run::serve(cfg, false, pin_dir, None).await;
+        let res = crate::run::serve(cfg, table, false, pin_dir, None).await;
         let _ = stop.send(true);
         let _ = autoscaler.await;
         let _ = supervisor.await;
@@ -405,7 +411,8 @@ and the replica supervisor in-process):
   curl -s 'http://{admin}/state?server={LAZY}' | grep '"state"'
                                             # the replica count: starting, ready, then draining
   About {down} s after the last request lazy's desired count is back at 0: its replica drains,
-  gets SIGTERM {grace} s later and is gone (the same /state shows no replica, curl gets 503 again).
+  gets SIGTERM once nothing is in flight to it ({grace} s later at most) and is gone (the same
+  /state shows no replica, curl gets 503 again).
 "#
     );
 }
