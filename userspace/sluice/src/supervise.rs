@@ -356,6 +356,7 @@ impl InFlightSource for AdminApi {
         struct View {
             replicas: Vec<ProxyReplica>,
         }
+        // Server ids are `[A-Za-z0-9._-]` (validated): nothing to escape in a query.
         let path = format!("/state?server={server}");
         let get = sluice_proxy::admin_get(self.admin, &path, ADMIN_MAX_BODY);
         let (status, body) = tokio::time::timeout(ADMIN_TIMEOUT, get)
@@ -597,9 +598,14 @@ impl Supervisor {
                 }
                 Err(e) => {
                     if !std::mem::replace(&mut self.probe_failed, true) {
-                        tracing::warn!(
-                            "no in-flight counts from the proxy ({e}): draining replicas get their whole exit_grace_period"
-                        );
+                        let msg = "draining replicas get their whole exit_grace_period";
+                        match e {
+                            // Chosen by the operator: no warning.
+                            ProbeError::NotConfigured => tracing::info!("{e}: {msg}"),
+                            ProbeError::Admin(_) => {
+                                tracing::warn!("no in-flight counts from the proxy ({e}): {msg}")
+                            }
+                        }
                     }
                     // The other servers' answers would fail alike.
                     break;
