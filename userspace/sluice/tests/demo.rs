@@ -185,14 +185,20 @@ fn demo_as_root_runs_the_kernel_data_plane() {
     let demo = SluiceProcess::start_demo(bin(), dir.path());
     let (status, bpf) = http_get(demo.admin, "admin", "/bpf").unwrap();
     assert_eq!(status, 200, "{bpf}");
-    let out = Command::new("bpftool").args(["prog", "show"]).output();
-    if let Some(out) = out.ok().filter(|o| o.status.success()) {
+    // The VIP programs attach from a task once the routing state names a VIP, which may
+    // be a moment after /livez answers: a bounded poll.
+    let names = ["sluice_splice", "sluice_steer", "sluice_track", "sluice_redirect", "sluice_vip4"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("bpftool").args(["prog", "show"]).output();
+        let Some(out) = out.ok().filter(|o| o.status.success()) else { break };
         let progs = String::from_utf8_lossy(&out.stdout);
-        for name in
-            ["sluice_splice", "sluice_steer", "sluice_track", "sluice_redirect", "sluice_vip4"]
-        {
-            assert!(progs.contains(name), "{name} not loaded:\n{progs}");
+        let missing: Vec<_> = names.iter().filter(|n| !progs.contains(*n)).collect();
+        if missing.is_empty() {
+            break;
         }
+        assert!(Instant::now() < deadline, "{missing:?} not loaded:\n{progs}");
+        thread::sleep(Duration::from_millis(100));
     }
     let redirected = || {
         let (_, metrics) = http_get(demo.admin, "admin", "/metrics").unwrap();
