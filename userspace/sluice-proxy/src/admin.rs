@@ -264,7 +264,7 @@ fn autoscaler_stream(s: &ProxyState) -> Response<ProxyBody> {
     r
 }
 
-/// Following a node's autoscaler stream failed.
+/// Following a node's autoscaler stream (or another admin GET, see [`admin_get`]) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// Connecting or reading failed.
@@ -279,6 +279,46 @@ pub enum StreamError {
     /// A line longer than the bound (a broken peer).
     #[error("autoscaler stream line longer than {0} bytes")]
     LineTooLong(usize),
+    /// An [`admin_get`] body longer than its bound.
+    #[error("admin answer longer than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// `GET path` on the admin listener at `admin`: the status and the body, read up to
+/// `max_body` bytes (more is [`StreamError::TooLarge`]). One connection per call: for
+/// background pollers (`sluice supervise --proxy-admin`), never the request path.
+pub async fn admin_get(
+    admin: std::net::SocketAddr,
+    path: &str,
+    max_body: usize,
+) -> Result<(StatusCode, Vec<u8>), StreamError> {
+    use http_body_util::{BodyExt as _, Empty};
+    let tcp = tokio::net::TcpStream::connect(admin).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let req = Request::builder()
+            .uri(path)
+            .header(header::HOST, admin.to_string())
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame?.data_ref() {
+                if out.len() + data.len() > max_body {
+                    return Err(StreamError::TooLarge(max_body));
+                }
+                out.extend_from_slice(data);
+            }
+        }
+        Ok((status, out))
+    }
+    .await;
+    conn.abort();
+    result
 }
 
 /// Largest record line accepted from a stream (a server with many replicas stays far

@@ -42,7 +42,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 
-pub use admin::{AdminHandler, AdminRoutes, StreamError, follow_autoscaler_stream};
+pub use admin::{AdminHandler, AdminRoutes, StreamError, admin_get, follow_autoscaler_stream};
 pub use config::ProxyConfig;
 pub use error::{ConfigError, ProxyError, RequestError};
 pub use metrics::Metrics;

@@ -705,7 +705,7 @@ async fn forward_upgrade(
     }
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     let req = Request::from_parts(parts, body);
-    let up =
+    let (up, registration) =
         match state.upstreams.send_upgrade(replica.addr, server.spec.timeouts.connect, req).await {
             Ok(up) => up,
             Err(e) => {
@@ -719,7 +719,8 @@ async fn forward_upgrade(
         // The replica declined: an ordinary response.
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers, false);
-        let body = TrackedBody::new(rbody, None, Box::new((hold, up.hold)), None).boxed_unsync();
+        let hold = Box::new((hold, up.hold, registration));
+        let body = TrackedBody::new(rbody, None, hold, None).boxed_unsync();
         return Ok(Response::from_parts(rparts, body));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -743,8 +744,10 @@ async fn forward_upgrade(
     let splice_mode = server.spec.splice;
     let upstream_hold = up.hold;
     tokio::spawn(async move {
-        // Counted in flight (autoscaling) for the whole life of the opaque stream.
-        let _hold = (hold, drain);
+        // Counted in flight (autoscaling) for the whole life of the opaque stream, and its
+        // replica socket registered, so a drain deadline ends it (the relay then sees the
+        // replica leg shut down and returns).
+        let _hold = (hold, drain, registration);
         let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {

@@ -2,8 +2,8 @@
 //! in-flight exchanges until its `drain_deadline`, and then sluice ends them: a stream
 //! still running is cut (the HTTP/1.1 client sees its connection close before the body's
 //! end, the HTTP/2 client a reset stream), one still waiting for its head gets 502, never
-//! a clean (truncated) success; each is counted in
-//! `sluice_replica_drain_deadline_cancelled_total`.
+//! a clean (truncated) success; an upgraded stream (WebSocket) relayed in userspace is
+//! ended on both legs; each is counted in `sluice_replica_drain_deadline_cancelled_total`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -265,4 +265,97 @@ async fn nothing_is_cut_before_the_deadline() {
     assert!(!client.is_finished(), "cut before its deadline");
     assert_eq!(p.metrics.replica_drain_deadline_cancelled_total.get(), 0);
     client.abort();
+}
+
+/// An HTTP/1.1 replica that accepts an upgrade (101) and then pushes a byte every 50 ms
+/// for a minute, as a WebSocket server pushing messages would; `ended` is set when its
+/// leg sees the proxy's side go away (read EOF or a failed write).
+fn upgrading_replica(arrived: Arc<AtomicUsize>, ended: Arc<AtomicUsize>) -> SocketAddr {
+    let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std.set_nonblocking(true).unwrap();
+    let addr = std.local_addr().unwrap();
+    tokio::spawn(async move {
+        let l = TcpListener::from_std(std).unwrap();
+        loop {
+            let Ok((tcp, _)) = l.accept().await else { return };
+            let (arrived, ended) = (arrived.clone(), ended.clone());
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.into_split();
+                let mut seen = Vec::new();
+                let mut b = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match rd.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&b[..n]),
+                    }
+                }
+                let head = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                if wr.write_all(head).await.is_err() {
+                    return;
+                }
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let push = async {
+                    for _ in 0..1200 {
+                        if wr.write_all(b"x").await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(PAUSE).await;
+                    }
+                };
+                let eof = async { while matches!(rd.read(&mut b).await, Ok(n) if n > 0) {} };
+                tokio::select! { () = push => {}, () = eof => {} }
+                ended.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    addr
+}
+
+/// A WebSocket to a draining replica runs until the deadline, then both legs are ended
+/// (the client's connection closes, the replica's leg sees the proxy go) and it is
+/// counted like any exchange cut at the deadline.
+#[tokio::test]
+async fn upgraded_stream_is_ended_at_the_deadline() {
+    let (arrived, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let addr = upgrading_replica(arrived.clone(), ended.clone());
+    let p = proxy(addr, Protocol::Http1).await;
+    let mut tcp = TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nhost: {HOST}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The 101, then the replica's pushes.
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"x") {
+        let n = tokio::time::timeout(T, tcp.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the upgrade: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(arrived.load(Ordering::SeqCst), 1);
+
+    let before = p.metrics.replica_drain_deadline_cancelled_total.get();
+    let drained = Instant::now();
+    drain(&p, addr, Protocol::Http1, 2);
+    // Still flowing until the deadline, then closed (EOF or a reset).
+    let mut pushed_after_drain = 0usize;
+    loop {
+        match tokio::time::timeout(T, tcp.read(&mut b)).await.unwrap() {
+            Ok(0) | Err(_) => break,
+            Ok(n) => pushed_after_drain += n,
+        }
+    }
+    let took = drained.elapsed();
+    assert!(took >= GRACE, "ended after {took:?}, before the deadline");
+    assert!(took < GRACE + Duration::from_secs(5), "ended only after {took:?}");
+    assert!(pushed_after_drain > 0, "the stream went on until the deadline");
+    let t0 = Instant::now();
+    while ended.load(Ordering::SeqCst) == 0 {
+        assert!(t0.elapsed() < T, "the replica's leg was never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = p.metrics.replica_drain_deadline_cancelled_total.get();
+    assert_eq!(after - before, 1, "one stream counted as cut");
 }

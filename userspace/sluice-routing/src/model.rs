@@ -379,8 +379,8 @@ pub struct LaunchSpec {
     /// replaced.
     #[serde(default = "default_startup_timeout", with = "duration_serde")]
     pub startup_timeout: Duration,
-    /// On scale-down: how long a replica drains (and then has after SIGTERM) before it is
-    /// killed.
+    /// On scale-down: the longest a replica drains before SIGTERM (it gets it sooner, once
+    /// the proxy has nothing in flight to it); also its `drain_deadline`.
     #[serde(default = "default_exit_grace_period", with = "duration_serde")]
     pub exit_grace_period: Duration,
 }

@@ -94,7 +94,8 @@ const LAZY: &str = "lazy";
 /// How long `lazy`'s demand must stay at zero before its replica goes (short, so the
 /// whole loop fits in the time a newcomer watches).
 const LAZY_SCALE_DOWN: Duration = Duration::from_secs(10);
-/// How long `lazy`'s draining replica keeps its in-flight requests before SIGTERM.
+/// How long `lazy`'s draining replica may keep in-flight requests before SIGTERM (it
+/// gets it sooner once the proxy shows none).
 const LAZY_GRACE: Duration = Duration::from_secs(2);
 
 /// The demo's replicas: (server, replica id, protocol).
@@ -109,17 +110,19 @@ pub fn main(args: DemoArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
     let secret = RequestIds::new().next_id();
     let replicas = replica_addrs(args.replica_port_base)?;
-    // As root, the demo moves into a cgroup of its own before it opens a socket, so the
-    // local-replica redirect and the VIP programs act on its sockets (and its replicas')
-    // only, never on the rest of the machine. Removed when the demo stops.
-    let cgroup = if args.print_config { None } else { demo_cgroup() };
-    let config = node_config(&args, cgroup.as_ref().map(ScopedCgroup::path));
-    let exe = std::env::current_exe().context("finding the sluice binary for `lazy`")?;
-    let routes = routing_doc(&replicas, &secret, &exe)?;
     if args.print_config {
+        // What a demo started with these arguments runs: the same function, with the
+        // cgroup it would make (without making it).
+        let (config, routes) = demo_config(&args, planned_cgroup().as_deref(), &replicas, &secret)?;
         print!("# sluice.toml\n{config}\n# routes/demo.toml\n{routes}");
         return Ok(());
     }
+    // As root, the demo moves into a cgroup of its own before it opens a socket, so the
+    // local-replica redirect and the VIP programs act on its sockets (and its replicas')
+    // only, never on the rest of the machine. Removed when the demo stops.
+    let cgroup = demo_cgroup();
+    let (config, routes) =
+        demo_config(&args, cgroup.as_ref().map(ScopedCgroup::path), &replicas, &secret)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let res = serve(&args, &dir, &config, &routes, &replicas, &secret);
     let _ = std::fs::remove_dir_all(&dir);
@@ -127,9 +130,30 @@ pub fn main(args: DemoArgs) -> Result<()> {
     res
 }
 
+/// The demo's node config and routing document (`sluice.toml`, `routes/demo.toml`):
+/// what it runs and what `--print-config` prints, both built here. `cgroup` is the
+/// demo's own cgroup, when it has one (root).
+fn demo_config(
+    args: &DemoArgs,
+    cgroup: Option<&Path>,
+    replicas: &[SocketAddr],
+    secret: &str,
+) -> Result<(String, String)> {
+    let exe = std::env::current_exe().context("finding the sluice binary for `lazy`")?;
+    Ok((node_config(args, cgroup), routing_doc(replicas, secret, &exe)?))
+}
+
 /// The name of the demo's cgroup under the cgroup v2 mount: one per demo process.
 fn demo_cgroup_name() -> String {
     format!("sluice-demo-{}", std::process::id())
+}
+
+/// Where [`demo_cgroup`] makes the demo's cgroup, when it may (root, cgroup v2).
+fn planned_cgroup() -> Option<PathBuf> {
+    if !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    sluice_dataplane::sys::cgroup2_mount().ok().map(|m| m.join(demo_cgroup_name()))
 }
 
 /// The demo's own cgroup, when it may make one (root, cgroup v2), with this process in
@@ -169,6 +193,9 @@ fn serve(
     std::fs::write(&replicas_file, "")?;
     std::fs::write(dir.join("sluice.toml"), config)?;
     let cfg = RunConfig::parse(config, dir).context("the demo's config")?;
+    // Shared with the in-process supervisor, which reads its draining replicas'
+    // in-flight counts from it.
+    let table = sluice_routing::RoutingTable::new(cfg.node.clone());
     let pin_dir = args.pin_dir.clone();
     let desired_file = dir.join("desired.json");
     let admin = args.admin;
@@ -209,10 +236,12 @@ fn serve(
             let stop = stop.clone();
             let files =
                 crate::supervise::FileStore { routes: routes_dir, replicas_file, desired_file };
+            let proxy = crate::supervise::SharedState(table.clone());
             tokio::spawn(async move {
                 let every = Duration::from_millis(200);
                 let res = crate::supervise::run_on_files(
                     files,
+                    proxy,
                     "demo".into(),
                     Duration::from_secs(5),
                     every,
@@ -224,7 +253,7 @@ fn serve(
             })
         };
         print_instructions(args, replicas, secret);
-        let res = crate::run::serve(cfg, false, pin_dir, None).await;
+        let res = crate::run::serve(cfg, table, false, pin_dir, None).await;
         let _ = stop.send(true);
         let _ = autoscaler.await;
         let _ = supervisor.await;
@@ -288,9 +317,10 @@ file = "routes"
     if let Some(cgroup) = cgroup {
         config.push_str(&format!(
             r#"
-# As root: the demo's own cgroup (it and its replicas run in it). Proxy <-> replica
-# bytes go socket to socket in the kernel (sluice_track, sluice_redirect), and a
-# connect from inside it to hello's VIP reaches a replica (sluice_vip4, sluice_vip6).
+# As root: the demo's own cgroup (sluice-demo-<pid>, one per demo process; it and its
+# replicas run in it). Proxy <-> replica bytes go socket to socket in the kernel
+# (sluice_track, sluice_redirect), and a connect from inside it to hello's VIP reaches
+# a replica (sluice_vip4, sluice_vip6).
 [local_replicas]
 cgroup = "{cg}"
 prefixes = ["127.0.0.0/8"]
@@ -405,7 +435,8 @@ and the replica supervisor in-process):
   curl -s 'http://{admin}/state?server={LAZY}' | grep '"state"'
                                             # the replica count: starting, ready, then draining
   About {down} s after the last request lazy's desired count is back at 0: its replica drains,
-  gets SIGTERM {grace} s later and is gone (the same /state shows no replica, curl gets 503 again).
+  gets SIGTERM once nothing is in flight to it ({grace} s later at most) and is gone (the same
+  /state shows no replica, curl gets 503 again).
 "#
     );
 }

@@ -168,7 +168,8 @@ pub fn main(
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new("."));
     let cfg = RunConfig::parse(&text, base).with_context(|| format!("in {}", config.display()))?;
-    block_on(serve_with(cfg, require_ebpf, pin_dir, Some((config.to_owned(), text)), flags))
+    let table = RoutingTable::new(cfg.node.clone());
+    block_on(serve_with(cfg, table, require_ebpf, pin_dir, Some((config.to_owned(), text)), flags))
 }
 
 /// Runs `fut` on the runtime `sluice run` serves with, then shuts the runtime down.
@@ -204,20 +205,26 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Serves `cfg` until SIGTERM/SIGINT (or a handover): what `sluice run` and `sluice demo`
 /// both do once they have a config.
 ///
+/// `table` starts empty (`RoutingTable::new(cfg.node)`); the caller may keep a clone to
+/// read the live state in-process (the demo's supervisor does).
+///
 /// With `reload` (the config file's path and the text `cfg` was parsed from), SIGHUP
 /// reloads what can change live (see `crate::reload`).
 pub(crate) async fn serve(
     cfg: RunConfig,
+    table: RoutingTable,
     require_ebpf: bool,
     pin_dir: PathBuf,
     reload: Option<(PathBuf, String)>,
 ) -> Result<()> {
-    serve_with(cfg, require_ebpf, pin_dir, reload, crate::upgrade::HandoverFlags::default()).await
+    let flags = crate::upgrade::HandoverFlags::default();
+    serve_with(cfg, table, require_ebpf, pin_dir, reload, flags).await
 }
 
 /// [`serve`], with the `sluice run` flags that shape a handover.
 async fn serve_with(
     cfg: RunConfig,
+    table: RoutingTable,
     require_ebpf: bool,
     pin_dir: PathBuf,
     reload: Option<(PathBuf, String)>,
@@ -228,7 +235,6 @@ async fn serve_with(
     // Kept alive for the whole run: dropping it detaches the kernel programs.
     let kernel = crate::kernel::start(require_ebpf, Some(pin_dir), handover.replaces_another())?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
-    let table = RoutingTable::new(cfg.node.clone());
     let stop = Arc::new(Notify::new());
     // Health gating starts before the first load, so no replica is routable before its
     // port has accepted a connection.

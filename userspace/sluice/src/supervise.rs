@@ -3,8 +3,14 @@
 //! carry a `launch` spec on free loopback ports, and registers them in the routing state
 //! the proxy watches: `starting`, then `ready` once the port accepts (the proxy's own
 //! health check then admits it), and `draining` on scale-down, after which the process
-//! gets SIGTERM at the end of `exit_grace_period` and SIGKILL `--kill-after` later. A
+//! gets SIGTERM as soon as the proxy shows it draining with nothing in flight, or at the
+//! end of `exit_grace_period` at the latest, and SIGKILL `--kill-after` later. A
 //! replica that exits on its own is deregistered and replaced.
+//!
+//! The in-flight count is the proxy's ([`InFlightSource`]): polled from its admin API
+//! over loopback (`--proxy-admin`, `GET /state?server=`) by `sluice supervise`, read
+//! from the shared routing table by `sluice demo`, which runs the proxy in-process.
+//! Without one, a draining replica gets its whole grace period.
 //!
 //! The decisions themselves are [`sluice_routing::supervisor`]; this module runs them
 //! against real processes and a real store.
@@ -64,6 +70,20 @@ pub struct SuperviseArgs {
     /// How often processes, ports and the store are looked at.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub interval: Duration,
+    /// The admin listener of this node's proxy (`http://127.0.0.1:9090` or
+    /// `127.0.0.1:9090`): a draining replica gets SIGTERM as soon as the proxy shows
+    /// nothing in flight to it. Without it (or while it does not answer), the whole
+    /// `exit_grace_period`.
+    #[arg(long, value_parser = parse_admin_url)]
+    pub proxy_admin: Option<SocketAddr>,
+}
+
+/// `http://HOST:PORT[/]` or `HOST:PORT`, HOST an IP address (the proxy's admin listener
+/// is on this node).
+fn parse_admin_url(s: &str) -> Result<SocketAddr, String> {
+    let rest = s.strip_prefix("http://").unwrap_or(s);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    rest.parse().map_err(|_| format!("{s:?}: expected http://IP:PORT (the proxy's admin listener)"))
 }
 
 /// What can go wrong reading or writing the store (each retried on the next round).
@@ -113,7 +133,11 @@ async fn run(args: SuperviseArgs) -> Result<()> {
         }
     };
     let sup = Supervisor::new(args.id_prefix, args.kill_after);
-    supervise(store, sup, args.interval, sluice_proxy::shutdown::signal()).await
+    let shutdown = sluice_proxy::shutdown::signal();
+    match args.proxy_admin {
+        Some(admin) => supervise(store, sup, AdminApi { admin }, args.interval, shutdown).await,
+        None => supervise(store, sup, NoProxy, args.interval, shutdown).await,
+    }
 }
 
 /// The file store's paths (see [`SuperviseArgs`]).
@@ -131,18 +155,20 @@ pub(crate) struct FileStore {
 /// autoscaler, so its scale-from-zero server has a compute side.
 pub(crate) async fn run_on_files(
     files: FileStore,
+    proxy: impl InFlightSource,
     id_prefix: String,
     kill_after: Duration,
     interval: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let store = Store::files(files)?;
-    supervise(store, Supervisor::new(id_prefix, kill_after), interval, shutdown).await
+    supervise(store, Supervisor::new(id_prefix, kill_after), proxy, interval, shutdown).await
 }
 
 async fn supervise(
     mut store: Store,
     mut sup: Supervisor,
+    proxy: impl InFlightSource,
     interval: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
@@ -159,7 +185,7 @@ async fn supervise(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => sup.round(&mut store).await,
+            _ = tick.tick() => sup.round(&mut store, &proxy).await,
         }
     }
     sup.stop_all(&mut store).await;
@@ -266,6 +292,124 @@ async fn write_replicas_file(path: &Path, replicas: &[ReplicaSpec]) -> Result<()
     tokio::fs::rename(&tmp, path).await.map_err(io)
 }
 
+/// One replica as this node's proxy sees it: the part of `GET /state?server=`'s
+/// replica entries the supervisor reads.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub(crate) struct ProxyReplica {
+    /// Replica id.
+    pub id: String,
+    /// Its address (told apart from an earlier run's replica of the same id).
+    pub address: SocketAddr,
+    /// The state the proxy applied (it lags the store by its watch).
+    pub state: ReplicaState,
+    /// Requests and streams the proxy has in flight to it.
+    pub in_flight: u64,
+}
+
+/// Why the proxy's view could not be had (the supervisor then falls back to the grace
+/// period).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProbeError {
+    /// No proxy to ask (`sluice supervise` without `--proxy-admin`).
+    #[error("no --proxy-admin given")]
+    NotConfigured,
+    /// The admin listener failed, timed out or answered something unexpected.
+    #[error("{0}")]
+    Admin(String),
+}
+
+/// Where the supervisor learns what the proxy has in flight to its draining replicas:
+/// the proxy's admin API over loopback ([`AdminApi`]) or, in-process, its routing
+/// table ([`SharedState`]). Asked once per round per server with a replica waiting for
+/// its SIGTERM, never on the request path.
+pub(crate) trait InFlightSource {
+    /// The proxy's replicas of `server`, any state (empty: it knows no such server).
+    fn replicas(
+        &self,
+        server: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<ProxyReplica>, ProbeError>>;
+}
+
+/// No proxy to ask: every draining replica gets its whole grace period.
+pub(crate) struct NoProxy;
+
+impl InFlightSource for NoProxy {
+    async fn replicas(&self, _server: &str) -> Result<Vec<ProxyReplica>, ProbeError> {
+        Err(ProbeError::NotConfigured)
+    }
+}
+
+/// The local proxy's admin listener (`GET /state?server=<id>`).
+pub(crate) struct AdminApi {
+    /// Its address.
+    pub admin: SocketAddr,
+}
+
+/// How long one `/state` answer may take: the round waits for it.
+const ADMIN_TIMEOUT: Duration = Duration::from_millis(500);
+/// Bound on one `/state?server=` answer (a server's entry with its replicas).
+const ADMIN_MAX_BODY: usize = 4 << 20;
+
+impl InFlightSource for AdminApi {
+    async fn replicas(&self, server: &str) -> Result<Vec<ProxyReplica>, ProbeError> {
+        #[derive(serde::Deserialize)]
+        struct View {
+            replicas: Vec<ProxyReplica>,
+        }
+        // Server ids are `[A-Za-z0-9._-]` (validated): nothing to escape in a query.
+        let path = format!("/state?server={server}");
+        let get = sluice_proxy::admin_get(self.admin, &path, ADMIN_MAX_BODY);
+        let (status, body) = tokio::time::timeout(ADMIN_TIMEOUT, get)
+            .await
+            .map_err(|_| {
+                ProbeError::Admin(format!("{} did not answer in {ADMIN_TIMEOUT:?}", self.admin))
+            })?
+            .map_err(|e| ProbeError::Admin(format!("{}: {e}", self.admin)))?;
+        match status {
+            http::StatusCode::OK => serde_json::from_slice::<View>(&body)
+                .map(|v| v.replicas)
+                .map_err(|e| ProbeError::Admin(format!("{}{path}: {e}", self.admin))),
+            http::StatusCode::NOT_FOUND => Ok(Vec::new()),
+            other => Err(ProbeError::Admin(format!("{}{path} answered {other}", self.admin))),
+        }
+    }
+}
+
+/// The routing table of a proxy in the same process (`sluice demo`): the same view
+/// `GET /state?server=` serves, without the loopback round trip.
+pub(crate) struct SharedState(pub sluice_routing::RoutingTable);
+
+impl InFlightSource for SharedState {
+    async fn replicas(&self, server: &str) -> Result<Vec<ProxyReplica>, ProbeError> {
+        let Some(view) = self.0.load_full().server_view(server) else { return Ok(Vec::new()) };
+        Ok(view
+            .replicas
+            .into_iter()
+            .map(|r| ProxyReplica {
+                id: r.id,
+                address: r.address,
+                state: r.state,
+                in_flight: r.in_flight,
+            })
+            .collect())
+    }
+}
+
+/// Whether the proxy's view says a draining replica may be stopped now: it lists the
+/// replica (same id and address) as draining, so routes it nothing new, with nothing
+/// in flight. A replica it does not list, or still lists as ready (its watch has not
+/// caught up), is not idle: it may yet carry requests.
+fn idle_in(view: &[ProxyReplica], id: &str, address: SocketAddr) -> bool {
+    view.iter().any(|p| {
+        p.id == id && p.address == address && p.state == ReplicaState::Draining && p.in_flight == 0
+    })
+}
+
+/// Rounds in a row the proxy must show a draining replica idle before SIGTERM: one more
+/// than needed to see the state, so a request that picked the replica from the snapshot
+/// just before it went draining has been counted by the second look.
+const IDLE_ROUNDS: u32 = 2;
+
 /// One replica process this supervisor started.
 struct Replica {
     server: String,
@@ -292,6 +436,8 @@ struct Drain {
     /// When SIGTERM was sent.
     terminated: Option<Instant>,
     killed: bool,
+    /// Rounds in a row the proxy has shown it idle (see [`IDLE_ROUNDS`]).
+    idle_rounds: u32,
 }
 
 impl Replica {
@@ -324,11 +470,21 @@ impl Replica {
         self.phase = Phase::Draining;
         self.drain = Some(Drain {
             since: Instant::now(),
-            deadline: SystemTime::now() + grace,
+            deadline: whole_second_after(SystemTime::now() + grace),
             terminated: None,
             killed: false,
+            idle_rounds: 0,
         });
     }
+}
+
+/// `t` rounded up to a whole second: the store keeps drain deadlines to the second
+/// (RFC 3339), and a deadline truncated down would let the proxy end requests before
+/// the grace period this supervisor waits is over.
+fn whole_second_after(t: SystemTime) -> SystemTime {
+    let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH) else { return t };
+    let up = u64::from(since.subsec_nanos() != 0);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs().saturating_add(up))
 }
 
 /// The per-node state: every replica started and not yet reaped.
@@ -343,6 +499,9 @@ struct Supervisor {
     /// registered (while they drain): a replica naming an unknown server would make the
     /// proxy reject the whole routing document.
     known: std::collections::HashSet<String>,
+    /// Whether "no in-flight counts from the proxy" was logged since they were last had,
+    /// so a missing proxy is said once, not every round.
+    probe_failed: bool,
 }
 
 impl Supervisor {
@@ -354,14 +513,16 @@ impl Supervisor {
             replicas: Vec::new(),
             published: None,
             known: Default::default(),
+            probe_failed: false,
         }
     }
 
     /// One round: reap, promote, stop, plan against the store's desired counts, publish.
-    async fn round(&mut self, store: &mut Store) {
+    async fn round(&mut self, store: &mut Store, proxy: &impl InFlightSource) {
         self.reap();
         self.check_starting().await;
-        self.advance_drains();
+        let idle = self.idle_draining(proxy).await;
+        self.advance_drains(&idle);
         match store.inputs().await {
             Ok((servers, desired)) => self.reconcile(&servers, &desired),
             // Nothing is started or stopped on a view we could not read.
@@ -415,14 +576,67 @@ impl Supervisor {
         }
     }
 
-    /// Draining replicas: SIGTERM at the end of the grace period, SIGKILL `kill_after`
-    /// later.
-    fn advance_drains(&mut self) {
+    /// The draining replicas (not yet sent SIGTERM) the proxy shows idle, by index into
+    /// `replicas`: one question per server that has any. A proxy that cannot be asked
+    /// makes none idle, and is logged once until it answers again.
+    async fn idle_draining(&mut self, proxy: &impl InFlightSource) -> Vec<usize> {
+        let waiting = |r: &Replica| r.drain.as_ref().is_some_and(|d| d.terminated.is_none());
+        let mut servers: Vec<&str> =
+            self.replicas.iter().filter(|r| waiting(r)).map(|r| r.server.as_str()).collect();
+        servers.sort_unstable();
+        servers.dedup();
+        let mut idle = Vec::new();
+        for server in servers {
+            let view = match proxy.replicas(server).await {
+                Ok(view) => {
+                    if std::mem::take(&mut self.probe_failed) {
+                        tracing::info!(
+                            "in-flight counts from the proxy again: draining replicas stop once idle"
+                        );
+                    }
+                    view
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.probe_failed, true) {
+                        let msg = "draining replicas get their whole exit_grace_period";
+                        match e {
+                            // Chosen by the operator: no warning.
+                            ProbeError::NotConfigured => tracing::info!("{e}: {msg}"),
+                            ProbeError::Admin(_) => {
+                                tracing::warn!("no in-flight counts from the proxy ({e}): {msg}")
+                            }
+                        }
+                    }
+                    // The other servers' answers would fail alike.
+                    break;
+                }
+            };
+            idle.extend(self.replicas.iter().enumerate().filter_map(|(i, r)| {
+                (r.server == server && waiting(r) && idle_in(&view, &r.id, r.address()))
+                    .then_some(i)
+            }));
+        }
+        idle
+    }
+
+    /// Draining replicas: SIGTERM once the proxy has shown them idle for [`IDLE_ROUNDS`]
+    /// rounds (`idle`: this round's, see [`Self::idle_draining`]), or at the end of the
+    /// grace period; SIGKILL `kill_after` later.
+    fn advance_drains(&mut self, idle: &[usize]) {
         let now = Instant::now();
-        for r in &mut self.replicas {
+        for (i, r) in self.replicas.iter_mut().enumerate() {
             let grace = r.grace;
             let Some(d) = &mut r.drain else { continue };
+            if d.terminated.is_none() {
+                d.idle_rounds = if idle.contains(&i) { d.idle_rounds + 1 } else { 0 };
+            }
             match d.terminated {
+                None if d.idle_rounds >= IDLE_ROUNDS => {
+                    d.terminated = Some(now);
+                    let after = now.duration_since(d.since);
+                    r.span.in_scope(|| tracing::info!(?after, "nothing in flight: SIGTERM"));
+                    r.signal(rustix::process::Signal::TERM);
+                }
                 None if now.duration_since(d.since) >= grace => {
                     d.terminated = Some(now);
                     r.span.in_scope(|| tracing::info!("grace period over: SIGTERM"));
@@ -556,5 +770,76 @@ impl Supervisor {
             }
         }
         tracing::info!("supervisor stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sluice_routing::{InFlightGuard, RoutingTable};
+
+    fn addr(port: u16) -> SocketAddr {
+        (Ipv4Addr::LOCALHOST, port).into()
+    }
+
+    fn seen(id: &str, port: u16, state: ReplicaState, in_flight: u64) -> ProxyReplica {
+        ProxyReplica { id: id.into(), address: addr(port), state, in_flight }
+    }
+
+    #[test]
+    fn idle_only_when_the_proxy_shows_it_draining_with_nothing_in_flight() {
+        let view = [
+            seen("a", 1, ReplicaState::Draining, 0),
+            seen("b", 2, ReplicaState::Draining, 1),
+            seen("c", 3, ReplicaState::Ready, 0),
+        ];
+        assert!(idle_in(&view, "a", addr(1)));
+        assert!(!idle_in(&view, "b", addr(2)), "a request in flight");
+        assert!(!idle_in(&view, "c", addr(3)), "the proxy has not seen it draining yet");
+        assert!(!idle_in(&view, "a", addr(9)), "same id, another process (an earlier run)");
+        assert!(!idle_in(&view, "d", addr(4)), "unknown to the proxy: it may not have caught up");
+    }
+
+    #[test]
+    fn drain_deadlines_round_up_to_the_second() {
+        let at = |s, ns| SystemTime::UNIX_EPOCH + Duration::new(s, ns);
+        assert_eq!(whole_second_after(at(10, 0)), at(10, 0));
+        assert_eq!(whole_second_after(at(10, 1)), at(11, 0));
+        assert_eq!(whole_second_after(at(10, 999_999_999)), at(11, 0));
+    }
+
+    #[test]
+    fn admin_urls() {
+        assert_eq!(parse_admin_url("http://127.0.0.1:9090").unwrap(), addr(9090));
+        assert_eq!(parse_admin_url("http://127.0.0.1:9090/").unwrap(), addr(9090));
+        assert_eq!(parse_admin_url("127.0.0.1:9090").unwrap(), addr(9090));
+        assert!(parse_admin_url("https://127.0.0.1:9090").is_err());
+        assert!(parse_admin_url("localhost:9090").is_err());
+    }
+
+    /// The in-process source reads the live counters of the table the proxy serves from.
+    #[tokio::test]
+    async fn shared_state_reads_the_tables_in_flight_counts() {
+        let mut server = ServerSpec::new("app", "app");
+        server.unauthenticated = true;
+        let mut r = ReplicaSpec::new("app", "sup-1", addr(4000));
+        r.state = ReplicaState::Draining;
+        let doc = RoutingDoc { servers: vec![server], replicas: vec![r], ..RoutingDoc::default() };
+        let table = RoutingTable::from_doc(Default::default(), doc).unwrap();
+        let source = SharedState(table.clone());
+        let view = source.replicas("app").await.unwrap();
+        assert_eq!(view, [seen("sup-1", 4000, ReplicaState::Draining, 0)]);
+        assert!(idle_in(&view, "sup-1", addr(4000)));
+
+        let snap = table.load_full();
+        let replica = snap.draining().next().unwrap().0.clone();
+        let guard =
+            InFlightGuard::new(snap.server("app").unwrap().stats.clone(), replica.stats.clone());
+        let view = source.replicas("app").await.unwrap();
+        assert!(!idle_in(&view, "sup-1", addr(4000)), "{view:?}");
+        drop(guard);
+        assert!(idle_in(&source.replicas("app").await.unwrap(), "sup-1", addr(4000)));
+        assert_eq!(source.replicas("nope").await.unwrap(), []);
     }
 }

@@ -57,6 +57,63 @@ fn print_config_shows_a_run_config() {
     assert!(summary.contains("3 servers, 3 replicas"), "{summary}");
 }
 
+/// `--print-config` prints what the demo runs: given a running demo's own arguments, its
+/// output is, byte for byte, the `sluice.toml` and `routes/demo.toml` the demo wrote and
+/// serves, but for what is one per process (the cgroup's `sluice-demo-<pid>` and the
+/// demo token's random secret). As root that includes `[local_replicas]` and `[vip]` on
+/// the demo's cgroup.
+#[test]
+fn print_config_is_the_config_the_demo_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = SluiceProcess::start_demo(bin(), dir.path());
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", demo.pid())).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .skip(1)
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect();
+    assert_eq!(args[0], "demo", "{args:?}");
+    let printer = Command::new(bin())
+        .args(&args)
+        .arg("--print-config")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let printer_pid = printer.id();
+    let out = printer.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    // The printer's own per-process cgroup name, as the demo's.
+    let printed = printed
+        .replace(&format!("sluice-demo-{printer_pid}\""), &format!("sluice-demo-{}\"", demo.pid()));
+    let (node, routes) = printed.split_once("\n# routes/demo.toml\n").expect("both files");
+    let node = node.strip_prefix("# sluice.toml\n").expect("the node config first");
+
+    let ran = std::env::temp_dir().join(format!("sluice-demo-{}", demo.pid()));
+    let ran_node = std::fs::read_to_string(ran.join("sluice.toml")).unwrap();
+    assert_eq!(node, ran_node);
+    toml::from_str::<toml::Table>(node).expect("the node config parses");
+    if sluice_tests::privilege::is_root() {
+        let t: toml::Table = toml::from_str(node).unwrap();
+        for section in ["local_replicas", "vip"] {
+            let cgroup = t[section]["cgroup"].as_str().expect(section);
+            assert!(cgroup.ends_with(&format!("/sluice-demo-{}", demo.pid())), "{cgroup}");
+            assert!(Path::new(cgroup).is_dir(), "{section}: {cgroup} is the demo's live cgroup");
+        }
+    }
+
+    let ran_routes = std::fs::read_to_string(ran.join("routes/demo.toml")).unwrap();
+    let without_secret = |text: &str| {
+        let mut doc: sluice_routing::RoutingDoc = toml::from_str(text).expect("routes parse");
+        for t in &mut doc.tokens {
+            t.secret_hash.clear();
+        }
+        doc
+    };
+    assert_eq!(without_secret(routes), without_secret(&ran_routes));
+}
+
 /// One request on a fresh connection: status and lower-cased head.
 fn get_head(addr: SocketAddr, host: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
@@ -128,14 +185,20 @@ fn demo_as_root_runs_the_kernel_data_plane() {
     let demo = SluiceProcess::start_demo(bin(), dir.path());
     let (status, bpf) = http_get(demo.admin, "admin", "/bpf").unwrap();
     assert_eq!(status, 200, "{bpf}");
-    let out = Command::new("bpftool").args(["prog", "show"]).output();
-    if let Some(out) = out.ok().filter(|o| o.status.success()) {
+    // The VIP programs attach from a task once the routing state names a VIP, which may
+    // be a moment after /livez answers: a bounded poll.
+    let names = ["sluice_splice", "sluice_steer", "sluice_track", "sluice_redirect", "sluice_vip4"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("bpftool").args(["prog", "show"]).output();
+        let Some(out) = out.ok().filter(|o| o.status.success()) else { break };
         let progs = String::from_utf8_lossy(&out.stdout);
-        for name in
-            ["sluice_splice", "sluice_steer", "sluice_track", "sluice_redirect", "sluice_vip4"]
-        {
-            assert!(progs.contains(name), "{name} not loaded:\n{progs}");
+        let missing: Vec<_> = names.iter().filter(|n| !progs.contains(*n)).collect();
+        if missing.is_empty() {
+            break;
         }
+        assert!(Instant::now() < deadline, "{missing:?} not loaded:\n{progs}");
+        thread::sleep(Duration::from_millis(100));
     }
     let redirected = || {
         let (_, metrics) = http_get(demo.admin, "admin", "/metrics").unwrap();

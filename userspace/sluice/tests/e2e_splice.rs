@@ -383,3 +383,61 @@ async fn splice_policy_benchmark() {
         );
     }
 }
+
+/// A WebSocket to a replica that goes draining is ended at its `drain_deadline`, spliced
+/// in the kernel or relayed in userspace alike, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_to_a_draining_replica_ends_at_its_deadline() {
+    sluice_tests::require_root!();
+    for mode in ["always", "never"] {
+        let replica = echo_replica().await;
+        let dir = tempfile::tempdir().unwrap();
+        let sluice = start_sluice(dir.path(), replica, mode, &[], None).await;
+        let mut ws = ws_connect(sluice.proxy).await;
+        echo_messages(&mut ws, 100, |i| 1 + i % 50).await;
+        if mode == "always" {
+            assert!(spliced_bytes(sluice.admin).await > 0, "the stream is spliced");
+        }
+        // Draining, the deadline two seconds ahead (the store keeps whole seconds).
+        let at = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(2),
+        )
+        .to_string();
+        let deadline = humantime::parse_rfc3339(&at).unwrap();
+        let routes = std::fs::read_to_string(dir.path().join("routes.toml")).unwrap();
+        let routes = format!("{routes}state = \"draining\"\ndrain_deadline = \"{at}\"\n");
+        let tmp = dir.path().join(".routes.tmp");
+        std::fs::write(&tmp, routes).unwrap();
+        std::fs::rename(&tmp, dir.path().join("routes.toml")).unwrap();
+        // The stream echoes on until the deadline, then ends (close, EOF or an error).
+        let t0 = std::time::Instant::now();
+        let ended = loop {
+            if ws.send(Message::binary(vec![1u8; 8])).await.is_err() {
+                break t0.elapsed();
+            }
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(m))) if m.is_binary() => {}
+                Ok(_) => break t0.elapsed(),
+                Err(_) => panic!("{mode}: no echo and no end within 10 s"),
+            }
+            assert!(t0.elapsed() < Duration::from_secs(15), "{mode}: never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(std::time::SystemTime::now() >= deadline, "{mode}: ended before the deadline");
+        eprintln!("{mode}: ended {ended:?} after the drain was written");
+        let admin = sluice.admin;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let cut = metric(
+                &get(admin, "/metrics").await.1,
+                "sluice_replica_drain_deadline_cancelled_total",
+            );
+            if cut == Some(1) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{mode}: counted {cut:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(sluice);
+    }
+}

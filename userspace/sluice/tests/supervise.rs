@@ -4,7 +4,9 @@
 //!
 //! - scale from zero, end to end: `sluice run` + `sluice autoscale` + `sluice supervise`;
 //!   the first request gets 503 with Retry-After, a client retrying gets its 200;
-//! - scale-down: draining, then SIGTERM only after the grace period (the replica sees it);
+//! - scale-down: draining, then SIGTERM as soon as the proxy (`--proxy-admin`) shows
+//!   nothing in flight, after a held request completes, or at the end of the grace period
+//!   (a request held past it, or no proxy to ask); the replica sees it;
 //! - a crashed replica is replaced.
 //!
 //! Waits are bounded polls, never sleeps tuned to timing.
@@ -20,7 +22,7 @@ use std::{
 };
 
 use sluice_routing::model::{ReplicaState, RoutingDoc};
-use sluice_tests::process::SluiceProcess;
+use sluice_tests::process::{SluiceProcess, http_get};
 
 /// Set in the replica's environment (via the launch spec): where it logs its events.
 const EVENTS_ENV: &str = "SLUICE_SUPERVISE_TEST_EVENTS";
@@ -70,13 +72,17 @@ fn log_event(path: &str, line: &str) {
 }
 
 /// Keep-alive HTTP/1.1 (until `connection: close`), GETs without bodies: every
-/// response's body is the port.
+/// response's body is the port. `GET /hold` is a request kept in flight: logged as
+/// `hold <port>`, answered once the test creates the release file, then `done <port>`.
 fn serve(s: TcpStream, port: u16) {
+    let events = std::env::var(EVENTS_ENV).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut w = s;
     loop {
         let mut line = String::new();
         let mut close = false;
+        let mut hold = false;
+        let mut first = true;
         loop {
             line.clear();
             if r.read_line(&mut line).unwrap_or(0) == 0 {
@@ -85,14 +91,35 @@ fn serve(s: TcpStream, port: u16) {
             if line == "\r\n" {
                 break;
             }
+            hold |= first && line.starts_with("GET /hold ");
+            first = false;
             close |= line.eq_ignore_ascii_case("connection: close\r\n");
+        }
+        if hold {
+            log_event(&events, &format!("hold {port}"));
+            let release = release_file(Path::new(&events));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !release.exists() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
         }
         let body = port.to_string();
         let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-        if w.write_all(resp.as_bytes()).is_err() || close {
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+        if hold {
+            log_event(&events, &format!("done {port}"));
+        }
+        if close {
             return;
         }
     }
+}
+
+/// The file whose existence answers the held requests (beside the events file).
+fn release_file(events: &Path) -> PathBuf {
+    events.with_extension("release")
 }
 
 /// A child process stopped with SIGTERM (bounded wait, then SIGKILL) when dropped.
@@ -163,8 +190,17 @@ exit_grace_period = {grace:?}
     }
 
     fn supervise_killing_after(&self, kill_after: &str) -> Proc {
+        self.supervise_with(&["--kill-after", kill_after])
+    }
+
+    /// Supervise, asking the proxy at `admin` for in-flight counts.
+    fn supervise_asking(&self, admin: SocketAddr) -> Proc {
+        self.supervise_with(&["--proxy-admin", &format!("http://{admin}")])
+    }
+
+    fn supervise_with(&self, extra: &[&str]) -> Proc {
         let p = |n: &str| self.path(n).to_str().unwrap().to_owned();
-        spawn(&[
+        let mut args = vec![
             "supervise",
             "--routes",
             &p("routes"),
@@ -174,9 +210,35 @@ exit_grace_period = {grace:?}
             &p("desired.json"),
             "--interval",
             "100ms",
-            "--kill-after",
-            kill_after,
-        ])
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// A proxy on the routes directory, with fast health checks.
+    fn proxy(&self) -> SluiceProcess {
+        let rest = r#"
+[node]
+base_domains = ["example.test"]
+regions = ["r1"]
+[routes]
+file = "routes"
+[health]
+interval = "100ms"
+"#;
+        SluiceProcess::start(bin(), self.dir.path(), rest)
+    }
+
+    /// Answer the replicas' held requests.
+    fn release(&self) {
+        std::fs::write(release_file(&self.path("events")), "").unwrap();
+    }
+
+    fn has_event(&self, e: &str) -> bool {
+        self.events().iter().any(|l| l == e)
     }
 
     /// Play the autoscaler: write a desired count.
@@ -294,34 +356,143 @@ interval = "100ms"
     eprintln!("scale from zero took {:?}", started.elapsed());
 }
 
+const HOST: &str = "hello.r1.example.test";
+
+/// Scale to one replica under `proxy` and wait until the proxy routes to it.
+fn one_routed_replica(s: &Setup, proxy: &SluiceProcess) -> u16 {
+    s.set_desired(1);
+    let r = wait_for("a ready replica", Duration::from_secs(30), || {
+        sole_replica_in(s, ReplicaState::Ready)
+    });
+    let port = r.address.port();
+    pid_of(s, port);
+    wait_for("the proxy routing to it", Duration::from_secs(20), || match get(proxy.proxy, HOST) {
+        Some((200, _, body)) if body == port.to_string() => Some(()),
+        _ => None,
+    });
+    port
+}
+
+/// A `GET /hold` through the proxy, in a thread, once the replica has it in flight.
+fn hold_a_request(s: &Setup, proxy: &SluiceProcess, port: u16) -> thread::JoinHandle<Option<u16>> {
+    let addr = proxy.proxy;
+    let held = thread::spawn(move || {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+        write!(c, "GET /hold HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n").ok()?;
+        let mut out = String::new();
+        c.read_to_string(&mut out).ok()?;
+        out.split_whitespace().nth(1)?.parse().ok()
+    });
+    let hold = format!("hold {port}");
+    wait_for("the held request at the replica", Duration::from_secs(10), || {
+        s.has_event(&hold).then_some(())
+    });
+    held
+}
+
+/// Scale to zero; returns when the supervisor registered the replica draining.
+fn scale_to_zero(s: &Setup) -> Instant {
+    s.set_desired(0);
+    let asked = Instant::now();
+    let drained = wait_for("draining", Duration::from_secs(10), || {
+        sole_replica_in(s, ReplicaState::Draining)
+    });
+    assert!(drained.drain_deadline.is_some(), "{drained:?}");
+    asked
+}
+
+/// The proxy's state of its only replica of `app`, once it shows `want`.
+fn proxy_shows(proxy: &SluiceProcess, want: &str) {
+    wait_for("the proxy's view", Duration::from_secs(10), || {
+        let (status, body) = http_get(proxy.admin, "admin", "/state?server=app")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && v["replicas"][0]["state"] == want).then_some(())
+    });
+}
+
 #[test]
-fn scale_down_drains_then_sigterms_after_the_grace_period() {
+fn scale_down_with_nothing_in_flight_sigterms_well_before_the_grace_period() {
+    let grace = Duration::from_secs(30);
+    let s = Setup::new("30s");
+    let proxy = s.proxy();
+    let _sup = s.supervise_asking(proxy.admin);
+    let port = one_routed_replica(&s, &proxy);
+    let asked = scale_to_zero(&s);
+    let term = format!("term {port}");
+    wait_for("the replica's SIGTERM", grace / 2, || s.has_event(&term).then_some(()));
+    eprintln!("SIGTERM {:?} after the scale-down", asked.elapsed());
+    assert!(asked.elapsed() < grace / 2, "SIGTERM after {:?}", asked.elapsed());
+    wait_for("the registration gone", Duration::from_secs(10), || {
+        s.registered().filter(|d| d.replicas.is_empty())
+    });
+}
+
+#[test]
+fn scale_down_with_a_request_in_flight_sigterms_once_it_completes() {
+    let grace = Duration::from_secs(30);
+    let s = Setup::new("30s");
+    let proxy = s.proxy();
+    let _sup = s.supervise_asking(proxy.admin);
+    let port = one_routed_replica(&s, &proxy);
+    let held = hold_a_request(&s, &proxy, port);
+    let asked = scale_to_zero(&s);
+    // The supervisor now sees the replica draining with one request in flight; give it
+    // rounds (100 ms each) to get that wrong before the request completes.
+    proxy_shows(&proxy, "draining");
+    let term = format!("term {port}");
+    let watch = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch {
+        assert!(!s.has_event(&term), "SIGTERM with a request in flight: {:?}", s.events());
+        thread::sleep(Duration::from_millis(50));
+    }
+    s.release();
+    assert_eq!(held.join().unwrap(), Some(200), "the held request completes");
+    wait_for("the replica's SIGTERM", grace / 2, || s.has_event(&term).then_some(()));
+    assert!(asked.elapsed() < grace, "SIGTERM after {:?}", asked.elapsed());
+    // In that order: the held request was answered before the SIGTERM.
+    let events = s.events();
+    let at = |e: &str| events.iter().position(|l| l == e).unwrap();
+    assert!(at(&format!("done {port}")) < at(&term), "{events:?}");
+}
+
+#[test]
+fn scale_down_with_a_request_held_past_the_grace_period_sigterms_at_its_end() {
     let grace = Duration::from_secs(2);
     let s = Setup::new("2s");
+    let proxy = s.proxy();
+    let _sup = s.supervise_asking(proxy.admin);
+    let port = one_routed_replica(&s, &proxy);
+    let _held = hold_a_request(&s, &proxy, port);
+    let asked = scale_to_zero(&s);
+    let term = format!("term {port}");
+    wait_for("the replica's SIGTERM", Duration::from_secs(20), || s.has_event(&term).then_some(()));
+    // Not before the grace period: the draining replica had its time to finish requests.
+    assert!(asked.elapsed() >= grace, "SIGTERM after {:?}", asked.elapsed());
+    assert!(!s.has_event(&format!("done {port}")));
+    wait_for("the registration gone", Duration::from_secs(10), || {
+        s.registered().filter(|d| d.replicas.is_empty())
+    });
+}
+
+/// No proxy answering at `--proxy-admin`: the whole grace period, as without one.
+#[test]
+fn scale_down_without_a_proxy_to_ask_waits_the_grace_period() {
+    let grace = Duration::from_secs(2);
+    let s = Setup::new("2s");
+    // A port nobody listens on (bound, then released).
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let _sup = s.supervise_asking(nobody);
     s.set_desired(1);
-    let _sup = s.supervise();
     let r = wait_for("a ready replica", Duration::from_secs(30), || {
         sole_replica_in(&s, ReplicaState::Ready)
     });
     let port = r.address.port();
     pid_of(&s, port);
-
-    s.set_desired(0);
-    let asked = Instant::now();
-    let drained = wait_for("draining", Duration::from_secs(10), || {
-        sole_replica_in(&s, ReplicaState::Draining)
-    });
-    assert_eq!(drained.id, r.id);
-    assert!(drained.drain_deadline.is_some(), "{drained:?}");
+    let asked = scale_to_zero(&s);
     let term = format!("term {port}");
-    wait_for("the replica's SIGTERM", Duration::from_secs(20), || {
-        s.events().contains(&term).then_some(())
-    });
-    // Not before the grace period: the draining replica had its time to finish requests.
+    wait_for("the replica's SIGTERM", Duration::from_secs(20), || s.has_event(&term).then_some(()));
     assert!(asked.elapsed() >= grace, "SIGTERM after {:?}", asked.elapsed());
-    wait_for("the registration gone", Duration::from_secs(10), || {
-        s.registered().filter(|d| d.replicas.is_empty())
-    });
 }
 
 #[test]

@@ -26,7 +26,7 @@ use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::error::RequestError;
 use crate::metrics::{Metrics, RetryReason};
 
-pub use self::http1::H1Conn;
+pub use self::http1::{H1Conn, UpgradeRegistration};
 
 /// The body sluice sends upstream.
 pub type UpstreamReqBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -348,13 +348,15 @@ impl Upstreams {
     }
 
     /// Sends an HTTP/1.1 upgrade request on a fresh connection (never pooled afterwards);
-    /// the response's `hyper::upgrade::on` yields the replica socket after a 101.
+    /// the response's `hyper::upgrade::on` yields the replica socket after a 101. Keep the
+    /// [`UpgradeRegistration`] for the upgraded stream's life: through it a drain
+    /// deadline ends the stream.
     pub async fn send_upgrade(
         &self,
         addr: SocketAddr,
         connect_timeout: Option<Duration>,
         req: Request<UpstreamReqBody>,
-    ) -> Result<UpstreamResponse, RequestError> {
+    ) -> Result<(UpstreamResponse, UpgradeRegistration), RequestError> {
         let ct = connect_timeout.unwrap_or(self.settings.connect_timeout);
         http1::send_upgrade(self, addr, ct, req).await
     }
