@@ -160,6 +160,21 @@ impl Running {
         t0.elapsed()
     }
 
+    /// The log once a line satisfies `pred`, waiting for it up to [`SETTLE_WITHIN`]: a
+    /// change's error is logged just after the table publishes its generation, so a
+    /// test that has seen the generation may still be ahead of the line.
+    async fn log_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + SETTLE_WITHIN;
+        loop {
+            let logs = self.logs.text();
+            if logs.lines().any(&pred) {
+                return logs;
+            }
+            assert!(Instant::now() < deadline, "no log line {what}:\n{logs}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn replicas_of(&self, label: &str) -> Option<usize> {
         self.table.load().lookup(&host(label)).map(|s| s.replicas.len())
     }
@@ -641,13 +656,13 @@ async fn certificates_arrive_with_their_server() {
     src.routable_by(rev, SETTLE_WITHIN).await;
     let now = src.table.load().certificate("shop.example.org").unwrap().clone();
     assert!(Arc::ptr_eq(&now, &second));
-    let logs = src.logs.text();
-    assert!(
-        logs.lines().any(|l| l.contains("ERROR")
-            && l.contains("/sluice/servers/shop")
-            && l.contains("does not match")),
-        "no error naming the key:\n{logs}"
-    );
+    let logs = src
+        .log_line("naming the key", |l| {
+            l.contains("ERROR")
+                && l.contains("/sluice/servers/shop")
+                && l.contains("does not match")
+        })
+        .await;
     assert!(!logs.contains("PRIVATE KEY"), "key material in the log:\n{logs}");
 
     // Removed with the server.
