@@ -74,6 +74,8 @@ pub(crate) struct ProxyState {
     pub(crate) signal: tokio::sync::broadcast::Sender<bytes::Bytes>,
     /// The access log, when it is on.
     pub(crate) access_log: Option<crate::access_log::AccessLog>,
+    /// HTTP-01 answers, when the node runs ACME (see `crate::acme`).
+    pub(crate) acme: Option<Arc<dyn crate::acme::ChallengeAnswers>>,
 }
 
 /// What the request path knows about the client connection.
@@ -396,6 +398,22 @@ async fn proxy(
     // Phase 2: authority.
     let raw_authority = authority(&req)?;
     let host = canonical_host(raw_authority.to_str().unwrap_or_default())?;
+
+    // Phase 2b: an ACME HTTP-01 challenge is answered here, before routing, for any host
+    // (the domain may not route anywhere yet).
+    if let Some(acme) = &state.acme
+        && let Some(token) = req.uri().path().strip_prefix(crate::acme::CHALLENGE_PREFIX)
+    {
+        let (status, body) = match acme.answer(&host, token).await {
+            Some(key_authorization) => (StatusCode::OK, key_authorization),
+            None => (StatusCode::NOT_FOUND, String::new()),
+        };
+        let mut r = Response::new(crate::body::full(body));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        return Ok(r);
+    }
 
     // Phase 3: route. The snapshot guard is dropped before any await.
     let server: Arc<Server> = {

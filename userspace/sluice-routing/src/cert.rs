@@ -159,6 +159,9 @@ pub struct CertSummary {
     pub serial: String,
     /// When the leaf expires: seconds since the Unix epoch.
     pub not_after: i64,
+    /// When the leaf became valid: seconds since the Unix epoch (with `not_after`, its
+    /// lifetime, which ACME renewal is timed by).
+    pub not_before: i64,
 }
 
 impl CertSummary {
@@ -172,6 +175,7 @@ impl CertSummary {
             issuer: cert.issuer().to_string(),
             serial: cert.raw_serial_as_string().replace(':', ""),
             not_after: cert.validity().not_after.timestamp(),
+            not_before: cert.validity().not_before.timestamp(),
         })
     }
 }

@@ -23,6 +23,9 @@
 //! [`EtcdStore`] is the writer `sluice ctl` uses: it validates objects before writing them,
 //! and creates tokens with a random secret of which only the hash is stored.
 //!
+//! `<prefix>acme/` holds the ACME client's state (see `docs/operations.md`, ACME); the
+//! source skips it like `desired/`.
+//!
 //! Modules: [`config`] (how to reach etcd, TLS and authentication), `keys` (the key
 //! layout and value codec), [`status`], the reconciler (`watch`), and the
 //! writer (`store`).
@@ -30,12 +33,14 @@
 use std::future::Future;
 use std::time::Duration;
 
+mod acme;
 mod config;
 mod keys;
 mod status;
 mod store;
 mod watch;
 
+pub use acme::{AcmeLock, VersionedServer};
 pub use config::{DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdAuth, EtcdConfig, EtcdTls};
 pub use keys::StoreKey;
 pub use status::{StatusHandle, StoreStatus};

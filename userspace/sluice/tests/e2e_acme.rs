@@ -1,0 +1,147 @@
+//! ACME end to end: a real ACME server (Debian's pebble) on loopback, a real etcd and
+//! two `sluice run` processes with `[acme]` on. A server's custom domain without a
+//! certificate gets one from pebble (HTTP-01, validated against sluice's plain listener,
+//! the answer read from etcd), stored in etcd, served by every node's SNI resolver; one
+//! node at a time holds the ordering lock, and the other takes over when it goes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sluice_tests::etcd::Etcd;
+use sluice_tests::pebble::Pebble;
+use sluice_tests::process::{SluiceProcess, free_port, http_get};
+use sluice_tests::tls::served_chain;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+const DOMAIN: &str = "shop.custom.test";
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metrics(s: &SluiceProcess) -> String {
+    http_get(s.admin, "admin", "/metrics").map(|(_, b)| b).unwrap_or_default()
+}
+
+fn metric(s: &SluiceProcess, series: &str) -> Option<u64> {
+    metrics(s).lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Whether the leaf sluice serves for `DOMAIN` at `tls` was issued by pebble (its
+/// intermediate's name is in the leaf's issuer).
+fn pebble_issued(tls: SocketAddr) -> Option<Vec<u8>> {
+    let chain = served_chain(tls, DOMAIN)?;
+    let leaf = chain.first()?;
+    let needle = b"Pebble Intermediate CA";
+    leaf.windows(needle.len()).any(|w| w == needle).then(|| leaf.clone())
+}
+
+/// A node: the first (plain) listener pebble validates against, a TLS listener with a
+/// default certificate for another name, `[etcd]` and `[acme]` pointing at pebble.
+fn node(dir: &Path, etcd: &str, pebble: &Pebble, tls_port: u16) -> SluiceProcess {
+    let c = rcgen::generate_simple_self_signed(vec!["default.example.test".to_owned()]).unwrap();
+    std::fs::write(dir.join("default.pem"), c.cert.pem()).unwrap();
+    std::fs::write(dir.join("default-key.pem"), c.key_pair.serialize_pem()).unwrap();
+    let rest = format!(
+        r#"
+[[listeners]]
+addr = "127.0.0.1:{tls_port}"
+tls = {{ certs = [{{ names = ["default.example.test"], cert_pem = "default.pem", key_pem = "default-key.pem" }}] }}
+[node]
+base_domains = ["example.test"]
+regions = ["r1"]
+[etcd]
+endpoints = ["{etcd}"]
+backoff_max = "1s"
+[acme]
+enabled = true
+directory = "{directory}"
+email = "ops@example.test"
+ca_file = "{ca}"
+check_interval = "200ms"
+lease_ttl = "2s"
+retry_initial = "200ms"
+retry_max = "1s"
+order_timeout = "30s"
+"#,
+        directory = pebble.directory,
+        ca = pebble.ca.display(),
+    );
+    SluiceProcess::start(Path::new(BIN), dir, &rest)
+}
+
+fn ctl(etcd: &str, args: &[&str]) {
+    let out = Command::new(BIN)
+        .args(["ctl", "--endpoints", etcd])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn custom_domain_gets_a_certificate_from_pebble_and_the_lock_moves() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    // Pebble validates HTTP-01 on one port for every node: both nodes' plain listeners
+    // cannot share it, so pebble is pointed at node A's, which answers from etcd
+    // whichever node orders. Until pebble runs, ACME attempts fail and are retried.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (tls_a, tls_b) = (free_port(), free_port());
+    let mut pebble = Pebble::prepare();
+    let a = node(dir_a.path(), &ep, &pebble, tls_a);
+    pebble.start(a.proxy.port(), tls_a);
+    let b = node(dir_b.path(), &ep, &pebble, tls_b);
+
+    // The challenge path is answered before routing: an unknown token is a 404, not the
+    // unknown-domain status.
+    let (status, _) = http_get(a.proxy, DOMAIN, "/.well-known/acme-challenge/nope").unwrap();
+    assert_eq!(status, 404);
+
+    ctl(&ep, &["server", "put", "--id", "shop", "--label", "shop", "--domain", DOMAIN]);
+    let leaf = until("a certificate from pebble on node A", Duration::from_secs(60), || {
+        pebble_issued(([127, 0, 0, 1], tls_a).into())
+    });
+    // The same certificate reaches the other node through etcd.
+    let leaf_b = until("the certificate on node B", Duration::from_secs(20), || {
+        pebble_issued(([127, 0, 0, 1], tls_b).into())
+    });
+    assert_eq!(leaf, leaf_b, "one order, one certificate for the region\n{}", pebble.log());
+
+    // Exactly one node holds the lock and made the order.
+    let held = |s: &SluiceProcess| metric(s, "sluice_acme_lock_held").unwrap_or(0);
+    let issued = |s: &SluiceProcess| metric(s, "sluice_acme_orders_total{result=\"issued\"}");
+    let (ha, hb) = (held(&a), held(&b));
+    assert_eq!(ha + hb, 1, "lock held by A {ha}, B {hb}");
+    assert_eq!(issued(&a).unwrap() + issued(&b).unwrap(), 1);
+    // The certificate metrics see it like any store certificate.
+    let m = metrics(&a);
+    assert!(
+        m.contains(&format!("sluice_tls_certificate_expiry_timestamp_seconds{{name=\"{DOMAIN}\"")),
+        "{m}"
+    );
+
+    // The holder goes; the other node takes the lock within a few lease TTLs.
+    let (holder, other) = if ha == 1 { (a, b) } else { (b, a) };
+    drop(holder);
+    until("the lock moves to the other node", Duration::from_secs(20), || {
+        (held(&other) == 1).then_some(())
+    });
+    // It finds the certificate valid and orders nothing.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(issued(&other), Some(0), "no second order");
+    drop(other);
+    drop(pebble);
+}
