@@ -32,6 +32,7 @@ pub struct Pebble {
     pub ca: PathBuf,
     pki: TestPki,
     port: u16,
+    validity: Option<u64>,
     dir: TempDir,
 }
 
@@ -53,8 +54,16 @@ impl Pebble {
             ca: pki.ca.clone(),
             pki,
             port,
+            validity: None,
             dir,
         }
+    }
+
+    /// Issue certificates valid for `secs` seconds (pebble's default is five years), to
+    /// see renewals happen.
+    pub fn with_validity(mut self, secs: u64) -> Pebble {
+        self.validity = Some(secs);
+        self
     }
 
     /// Starts pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of
@@ -62,7 +71,7 @@ impl Pebble {
     /// within 20 s.
     pub fn start(&mut self, http_port: u16, tls_port: u16) {
         let (management, dns) = (free_port(), free_port());
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "pebble": {
                 "listenAddress": format!("127.0.0.1:{}", self.port),
                 "managementListenAddress": format!("127.0.0.1:{management}"),
@@ -74,6 +83,9 @@ impl Pebble {
                 "externalAccountBindingRequired": false
             }
         });
+        if let Some(secs) = self.validity {
+            config["pebble"]["certificateValidityPeriod"] = secs.into();
+        }
         let dir = self.dir.path();
         let config_path = dir.join("pebble-config.json");
         std::fs::write(&config_path, config.to_string()).expect("write pebble config");

@@ -280,6 +280,7 @@ async fn run(
         store: store.clone(),
         metrics: metrics.clone(),
         retry: HashMap::new(),
+        passes: 0,
     };
     loop {
         let lock = match store.acme_lock(cfg.lease_ttl).await {
@@ -299,6 +300,11 @@ async fn run(
         metrics.leader.store(0, Ordering::Relaxed);
         tracing::warn!(reason, "ACME: giving up the ordering lock");
         lock.release().await;
+        // A holder that got work done starts over from the short delay; one that never
+        // got a pass through (the ACME server is down) backs off further each time.
+        if std::mem::take(&mut orderer.passes) > 0 {
+            backoff.reset();
+        }
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }
@@ -310,6 +316,8 @@ struct Orderer {
     metrics: Arc<AcmeMetrics>,
     /// Domains whose last order failed: their backoff and when to try again.
     retry: HashMap<String, (Backoff, Instant)>,
+    /// Passes completed under the current lock.
+    passes: u64,
 }
 
 impl Orderer {
@@ -324,6 +332,7 @@ impl Orderer {
             if let Err(e) = self.pass(&account, lock).await {
                 return e;
             }
+            self.passes += 1;
             tokio::time::sleep(self.cfg.check_interval).await;
         }
     }

@@ -81,7 +81,8 @@ order_timeout = "30s"
     SluiceProcess::start(Path::new(BIN), dir, &rest)
 }
 
-fn ctl(etcd: &str, args: &[&str]) {
+/// Runs `sluice ctl`; its standard output.
+fn ctl(etcd: &str, args: &[&str]) -> String {
     let out = Command::new(BIN)
         .args(["ctl", "--endpoints", etcd])
         .args(args)
@@ -89,6 +90,14 @@ fn ctl(etcd: &str, args: &[&str]) {
         .output()
         .unwrap();
     assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether the stored spec of server `shop` carries an ACME certificate.
+fn stored_acme_cert(etcd: &str) -> bool {
+    let spec: serde_json::Value =
+        serde_json::from_str(&ctl(etcd, &["server", "get", "shop"])).unwrap();
+    spec["certificates"].as_array().is_some_and(|c| c.iter().any(|c| c["acme"] == true))
 }
 
 #[test]
@@ -120,6 +129,17 @@ fn custom_domain_gets_a_certificate_from_pebble_and_the_lock_moves() {
     });
     assert_eq!(leaf, leaf_b, "one order, one certificate for the region\n{}", pebble.log());
 
+    // A writer that replaces the spec without the certificate (as `ctl server put` does)
+    // does not cost an order: the kept certificate is attached again.
+    ctl(&ep, &["server", "put", "--id", "shop", "--label", "shop", "--domain", DOMAIN]);
+    until("the kept certificate back in the spec", Duration::from_secs(20), || {
+        stored_acme_cert(&ep).then_some(())
+    });
+    let again = until("the kept certificate on node A", Duration::from_secs(20), || {
+        pebble_issued(([127, 0, 0, 1], tls_a).into())
+    });
+    assert_eq!(again, leaf);
+
     // Exactly one node holds the lock and made the order.
     let held = |s: &SluiceProcess| metric(s, "sluice_acme_lock_held").unwrap_or(0);
     let issued = |s: &SluiceProcess| metric(s, "sluice_acme_orders_total{result=\"issued\"}");
@@ -144,4 +164,26 @@ fn custom_domain_gets_a_certificate_from_pebble_and_the_lock_moves() {
     assert_eq!(issued(&other), Some(0), "no second order");
     drop(other);
     drop(pebble);
+}
+
+#[test]
+fn certificates_are_renewed_before_expiry() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = free_port();
+    // 12 s certificates: due for renewal when a third of that (4 s) is left.
+    let mut pebble = Pebble::prepare().with_validity(12);
+    let a = node(dir.path(), &ep, &pebble, tls);
+    pebble.start(a.proxy.port(), tls);
+    ctl(&ep, &["server", "put", "--id", "shop", "--label", "shop", "--domain", DOMAIN]);
+    let addr: SocketAddr = ([127, 0, 0, 1], tls).into();
+    let first = until("a certificate from pebble", Duration::from_secs(60), || pebble_issued(addr));
+    let renewed = until("a renewed certificate", Duration::from_secs(30), || {
+        pebble_issued(addr).filter(|l| *l != first)
+    });
+    assert_ne!(renewed, first);
+    let n = metric(&a, "sluice_acme_orders_total{result=\"renewed\"}").unwrap_or(0);
+    assert!(n >= 1, "renewals counted: {}", metrics(&a));
+    assert_eq!(metric(&a, "sluice_acme_orders_total{result=\"issued\"}"), Some(1));
 }

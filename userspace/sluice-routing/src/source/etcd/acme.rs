@@ -117,12 +117,20 @@ impl EtcdStore {
         });
         let name = self.keys.acme(LOCK);
         let mut lock_client = self.client.lock_client();
-        // No timeout: this waits for the current holder.
-        let key = match lock_client.lock(name, Some(LockOptions::new().with_lease(lease))).await {
-            Ok(r) => r.key().to_vec(),
-            Err(e) => {
+        // No timeout: this waits for the current holder, as long as the lease lives (a
+        // dead connection shows as a failed keep-alive).
+        let mut lost_rx = lost.clone();
+        let key = tokio::select! {
+            r = lock_client.lock(name, Some(LockOptions::new().with_lease(lease))) => match r {
+                Ok(r) => r.key().to_vec(),
+                Err(e) => {
+                    keeper.abort();
+                    return Err(e.into());
+                }
+            },
+            _ = lost_rx.wait_for(|lost| *lost) => {
                 keeper.abort();
-                return Err(e.into());
+                return Err(EtcdError::LeaseLost);
             }
         };
         Ok(AcmeLock { lease, key, lost, keeper, store: self.clone() })

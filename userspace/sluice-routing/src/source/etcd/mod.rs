@@ -83,6 +83,9 @@ pub enum EtcdError {
     /// A TLS or authentication file could not be read, or the settings are incomplete.
     #[error("{0}")]
     Credentials(String),
+    /// A lease (the ACME lock's) was not kept alive: etcd let it expire.
+    #[error("the etcd lease was lost")]
+    LeaseLost,
     /// The watch start revision has been compacted away: list again.
     #[error("revision {0} has been compacted")]
     Compacted(i64),
