@@ -31,6 +31,7 @@ use instant_acme::{
 };
 use serde::{Deserialize, Serialize};
 use sluice_proxy::Server;
+use sluice_routing::RoutingTable;
 use sluice_routing::backoff::Backoff;
 use sluice_routing::cert::CertSummary;
 use sluice_routing::model::{CertificateSpec, duration_serde};
@@ -235,9 +236,16 @@ impl sluice_proxy::acme::ChallengeAnswers for EtcdChallenges {
 }
 
 /// Starts ACME on this node: installs the challenge answers and the metrics on `server`
-/// and spawns the task that waits for the lock and then orders. Ends when `stop` is
-/// notified.
-pub fn start(cfg: AcmeConfig, etcd: EtcdConfig, server: &mut Server, stop: Arc<Notify>) {
+/// and spawns the task that waits for the lock and then orders, looking again whenever
+/// `table` (fed by the same etcd) shows a change of custom domains or certificates.
+/// Ends when `stop` is notified.
+pub fn start(
+    cfg: AcmeConfig,
+    etcd: EtcdConfig,
+    table: RoutingTable,
+    server: &mut Server,
+    stop: Arc<Notify>,
+) {
     let store = Arc::new(OnceCell::new());
     server.set_acme_challenges(Arc::new(EtcdChallenges {
         store: store.clone(),
@@ -252,7 +260,7 @@ pub fn start(cfg: AcmeConfig, etcd: EtcdConfig, server: &mut Server, stop: Arc<N
         stopped.as_mut().enable();
         tokio::select! {
             _ = &mut stopped => {}
-            _ = run(cfg, etcd, store, metrics) => {}
+            _ = run(cfg, etcd, table, store, metrics) => {}
         }
     });
 }
@@ -261,6 +269,7 @@ pub fn start(cfg: AcmeConfig, etcd: EtcdConfig, server: &mut Server, stop: Arc<N
 async fn run(
     cfg: AcmeConfig,
     etcd: EtcdConfig,
+    table: RoutingTable,
     cell: Arc<OnceCell<EtcdStore>>,
     metrics: Arc<AcmeMetrics>,
 ) {
@@ -281,6 +290,7 @@ async fn run(
         metrics: metrics.clone(),
         retry: HashMap::new(),
         passes: 0,
+        table,
     };
     loop {
         let lock = match store.acme_lock(cfg.lease_ttl).await {
@@ -318,6 +328,8 @@ struct Orderer {
     retry: HashMap<String, (Backoff, Instant)>,
     /// Passes completed under the current lock.
     passes: u64,
+    /// This node's routing state: a change of domains there starts a pass early.
+    table: RoutingTable,
 }
 
 impl Orderer {
@@ -328,12 +340,36 @@ impl Orderer {
             Ok(a) => a,
             Err(e) => return e,
         };
+        let mut snapshots = self.table.subscribe_snapshots();
         loop {
+            let seen = domains_fingerprint(&self.table);
             if let Err(e) = self.pass(&account, lock).await {
                 return e;
             }
             self.passes += 1;
-            tokio::time::sleep(self.cfg.check_interval).await;
+            // The next pass: at `check_interval`, when a failed domain may retry, or as
+            // soon as a server's domains or certificates change (not on every replica
+            // or health change: those publish snapshots too).
+            let mut next = Instant::now() + self.cfg.check_interval;
+            if let Some(at) = self.retry.values().map(|(_, at)| *at).min() {
+                next = next.min(at);
+            }
+            let deadline = tokio::time::Instant::from_std(next);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    r = snapshots.changed() => {
+                        if r.is_err() {
+                            // The table is gone (shutting down): only the clock is left.
+                            tokio::time::sleep_until(deadline).await;
+                            break;
+                        }
+                        if domains_fingerprint(&self.table) != seen {
+                            break;
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -535,6 +571,25 @@ impl Orderer {
 
 fn log_issued(s: &CertSummary) {
     tracing::info!(names = ?s.names, issuer = %s.issuer, serial = %s.serial, not_after = %sluice_routing::cert::rfc3339(s.not_after), "ACME: certificate obtained");
+}
+
+/// A digest of every server's custom domains and certificate domains in `table`'s
+/// snapshot, independent of their order: what decides whether ACME has work to look at.
+fn domains_fingerprint(table: &RoutingTable) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    // Fixed keys: the digest is only compared within this process.
+    let state =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    let snap = table.load();
+    snap.servers().fold(0u64, |acc, s| {
+        let mut h = state.build_hasher();
+        s.spec.id.hash(&mut h);
+        s.spec.custom_domains.hash(&mut h);
+        for c in &s.spec.certificates {
+            (&c.domains, c.acme).hash(&mut h);
+        }
+        acc ^ h.finish()
+    })
 }
 
 /// Puts `cert` in place of the ACME certificates that cover any of its domains.

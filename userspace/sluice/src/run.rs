@@ -285,7 +285,13 @@ pub(crate) async fn serve(
     if cfg.acme.enabled
         && let Some(etcd) = &cfg.etcd
     {
-        crate::acme::start(cfg.acme.clone(), etcd.clone(), &mut server, stop.clone());
+        crate::acme::start(
+            cfg.acme.clone(),
+            etcd.clone(),
+            table.clone(),
+            &mut server,
+            stop.clone(),
+        );
     }
     crate::admin::install(&mut server, &table, store);
     crate::admin::install_logging(&mut server);

@@ -48,8 +48,15 @@ fn pebble_issued(tls: SocketAddr) -> Option<Vec<u8>> {
 }
 
 /// A node: the first (plain) listener pebble validates against, a TLS listener with a
-/// default certificate for another name, `[etcd]` and `[acme]` pointing at pebble.
-fn node(dir: &Path, etcd: &str, pebble: &Pebble, tls_port: u16) -> SluiceProcess {
+/// default certificate for another name, `[etcd]` and `[acme]` pointing at pebble,
+/// looking for work every `check_interval` (and on each change of domains).
+fn node(
+    dir: &Path,
+    etcd: &str,
+    pebble: &Pebble,
+    tls_port: u16,
+    check_interval: &str,
+) -> SluiceProcess {
     let c = rcgen::generate_simple_self_signed(vec!["default.example.test".to_owned()]).unwrap();
     std::fs::write(dir.join("default.pem"), c.cert.pem()).unwrap();
     std::fs::write(dir.join("default-key.pem"), c.key_pair.serialize_pem()).unwrap();
@@ -69,7 +76,7 @@ enabled = true
 directory = "{directory}"
 email = "ops@example.test"
 ca_file = "{ca}"
-check_interval = "200ms"
+check_interval = "{check_interval}"
 lease_ttl = "2s"
 retry_initial = "200ms"
 retry_max = "1s"
@@ -110,9 +117,11 @@ fn custom_domain_gets_a_certificate_from_pebble_and_the_lock_moves() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (tls_a, tls_b) = (free_port(), free_port());
     let mut pebble = Pebble::prepare();
-    let a = node(dir_a.path(), &ep, &pebble, tls_a);
+    // An hour between periodic passes: issuance and re-attaching below happen because
+    // the server's domains changed.
+    let a = node(dir_a.path(), &ep, &pebble, tls_a, "1h");
     pebble.start(a.proxy.port(), tls_a);
-    let b = node(dir_b.path(), &ep, &pebble, tls_b);
+    let b = node(dir_b.path(), &ep, &pebble, tls_b, "1h");
 
     // The challenge path is answered before routing: an unknown token is a 404, not the
     // unknown-domain status.
@@ -174,7 +183,7 @@ fn certificates_are_renewed_before_expiry() {
     let tls = free_port();
     // 12 s certificates: due for renewal when a third of that (4 s) is left.
     let mut pebble = Pebble::prepare().with_validity(12);
-    let a = node(dir.path(), &ep, &pebble, tls);
+    let a = node(dir.path(), &ep, &pebble, tls, "200ms");
     pebble.start(a.proxy.port(), tls);
     ctl(&ep, &["server", "put", "--id", "shop", "--label", "shop", "--domain", DOMAIN]);
     let addr: SocketAddr = ([127, 0, 0, 1], tls).into();
