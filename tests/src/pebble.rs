@@ -33,6 +33,7 @@ pub struct Pebble {
     pki: TestPki,
     port: u16,
     validity: Option<u64>,
+    blocked: Vec<String>,
     dir: TempDir,
 }
 
@@ -55,8 +56,15 @@ impl Pebble {
             pki,
             port,
             validity: None,
+            blocked: Vec::new(),
             dir,
         }
+    }
+
+    /// Refuse orders for `domain` (pebble's `domainBlocklist`), to see orders fail.
+    pub fn blocking(mut self, domain: &str) -> Pebble {
+        self.blocked.push(domain.to_owned());
+        self
     }
 
     /// Issue certificates valid for `secs` seconds (pebble's default is five years), to
@@ -85,6 +93,9 @@ impl Pebble {
         });
         if let Some(secs) = self.validity {
             config["pebble"]["certificateValidityPeriod"] = secs.into();
+        }
+        if !self.blocked.is_empty() {
+            config["pebble"]["domainBlocklist"] = self.blocked.clone().into();
         }
         let dir = self.dir.path();
         let config_path = dir.join("pebble-config.json");

@@ -176,16 +176,30 @@ fn custom_domain_gets_a_certificate_from_pebble_and_the_lock_moves() {
 }
 
 #[test]
-fn certificates_are_renewed_before_expiry() {
+fn certificates_are_renewed_before_expiry_and_failures_are_counted() {
     let etcd = Etcd::start();
     let ep = etcd.endpoint();
     let dir = tempfile::tempdir().unwrap();
     let tls = free_port();
-    // 12 s certificates: due for renewal when a third of that (4 s) is left.
-    let mut pebble = Pebble::prepare().with_validity(12);
+    // 12 s certificates: due for renewal when a third of that (4 s) is left. Orders for
+    // one other domain are refused.
+    let mut pebble = Pebble::prepare().with_validity(12).blocking("blocked.custom.test");
     let a = node(dir.path(), &ep, &pebble, tls, "200ms");
     pebble.start(a.proxy.port(), tls);
     ctl(&ep, &["server", "put", "--id", "shop", "--label", "shop", "--domain", DOMAIN]);
+    ctl(
+        &ep,
+        &[
+            "server",
+            "put",
+            "--id",
+            "blocked",
+            "--label",
+            "blocked",
+            "--domain",
+            "blocked.custom.test",
+        ],
+    );
     let addr: SocketAddr = ([127, 0, 0, 1], tls).into();
     let first = until("a certificate from pebble", Duration::from_secs(60), || pebble_issued(addr));
     let renewed = until("a renewed certificate", Duration::from_secs(30), || {
@@ -195,4 +209,10 @@ fn certificates_are_renewed_before_expiry() {
     let n = metric(&a, "sluice_acme_orders_total{result=\"renewed\"}").unwrap_or(0);
     assert!(n >= 1, "renewals counted: {}", metrics(&a));
     assert_eq!(metric(&a, "sluice_acme_orders_total{result=\"issued\"}"), Some(1));
+    // The refused domain is counted as failed (and retried with backoff) and gets no
+    // certificate, while the other one went on.
+    let failed = metric(&a, "sluice_acme_orders_total{result=\"failed\"}").unwrap_or(0);
+    assert!(failed >= 1, "failures counted: {}", metrics(&a));
+    let blocked = served_chain(addr, "blocked.custom.test").unwrap();
+    assert!(!blocked[0].windows(6).any(|w| w == b"Pebble"), "no certificate for it");
 }
