@@ -132,6 +132,20 @@ impl Pebble {
         }
     }
 
+    /// Kills both processes and starts them again on the same ports and certificates:
+    /// pebble forgets every account, order and certificate (it keeps no state).
+    pub fn restart(&mut self, http_port: u16, tls_port: u16) {
+        self.stop();
+        self.start(http_port, tls_port);
+    }
+
+    fn stop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// What pebble printed so far (for a failing assertion's message).
     pub fn log(&self) -> String {
         ["pebble.log", "pebble.err"]
@@ -144,9 +158,6 @@ impl Pebble {
 
 impl Drop for Pebble {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop();
     }
 }

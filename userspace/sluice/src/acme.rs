@@ -466,6 +466,13 @@ impl Orderer {
                     }
                     Err(AcmeError::Etcd(e)) => return Err(AcmeError::Etcd(e)),
                     Err(AcmeError::LockLost) => return Err(AcmeError::LockLost),
+                    Err(e) if unknown_account(&e) => {
+                        // The CA forgot the account (reset, deactivated): drop the stored
+                        // one, so the next holder's term starts with a new account.
+                        self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                        self.store.acme_delete("account").await?;
+                        return Err(e);
+                    }
                     Err(e) => {
                         self.metrics.failed.fetch_add(1, Ordering::Relaxed);
                         let (b, at) = self.retry.entry(d.clone()).or_insert_with(|| {
@@ -571,6 +578,12 @@ impl Orderer {
 
 fn log_issued(s: &CertSummary) {
     tracing::info!(names = ?s.names, issuer = %s.issuer, serial = %s.serial, not_after = %sluice_routing::cert::rfc3339(s.not_after), "ACME: certificate obtained");
+}
+
+/// Whether the CA answered that the account does not exist.
+fn unknown_account(e: &AcmeError) -> bool {
+    matches!(e, AcmeError::Acme(instant_acme::Error::Api(p))
+        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist"))
 }
 
 /// A digest of every server's custom domains and certificate domains in `table`'s

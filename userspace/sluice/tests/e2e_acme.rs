@@ -206,6 +206,12 @@ fn certificates_are_renewed_before_expiry_and_failures_are_counted() {
         pebble_issued(addr).filter(|l| *l != first)
     });
     assert_ne!(renewed, first);
+    // A CA that forgets the account (pebble keeps no state across a restart): the stored
+    // account is replaced and renewals go on.
+    pebble.restart(a.proxy.port(), tls);
+    until("a renewal from the restarted CA", Duration::from_secs(40), || {
+        pebble_issued(addr).filter(|l| *l != first && *l != renewed)
+    });
     let n = metric(&a, "sluice_acme_orders_total{result=\"renewed\"}").unwrap_or(0);
     assert!(n >= 1, "renewals counted: {}", metrics(&a));
     assert_eq!(metric(&a, "sluice_acme_orders_total{result=\"issued\"}"), Some(1));
