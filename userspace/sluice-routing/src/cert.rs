@@ -323,7 +323,7 @@ impl ServedCert {
 pub struct CertView {
     /// Domains it is served for.
     pub domains: Vec<String>,
-    /// `inline` or `files`.
+    /// `inline`, `files`, or `acme` (inline, issued by sluice's ACME client).
     pub source: &'static str,
     /// Issuer of the served leaf, when one is served.
     pub issuer: Option<String>,
@@ -340,7 +340,11 @@ impl From<&ServedCert> for CertView {
         let s = c.loaded.as_ref().map(|l| &l.summary);
         CertView {
             domains: c.spec.domains.clone(),
-            source: if c.spec.cert_file.is_some() { "files" } else { "inline" },
+            source: match (&c.spec.cert_file, c.spec.acme) {
+                (Some(_), _) => "files",
+                (None, true) => "acme",
+                (None, false) => "inline",
+            },
             issuer: s.map(|s| s.issuer.clone()),
             serial: s.map(|s| s.serial.clone()),
             not_after: s.map(|s| rfc3339(s.not_after)),

@@ -126,6 +126,7 @@ pub struct AcmeMetrics {
     issued: AtomicU64,
     renewed: AtomicU64,
     failed: AtomicU64,
+    passes: AtomicU64,
     leader: AtomicU64,
 }
 
@@ -142,6 +143,12 @@ impl AcmeMetrics {
         {
             let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", c.load(Ordering::Relaxed));
         }
+        let name = "sluice_acme_passes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Looks at every server's domains this node completed as the lock holder.\n# TYPE {name} counter\n{name} {}",
+            self.passes.load(Ordering::Relaxed)
+        );
         let name = "sluice_acme_lock_held";
         let _ = writeln!(
             out,
@@ -347,6 +354,7 @@ impl Orderer {
                 return e;
             }
             self.passes += 1;
+            self.metrics.passes.fetch_add(1, Ordering::Relaxed);
             // The next pass: at `check_interval`, when a failed domain may retry, or as
             // soon as a server's domains or certificates change (not on every replica
             // or health change: those publish snapshots too).
