@@ -77,6 +77,11 @@ pub struct AcmeConfig {
     /// Bound on one order (validation, then issuance).
     #[serde(with = "duration_serde")]
     pub order_timeout: Duration,
+    /// How long a kept certificate (and its key) stays in etcd after its domain is no
+    /// longer any server's: a domain moved between servers in two writes, or detached
+    /// and attached again soon, then costs no new order.
+    #[serde(with = "duration_serde")]
+    pub keep_detached: Duration,
 }
 
 impl Default for AcmeConfig {
@@ -91,6 +96,7 @@ impl Default for AcmeConfig {
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(6 * 3600),
             order_timeout: Duration::from_secs(120),
+            keep_detached: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -297,6 +303,7 @@ async fn run(
         metrics: metrics.clone(),
         retry: HashMap::new(),
         passes: 0,
+        detached: HashMap::new(),
         table,
     };
     loop {
@@ -335,6 +342,8 @@ struct Orderer {
     retry: HashMap<String, (Backoff, Instant)>,
     /// Passes completed under the current lock.
     passes: u64,
+    /// Kept certificates whose domain no server has, since when (this term's view).
+    detached: HashMap<String, Instant>,
     /// This node's routing state: a change of domains there starts a pass early.
     table: RoutingTable,
 }
@@ -415,10 +424,17 @@ impl Orderer {
         Ok(account)
     }
 
-    /// One look at every server: attach kept certificates, order missing and due ones.
+    /// One look at every server: attach kept certificates, order missing and due ones,
+    /// and forget kept certificates of domains detached for `keep_detached`.
     async fn pass(&mut self, account: &Account, lock: &AcmeLock) -> Result<(), AcmeError> {
         let now = unix_now();
-        for vs in self.store.list_servers_versioned().await? {
+        let servers = self.store.list_servers_versioned().await?;
+        let attached: std::collections::HashSet<String> = servers
+            .iter()
+            .flat_map(|s| s.spec.custom_domains.iter().map(|d| d.to_ascii_lowercase()))
+            .collect();
+        self.forget_detached(&attached).await?;
+        for vs in servers {
             let mut spec = vs.spec;
             let mut changed = false;
             let domains: Vec<String> =
@@ -499,6 +515,25 @@ impl Orderer {
                 // Someone wrote the server meanwhile: the kept certificate is attached
                 // on the next pass.
                 tracing::info!(server = %spec.id, "ACME: server changed meanwhile; next pass");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes kept certificates whose domain has been attached to no server for
+    /// `keep_detached`.
+    async fn forget_detached(
+        &mut self,
+        attached: &std::collections::HashSet<String>,
+    ) -> Result<(), AcmeError> {
+        let kept = self.store.acme_list("certs/").await?;
+        self.detached.retain(|d, _| kept.contains(d) && !attached.contains(d));
+        for d in kept.into_iter().filter(|d| !attached.contains(d)) {
+            let since = *self.detached.entry(d.clone()).or_insert_with(Instant::now);
+            if since.elapsed() >= self.cfg.keep_detached {
+                self.store.acme_delete(&format!("certs/{d}")).await?;
+                self.detached.remove(&d);
+                tracing::info!(domain = %d, "ACME: forgot the certificate of a detached domain");
             }
         }
         Ok(())

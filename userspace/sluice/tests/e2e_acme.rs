@@ -3,6 +3,9 @@
 //! certificate gets one from pebble (HTTP-01, validated against sluice's plain listener,
 //! the answer read from etcd), stored in etcd, served by every node's SNI resolver; one
 //! node at a time holds the ordering lock, and the other takes over when it goes.
+//! Short-lived certificates are renewed (also after the CA forgot the account), a refused
+//! domain is counted and backed off, and a detached domain's kept certificate is
+//! forgotten.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -49,14 +52,8 @@ fn pebble_issued(tls: SocketAddr) -> Option<Vec<u8>> {
 
 /// A node: the first (plain) listener pebble validates against, a TLS listener with a
 /// default certificate for another name, `[etcd]` and `[acme]` pointing at pebble,
-/// looking for work every `check_interval` (and on each change of domains).
-fn node(
-    dir: &Path,
-    etcd: &str,
-    pebble: &Pebble,
-    tls_port: u16,
-    check_interval: &str,
-) -> SluiceProcess {
+/// and `acme` (e.g. `check_interval`) appended to the `[acme]` section.
+fn node(dir: &Path, etcd: &str, pebble: &Pebble, tls_port: u16, acme: &str) -> SluiceProcess {
     let c = rcgen::generate_simple_self_signed(vec!["default.example.test".to_owned()]).unwrap();
     std::fs::write(dir.join("default.pem"), c.cert.pem()).unwrap();
     std::fs::write(dir.join("default-key.pem"), c.key_pair.serialize_pem()).unwrap();
@@ -76,7 +73,7 @@ enabled = true
 directory = "{directory}"
 email = "ops@example.test"
 ca_file = "{ca}"
-check_interval = "{check_interval}"
+{acme}
 lease_ttl = "2s"
 retry_initial = "200ms"
 retry_max = "1s"
@@ -119,9 +116,9 @@ fn custom_domain_gets_a_certificate_from_pebble_and_the_lock_moves() {
     let mut pebble = Pebble::prepare();
     // An hour between periodic passes: issuance and re-attaching below happen because
     // the server's domains changed.
-    let a = node(dir_a.path(), &ep, &pebble, tls_a, "1h");
+    let a = node(dir_a.path(), &ep, &pebble, tls_a, "check_interval = \"1h\"");
     pebble.start(a.proxy.port(), tls_a);
-    let b = node(dir_b.path(), &ep, &pebble, tls_b, "1h");
+    let b = node(dir_b.path(), &ep, &pebble, tls_b, "check_interval = \"1h\"");
 
     // The challenge path is answered before routing: an unknown token is a 404, not the
     // unknown-domain status.
@@ -184,7 +181,7 @@ fn custom_domain_gets_a_certificate_from_pebble_and_the_lock_moves() {
 }
 
 #[test]
-fn certificates_are_renewed_before_expiry_and_failures_are_counted() {
+fn renewal_failures_and_detached_domains() {
     let etcd = Etcd::start();
     let ep = etcd.endpoint();
     let dir = tempfile::tempdir().unwrap();
@@ -192,7 +189,8 @@ fn certificates_are_renewed_before_expiry_and_failures_are_counted() {
     // 12 s certificates: due for renewal when a third of that (4 s) is left. Orders for
     // one other domain are refused.
     let mut pebble = Pebble::prepare().with_validity(12).blocking("blocked.custom.test");
-    let a = node(dir.path(), &ep, &pebble, tls, "200ms");
+    let a =
+        node(dir.path(), &ep, &pebble, tls, "check_interval = \"200ms\"\nkeep_detached = \"0s\"");
     pebble.start(a.proxy.port(), tls);
     ctl(&ep, &["server", "put", "--id", "shop", "--label", "shop", "--domain", DOMAIN]);
     ctl(
@@ -229,4 +227,16 @@ fn certificates_are_renewed_before_expiry_and_failures_are_counted() {
     assert!(failed >= 1, "failures counted: {}", metrics(&a));
     let blocked = served_chain(addr, "blocked.custom.test").unwrap();
     assert!(!blocked[0].windows(6).any(|w| w == b"Pebble"), "no certificate for it");
+    // The server goes; with `keep_detached = "0s"` its kept certificate (a private key)
+    // leaves etcd at the next pass.
+    let kept = || {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &ep, "get", "--prefix", "--keys-only", "/sluice/acme/certs/"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(DOMAIN)
+    };
+    assert!(kept(), "kept while attached");
+    ctl(&ep, &["server", "delete", "shop"]);
+    until("the kept certificate forgotten", Duration::from_secs(20), || (!kept()).then_some(()));
 }

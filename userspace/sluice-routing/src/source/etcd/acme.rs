@@ -196,6 +196,19 @@ impl EtcdStore {
         Ok(resp.succeeded())
     }
 
+    /// The keys under `<prefix>acme/<rest>` (a prefix such as `certs/`), as the part
+    /// after it.
+    pub async fn acme_list(&self, rest: &str) -> Result<Vec<String>, EtcdError> {
+        let cfg = EtcdConfig { request_timeout: self.timeout, ..EtcdConfig::default() };
+        let prefix = self.keys.acme(rest);
+        let (kvs, _) = list_prefix(&self.client, &cfg, prefix.as_bytes()).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| kv.key().strip_prefix(prefix.as_bytes()))
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect())
+    }
+
     /// Deletes `<prefix>acme/<rest>`.
     pub async fn acme_delete(&self, rest: &str) -> Result<(), EtcdError> {
         bounded(self.timeout, self.client.kv_client().delete(self.keys.acme(rest), None)).await?;
