@@ -22,7 +22,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use instant_acme::{
@@ -134,6 +134,8 @@ pub struct AcmeMetrics {
     failed: AtomicU64,
     passes: AtomicU64,
     leader: AtomicU64,
+    /// The lease of the lock while held, else 0 (for the release at shutdown).
+    lease: AtomicI64,
 }
 
 impl AcmeMetrics {
@@ -251,14 +253,14 @@ impl sluice_proxy::acme::ChallengeAnswers for EtcdChallenges {
 /// Starts ACME on this node: installs the challenge answers and the metrics on `server`
 /// and spawns the task that waits for the lock and then orders, looking again whenever
 /// `table` (fed by the same etcd) shows a change of custom domains or certificates.
-/// Ends when `stop` is notified.
+/// The task ends when `stop` is notified, after giving the lock up if it held it.
 pub fn start(
     cfg: AcmeConfig,
     etcd: EtcdConfig,
     table: RoutingTable,
     server: &mut Server,
     stop: Arc<Notify>,
-) {
+) -> tokio::task::JoinHandle<()> {
     let store = Arc::new(OnceCell::new());
     server.set_acme_challenges(Arc::new(EtcdChallenges {
         store: store.clone(),
@@ -273,9 +275,18 @@ pub fn start(
         stopped.as_mut().enable();
         tokio::select! {
             _ = &mut stopped => {}
-            _ = run(cfg, etcd, table, store, metrics) => {}
+            _ = run(cfg, etcd, table, store.clone(), metrics.clone()) => {}
         }
-    });
+        // Shutting down (or handing over in an upgrade): pass the lock on now rather
+        // than after its TTL.
+        let lease = metrics.lease.load(Ordering::Relaxed);
+        if lease != 0
+            && let Some(store) = store.get()
+            && let Err(e) = store.revoke_lease(lease).await
+        {
+            tracing::warn!(error = %e, "ACME: releasing the ordering lock at shutdown");
+        }
+    })
 }
 
 /// Connects, then forever: wait for the lock, order while it is held.
@@ -317,11 +328,13 @@ async fn run(
         };
         tracing::info!(lease = lock.lease(), "ACME: this node orders certificates");
         metrics.leader.store(1, Ordering::Relaxed);
+        metrics.lease.store(lock.lease(), Ordering::Relaxed);
         let reason = tokio::select! {
             _ = lock.lost() => "lease lost".to_owned(),
             e = orderer.lead(&lock) => e.to_string(),
         };
         metrics.leader.store(0, Ordering::Relaxed);
+        metrics.lease.store(0, Ordering::Relaxed);
         tracing::warn!(reason, "ACME: giving up the ordering lock");
         lock.release().await;
         // A holder that got work done starts over from the short delay; one that never

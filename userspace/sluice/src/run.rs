@@ -282,17 +282,16 @@ pub(crate) async fn serve(
         }
         .spawn()?;
     }
-    if cfg.acme.enabled
-        && let Some(etcd) = &cfg.etcd
-    {
-        crate::acme::start(
+    let acme = match &cfg.etcd {
+        Some(etcd) if cfg.acme.enabled => Some(crate::acme::start(
             cfg.acme.clone(),
             etcd.clone(),
             table.clone(),
             &mut server,
             stop.clone(),
-        );
-    }
+        )),
+        _ => None,
+    };
     crate::admin::install(&mut server, &table, store);
     crate::admin::install_logging(&mut server);
     let pins = kernel
@@ -365,6 +364,11 @@ pub(crate) async fn serve(
     sluice_alloc::release_free_memory();
     server.run(handover.until_shutdown()).await?;
     stop.notify_waiters();
+    if let Some(acme) = acme {
+        // It passes the ordering lock on (one etcd request). Bounded: a task that never
+        // got to wait on `stop` would not hear it.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), acme).await;
+    }
     health.shutdown().await;
     handover.finish(&kernel).await;
     drop(guard);

@@ -68,8 +68,7 @@ impl AcmeLock {
     /// the TTL.
     pub async fn release(self) {
         self.keeper.abort();
-        let mut lease = self.store.client.lease_client();
-        let _ = bounded(self.store.timeout, lease.revoke(self.lease)).await;
+        let _ = self.store.revoke_lease(self.lease).await;
     }
 
     fn held(&self) -> Compare {
@@ -134,6 +133,14 @@ impl EtcdStore {
             }
         };
         Ok(AcmeLock { lease, key, lost, keeper, store: self.clone() })
+    }
+
+    /// Revokes a lease: keys attached to it go, and a lock held on it passes on (e.g. the
+    /// ACME lock of a process that is shutting down, see [`AcmeLock::lease`]).
+    pub async fn revoke_lease(&self, lease: i64) -> Result<(), EtcdError> {
+        let mut client = self.client.lease_client();
+        bounded(self.timeout, client.revoke(lease)).await?;
+        Ok(())
     }
 
     /// Every stored server with the revision of its key (malformed values are skipped:
