@@ -1,6 +1,7 @@
 //! HTTP-01 answers: `GET /.well-known/acme-challenge/<token>` on any listener is answered
 //! by the installed [`ChallengeAnswers`] before routing, when one is installed (the
-//! node's `[acme]` section); otherwise the path is routed like any other.
+//! node's `[acme]` section) and knows the token; otherwise the path is routed like any
+//! other (a server may answer challenges of its own).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,7 +12,8 @@ pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// Where the key authorizations of pending HTTP-01 challenges are looked up.
 pub trait ChallengeAnswers: Send + Sync + 'static {
     /// The key authorization to answer for `token` asked under `host` (canonical), or
-    /// `None` for 404. `token` is not validated yet: implementations must check it.
+    /// `None` to route the request. `token` is not validated yet: implementations must
+    /// check it.
     fn answer<'a>(
         &'a self,
         host: &'a str,

@@ -399,17 +399,14 @@ async fn proxy(
     let raw_authority = authority(&req)?;
     let host = canonical_host(raw_authority.to_str().unwrap_or_default())?;
 
-    // Phase 2b: an ACME HTTP-01 challenge is answered here, before routing, for any host
-    // (the domain may not route anywhere yet).
+    // Phase 2b: an ACME HTTP-01 challenge of sluice's own is answered here, before
+    // routing, for any host (the domain may not route anywhere yet). A token sluice did
+    // not issue is routed like any request: a server may answer its own challenges.
     if let Some(acme) = &state.acme
         && let Some(token) = req.uri().path().strip_prefix(crate::acme::CHALLENGE_PREFIX)
+        && let Some(key_authorization) = acme.answer(&host, token).await
     {
-        let (status, body) = match acme.answer(&host, token).await {
-            Some(key_authorization) => (StatusCode::OK, key_authorization),
-            None => (StatusCode::NOT_FOUND, String::new()),
-        };
-        let mut r = Response::new(crate::body::full(body));
-        *r.status_mut() = status;
+        let mut r = Response::new(crate::body::full(key_authorization));
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         return Ok(r);

@@ -44,7 +44,7 @@ pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// Renew at the latest this long before expiry.
 const RENEW_BEFORE_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Most challenge look-ups in etcd at once on one node; past it a request gets 404 (the
+/// Most challenge look-ups in etcd at once on one node; past it a request is routed (an
 /// ACME server retries) instead of queueing on etcd.
 const MAX_CHALLENGE_LOOKUPS: usize = 32;
 
