@@ -31,12 +31,14 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: the eBPF toolchain's LLVM, tools the tests drive (bpftool, h2load,
-# etcd, iproute2 for network namespaces), and what the kernel-tier tests use.
+# etcd, iproute2 for network namespaces, pebble as a test ACME server), and what the
+# kernel-tier tests use.
 packages=(
   "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   bpftool nghttp2-client etcd-server etcd-client iproute2 libcap2-bin curl
   protobuf-compiler libprotobuf-dev  # protoc + well-known types, for etcd-client
   python3-venv  # scripts/validate-manifests.sh installs kubernetes-validate into a venv
+  pebble  # test-only ACME server (and pebble-challtestsrv as its DNS) for tests/e2e_acme
 )
 if [ "$want_bench" = 1 ]; then
   packages+=(nginx-light haproxy wrk linux-perf util-linux procps valgrind)  # taskset, prlimit, setpriv, renice, kill; valgrind for P9

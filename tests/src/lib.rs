@@ -2,6 +2,8 @@
 
 pub mod etcd;
 pub mod netns;
+pub mod pebble;
 pub mod privilege;
 pub mod process;
 pub mod replica;
+pub mod tls;

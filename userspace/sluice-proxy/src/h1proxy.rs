@@ -340,9 +340,11 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Planned::Decline;
     };
-    // Hygiene: origin form only, within the limits.
+    // Hygiene: origin form only, within the limits. An ACME challenge is answered on the
+    // hyper path, before routing (one prefix compare, no allocation).
     if method == "CONNECT"
         || !path.starts_with('/')
+        || (state.acme.is_some() && path.starts_with(crate::acme::CHALLENGE_PREFIX))
         || path.len() > state.cfg.limits.max_uri_bytes
         || head_len > state.cfg.limits.max_header_bytes
         || req.headers.len() > state.cfg.limits.max_headers

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod autoscaler;
 pub mod body;

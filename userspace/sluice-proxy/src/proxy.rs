@@ -74,6 +74,8 @@ pub(crate) struct ProxyState {
     pub(crate) signal: tokio::sync::broadcast::Sender<bytes::Bytes>,
     /// The access log, when it is on.
     pub(crate) access_log: Option<crate::access_log::AccessLog>,
+    /// HTTP-01 answers, when the node runs ACME (see `crate::acme`).
+    pub(crate) acme: Option<Arc<dyn crate::acme::ChallengeAnswers>>,
 }
 
 /// What the request path knows about the client connection.
@@ -396,6 +398,19 @@ async fn proxy(
     // Phase 2: authority.
     let raw_authority = authority(&req)?;
     let host = canonical_host(raw_authority.to_str().unwrap_or_default())?;
+
+    // Phase 2b: an ACME HTTP-01 challenge of sluice's own is answered here, before
+    // routing, for any host (the domain may not route anywhere yet). A token sluice did
+    // not issue is routed like any request: a server may answer its own challenges.
+    if let Some(acme) = &state.acme
+        && let Some(token) = req.uri().path().strip_prefix(crate::acme::CHALLENGE_PREFIX)
+        && let Some(key_authorization) = acme.answer(&host, token).await
+    {
+        let mut r = Response::new(crate::body::full(key_authorization));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        return Ok(r);
+    }
 
     // Phase 3: route. The snapshot guard is dropped before any await.
     let server: Arc<Server> = {

@@ -54,6 +54,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     handoff: Arc<dyn OpaqueStreamHandoff>,
     on_auth_rejected: Option<AuthRejectedHook>,
+    acme: Option<Arc<dyn crate::acme::ChallengeAnswers>>,
     deny: Arc<[Cidr]>,
     deny_reported: Arc<[Cidr]>,
     bans: Arc<BanList>,
@@ -205,6 +206,7 @@ impl Server {
             metrics,
             handoff: Arc::new(UserspaceRelay),
             on_auth_rejected: None,
+            acme: None,
             deny: Arc::from([]),
             deny_reported: Arc::from([]),
             bans: Arc::default(),
@@ -243,6 +245,12 @@ impl Server {
     /// Replaces the opaque-stream hand-off (the kernel data plane's splice).
     pub fn set_handoff(&mut self, handoff: Arc<dyn OpaqueStreamHandoff>) {
         self.handoff = handoff;
+    }
+
+    /// Answers ACME HTTP-01 challenges (`/.well-known/acme-challenge/<token>`) on every
+    /// listener, before routing, from `answers`.
+    pub fn set_acme_challenges(&mut self, answers: Arc<dyn crate::acme::ChallengeAnswers>) {
+        self.acme = Some(answers);
     }
 
     /// Reports every proxy-auth rejection (401/403 decided by sluice, not by a replica)
@@ -327,6 +335,7 @@ impl Server {
             ejection,
             signal,
             access_log,
+            acme: self.acme,
         });
         let (drain_tx, drain_rx) = watch::channel(false);
         let conns = Arc::new(Semaphore::new(state.cfg.limits.max_connections.max(1)));

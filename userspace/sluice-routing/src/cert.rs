@@ -159,6 +159,9 @@ pub struct CertSummary {
     pub serial: String,
     /// When the leaf expires: seconds since the Unix epoch.
     pub not_after: i64,
+    /// When the leaf became valid: seconds since the Unix epoch (with `not_after`, its
+    /// lifetime, which ACME renewal is timed by).
+    pub not_before: i64,
 }
 
 impl CertSummary {
@@ -172,6 +175,7 @@ impl CertSummary {
             issuer: cert.issuer().to_string(),
             serial: cert.raw_serial_as_string().replace(':', ""),
             not_after: cert.validity().not_after.timestamp(),
+            not_before: cert.validity().not_before.timestamp(),
         })
     }
 }
@@ -319,7 +323,7 @@ impl ServedCert {
 pub struct CertView {
     /// Domains it is served for.
     pub domains: Vec<String>,
-    /// `inline` or `files`.
+    /// `inline`, `files`, or `acme` (inline, issued by sluice's ACME client).
     pub source: &'static str,
     /// Issuer of the served leaf, when one is served.
     pub issuer: Option<String>,
@@ -336,7 +340,11 @@ impl From<&ServedCert> for CertView {
         let s = c.loaded.as_ref().map(|l| &l.summary);
         CertView {
             domains: c.spec.domains.clone(),
-            source: if c.spec.cert_file.is_some() { "files" } else { "inline" },
+            source: match (&c.spec.cert_file, c.spec.acme) {
+                (Some(_), _) => "files",
+                (None, true) => "acme",
+                (None, false) => "inline",
+            },
             issuer: s.map(|s| s.issuer.clone()),
             serial: s.map(|s| s.serial.clone()),
             not_after: s.map(|s| rfc3339(s.not_after)),

@@ -234,6 +234,10 @@ pub struct CertificateSpec {
     /// Absolute path of its PEM key file, with `cert_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<std::path::PathBuf>,
+    /// Issued by sluice's ACME client (`[acme]`), which renews it; a certificate without
+    /// this mark is the server's own and ACME leaves it alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acme: bool,
 }
 
 impl CertificateSpec {
@@ -249,6 +253,7 @@ impl CertificateSpec {
             key_pem: Some(SecretPem(key_pem.into())),
             cert_file: None,
             key_file: None,
+            acme: false,
         }
     }
 
@@ -264,6 +269,7 @@ impl CertificateSpec {
             key_pem: None,
             cert_file: Some(cert_file.into()),
             key_file: Some(key_file.into()),
+            acme: false,
         }
     }
 }
@@ -277,6 +283,7 @@ impl std::fmt::Debug for CertificateSpec {
             .field("key_pem", &self.key_pem)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
+            .field("acme", &self.acme)
             .finish()
     }
 }

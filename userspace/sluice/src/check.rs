@@ -145,6 +145,18 @@ fn check(path: &Path, text: &str) -> Result<String, String> {
             cfg.proxy.unknown_domain_status
         );
     }
+    if cfg.acme.enabled {
+        out += &format!(
+            "acme: on, directory {}, contact {}, CA {}, check every {}, lock lease {}\n",
+            cfg.acme.directory,
+            cfg.acme.email.as_deref().unwrap_or("none"),
+            cfg.acme.ca_file.as_ref().map_or("system roots".into(), |p| p.display().to_string()),
+            humantime::format_duration(cfg.acme.check_interval),
+            humantime::format_duration(cfg.acme.lease_ttl),
+        );
+    } else {
+        out += "acme: off\n";
+    }
     if !cfg.guard.deny.is_empty() {
         out += &format!("guard deny list: {} prefixes\n", cfg.guard.deny.len());
     }
@@ -201,6 +213,7 @@ fn span_of_error(text: &str) -> Option<usize> {
     section!(splice: crate::splice_policy::SpliceConfig);
     section!(vip: crate::vip::VipConfig);
     section!(guard: crate::guard::GuardConfig);
+    section!(acme: crate::acme::AcmeConfig);
     // The proxy's keys are the top level minus the node's sections: blank those lines
     // (keeping offsets) and parse what is left as the proxy config.
     let masked = mask_sections(text, NODE_SECTIONS);

@@ -5,7 +5,8 @@
 //! plus `[node]` (base domains, regions), the routing source — `[routes] file =
 //! "routes.toml"` (watched for changes; relative paths are relative to the config file)
 //! or `[etcd]` (the distributed store's change stream) — `[health]` (replica checks) and
-//! `[guard]` (the XDP guard, see `crate::guard`).
+//! `[guard]` (the XDP guard, see `crate::guard`) and `[acme]` (certificates for custom
+//! domains, see `crate::acme`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,7 +71,7 @@ impl HealthConfig {
 /// The tables of the config file that belong to the node rather than the proxy; the
 /// rest of the file is the proxy's config.
 pub const NODE_SECTIONS: &[&str] =
-    &["node", "routes", "etcd", "health", "local_replicas", "splice", "vip", "guard"];
+    &["node", "routes", "etcd", "health", "local_replicas", "splice", "vip", "guard", "acme"];
 
 /// The whole `sluice run` config file.
 #[derive(Debug, Default)]
@@ -93,6 +94,8 @@ pub struct RunConfig {
     pub vip: crate::vip::VipConfig,
     /// The XDP guard.
     pub guard: crate::guard::GuardConfig,
+    /// ACME for custom domains (needs `[etcd]`).
+    pub acme: crate::acme::AcmeConfig,
 }
 
 impl RunConfig {
@@ -113,13 +116,34 @@ impl RunConfig {
         let vip: crate::vip::VipConfig = section(&mut table, "vip")?;
         let guard: crate::guard::GuardConfig = section(&mut table, "guard")?;
         guard.validate().context("in [guard]")?;
+        let mut acme: crate::acme::AcmeConfig = section(&mut table, "acme")?;
+        if acme.enabled && etcd.is_none() {
+            anyhow::bail!(
+                "[acme] enabled needs [etcd]: issued certificates and challenges live there"
+            );
+        }
+        if let Some(ca) = &acme.ca_file
+            && ca.is_relative()
+        {
+            acme.ca_file = Some(base_dir.join(ca));
+        }
         if etcd.is_some() && routes.file.is_some() {
             anyhow::bail!("[routes] file and [etcd] are two routing sources: configure one");
         }
         debug_assert!(NODE_SECTIONS.iter().all(|s| !table.contains_key(*s)));
         let proxy = ProxyConfig::deserialize(toml::Value::Table(table))?;
-        let mut cfg =
-            RunConfig { node, routes, etcd, health, local_replicas, proxy, splice, vip, guard };
+        let mut cfg = RunConfig {
+            node,
+            routes,
+            etcd,
+            health,
+            local_replicas,
+            proxy,
+            splice,
+            vip,
+            guard,
+            acme,
+        };
         if let Some(f) = &cfg.routes.file
             && f.is_relative()
         {
@@ -280,6 +304,16 @@ async fn serve_with(
         }
         .spawn()?;
     }
+    let acme = match &cfg.etcd {
+        Some(etcd) if cfg.acme.enabled => Some(crate::acme::start(
+            cfg.acme.clone(),
+            etcd.clone(),
+            table.clone(),
+            &mut server,
+            stop.clone(),
+        )),
+        _ => None,
+    };
     crate::admin::install(&mut server, &table, store);
     crate::admin::install_logging(&mut server);
     let pins = kernel
@@ -352,6 +386,11 @@ async fn serve_with(
     sluice_alloc::release_free_memory();
     server.run(handover.until_shutdown()).await?;
     stop.notify_waiters();
+    if let Some(acme) = acme {
+        // It passes the ordering lock on (one etcd request). Bounded: a task that never
+        // got to wait on `stop` would not hear it.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), acme).await;
+    }
     health.shutdown().await;
     handover.finish(&kernel).await;
     drop(guard);

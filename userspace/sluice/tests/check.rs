@@ -69,7 +69,35 @@ fn good_config_prints_what_would_run() {
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
     assert!(stdout.contains("tls [*.r1.example.test]"), "{stdout}");
     assert!(stdout.contains("1 servers, 1 replicas"), "{stdout}");
+    assert!(stdout.contains("acme: off"), "{stdout}");
     assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+}
+
+#[test]
+fn acme_section_is_shown_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    let node = "[[listeners]]\naddr = \"127.0.0.1:0\"\n[node]\nbase_domains = [\"example.test\"]\n";
+    let etcd = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n";
+    let acme = "[acme]\nenabled = true\ndirectory = \"https://127.0.0.1:14000/dir\"\n\
+                email = \"ops@example.test\"\nca_file = \"pebble-ca.pem\"\n";
+    std::fs::write(&cfg, format!("{node}{etcd}{acme}")).unwrap();
+    let out = check(&cfg);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    let want = format!(
+        "acme: on, directory https://127.0.0.1:14000/dir, contact ops@example.test, CA {}",
+        dir.path().join("pebble-ca.pem").display()
+    );
+    assert!(stdout.contains(&want), "{stdout}");
+    // ACME keeps its state in etcd: without [etcd] it is refused.
+    std::fs::write(&cfg, format!("{node}{acme}")).unwrap();
+    let stderr = text(&check(&cfg).stderr);
+    assert!(stderr.contains("[acme] enabled needs [etcd]"), "{stderr}");
+    // A misspelt key is named by line and column (line 8 is `emial`).
+    std::fs::write(&cfg, format!("{node}{etcd}[acme]\nemial = \"x\"\n")).unwrap();
+    let stderr = text(&check(&cfg).stderr);
+    assert!(stderr.contains("sluice.toml:8:1"), "{stderr}");
 }
 
 #[test]

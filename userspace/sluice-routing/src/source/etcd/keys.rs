@@ -78,10 +78,18 @@ impl Keys {
         }
     }
 
+    /// `<prefix>acme/<rest>`: the ACME client's state (account, issued certificates,
+    /// challenge answers, the ordering lock), next to the routing objects but not part of
+    /// them.
+    pub(super) fn acme(&self, rest: &str) -> String {
+        format!("{}acme/{rest}", self.prefix)
+    }
+
     /// Keys under the prefix that are not routing objects and are skipped silently by
-    /// the source (the autoscaler's `desired/` keys).
+    /// the source (the autoscaler's `desired/` keys, the ACME client's `acme/` keys).
     pub(super) fn is_ignored(&self, key: &[u8]) -> bool {
-        key.strip_prefix(self.prefix.as_bytes()).is_some_and(|rest| rest.starts_with(b"desired/"))
+        key.strip_prefix(self.prefix.as_bytes())
+            .is_some_and(|rest| rest.starts_with(b"desired/") || rest.starts_with(b"acme/"))
     }
 
     /// Parse a full key; `None` for keys outside the layout. Ids are validated later with
@@ -219,6 +227,7 @@ mod tests {
         assert_eq!(keys.parse(keys.desired(Some("s1")).as_bytes()), None);
         assert!(!keys.is_ignored(keys.key(&StoreKey::Server("s1".into())).as_bytes()));
         assert!(!keys.is_ignored(b"/elsewhere/desired/s1"));
+        assert!(keys.is_ignored(keys.acme("certs/shop.example.org").as_bytes()));
     }
 
     #[test]

@@ -23,6 +23,9 @@
 //! [`EtcdStore`] is the writer `sluice ctl` uses: it validates objects before writing them,
 //! and creates tokens with a random secret of which only the hash is stored.
 //!
+//! `<prefix>acme/` holds the ACME client's state (see `docs/operations.md`, ACME); the
+//! source skips it like `desired/`.
+//!
 //! Modules: [`config`] (how to reach etcd, TLS and authentication), `keys` (the key
 //! layout and value codec), [`status`], the reconciler (`watch`), and the
 //! writer (`store`).
@@ -30,12 +33,14 @@
 use std::future::Future;
 use std::time::Duration;
 
+mod acme;
 mod config;
 mod keys;
 mod status;
 mod store;
 mod watch;
 
+pub use acme::{AcmeLock, VersionedServer};
 pub use config::{DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdAuth, EtcdConfig, EtcdTls};
 pub use keys::StoreKey;
 pub use status::{StatusHandle, StoreStatus};
@@ -78,6 +83,9 @@ pub enum EtcdError {
     /// A TLS or authentication file could not be read, or the settings are incomplete.
     #[error("{0}")]
     Credentials(String),
+    /// A lease (the ACME lock's) was not kept alive: etcd let it expire.
+    #[error("the etcd lease was lost")]
+    LeaseLost,
     /// The watch start revision has been compacted away: list again.
     #[error("revision {0} has been compacted")]
     Compacted(i64),

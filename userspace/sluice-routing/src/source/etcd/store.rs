@@ -50,9 +50,9 @@ impl fmt::Debug for CreatedToken {
 /// Validating writer and reader of the sluice key layout (what `sluice ctl` uses).
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
-    keys: Keys,
-    timeout: Duration,
+    pub(super) client: Client,
+    pub(super) keys: Keys,
+    pub(super) timeout: Duration,
 }
 
 impl fmt::Debug for EtcdStore {
