@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -97,10 +97,20 @@ impl Drop for Held {
 }
 
 async fn measure(pid: u32, to: SocketAddr, host: &str, n: usize, h2: bool) -> Result<f64> {
-    // Warm-up: upstream pool, lazily built state, allocator arenas.
+    // Warm-up: upstream pool, lazily built state, allocator arenas. A fresh proxy may
+    // not route yet (sluice's replica is not ready before its first health check), so
+    // each warm-up request is retried until it gets its 200, within a bound.
     let mut warm = Vec::new();
-    for _ in 0..16 {
-        warm.push(open(to, host, h2).await.context("warm-up connection")?);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while warm.len() < 16 {
+        match timeout(PER_CONNECTION, open(to, host, h2)).await {
+            Ok(Ok(held)) => warm.push(held),
+            Ok(Err(e)) if tokio::time::Instant::now() > deadline => {
+                return Err(e.context("warm-up connection"));
+            }
+            Err(_) => bail!("warm-up connection timed out"),
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
     drop(warm);
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -160,12 +170,14 @@ async fn open(to: SocketAddr, host: &str, h2: bool) -> Result<Held> {
                 bail!("closed before the response ended");
             }
             buf.extend_from_slice(&chunk[..k]);
+            // Another status (a 503 before the replica is ready) never ends with the
+            // upstream's body: refuse it as soon as its status line is in.
+            if buf.len() >= 12 && !buf.starts_with(b"HTTP/1.1 200") {
+                bail!("status line {:?}", String::from_utf8_lossy(&buf[..buf.len().min(20)]));
+            }
             if buf.len() > 64 * 1024 {
                 bail!("unexpected response");
             }
-        }
-        if !buf.starts_with(b"HTTP/1.1 200") {
-            bail!("status line {:?}", String::from_utf8_lossy(&buf[..buf.len().min(20)]));
         }
         return Ok(Held::H1(tcp));
     }

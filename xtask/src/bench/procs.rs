@@ -55,6 +55,15 @@ pub fn on_interrupt(scratch: PathBuf) {
             signal("KILL", &tree(pid));
         }
         let _ = fs::remove_dir_all(&scratch);
+        // The run's bpffs pin directories, as a normal end removes them.
+        let prefix = super::systems::bench_pin_prefix();
+        if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
+            for e in entries.flatten() {
+                if e.path().display().to_string().starts_with(&prefix) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         if let Some(cg) = RUN_CGROUP.get() {
             // Killed processes leave their cgroup as they exit: a bounded wait.
             let deadline = Instant::now() + Duration::from_secs(2);
