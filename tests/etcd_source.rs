@@ -671,3 +671,40 @@ async fn certificates_arrive_with_their_server() {
     assert!(src.table.load().certificate("shop.example.org").is_none());
     src.stop().await;
 }
+
+/// Pending ACME challenges are mirrored in memory by the same list-and-watch: one written
+/// before the source starts is listed, one written later arrives by the watch, deleted
+/// ones disappear, and the routing state never sees any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_challenges_are_mirrored_by_the_watch() {
+    use sluice_routing::source::etcd::AcmeChallenges;
+    let etcd = Etcd::start();
+    let mut raw = Client::connect(etcd.endpoints(), None).await.unwrap();
+    raw.put("/sluice/acme/challenges/listed", "one", None).await.unwrap();
+    let table = RoutingTable::new(node());
+    let challenges = AcmeChallenges::default();
+    let source = EtcdSource::new(cfg(etcd.endpoint()), table.clone())
+        .with_acme_challenges(challenges.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(source.run(async move {
+        let _ = stopped.await;
+    }));
+    let eventually = |token: &'static str, want: Option<&'static str>| {
+        let c = challenges.clone();
+        async move {
+            let deadline = Instant::now() + SETTLE_WITHIN;
+            while c.get(token).as_deref() != want.map(str::as_bytes) {
+                assert!(Instant::now() < deadline, "{token}: {:?}, want {want:?}", c.get(token));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    eventually("listed", Some("one")).await;
+    raw.put("/sluice/acme/challenges/watched", "two", None).await.unwrap();
+    eventually("watched", Some("two")).await;
+    raw.delete("/sluice/acme/challenges/watched", None).await.unwrap();
+    eventually("watched", None).await;
+    assert_eq!(table.load().servers().count(), 0, "challenges are not routing state");
+    let _ = stop.send(());
+    task.await.unwrap();
+}

@@ -35,18 +35,14 @@ use sluice_routing::RoutingTable;
 use sluice_routing::backoff::Backoff;
 use sluice_routing::cert::CertSummary;
 use sluice_routing::model::{CertificateSpec, duration_serde};
-use sluice_routing::source::etcd::{AcmeLock, EtcdConfig, EtcdError, EtcdStore};
-use tokio::sync::{Notify, OnceCell, Semaphore};
+use sluice_routing::source::etcd::{AcmeChallenges, AcmeLock, EtcdConfig, EtcdError, EtcdStore};
+use tokio::sync::{Notify, OnceCell};
 
 /// Let's Encrypt's production directory, the default `directory`.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// Renew at the latest this long before expiry.
 const RENEW_BEFORE_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// Most challenge look-ups in etcd at once on one node; past it a request is routed (an
-/// ACME server retries) instead of queueing on etcd.
-const MAX_CHALLENGE_LOOKUPS: usize = 32;
 
 /// The `[acme]` section of the node config.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +207,25 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// How long the holder waits for a challenge it wrote to reach its own mirror.
+const MIRROR_WAIT: Duration = Duration::from_secs(5);
+/// Then how long it allows the other nodes' watches before the CA is told to look.
+const MIRROR_GRACE: Duration = Duration::from_millis(200);
+
+/// Waits until `token` is in this node's challenge mirror (bounded by [`MIRROR_WAIT`];
+/// the CA is asked either way), then [`MIRROR_GRACE`].
+async fn wait_mirrored(challenges: &AcmeChallenges, token: &str) {
+    let deadline = Instant::now() + MIRROR_WAIT;
+    while challenges.get(token).is_none() {
+        if Instant::now() >= deadline {
+            tracing::warn!(token, "ACME: the challenge did not reach this node's mirror in time");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(MIRROR_GRACE).await;
+}
+
 /// Whether `spec`'s certificate needs renewing now (or does not load at all).
 fn due(spec: &CertificateSpec, now: i64) -> bool {
     match sluice_routing::cert::load(spec) {
@@ -219,11 +234,9 @@ fn due(spec: &CertificateSpec, now: i64) -> bool {
     }
 }
 
-/// Answers HTTP-01 challenges from etcd.
-struct EtcdChallenges {
-    store: Arc<OnceCell<EtcdStore>>,
-    lookups: Semaphore,
-}
+/// Answers HTTP-01 challenges from the in-memory mirror of `<prefix>acme/challenges/`
+/// the etcd source keeps: no store round trip on the request path.
+struct EtcdChallenges(AcmeChallenges);
 
 impl sluice_proxy::acme::ChallengeAnswers for EtcdChallenges {
     fn answer<'a>(
@@ -235,37 +248,28 @@ impl sluice_proxy::acme::ChallengeAnswers for EtcdChallenges {
             if !sluice_proxy::acme::valid_token(token) {
                 return None;
             }
-            let store = self.store.get()?;
-            let _permit = self.lookups.try_acquire().ok()?;
-            let value = match store.acme_get(&format!("challenges/{token}")).await {
-                Ok(v) => v?,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ACME challenge look-up failed");
-                    return None;
-                }
-            };
+            let value = self.0.get(token)?;
             let c: Challenge = serde_json::from_slice(&value).ok()?;
             (c.domain == host).then_some(c.key_authorization)
         })
     }
 }
 
-/// Starts ACME on this node: installs the challenge answers and the metrics on `server`
-/// and spawns the task that waits for the lock and then orders, looking again whenever
-/// `table` (fed by the same etcd) shows a change of custom domains or certificates.
-/// The task ends when `stop` is notified, after giving the lock up if it held it.
+/// Starts ACME on this node: installs the challenge answers (from `challenges`, which
+/// the etcd source mirrors) and the metrics on `server`, and spawns the task that waits
+/// for the lock and then orders, looking again whenever `table` (fed by the same etcd)
+/// shows a change of custom domains or certificates. The task ends when `stop` is
+/// notified, after giving the lock up if it held it.
 pub fn start(
     cfg: AcmeConfig,
     etcd: EtcdConfig,
     table: RoutingTable,
+    challenges: AcmeChallenges,
     server: &mut Server,
     stop: Arc<Notify>,
 ) -> tokio::task::JoinHandle<()> {
     let store = Arc::new(OnceCell::new());
-    server.set_acme_challenges(Arc::new(EtcdChallenges {
-        store: store.clone(),
-        lookups: Semaphore::new(MAX_CHALLENGE_LOOKUPS),
-    }));
+    server.set_acme_challenges(Arc::new(EtcdChallenges(challenges.clone())));
     let metrics = Arc::new(AcmeMetrics::default());
     let m = metrics.clone();
     server.metrics_extra(Arc::new(move |out: &mut String| m.render(out)));
@@ -275,7 +279,7 @@ pub fn start(
         stopped.as_mut().enable();
         tokio::select! {
             _ = &mut stopped => {}
-            _ = run(cfg, etcd, table, store.clone(), metrics.clone()) => {}
+            _ = run(cfg, etcd, table, challenges, store.clone(), metrics.clone()) => {}
         }
         // Shutting down (or handing over in an upgrade): pass the lock on now rather
         // than after its TTL.
@@ -294,6 +298,7 @@ async fn run(
     cfg: AcmeConfig,
     etcd: EtcdConfig,
     table: RoutingTable,
+    challenges: AcmeChallenges,
     cell: Arc<OnceCell<EtcdStore>>,
     metrics: Arc<AcmeMetrics>,
 ) {
@@ -316,6 +321,7 @@ async fn run(
         passes: 0,
         detached: HashMap::new(),
         table,
+        challenges,
     };
     loop {
         let lock = match store.acme_lock(cfg.lease_ttl).await {
@@ -359,6 +365,8 @@ struct Orderer {
     detached: HashMap<String, Instant>,
     /// This node's routing state: a change of domains there starts a pass early.
     table: RoutingTable,
+    /// This node's mirror of the pending challenges (what its listeners answer from).
+    challenges: AcmeChallenges,
 }
 
 impl Orderer {
@@ -595,6 +603,10 @@ impl Orderer {
                 if !self.store.acme_put(&format!("challenges/{token}"), value, lock, true).await? {
                     return Err(AcmeError::LockLost);
                 }
+                // Every node answers from its watch-fed mirror: the CA is told to look
+                // only once the write has reached this node's, plus a moment for the
+                // other nodes' watches (they see the same revision within milliseconds).
+                wait_mirrored(&self.challenges, &token).await;
                 tokens.push(token);
                 ch.set_ready().await?;
             }

@@ -265,8 +265,13 @@ async fn serve_with(
     let health = HealthChecker::spawn(table.clone(), cfg.health.policy());
     let mut store: Option<StatusHandle> = None;
     let mut routes = None;
+    // Pending ACME challenges, mirrored by the etcd source for the request path.
+    let challenges = sluice_routing::source::etcd::AcmeChallenges::default();
     if let Some(etcd) = cfg.etcd.clone() {
-        let source = EtcdSource::new(etcd, table.clone());
+        let mut source = EtcdSource::new(etcd, table.clone());
+        if cfg.acme.enabled {
+            source = source.with_acme_challenges(challenges.clone());
+        }
         store = Some(source.status());
         let s = stop.clone();
         tokio::spawn(source.run(async move { s.notified().await }));
@@ -309,6 +314,7 @@ async fn serve_with(
             cfg.acme.clone(),
             etcd.clone(),
             table.clone(),
+            challenges.clone(),
             &mut server,
             stop.clone(),
         )),

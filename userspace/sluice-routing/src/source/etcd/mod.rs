@@ -45,7 +45,7 @@ pub use config::{DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdAuth, EtcdConfig, EtcdTls
 pub use keys::StoreKey;
 pub use status::{StatusHandle, StoreStatus};
 pub use store::{CreatedToken, EtcdStore, Listing};
-pub use watch::EtcdSource;
+pub use watch::{AcmeChallenges, EtcdSource};
 
 use crate::validate::ValidationError;
 

@@ -1,7 +1,9 @@
 //! The reconciler: list the prefix, then watch it, applying each response as one batch.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchResponse};
@@ -31,6 +33,40 @@ pub struct EtcdSource {
     /// compaction (both mean: list again).
     revision: Option<i64>,
     backoff: Backoff,
+    /// Where the values under `<prefix>acme/challenges/` are mirrored, when ACME is on.
+    challenges: Option<AcmeChallenges>,
+}
+
+/// The pending ACME HTTP-01 challenges of the store (`<prefix>acme/challenges/<token>`,
+/// raw values by token), mirrored in memory by the same list-and-watch that feeds the
+/// routing table: a challenge request is answered from here, never by asking etcd on
+/// the request path.
+#[derive(Clone, Debug, Default)]
+pub struct AcmeChallenges(Arc<RwLock<HashMap<String, Vec<u8>>>>);
+
+impl AcmeChallenges {
+    /// The stored value for `token`, if a challenge is pending under it.
+    pub fn get(&self, token: &str) -> Option<Vec<u8>> {
+        self.0.read().ok()?.get(token).cloned()
+    }
+
+    fn replace(&self, all: HashMap<String, Vec<u8>>) {
+        if let Ok(mut m) = self.0.write() {
+            *m = all;
+        }
+    }
+
+    fn put(&self, token: String, value: Vec<u8>) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert(token, value);
+        }
+    }
+
+    fn remove(&self, token: &str) {
+        if let Ok(mut m) = self.0.write() {
+            m.remove(token);
+        }
+    }
 }
 
 impl fmt::Debug for EtcdSource {
@@ -62,7 +98,21 @@ impl EtcdSource {
         };
         let (status, _) = watch::channel(status);
         let backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
-        EtcdSource { keys: cfg.keys(), cfg, table, status, revision: None, backoff }
+        EtcdSource {
+            keys: cfg.keys(),
+            cfg,
+            table,
+            status,
+            revision: None,
+            backoff,
+            challenges: None,
+        }
+    }
+
+    /// Also mirrors the store's pending ACME challenges into `challenges`.
+    pub fn with_acme_challenges(mut self, challenges: AcmeChallenges) -> Self {
+        self.challenges = Some(challenges);
+        self
     }
 
     /// A handle to the source's status (valid before, during and after `run`).
@@ -178,6 +228,13 @@ impl EtcdSource {
         }
     }
 
+    /// The token of a key under `<prefix>acme/challenges/`, when challenges are mirrored.
+    fn challenge_token(&self, key: &[u8]) -> Option<String> {
+        self.challenges.as_ref()?;
+        let rest = key.strip_prefix(self.keys.acme("challenges/").as_bytes())?;
+        std::str::from_utf8(rest).ok().filter(|t| !t.is_empty()).map(str::to_owned)
+    }
+
     /// List the prefix (paged, at one consistent revision) and replace the table's
     /// contents. Returns the listing's revision.
     async fn list_and_replace(&mut self, client: &Client) -> Result<i64, EtcdError> {
@@ -189,7 +246,12 @@ impl EtcdSource {
         let mut replicas = Vec::new();
         let mut tokens = Vec::new();
         let mut malformed = 0u64;
+        let mut challenges = HashMap::new();
         for kv in &kvs {
+            if let Some(token) = self.challenge_token(kv.key()) {
+                challenges.insert(token, kv.value().to_vec());
+                continue;
+            }
             let Some(k) = self.keys.parse(kv.key()) else {
                 if !self.keys.is_ignored(kv.key()) {
                     warn_unknown_key(kv.key());
@@ -232,6 +294,9 @@ impl EtcdSource {
                 tracing::error!(key = %self.object_key(&e.object), error = %e.reason, "etcd: object rejected");
             }
         }
+        if let Some(c) = &self.challenges {
+            c.replace(challenges);
+        }
         self.status.send_modify(|s| {
             s.synced = true;
             s.relists += 1;
@@ -266,6 +331,14 @@ impl EtcdSource {
             // after the last one it carries, not after the header's (the store's current
             // revision, possibly beyond what was sent).
             max_rev = max_rev.max(kv.mod_revision());
+            if let (Some(token), Some(c)) = (self.challenge_token(kv.key()), &self.challenges) {
+                match EventType::try_from(ev.0.r#type) {
+                    Ok(EventType::Put) => c.put(token, kv.value().to_vec()),
+                    Ok(EventType::Delete) => c.remove(&token),
+                    Err(_) => {}
+                }
+                continue;
+            }
             let Some(k) = self.keys.parse(kv.key()) else {
                 if !self.keys.is_ignored(kv.key()) {
                     warn_unknown_key(kv.key());
