@@ -292,33 +292,49 @@ pub async fn admin_get(
     path: &str,
     max_body: usize,
 ) -> Result<(StatusCode, Vec<u8>), StreamError> {
-    use http_body_util::{BodyExt as _, Empty};
+    use http_body_util::BodyExt as _;
+    let (resp, _conn) = open_get(admin, path).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            if out.len() + data.len() > max_body {
+                return Err(StreamError::TooLarge(max_body));
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok((status, out))
+}
+
+/// The client connection of an admin GET, closed when dropped.
+struct AdminConn(tokio::task::AbortHandle);
+
+impl Drop for AdminConn {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends `GET path` on a fresh connection to the admin listener at `admin` and returns
+/// the response head (its body still to read) with the connection, which must outlive
+/// the body.
+async fn open_get(
+    admin: std::net::SocketAddr,
+    path: &str,
+) -> Result<(Response<hyper::body::Incoming>, AdminConn), StreamError> {
+    use http_body_util::Empty;
     let tcp = tokio::net::TcpStream::connect(admin).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    let conn = tokio::spawn(conn);
-    let result = async {
-        let req = Request::builder()
-            .uri(path)
-            .header(header::HOST, admin.to_string())
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        let mut out = Vec::new();
-        while let Some(frame) = body.frame().await {
-            if let Some(data) = frame?.data_ref() {
-                if out.len() + data.len() > max_body {
-                    return Err(StreamError::TooLarge(max_body));
-                }
-                out.extend_from_slice(data);
-            }
-        }
-        Ok((status, out))
-    }
-    .await;
-    conn.abort();
-    result
+    let conn = AdminConn(tokio::spawn(conn).abort_handle());
+    let req = Request::builder()
+        .uri(path)
+        .header(header::HOST, admin.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let resp = send.send_request(req).await?;
+    Ok((resp, conn))
 }
 
 /// Largest record line accepted from a stream (a server with many replicas stays far
@@ -332,46 +348,32 @@ pub async fn follow_autoscaler_stream(
     admin: std::net::SocketAddr,
     mut on_record: impl FnMut(sluice_routing::ServerRecord),
 ) -> Result<(), StreamError> {
-    use http_body_util::{BodyExt as _, Empty};
-    let tcp = tokio::net::TcpStream::connect(admin).await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    let conn = tokio::spawn(conn);
-    let req = Request::builder()
-        .uri("/autoscaler/stream")
-        .header(header::HOST, admin.to_string())
-        .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let resp = send.send_request(req).await;
-    let result = async {
-        let resp = resp?;
-        if resp.status() != StatusCode::OK {
-            return Err(StreamError::Status(resp.status()));
-        }
-        let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame?;
-            let Some(data) = frame.data_ref() else { continue };
-            buf.extend_from_slice(data);
-            let mut start = 0;
-            while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
-                let line = &buf[start..start + nl];
-                start += nl + 1;
-                match serde_json::from_slice(line) {
-                    Ok(rec) => on_record(rec),
-                    Err(e) => tracing::warn!(%admin, "skipping a bad autoscaler record: {e}"),
-                }
-            }
-            buf.drain(..start);
-            if buf.len() > MAX_RECORD_LINE {
-                return Err(StreamError::LineTooLong(MAX_RECORD_LINE));
-            }
-        }
-        Ok(())
+    use http_body_util::BodyExt as _;
+    let (resp, _conn) = open_get(admin, "/autoscaler/stream").await?;
+    if resp.status() != StatusCode::OK {
+        return Err(StreamError::Status(resp.status()));
     }
-    .await;
-    conn.abort();
-    result
+    let mut body = resp.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        let Some(data) = frame.data_ref() else { continue };
+        buf.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &buf[start..start + nl];
+            start += nl + 1;
+            match serde_json::from_slice(line) {
+                Ok(rec) => on_record(rec),
+                Err(e) => tracing::warn!(%admin, "skipping a bad autoscaler record: {e}"),
+            }
+        }
+        buf.drain(..start);
+        if buf.len() > MAX_RECORD_LINE {
+            return Err(StreamError::LineTooLong(MAX_RECORD_LINE));
+        }
+    }
+    Ok(())
 }
 
 /// Serves the admin routes on `listener` (HTTP/1.1) until aborted.

@@ -33,8 +33,9 @@ pub struct EtcdSource {
     /// compaction (both mean: list again).
     revision: Option<i64>,
     backoff: Backoff,
-    /// Where the values under `<prefix>acme/challenges/` are mirrored, when ACME is on.
-    challenges: Option<AcmeChallenges>,
+    /// `<prefix>acme/challenges/`, and where the values under it are mirrored, when
+    /// ACME is on.
+    challenges: Option<(String, AcmeChallenges)>,
 }
 
 /// The pending ACME HTTP-01 challenges of the store (`<prefix>acme/challenges/<token>`,
@@ -111,7 +112,7 @@ impl EtcdSource {
 
     /// Also mirrors the store's pending ACME challenges into `challenges`.
     pub fn with_acme_challenges(mut self, challenges: AcmeChallenges) -> Self {
-        self.challenges = Some(challenges);
+        self.challenges = Some((self.keys.acme("challenges/"), challenges));
         self
     }
 
@@ -230,8 +231,8 @@ impl EtcdSource {
 
     /// The token of a key under `<prefix>acme/challenges/`, when challenges are mirrored.
     fn challenge_token(&self, key: &[u8]) -> Option<String> {
-        self.challenges.as_ref()?;
-        let rest = key.strip_prefix(self.keys.acme("challenges/").as_bytes())?;
+        let (prefix, _) = self.challenges.as_ref()?;
+        let rest = key.strip_prefix(prefix.as_bytes())?;
         std::str::from_utf8(rest).ok().filter(|t| !t.is_empty()).map(str::to_owned)
     }
 
@@ -294,7 +295,7 @@ impl EtcdSource {
                 tracing::error!(key = %self.object_key(&e.object), error = %e.reason, "etcd: object rejected");
             }
         }
-        if let Some(c) = &self.challenges {
+        if let Some((_, c)) = &self.challenges {
             c.replace(challenges);
         }
         self.status.send_modify(|s| {
@@ -331,7 +332,8 @@ impl EtcdSource {
             // after the last one it carries, not after the header's (the store's current
             // revision, possibly beyond what was sent).
             max_rev = max_rev.max(kv.mod_revision());
-            if let (Some(token), Some(c)) = (self.challenge_token(kv.key()), &self.challenges) {
+            if let (Some(token), Some((_, c))) = (self.challenge_token(kv.key()), &self.challenges)
+            {
                 match EventType::try_from(ev.0.r#type) {
                     Ok(EventType::Put) => c.put(token, kv.value().to_vec()),
                     Ok(EventType::Delete) => c.remove(&token),
