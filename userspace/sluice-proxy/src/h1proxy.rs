@@ -28,15 +28,14 @@
 //! 5. finish: a clean exchange returns the replica connection to its pool.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::StatusCode;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, authorize};
@@ -44,9 +43,9 @@ use sluice_routing::{AuthDecision, InFlightGuard, Protocol, Replica, Server, aut
 use crate::access_log::{Entry, Proto};
 use crate::error::RequestError;
 use crate::headers::{content_length, is_safe_value, put_field, put_status_line};
+use crate::idle::IdleSlot;
 use crate::metrics::RetryReason;
 use crate::proxy::{ConnInfo, ProxyState};
-use crate::server::H1_DRAIN_IDLE;
 use crate::upstream::WireConn;
 
 /// Header slots per replica response head.
@@ -73,9 +72,41 @@ const MAX_PIPELINED: usize = 64 * 1024;
 pub(crate) enum Served {
     /// Finished (closed or to be closed).
     Closed,
+    /// Waiting for its next request: the connection's task holds only this until the
+    /// socket is readable ([`IdleConn::poll_wake`]).
+    Idle(IdleConn),
     /// Declined: serve the rest of the connection on the hyper path, starting with these
     /// bytes already read from it.
-    Declined(TcpStream, Bytes),
+    Declined(TcpStream, Bytes, Arc<ConnInfo>),
+}
+
+/// A keep-alive connection between requests: its socket, its facts and its idle slot,
+/// and no buffer.
+pub(crate) struct IdleConn {
+    tcp: TcpStream,
+    conn: Arc<ConnInfo>,
+    slot: Arc<IdleSlot>,
+}
+
+impl IdleConn {
+    /// Whether the connection has a next request (`true`) or should close (`false`:
+    /// expired by the idle sweep, or the socket failed). Readable wins over an expiry
+    /// that races it: a request that has arrived is served.
+    pub(crate) fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        match self.tcp.poll_read_ready(cx) {
+            Poll::Ready(r) => {
+                self.slot.leave();
+                return Poll::Ready(r.is_ok());
+            }
+            Poll::Pending => {}
+        }
+        self.slot.poll_expired(cx).map(|()| false)
+    }
+
+    /// Serves the connection's next request (after [`Self::poll_wake`] said there is one).
+    pub(crate) async fn resume(self, state: &Arc<ProxyState>) -> Served {
+        serve_requests(state, self.tcp, self.conn, Some(self.slot)).await
+    }
 }
 
 /// A client connection on the fast path.
@@ -136,47 +167,43 @@ enum Planned {
     Decline,
 }
 
-/// Serves `tcp` until it closes, or hands it over to the hyper path.
-pub(crate) async fn serve(
-    state: &Arc<ProxyState>,
-    tcp: TcpStream,
-    conn: &Arc<ConnInfo>,
-    mut drain: watch::Receiver<bool>,
-) -> Served {
+/// Serves `tcp`'s requests until it goes idle or closes, or hands it over to the hyper
+/// path. The connection's bytes have started to arrive (the h2c sniff saw them).
+pub(crate) async fn serve(state: &Arc<ProxyState>, tcp: TcpStream, conn: Arc<ConnInfo>) -> Served {
     // A trusted edge's forwarding headers and request ids are kept and extended, and its
     // requests' clients read from X-Forwarded-For: the hyper path does that.
     if conn.trusted {
-        return Served::Declined(tcp, Bytes::new());
+        return Served::Declined(tcp, Bytes::new(), conn);
     }
+    serve_requests(state, tcp, conn, None).await
+}
+
+/// The request loop: requests are served while bytes of one are there (pipelined ones
+/// included); with none left the connection goes idle, holding no buffer.
+async fn serve_requests(
+    state: &Arc<ProxyState>,
+    tcp: TcpStream,
+    conn: Arc<ConnInfo>,
+    slot: Option<Arc<IdleSlot>>,
+) -> Served {
     let mut client = Client { tcp, buf: BytesMut::new() };
     let mut out = Vec::new();
-    // The connection's one idle timer, armed here and re-armed only when it fires early
-    // (see `wait_request`): creating or resetting a tokio timer takes the driver's lock
-    // and a wheel insert and removal, about a thousand instructions once per request.
-    let idle_timer = tokio::time::sleep(state.cfg.timeouts.connection_idle);
-    tokio::pin!(idle_timer);
     loop {
         // Phase 1: a head.
-        if client.buf.is_empty() {
-            // Idle: hold no buffers.
-            client.buf = BytesMut::new();
-            out = Vec::new();
-            if !wait_request(state, &client.tcp, &mut drain, idle_timer.as_mut()).await {
-                return Served::Closed;
-            }
-        }
         let start = Instant::now();
         let deadline = start + state.cfg.timeouts.header_read;
         let plan = loop {
             if !client.buf.is_empty() {
                 out.clear();
-                match plan(state, conn, &client.buf, &mut out) {
+                match plan(state, &conn, &client.buf, &mut out) {
                     Planned::Go(p) => break p,
-                    Planned::Decline => return Served::Declined(client.tcp, client.buf.freeze()),
+                    Planned::Decline => {
+                        return Served::Declined(client.tcp, client.buf.freeze(), conn);
+                    }
                     Planned::Partial => {
                         if client.buf.len() > state.cfg.limits.max_header_bytes {
                             // hyper answers 431.
-                            return Served::Declined(client.tcp, client.buf.freeze());
+                            return Served::Declined(client.tcp, client.buf.freeze(), conn);
                         }
                     }
                 }
@@ -199,58 +226,24 @@ pub(crate) async fn serve(
             }
             _ => None,
         };
-        // Boxed: an idle connection's task then holds only the small waiting state.
-        let next = Box::pin(exchange(state, &mut client, plan, &mut out, start, &mut log)).await;
+        let next = exchange(state, &mut client, plan, &mut out, start, &mut log).await;
         if let (Some(mut e), Some(l)) = (log, &state.access_log) {
             e.end(!matches!(next, Next::Abort));
             l.push(e);
         }
         match next {
+            Next::KeepAlive if client.buf.is_empty() => {
+                // Idle: stamped now, closed by the sweep if nothing comes (`crate::idle`).
+                let slot = slot.unwrap_or_else(|| state.idle.register());
+                slot.enter(&state.idle);
+                return Served::Idle(IdleConn { tcp: client.tcp, conn, slot });
+            }
             Next::KeepAlive => {}
             Next::Close => {
                 let _ = client.tcp.shutdown().await;
                 return Served::Closed;
             }
             Next::Abort => return Served::Closed,
-        }
-    }
-}
-
-/// Waits for the first byte of a next request; `false` when the connection should close
-/// instead: idle for `connection_idle`, or quiet for `H1_DRAIN_IDLE` once the drain
-/// started. `timer` is the connection's: it never fires later than this wait's deadline
-/// (deadlines only move forward, and the drain's earlier one resets it), so a wake-up
-/// that comes early (it was armed during an earlier wait) re-arms it, and a wait that
-/// ends before it fires leaves it alone.
-async fn wait_request(
-    state: &ProxyState,
-    tcp: &TcpStream,
-    drain: &mut watch::Receiver<bool>,
-    mut timer: Pin<&mut tokio::time::Sleep>,
-) -> bool {
-    let mut draining = *drain.borrow();
-    let limit = if draining { H1_DRAIN_IDLE } else { state.cfg.timeouts.connection_idle };
-    let mut deadline = Instant::now() + limit;
-    if timer.deadline() > deadline {
-        timer.as_mut().reset(deadline);
-    }
-    loop {
-        tokio::select! {
-            biased;
-            r = tcp.readable() => return r.is_ok(),
-            changed = drain.changed(), if !draining => {
-                draining = true;
-                if changed.is_ok() && *drain.borrow() {
-                    deadline = Instant::now() + H1_DRAIN_IDLE;
-                    timer.as_mut().reset(deadline);
-                }
-            }
-            () = timer.as_mut() => {
-                if Instant::now() >= deadline {
-                    return false;
-                }
-                timer.as_mut().reset(deadline);
-            }
         }
     }
 }

@@ -31,6 +31,7 @@ mod h1proxy;
 pub mod h1scan;
 mod h2streams;
 pub mod headers;
+mod idle;
 pub mod io;
 pub mod listener;
 pub mod metrics;

@@ -62,6 +62,8 @@ pub(crate) struct ProxyState {
     /// Sources banned in userspace (see [`crate::client::BanList`]).
     pub(crate) bans: Arc<crate::client::BanList>,
     pub(crate) draining: AtomicBool,
+    /// Idle fast-path HTTP/1.1 connections and the sweep that closes them.
+    pub(crate) idle: crate::idle::IdleSweep,
     /// Proxy-auth header names (and the look-alikes to strip).
     pub(crate) auth: AuthHeaders,
     /// Session header for servers that name none.

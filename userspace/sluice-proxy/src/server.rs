@@ -313,6 +313,7 @@ impl Server {
             Some((log, writer)) => (Some(log), Some(writer.spawn()?)),
             None => (None, None),
         };
+        let idle = crate::idle::IdleSweep::new(self.cfg.timeouts.connection_idle);
         let state = Arc::new(ProxyState {
             upstreams: Upstreams::new(
                 UpstreamSettings::from_config(&self.cfg),
@@ -329,6 +330,7 @@ impl Server {
             deny_reported: self.deny_reported,
             bans: self.bans,
             draining: Default::default(),
+            idle,
             auth,
             session_header,
             lb,
@@ -358,10 +360,14 @@ impl Server {
         tasks.push(tokio::spawn(reaper(state.clone())));
         tasks.push(tokio::spawn(enforce_drain_deadlines(state.clone())));
         tasks.push(tokio::spawn(sample_autoscaler_signal(state.clone())));
+        // Not among `tasks`: it closes idle connections during the drain too.
+        let sweep = state.clone();
+        let sweep = tokio::spawn(async move { sweep.idle.run().await });
 
         shutdown.await;
         tracing::info!("shutting down: draining for up to {:?}", state.cfg.timeouts.drain);
         state.draining.store(true, Ordering::Relaxed);
+        state.idle.start_drain();
         for t in &tasks {
             t.abort();
         }
@@ -375,6 +381,7 @@ impl Server {
         } else {
             tracing::info!("drained");
         }
+        sweep.abort();
         if let Some(w) = writer {
             w.stop(Duration::from_secs(1)).await;
         }
@@ -504,17 +511,82 @@ async fn accept_loop(
             .with_interval(Duration::from_secs(10))
             .with_retries(6);
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
-        let state = state.clone();
-        let drain = drain.clone();
-        let tls = l.tls.clone();
         let ident = (l.proxy_protocol, l.trusted.clone());
-        tokio::spawn(async move {
-            state.metrics.client_connections_total.inc();
-            state.metrics.client_connections_open.inc();
-            serve_connection(&state, tcp, peer, ident, tls, drain).await;
-            state.metrics.client_connections_open.dec();
-            drop(permit);
-        });
+        let setup = serve_connection(state.clone(), tcp, peer, ident, l.tls.clone(), drain.clone());
+        tokio::spawn(Connection::new(state.clone(), permit, Box::pin(setup)));
+    }
+}
+
+/// A boxed phase of a connection's life.
+type Phase = Pin<Box<dyn Future<Output = Option<h1proxy::IdleConn>> + Send>>;
+
+/// One client connection's task, as phases: busy (accepting, TLS, the sniff, a request;
+/// boxed, so only a busy connection pays for its state) and idle between HTTP/1.1
+/// requests, where the task holds nothing but the idle connection itself. An idle
+/// connection's task is what most of a node's connections cost, so it stays this small.
+struct Connection {
+    state: Arc<ProxyState>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    phase: ConnPhase,
+}
+
+enum ConnPhase {
+    Busy(Phase),
+    Idle(h1proxy::IdleConn),
+    Done,
+}
+
+impl Connection {
+    fn new(
+        state: Arc<ProxyState>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        setup: Phase,
+    ) -> Self {
+        state.metrics.client_connections_total.inc();
+        state.metrics.client_connections_open.inc();
+        Self { state, _permit: permit, phase: ConnPhase::Busy(setup) }
+    }
+}
+
+impl Future for Connection {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            this.phase = match std::mem::replace(&mut this.phase, ConnPhase::Done) {
+                ConnPhase::Busy(mut f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.phase = ConnPhase::Busy(f);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Some(idle)) => ConnPhase::Idle(idle),
+                    Poll::Ready(None) => ConnPhase::Done,
+                },
+                ConnPhase::Idle(mut idle) => match idle.poll_wake(cx) {
+                    Poll::Pending => {
+                        this.phase = ConnPhase::Idle(idle);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(true) => {
+                        let state = this.state.clone();
+                        ConnPhase::Busy(Box::pin(async move {
+                            let served = idle.resume(&state).await;
+                            after_fast_path(&state, served).await
+                        }))
+                    }
+                    Poll::Ready(false) => ConnPhase::Done,
+                },
+                ConnPhase::Done => return Poll::Ready(()),
+            };
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.state.metrics.client_connections_open.dec();
     }
 }
 
@@ -637,29 +709,30 @@ async fn refuse_bad_preface(mut tcp: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
 }
 
+/// A connection's first phase: its client (PROXY header), TLS, the protocol, and then
+/// the whole connection, or (on the HTTP/1.1 fast path) its requests until it first goes
+/// idle. Runs boxed in the connection's task ([`Connection`]), so none of this state
+/// stays with an idle connection.
 async fn serve_connection(
-    state: &Arc<ProxyState>,
+    state: Arc<ProxyState>,
     mut tcp: TcpStream,
     peer: SocketAddr,
     (mode, trusted_set): (ProxyProtocol, Arc<[Cidr]>),
     tls: Option<TlsAcceptor>,
     drain: watch::Receiver<bool>,
-) {
+) -> Option<h1proxy::IdleConn> {
+    let state = &state;
     let t = &state.cfg.timeouts;
-    // Before TLS and the h2c sniff: the PROXY header precedes the client's bytes. Boxed
-    // like the sniff below, so idle connections do not carry its state, and skipped
-    // (no allocation) on listeners without PROXY protocol.
+    // Before TLS and the h2c sniff: the PROXY header precedes the client's bytes. Skipped
+    // on listeners without PROXY protocol.
     let client = if mode == ProxyProtocol::Off {
         peer.ip().to_canonical()
     } else {
         tokio::select! {
             biased;
-            c = Box::pin(identify(state, &mut tcp, peer, mode, &trusted_set)) => match c {
-                Some(c) => c,
-                None => return,
-            },
+            c = identify(state, &mut tcp, peer, mode, &trusted_set) => c?,
             // A connection that has sent nothing yet is idle: the drain closes it.
-            () = Box::pin(drain_quiet(drain.clone())) => return,
+            () = drain_quiet(drain.clone()) => return None,
         }
     };
     let activity = Activity::new();
@@ -675,49 +748,64 @@ async fn serve_connection(
         drain: drain.clone(),
         verdicts: verdicts.clone(),
     });
-    let max_head = state.cfg.limits.max_header_bytes;
     match tls {
-        // Boxed, here and below: a connection's task is as large as its largest state,
-        // and an idle fast-path connection should not pay for TLS's or hyper's.
         Some(acceptor) => {
-            Box::pin(serve_tls(state, tcp, acceptor, activity, verdicts, info, drain)).await;
+            serve_tls(state, tcp, acceptor, activity, verdicts, info, drain).await;
+            None
         }
         None => {
-            // Boxed: the sniff's timers would otherwise stay in every idle connection's
-            // task (a task is as large as its largest state).
             let sniffed = tokio::select! {
                 biased;
-                r = Box::pin(tokio::time::timeout(t.header_read, sniff_h2c(&tcp))) => match r {
+                r = tokio::time::timeout(t.header_read, sniff_h2c(&tcp)) => match r {
                     Ok(Ok(s)) => s,
-                    _ => return,
+                    _ => return None,
                 },
                 // A client's pool may hold a connection it has not used yet: while
                 // draining it is an idle connection like any other.
-                () = Box::pin(drain_quiet(drain.clone())) => return,
+                () = drain_quiet(drain.clone()) => return None,
             };
-            if sniffed == Sniffed::BadH2 {
-                Box::pin(refuse_bad_preface(tcp)).await;
-                return;
+            match sniffed {
+                Sniffed::BadH2 => refuse_bad_preface(tcp).await,
+                Sniffed::H2 => {
+                    let io = ConnIo::new(tcp, activity);
+                    serve_h2(state, TokioIo::new(io), info, drain).await;
+                }
+                // HTTP/1.1: the fast path first.
+                Sniffed::H1 => {
+                    return after_fast_path(state, h1proxy::serve(state, tcp, info).await).await;
+                }
             }
-            if sniffed == Sniffed::H2 {
-                let io = ConnIo::new(tcp, activity.clone());
-                Box::pin(serve_h2(state, TokioIo::new(io), info, drain)).await;
-                return;
-            }
-            // HTTP/1.1: the fast path first; what it declines continues on hyper, with
-            // the bytes it had read.
-            let (tcp, read) = match h1proxy::serve(state, tcp, &info, drain.clone()).await {
-                h1proxy::Served::Closed => return,
-                h1proxy::Served::Declined(tcp, read) => (tcp, read),
-            };
-            // The fast path does not keep the activity clock (only `drive` reads it): the
-            // declined request's bytes are the connection's latest activity.
-            activity.touch();
-            let io =
-                crate::upgrade::plain_client_io(tcp, activity.clone(), read, max_head, verdicts);
-            Box::pin(serve_h1(state, io, info, drain)).await;
+            None
         }
     }
+}
+
+/// Where the HTTP/1.1 fast path left a connection: idle (the caller waits for its next
+/// request), closed, or declined, and then served by hyper from the bytes the fast path
+/// had read until it closes.
+async fn after_fast_path(
+    state: &Arc<ProxyState>,
+    served: h1proxy::Served,
+) -> Option<h1proxy::IdleConn> {
+    let (tcp, read, info) = match served {
+        h1proxy::Served::Idle(idle) => return Some(idle),
+        h1proxy::Served::Closed => return None,
+        h1proxy::Served::Declined(tcp, read, info) => (tcp, read, info),
+    };
+    // The fast path does not keep the activity clock (only `drive` reads it): the
+    // declined request's bytes are the connection's latest activity.
+    info.activity.touch();
+    let max_head = state.cfg.limits.max_header_bytes;
+    let io = crate::upgrade::plain_client_io(
+        tcp,
+        info.activity.clone(),
+        read,
+        max_head,
+        info.verdicts.clone(),
+    );
+    let drain = info.drain.clone();
+    serve_h1(state, io, info, drain).await;
+    None
 }
 
 /// A TLS connection: the handshake (ALPN picks HTTP/2 or HTTP/1.1), then hyper.
