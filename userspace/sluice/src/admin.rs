@@ -6,7 +6,8 @@ use std::{sync::Arc, time::Duration};
 use http::{Method, StatusCode};
 use sluice_proxy::Server;
 use sluice_proxy::admin::{READ_ONLY, endpoint, json, text};
-use sluice_routing::{RoutingTable, source::etcd::StatusHandle};
+use sluice_routing::RoutingTable;
+use sluice_store::etcd::StatusHandle;
 
 type Req = http::Request<hyper::body::Incoming>;
 
@@ -187,7 +188,7 @@ fn percent_decode(v: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{v:?}: not UTF-8"))
 }
 
-fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String) {
+fn store_metrics(s: &sluice_store::etcd::StoreStatus, out: &mut String) {
     use std::fmt::Write as _;
     // A `_timestamp_seconds` gauge rather than an age with a sentinel: `time() - it` is
     // the age, and 0 (never) reads as infinitely stale in the same alert.

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use sluice_proxy::ProxyConfig;
 use sluice_routing::RoutingTable;
-use sluice_routing::source::file::{line_col, load_into};
+use sluice_store::file::{line_col, load_into};
 
 use crate::run::{NODE_SECTIONS, RunConfig};
 
@@ -207,7 +207,7 @@ fn span_of_error(text: &str) -> Option<usize> {
     }
     section!(node: sluice_routing::NodeConfig);
     section!(routes: crate::run::RoutesConfig);
-    section!(etcd: sluice_routing::source::etcd::EtcdConfig);
+    section!(etcd: sluice_store::etcd::EtcdConfig);
     section!(health: crate::run::HealthConfig);
     section!(local_replicas: crate::local_redirect::LocalReplicasConfig);
     section!(splice: crate::splice_policy::SpliceConfig);

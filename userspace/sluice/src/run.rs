@@ -15,9 +15,9 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use sluice_proxy::{ProxyConfig, Server};
 use sluice_routing::health::{HealthChecker, HealthPolicy};
-use sluice_routing::source::etcd::{EtcdConfig, EtcdSource, StatusHandle};
-use sluice_routing::source::file::load_into;
 use sluice_routing::{NodeConfig, RoutingTable};
+use sluice_store::etcd::{EtcdConfig, EtcdSource, StatusHandle};
+use sluice_store::file::load_into;
 use tokio::sync::Notify;
 
 /// Where the routing document comes from.
@@ -266,7 +266,7 @@ async fn serve_with(
     let mut store: Option<StatusHandle> = None;
     let mut routes = None;
     // Pending ACME challenges, mirrored by the etcd source for the request path.
-    let challenges = sluice_routing::source::etcd::AcmeChallenges::default();
+    let challenges = sluice_store::etcd::AcmeChallenges::default();
     if let Some(etcd) = cfg.etcd.clone() {
         let mut source = EtcdSource::new(etcd, table.clone());
         if cfg.acme.enabled {

@@ -37,9 +37,9 @@ use sluice_routing::DesiredReplicas;
 use sluice_routing::model::{
     LaunchSpec, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec,
 };
-use sluice_routing::source::etcd::{EtcdError, EtcdStore};
-use sluice_routing::source::file::SourceError;
 use sluice_routing::supervisor::{Managed, Phase, plan, targets};
+use sluice_store::etcd::{EtcdError, EtcdStore};
+use sluice_store::file::SourceError;
 use tokio::process::{Child, Command};
 
 /// `sluice supervise (--routes PATH --replicas-file FILE --desired-file FILE | --endpoints ..)`
@@ -218,7 +218,7 @@ impl Store {
     async fn inputs(&self) -> Result<(Vec<ServerSpec>, Vec<DesiredReplicas>), SuperviseError> {
         match self {
             Store::Files { routes, desired_file, .. } => {
-                let doc = sluice_routing::source::file::load_doc(routes)?;
+                let doc = sluice_store::file::load_doc(routes)?;
                 let desired = DesiredSink::File(desired_file.clone()).load().await?;
                 Ok((doc.servers, desired))
             }
