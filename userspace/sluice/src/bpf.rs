@@ -33,10 +33,10 @@ pub fn main(command: BpfCommand) -> Result<()> {
 
 fn status(json: bool, pin_dir: &std::path::Path, admin: std::net::SocketAddr) -> Result<()> {
     let report = probe::probe();
-    let behaviour = crate::kernel::behaviour_standalone(&report);
+    let behaviour = sluice_node::kernel::behaviour_standalone(&report);
     let pinned = pins::list(pin_dir);
     let mut state = live::read(pin_dir);
-    crate::vip::name_servers(&mut state.vips, admin);
+    sluice_node::vip::name_servers(&mut state.vips, admin);
     if json {
         let doc = serde_json::json!({
             "probe": report,
@@ -50,7 +50,7 @@ fn status(json: bool, pin_dir: &std::path::Path, admin: std::net::SocketAddr) ->
     }
     print!("{}", report.table());
     println!();
-    crate::kernel::print_behaviour(behaviour.as_ref());
+    sluice_node::kernel::print_behaviour(behaviour.as_ref());
     if pinned.is_empty() {
         println!(
             "pinned under {}: nothing (sluice is not running, or pins nothing)",

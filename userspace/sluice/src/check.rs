@@ -209,10 +209,10 @@ fn span_of_error(text: &str) -> Option<usize> {
     section!(routes: crate::run::RoutesConfig);
     section!(etcd: sluice_store::etcd::EtcdConfig);
     section!(health: crate::run::HealthConfig);
-    section!(local_replicas: crate::local_redirect::LocalReplicasConfig);
-    section!(splice: crate::splice_policy::SpliceConfig);
-    section!(vip: crate::vip::VipConfig);
-    section!(guard: crate::guard::GuardConfig);
+    section!(local_replicas: sluice_node::local_redirect::LocalReplicasConfig);
+    section!(splice: sluice_node::splice_policy::SpliceConfig);
+    section!(vip: sluice_node::vip::VipConfig);
+    section!(guard: sluice_node::guard::GuardConfig);
     section!(acme: crate::acme::AcmeConfig);
     // The proxy's keys are the top level minus the node's sections: blank those lines
     // (keeping offsets) and parse what is left as the proxy config.

@@ -10,18 +10,11 @@ mod check;
 mod ctl;
 mod demo;
 mod etcd_args;
-mod guard;
-mod handover;
-mod kernel;
-mod local_redirect;
 mod logging;
 mod reload;
 mod run;
-mod splice;
-mod splice_policy;
 mod supervise;
-mod upgrade;
-mod vip;
+mod upgrade_command;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,7 +60,7 @@ enum Command {
     },
     /// Replace the running `sluice run` without dropping connections: SIGUSR2 to it,
     /// then wait until the new process serves and the old one drained and exited.
-    Upgrade(upgrade::UpgradeArgs),
+    Upgrade(upgrade_command::UpgradeArgs),
     /// Validate a config (node config, certificates, routing file) without serving:
     /// print what would run, or `file:line:col` of the first error and exit non-zero.
     Check(check::CheckArgs),
@@ -129,10 +122,11 @@ fn main() -> Result<ExitCode> {
     let done = match cli.command {
         Command::Check(args) => return check::main(args),
         Command::Run { config, require_ebpf, pin_dir, takeover, linger_after_handover } => {
-            let flags = upgrade::HandoverFlags { takeover, linger: linger_after_handover };
+            let flags =
+                sluice_node::handover::HandoverFlags { takeover, linger: linger_after_handover };
             run::main(&config, require_ebpf, pin_dir, flags)
         }
-        Command::Upgrade(args) => upgrade::command(args),
+        Command::Upgrade(args) => upgrade_command::main(args),
         Command::Demo(args) => demo::main(args),
         Command::DemoReplica(args) => demo::replica_main(args),
         Command::Ctl(args) => ctl::main(args),

@@ -11,12 +11,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Result, bail};
 use sluice_dataplane::{
     BehaviourReport, Dataplane, DataplaneOptions, Feature, ProbeReport, probe, probe_behaviour,
 };
 use sluice_proxy::Server;
 use tracing::{info, warn};
+
+use crate::{NodeError, Result};
 
 /// Names a behaviour check to report failed without running it (`all` fails every
 /// check): the test and operations knob for the userspace fallback.
@@ -74,7 +75,9 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>, takeover: bool) -> Re
     let report = probe::probe();
     if let Some(missing) = report.summary_of_missing() {
         if require_ebpf {
-            bail!("--require-ebpf: kernel features missing: {missing}");
+            return Err(NodeError::Refused(format!(
+                "--require-ebpf: kernel features missing: {missing}"
+            )));
         }
         warn!(%missing, "kernel data plane incomplete; serving those paths in userspace");
     }
@@ -89,7 +92,11 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>, takeover: bool) -> Re
             info!(pin_dir = ?dp.pin_dir(), "kernel data plane loaded");
             Some(Arc::new(Mutex::new(dp)))
         }
-        Err(e) if require_ebpf => bail!("--require-ebpf: loading the data plane failed: {e}"),
+        Err(e) if require_ebpf => {
+            return Err(NodeError::Refused(format!(
+                "--require-ebpf: loading the data plane failed: {e}"
+            )));
+        }
         Err(e) => {
             warn!(error = %e, "kernel data plane not loaded; serving on the userspace path");
             None

@@ -1,0 +1,29 @@
+//! sluice's node controllers: the parts of `sluice run` that drive the kernel data plane
+//! from the node config and the routing snapshot, and hook into the proxy.
+//!
+//! Each kernel program family has one module here that drives it (the data plane crate
+//! only knows maps and attachments):
+//!
+//! - [`kernel`]: the feature probe, the load, and the splice behaviour probe at start-up;
+//! - [`splice`] and [`splice_policy`]: the opaque-stream hand-off to `sluice_splice`,
+//!   and the adaptive policy that decides when an `auto` stream is spliced;
+//! - [`local_redirect`]: `[local_replicas]`, the sock_ops + sk_msg short-cut to replicas
+//!   on the node;
+//! - [`guard`]: `[guard]`, the XDP guard and the auth-failure bans;
+//! - [`vip`]: `[vip]`, server virtual addresses rewritten at `connect()`;
+//! - [`handover`]: process handover between an old and a new `sluice run` (listener
+//!   steering generations, the owner record, the channel that moves spliced streams).
+//!
+//! Errors are [`NodeError`]; the binary turns them into its own at the edge.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod guard;
+pub mod handover;
+pub mod kernel;
+pub mod local_redirect;
+pub mod splice;
+pub mod splice_policy;
+pub mod vip;
+
+pub use error::{NodeError, Result};
