@@ -14,9 +14,13 @@
 //! - [`handover`]: process handover between an old and a new `sluice run` (listener
 //!   steering generations, the owner record, the channel that moves spliced streams).
 //!
-//! Errors are [`NodeError`]; the binary turns them into its own at the edge.
+//! Beside them, [`acme`] (`[acme]`) orders and renews certificates for custom domains,
+//! one node of the region at a time, and answers HTTP-01 challenges.
+//!
+//! Errors are [`NodeError`] ([`acme::AcmeError`] for ACME); the binary turns them into its own at the edge.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod error;
 pub mod guard;
 pub mod handover;

@@ -213,7 +213,7 @@ fn span_of_error(text: &str) -> Option<usize> {
     section!(splice: sluice_node::splice_policy::SpliceConfig);
     section!(vip: sluice_node::vip::VipConfig);
     section!(guard: sluice_node::guard::GuardConfig);
-    section!(acme: crate::acme::AcmeConfig);
+    section!(acme: sluice_node::acme::AcmeConfig);
     // The proxy's keys are the top level minus the node's sections: blank those lines
     // (keeping offsets) and parse what is left as the proxy config.
     let masked = mask_sections(text, NODE_SECTIONS);

@@ -2,7 +2,6 @@
 //! the kernel data plane together; errors become `anyhow` only here, at the edge.
 #![forbid(unsafe_code)]
 
-mod acme;
 mod admin;
 mod autoscale;
 mod bpf;

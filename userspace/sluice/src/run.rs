@@ -6,7 +6,7 @@
 //! "routes.toml"` (watched for changes; relative paths are relative to the config file)
 //! or `[etcd]` (the distributed store's change stream) — `[health]` (replica checks) and
 //! `[guard]` (the XDP guard, see `sluice_node::guard`) and `[acme]` (certificates for custom
-//! domains, see `crate::acme`).
+//! domains, see `sluice_node::acme`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -95,7 +95,7 @@ pub struct RunConfig {
     /// The XDP guard.
     pub guard: sluice_node::guard::GuardConfig,
     /// ACME for custom domains (needs `[etcd]`).
-    pub acme: crate::acme::AcmeConfig,
+    pub acme: sluice_node::acme::AcmeConfig,
 }
 
 impl RunConfig {
@@ -116,7 +116,7 @@ impl RunConfig {
         let vip: sluice_node::vip::VipConfig = section(&mut table, "vip")?;
         let guard: sluice_node::guard::GuardConfig = section(&mut table, "guard")?;
         guard.validate().context("in [guard]")?;
-        let mut acme: crate::acme::AcmeConfig = section(&mut table, "acme")?;
+        let mut acme: sluice_node::acme::AcmeConfig = section(&mut table, "acme")?;
         if acme.enabled && etcd.is_none() {
             anyhow::bail!(
                 "[acme] enabled needs [etcd]: issued certificates and challenges live there"
@@ -311,7 +311,7 @@ async fn serve_with(
         .spawn()?;
     }
     let acme = match &cfg.etcd {
-        Some(etcd) if cfg.acme.enabled => Some(crate::acme::start(
+        Some(etcd) if cfg.acme.enabled => Some(sluice_node::acme::start(
             cfg.acme.clone(),
             etcd.clone(),
             table.clone(),
