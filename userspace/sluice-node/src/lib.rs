@@ -15,9 +15,11 @@
 //!   steering generations, the owner record, the channel that moves spliced streams).
 //!
 //! Beside them, [`acme`] (`[acme]`) orders and renews certificates for custom domains,
-//! one node of the region at a time, and answers HTTP-01 challenges.
+//! one node of the region at a time, and answers HTTP-01 challenges; [`supervise`] is
+//! the reference replica supervisor (`sluice supervise`, and `sluice demo`'s compute
+//! side).
 //!
-//! Errors are [`NodeError`] ([`acme::AcmeError`] for ACME); the binary turns them into its own at the edge.
+//! Errors are [`NodeError`] ([`acme::AcmeError`] and [`supervise::SuperviseError`] for those two); the binary turns them into its own at the edge.
 #![forbid(unsafe_code)]
 
 pub mod acme;
@@ -28,6 +30,7 @@ pub mod kernel;
 pub mod local_redirect;
 pub mod splice;
 pub mod splice_policy;
+pub mod supervise;
 pub mod vip;
 
 pub use error::{NodeError, Result};

@@ -12,7 +12,7 @@ mod etcd_args;
 mod logging;
 mod reload;
 mod run;
-mod supervise;
+mod supervise_command;
 mod upgrade_command;
 
 use std::path::PathBuf;
@@ -75,7 +75,7 @@ enum Command {
     Autoscale(autoscale::AutoscaleArgs),
     /// Run replica processes for the desired counts the autoscaler writes, and register
     /// them in the routing state (the reference compute side for one node).
-    Supervise(supervise::SuperviseArgs),
+    Supervise(supervise_command::SuperviseArgs),
     /// Inspect the kernel data plane.
     Bpf {
         #[command(subcommand)]
@@ -130,7 +130,7 @@ fn main() -> Result<ExitCode> {
         Command::DemoReplica(args) => demo::replica_main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),
-        Command::Supervise(args) => supervise::main(args),
+        Command::Supervise(args) => supervise_command::main(args),
         Command::Bpf { command } => bpf::main(command),
         Command::Completions { .. } | Command::Man => Ok(()),
     };
