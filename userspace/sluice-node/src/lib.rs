@@ -19,7 +19,8 @@
 //! the reference replica supervisor (`sluice supervise`, and `sluice demo`'s compute
 //! side).
 //!
-//! Errors are [`NodeError`] ([`acme::AcmeError`] and [`supervise::SuperviseError`] for those two); the binary turns them into its own at the edge.
+//! Errors are [`NodeError`] ([`acme::AcmeError`] and [`supervise::SuperviseError`] for
+//! those two); the binary turns them into `anyhow` at the edge.
 #![forbid(unsafe_code)]
 
 pub mod acme;
