@@ -140,6 +140,83 @@ pub fn install_splice_admin(
     server.metrics_extra(Arc::new(move |out: &mut String| decisions.render(out)));
 }
 
+/// Adds the kernel data plane's probe state and counters to `/metrics`, read from the
+/// pinned maps on each scrape (cheap, and the same numbers `bpftool` shows).
+pub fn install_metrics(
+    server: &mut Server,
+    report: sluice_dataplane::ProbeReport,
+    pin_dir: Option<std::path::PathBuf>,
+) {
+    server.metrics_extra(Arc::new(move |out: &mut String| {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP sluice_bpf_feature_available 1 if the kernel feature probed usable at start-up."
+        );
+        let _ = writeln!(out, "# TYPE sluice_bpf_feature_available gauge");
+        for f in &report.features {
+            let _ = writeln!(
+                out,
+                "sluice_bpf_feature_available{{feature=\"{}\"}} {}",
+                f.feature.name(),
+                u8::from(f.status.is_available())
+            );
+        }
+        let Some(dir) = &pin_dir else { return };
+        let live = sluice_dataplane::live::read(dir);
+        let mut counter = |name: &str, help: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            }
+        };
+        counter(
+            "sluice_bpf_redirect_bytes_total",
+            "Bytes sk_msg handed straight to a local peer socket.",
+            live.redirect.map(|r| r.bytes_redirected),
+        );
+        counter(
+            "sluice_bpf_splice_bytes_total",
+            "Bytes of upgraded streams spliced in the kernel.",
+            live.splice.map(|s| s.bytes),
+        );
+        counter(
+            "sluice_bpf_redirect_no_peer_total",
+            "Messages whose peer was not tracked (normal stack path).",
+            live.redirect.map(|r| r.no_peer),
+        );
+        counter(
+            "sluice_bpf_track_failed_total",
+            "Sockhash inserts the kernel refused.",
+            live.redirect.map(|r| r.track_failed),
+        );
+        counter(
+            "sluice_bpf_vip_rewritten_total",
+            "Connects to a VIP rewritten to a replica.",
+            live.vip.map(|v| v.rewritten),
+        );
+        counter(
+            "sluice_bpf_steer_selected_total",
+            "New connections the kernel steered to the active listener generation.",
+            live.steer.map(|s| s.selected),
+        );
+        counter(
+            "sluice_bpf_steer_migrated_total",
+            "Connections migrated off a closing listener.",
+            live.steer.map(|s| s.migrated),
+        );
+        if let Some(g) = live.guard {
+            let _ = writeln!(
+                out,
+                "# HELP sluice_bpf_guard_dropped_total Packets the XDP guard dropped, by reason.\n\
+                 # TYPE sluice_bpf_guard_dropped_total counter\n\
+                 sluice_bpf_guard_dropped_total{{reason=\"denied\"}} {}\n\
+                 sluice_bpf_guard_dropped_total{{reason=\"syn_rate\"}} {}",
+                g.dropped_denied, g.dropped_syn_rate
+            );
+        }
+    }));
+}
+
 /// The behaviour probe for `sluice bpf status`, which runs in its own process: it
 /// loads a private, unpinned copy of the data plane (same programs, nothing shared
 /// with a running sluice) and splices its loopback pairs through that. `None` when

@@ -4,7 +4,8 @@
 //! Each kernel program family has one module here that drives it (the data plane crate
 //! only knows maps and attachments):
 //!
-//! - [`kernel`]: the feature probe, the load, and the splice behaviour probe at start-up;
+//! - [`kernel`]: the feature probe, the load, and the splice behaviour probe at start-up,
+//!   and the kernel's `/metrics` families (read from the pinned maps);
 //! - [`splice`] and [`splice_policy`]: the opaque-stream hand-off to `sluice_splice`,
 //!   and the adaptive policy that decides when an `auto` stream is spliced;
 //! - [`local_redirect`]: `[local_replicas]`, the sock_ops + sk_msg short-cut to replicas

@@ -327,7 +327,7 @@ async fn serve_with(
         .dataplane
         .as_ref()
         .and_then(|d| d.lock().ok().and_then(|d| d.pin_dir().map(Path::to_path_buf)));
-    crate::admin::install_kernel(&mut server, kernel.report.clone(), pins);
+    sluice_node::kernel::install_metrics(&mut server, kernel.report.clone(), pins);
     // Plaintext upgraded streams are spliced in the kernel where it can (probed, and
     // behaving), as each server's splice mode and the adaptive policy say.
     let decisions = Arc::new(sluice_node::splice_policy::Decisions::default());
