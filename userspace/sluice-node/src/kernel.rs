@@ -234,31 +234,3 @@ pub fn behaviour_standalone(report: &ProbeReport) -> Option<BehaviourReport> {
         }
     }
 }
-
-/// The behaviour section of `sluice bpf status`'s table output.
-pub fn print_behaviour(b: Option<&BehaviourReport>) {
-    let Some(b) = b else {
-        println!("splice behaviour: not probed (sk_skb verdict unavailable)");
-        println!();
-        return;
-    };
-    println!("{:<18} {:<10} DETAIL", "SPLICE CHECK", "STATUS");
-    for c in &b.checks {
-        let status = match c.status {
-            sluice_dataplane::CheckStatus::Passed => "ok",
-            sluice_dataplane::CheckStatus::Failed => "FAILED",
-            sluice_dataplane::CheckStatus::Skipped => "skipped",
-        };
-        println!("{:<18} {:<10} {}", c.check, status, c.detail);
-    }
-    if b.passed() {
-        println!("splice: enabled (upgraded streams may be spliced in the kernel)");
-    } else {
-        let failed: Vec<&str> = b.failed().map(|c| c.check).collect();
-        println!(
-            "splice: DISABLED: behaviour check failed: {}; upgraded streams relay in userspace",
-            failed.join(", ")
-        );
-    }
-    println!();
-}

@@ -50,7 +50,7 @@ fn status(json: bool, pin_dir: &std::path::Path, admin: std::net::SocketAddr) ->
     }
     print!("{}", report.table());
     println!();
-    sluice_node::kernel::print_behaviour(behaviour.as_ref());
+    print_behaviour(behaviour.as_ref());
     if pinned.is_empty() {
         println!(
             "pinned under {}: nothing (sluice is not running, or pins nothing)",
@@ -131,4 +131,32 @@ fn print_live(s: &live::LiveState) {
             st.fallback
         );
     }
+}
+
+/// The behaviour section of `sluice bpf status`'s table output.
+fn print_behaviour(b: Option<&sluice_dataplane::BehaviourReport>) {
+    let Some(b) = b else {
+        println!("splice behaviour: not probed (sk_skb verdict unavailable)");
+        println!();
+        return;
+    };
+    println!("{:<18} {:<10} DETAIL", "SPLICE CHECK", "STATUS");
+    for c in &b.checks {
+        let status = match c.status {
+            sluice_dataplane::CheckStatus::Passed => "ok",
+            sluice_dataplane::CheckStatus::Failed => "FAILED",
+            sluice_dataplane::CheckStatus::Skipped => "skipped",
+        };
+        println!("{:<18} {:<10} {}", c.check, status, c.detail);
+    }
+    if b.passed() {
+        println!("splice: enabled (upgraded streams may be spliced in the kernel)");
+    } else {
+        let failed: Vec<&str> = b.failed().map(|c| c.check).collect();
+        println!(
+            "splice: DISABLED: behaviour check failed: {}; upgraded streams relay in userspace",
+            failed.join(", ")
+        );
+    }
+    println!();
 }
