@@ -80,3 +80,17 @@ impl NodeError {
 
 /// Results of the node controllers.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_prints_what_then_each_cause() {
+        let e = NodeError::io("opening the cgroup", io::Error::other("no such directory"))
+            .context("--require-ebpf");
+        assert_eq!(e.to_string(), "--require-ebpf");
+        assert_eq!(e.report(), "--require-ebpf: opening the cgroup: no such directory");
+        assert_eq!(NodeError::Poisoned.report(), "data plane lock poisoned");
+    }
+}
