@@ -10,10 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, CompactionOptions, Txn, TxnOp};
-use sluice_routing::source::etcd::{
-    EtcdConfig, EtcdError, EtcdSource, EtcdStore, StatusHandle, StoreStatus,
-};
 use sluice_routing::{NodeConfig, ReplicaSpec, RoutingTable, ServerSpec, verify_secret};
+use sluice_store::etcd::{EtcdConfig, EtcdError, EtcdSource, EtcdStore, StatusHandle, StoreStatus};
 use sluice_tests::etcd::{Etcd, TcpGate, TestPki};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -563,7 +561,7 @@ async fn tls_with_client_certificates() {
 
     // Half an identity is a configuration error, named before any connection.
     let half = EtcdConfig {
-        tls: Some(sluice_routing::source::etcd::EtcdTls { key_file: None, ..pki.client_tls(true) }),
+        tls: Some(sluice_store::etcd::EtcdTls { key_file: None, ..pki.client_tls(true) }),
         ..cfg
     };
     let err = EtcdStore::connect(&half).await.unwrap_err();
@@ -589,10 +587,7 @@ async fn user_password_authentication() {
         path
     };
     let auth_cfg = |file| EtcdConfig {
-        auth: Some(sluice_routing::source::etcd::EtcdAuth {
-            user: "sluice".into(),
-            password_file: file,
-        }),
+        auth: Some(sluice_store::etcd::EtcdAuth { user: "sluice".into(), password_file: file }),
         ..cfg(etcd.endpoint())
     };
 
@@ -677,7 +672,7 @@ async fn certificates_arrive_with_their_server() {
 /// ones disappear, and the routing state never sees any of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acme_challenges_are_mirrored_by_the_watch() {
-    use sluice_routing::source::etcd::AcmeChallenges;
+    use sluice_store::etcd::AcmeChallenges;
     let etcd = Etcd::start();
     let mut raw = Client::connect(etcd.endpoints(), None).await.unwrap();
     raw.put("/sluice/acme/challenges/listed", "one", None).await.unwrap();

@@ -113,8 +113,8 @@ impl TestPki {
     }
 
     /// The client side of TLS for the store: the CA, and the client identity if asked.
-    pub fn client_tls(&self, with_identity: bool) -> sluice_routing::source::etcd::EtcdTls {
-        sluice_routing::source::etcd::EtcdTls {
+    pub fn client_tls(&self, with_identity: bool) -> sluice_store::etcd::EtcdTls {
+        sluice_store::etcd::EtcdTls {
             ca_file: Some(self.ca.clone()),
             cert_file: with_identity.then(|| self.client_cert.clone()),
             key_file: with_identity.then(|| self.client_key.clone()),

@@ -1,10 +1,7 @@
 //! The XDP guard: denylist, temporary bans and per-source SYN rate limiting before
 //! the TCP stack, on the interfaces the operator names.
 
-use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Duration};
 
 use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
@@ -259,43 +256,6 @@ impl Dataplane {
     }
 }
 
-/// Counts authentication failures per source and bans a source that reaches the
-/// threshold within the window. Pure bookkeeping; the caller applies bans with
-/// [`Dataplane::guard_deny`] (or serves 403s in userspace when XDP is unavailable).
-#[derive(Debug)]
-pub struct AuthFailureTracker {
-    threshold: u32,
-    window: Duration,
-    failures: std::collections::HashMap<IpAddr, (Instant, u32)>,
-}
-
-impl AuthFailureTracker {
-    /// `threshold` failures within `window` trigger a ban.
-    pub fn new(threshold: u32, window: Duration) -> Self {
-        AuthFailureTracker { threshold: threshold.max(1), window, failures: Default::default() }
-    }
-
-    /// Records one failure; returns true when this failure crosses the threshold.
-    pub fn record(&mut self, source: IpAddr, now: Instant) -> bool {
-        let entry = self.failures.entry(source).or_insert((now, 0));
-        if now.duration_since(entry.0) > self.window {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        if entry.1 >= self.threshold {
-            self.failures.remove(&source);
-            return true;
-        }
-        false
-    }
-
-    /// Forgets windows that have closed, bounding memory under a spray of sources.
-    pub fn prune(&mut self, now: Instant) {
-        let window = self.window;
-        self.failures.retain(|_, (start, _)| now.duration_since(*start) <= window);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,20 +274,5 @@ mod tests {
         assert_eq!(ban_deadline_secs(10 * s + s / 100 * 99, Duration::from_secs(1)), 12);
         assert_eq!(ban_deadline_secs(10 * s, Duration::from_secs(1)), 11);
         assert_eq!(ban_deadline_secs(u64::MAX, Duration::from_secs(1)), u32::MAX);
-    }
-
-    #[test]
-    fn auth_failures_ban_at_threshold_within_window_only() {
-        let mut t = AuthFailureTracker::new(3, Duration::from_secs(10));
-        let ip: IpAddr = "198.18.0.9".parse().unwrap();
-        let t0 = Instant::now();
-        assert!(!t.record(ip, t0));
-        assert!(!t.record(ip, t0 + Duration::from_secs(1)));
-        assert!(t.record(ip, t0 + Duration::from_secs(2)));
-        // A slow trickle across windows never bans.
-        let mut slow = AuthFailureTracker::new(3, Duration::from_secs(1));
-        for i in 0..10 {
-            assert!(!slow.record(ip, t0 + Duration::from_secs(2 * i)));
-        }
     }
 }

@@ -26,7 +26,7 @@ mod vip;
 
 pub use behaviour::{BehaviourReport, CheckStatus, probe_behaviour};
 pub use error::DataplaneError;
-pub use guard::{AuthFailureTracker, GuardAttachment};
+pub use guard::GuardAttachment;
 pub use loader::{Dataplane, DataplaneOptions, RedirectPath};
 pub use probe::{Feature, FeatureStatus, ProbeReport};
 pub use sluice_abi::{

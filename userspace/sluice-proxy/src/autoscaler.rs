@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sluice_routing::backoff::Backoff;
-use sluice_routing::source::etcd::{EtcdError, EtcdStore};
 use sluice_routing::{DesiredReplicas, Recommender, ServerRecord};
+use sluice_store::etcd::{EtcdError, EtcdStore};
 use tokio::sync::mpsc;
 
 use crate::admin::follow_autoscaler_stream;

@@ -18,7 +18,7 @@ use http::StatusCode;
 use sluice_proxy::Server;
 use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
 use sluice_routing::RoutingTable;
-use sluice_routing::source::etcd::{EtcdConfig, EtcdSource, EtcdStore};
+use sluice_store::etcd::{EtcdConfig, EtcdSource, EtcdStore};
 use tokio::sync::oneshot;
 
 struct Etcd {

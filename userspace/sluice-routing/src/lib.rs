@@ -1,9 +1,11 @@
 //! sluice routing state: the model (servers, replicas, tokens), its validation, the
 //! immutable snapshot the request path reads lock-free, incremental application of store
-//! changes, the file source, and the replica health checker.
+//! changes, and the replica health checker. The sources that read a store (file, etcd)
+//! live in `sluice-store`.
 //!
-//! This crate knows nothing of HTTP plumbing or BPF (docs/design.md, Layering): the proxy reads a
-//! [`Snapshot`] from a [`RoutingTable`]; sources and the health checker write to it.
+//! This crate knows nothing of HTTP plumbing or BPF (docs/design.md, Layering): the proxy
+//! reads a [`Snapshot`] from a [`RoutingTable`]; sources (`sluice-store`) and the health
+//! checker write to it.
 //!
 //! ```
 //! use sluice_routing::{NodeConfig, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec};
@@ -34,7 +36,6 @@ pub mod mirror;
 pub mod model;
 pub mod signal;
 pub mod snapshot;
-pub mod source;
 pub mod supervisor;
 pub mod table;
 pub mod validate;

@@ -6,7 +6,8 @@ use std::{sync::Arc, time::Duration};
 use http::{Method, StatusCode};
 use sluice_proxy::Server;
 use sluice_proxy::admin::{READ_ONLY, endpoint, json, text};
-use sluice_routing::{RoutingTable, source::etcd::StatusHandle};
+use sluice_routing::RoutingTable;
+use sluice_store::etcd::StatusHandle;
 
 type Req = http::Request<hyper::body::Incoming>;
 
@@ -187,7 +188,7 @@ fn percent_decode(v: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{v:?}: not UTF-8"))
 }
 
-fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String) {
+fn store_metrics(s: &sluice_store::etcd::StoreStatus, out: &mut String) {
     use std::fmt::Write as _;
     // A `_timestamp_seconds` gauge rather than an age with a sentinel: `time() - it` is
     // the age, and 0 (never) reads as infinitely stale in the same alert.
@@ -237,83 +238,6 @@ fn store_metrics(s: &sluice_routing::source::etcd::StoreStatus, out: &mut String
     for (name, kind, help, v) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
-}
-
-/// Adds the kernel data plane's probe state and counters to `/metrics`, read from the
-/// pinned maps on each scrape (cheap, and the same numbers `bpftool` shows).
-pub fn install_kernel(
-    server: &mut Server,
-    report: sluice_dataplane::ProbeReport,
-    pin_dir: Option<std::path::PathBuf>,
-) {
-    server.metrics_extra(Arc::new(move |out: &mut String| {
-        use std::fmt::Write as _;
-        let _ = writeln!(
-            out,
-            "# HELP sluice_bpf_feature_available 1 if the kernel feature probed usable at start-up."
-        );
-        let _ = writeln!(out, "# TYPE sluice_bpf_feature_available gauge");
-        for f in &report.features {
-            let _ = writeln!(
-                out,
-                "sluice_bpf_feature_available{{feature=\"{}\"}} {}",
-                f.feature.name(),
-                u8::from(f.status.is_available())
-            );
-        }
-        let Some(dir) = &pin_dir else { return };
-        let live = sluice_dataplane::live::read(dir);
-        let mut counter = |name: &str, help: &str, v: Option<u64>| {
-            if let Some(v) = v {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-            }
-        };
-        counter(
-            "sluice_bpf_redirect_bytes_total",
-            "Bytes sk_msg handed straight to a local peer socket.",
-            live.redirect.map(|r| r.bytes_redirected),
-        );
-        counter(
-            "sluice_bpf_splice_bytes_total",
-            "Bytes of upgraded streams spliced in the kernel.",
-            live.splice.map(|s| s.bytes),
-        );
-        counter(
-            "sluice_bpf_redirect_no_peer_total",
-            "Messages whose peer was not tracked (normal stack path).",
-            live.redirect.map(|r| r.no_peer),
-        );
-        counter(
-            "sluice_bpf_track_failed_total",
-            "Sockhash inserts the kernel refused.",
-            live.redirect.map(|r| r.track_failed),
-        );
-        counter(
-            "sluice_bpf_vip_rewritten_total",
-            "Connects to a VIP rewritten to a replica.",
-            live.vip.map(|v| v.rewritten),
-        );
-        counter(
-            "sluice_bpf_steer_selected_total",
-            "New connections the kernel steered to the active listener generation.",
-            live.steer.map(|s| s.selected),
-        );
-        counter(
-            "sluice_bpf_steer_migrated_total",
-            "Connections migrated off a closing listener.",
-            live.steer.map(|s| s.migrated),
-        );
-        if let Some(g) = live.guard {
-            let _ = writeln!(
-                out,
-                "# HELP sluice_bpf_guard_dropped_total Packets the XDP guard dropped, by reason.\n\
-                 # TYPE sluice_bpf_guard_dropped_total counter\n\
-                 sluice_bpf_guard_dropped_total{{reason=\"denied\"}} {}\n\
-                 sluice_bpf_guard_dropped_total{{reason=\"syn_rate\"}} {}",
-                g.dropped_denied, g.dropped_syn_rate
-            );
-        }
-    }));
 }
 
 #[cfg(test)]

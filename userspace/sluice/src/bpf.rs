@@ -33,10 +33,10 @@ pub fn main(command: BpfCommand) -> Result<()> {
 
 fn status(json: bool, pin_dir: &std::path::Path, admin: std::net::SocketAddr) -> Result<()> {
     let report = probe::probe();
-    let behaviour = crate::kernel::behaviour_standalone(&report);
+    let behaviour = sluice_node::kernel::behaviour_standalone(&report);
     let pinned = pins::list(pin_dir);
     let mut state = live::read(pin_dir);
-    crate::vip::name_servers(&mut state.vips, admin);
+    sluice_node::vip::name_servers(&mut state.vips, admin);
     if json {
         let doc = serde_json::json!({
             "probe": report,
@@ -50,7 +50,7 @@ fn status(json: bool, pin_dir: &std::path::Path, admin: std::net::SocketAddr) ->
     }
     print!("{}", report.table());
     println!();
-    crate::kernel::print_behaviour(behaviour.as_ref());
+    print_behaviour(behaviour.as_ref());
     if pinned.is_empty() {
         println!(
             "pinned under {}: nothing (sluice is not running, or pins nothing)",
@@ -131,4 +131,32 @@ fn print_live(s: &live::LiveState) {
             st.fallback
         );
     }
+}
+
+/// The behaviour section of `sluice bpf status`'s table output.
+fn print_behaviour(b: Option<&sluice_dataplane::BehaviourReport>) {
+    let Some(b) = b else {
+        println!("splice behaviour: not probed (sk_skb verdict unavailable)");
+        println!();
+        return;
+    };
+    println!("{:<18} {:<10} DETAIL", "SPLICE CHECK", "STATUS");
+    for c in &b.checks {
+        let status = match c.status {
+            sluice_dataplane::CheckStatus::Passed => "ok",
+            sluice_dataplane::CheckStatus::Failed => "FAILED",
+            sluice_dataplane::CheckStatus::Skipped => "skipped",
+        };
+        println!("{:<18} {:<10} {}", c.check, status, c.detail);
+    }
+    if b.passed() {
+        println!("splice: enabled (upgraded streams may be spliced in the kernel)");
+    } else {
+        let failed: Vec<&str> = b.failed().map(|c| c.check).collect();
+        println!(
+            "splice: DISABLED: behaviour check failed: {}; upgraded streams relay in userspace",
+            failed.join(", ")
+        );
+    }
+    println!();
 }

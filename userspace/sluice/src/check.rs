@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use sluice_proxy::ProxyConfig;
 use sluice_routing::RoutingTable;
-use sluice_routing::source::file::{line_col, load_into};
+use sluice_store::file::{line_col, load_into};
 
 use crate::run::{NODE_SECTIONS, RunConfig};
 
@@ -207,13 +207,13 @@ fn span_of_error(text: &str) -> Option<usize> {
     }
     section!(node: sluice_routing::NodeConfig);
     section!(routes: crate::run::RoutesConfig);
-    section!(etcd: sluice_routing::source::etcd::EtcdConfig);
+    section!(etcd: sluice_store::etcd::EtcdConfig);
     section!(health: crate::run::HealthConfig);
-    section!(local_replicas: crate::local_redirect::LocalReplicasConfig);
-    section!(splice: crate::splice_policy::SpliceConfig);
-    section!(vip: crate::vip::VipConfig);
-    section!(guard: crate::guard::GuardConfig);
-    section!(acme: crate::acme::AcmeConfig);
+    section!(local_replicas: sluice_node::local_redirect::LocalReplicasConfig);
+    section!(splice: sluice_node::splice_policy::SpliceConfig);
+    section!(vip: sluice_node::vip::VipConfig);
+    section!(guard: sluice_node::guard::GuardConfig);
+    section!(acme: sluice_node::acme::AcmeConfig);
     // The proxy's keys are the top level minus the node's sections: blank those lines
     // (keeping offsets) and parse what is left as the proxy config.
     let masked = mask_sections(text, NODE_SECTIONS);

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use sluice_routing::source::etcd::{EtcdConfig, EtcdError, EtcdStore, Listing, StoreKey};
+use sluice_store::etcd::{EtcdConfig, EtcdError, EtcdStore, Listing, StoreKey};
 
 use crate::etcd_args::{EtcdArgs, connect};
 use sluice_routing::{Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec, TokenSpec};

@@ -234,12 +234,15 @@ fn serve(
         };
         let supervisor = {
             let stop = stop.clone();
-            let files =
-                crate::supervise::FileStore { routes: routes_dir, replicas_file, desired_file };
-            let proxy = crate::supervise::SharedState(table.clone());
+            let files = sluice_node::supervise::FileStore {
+                routes: routes_dir,
+                replicas_file,
+                desired_file,
+            };
+            let proxy = sluice_node::supervise::SharedState(table.clone());
             tokio::spawn(async move {
                 let every = Duration::from_millis(200);
-                let res = crate::supervise::run_on_files(
+                let res = sluice_node::supervise::run_on_files(
                     files,
                     proxy,
                     "demo".into(),
@@ -248,7 +251,7 @@ fn serve(
                     wait(stop),
                 );
                 if let Err(e) = res.await {
-                    tracing::warn!("demo supervisor: {e:#}");
+                    tracing::warn!("demo supervisor: {e}");
                 }
             })
         };

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use sluice_routing::source::etcd::{
+use sluice_store::etcd::{
     DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdAuth, EtcdConfig, EtcdStore, EtcdTls,
 };
 

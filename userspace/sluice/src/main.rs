@@ -2,7 +2,6 @@
 //! the kernel data plane together; errors become `anyhow` only here, at the edge.
 #![forbid(unsafe_code)]
 
-mod acme;
 mod admin;
 mod autoscale;
 mod bpf;
@@ -10,18 +9,11 @@ mod check;
 mod ctl;
 mod demo;
 mod etcd_args;
-mod guard;
-mod handover;
-mod kernel;
-mod local_redirect;
 mod logging;
 mod reload;
 mod run;
-mod splice;
-mod splice_policy;
-mod supervise;
-mod upgrade;
-mod vip;
+mod supervise_command;
+mod upgrade_command;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,7 +59,7 @@ enum Command {
     },
     /// Replace the running `sluice run` without dropping connections: SIGUSR2 to it,
     /// then wait until the new process serves and the old one drained and exited.
-    Upgrade(upgrade::UpgradeArgs),
+    Upgrade(upgrade_command::UpgradeArgs),
     /// Validate a config (node config, certificates, routing file) without serving:
     /// print what would run, or `file:line:col` of the first error and exit non-zero.
     Check(check::CheckArgs),
@@ -83,7 +75,7 @@ enum Command {
     Autoscale(autoscale::AutoscaleArgs),
     /// Run replica processes for the desired counts the autoscaler writes, and register
     /// them in the routing state (the reference compute side for one node).
-    Supervise(supervise::SuperviseArgs),
+    Supervise(supervise_command::SuperviseArgs),
     /// Inspect the kernel data plane.
     Bpf {
         #[command(subcommand)]
@@ -129,15 +121,16 @@ fn main() -> Result<ExitCode> {
     let done = match cli.command {
         Command::Check(args) => return check::main(args),
         Command::Run { config, require_ebpf, pin_dir, takeover, linger_after_handover } => {
-            let flags = upgrade::HandoverFlags { takeover, linger: linger_after_handover };
+            let flags =
+                sluice_node::handover::HandoverFlags { takeover, linger: linger_after_handover };
             run::main(&config, require_ebpf, pin_dir, flags)
         }
-        Command::Upgrade(args) => upgrade::command(args),
+        Command::Upgrade(args) => upgrade_command::main(args),
         Command::Demo(args) => demo::main(args),
         Command::DemoReplica(args) => demo::replica_main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::Autoscale(args) => autoscale::main(args),
-        Command::Supervise(args) => supervise::main(args),
+        Command::Supervise(args) => supervise_command::main(args),
         Command::Bpf { command } => bpf::main(command),
         Command::Completions { .. } | Command::Man => Ok(()),
     };

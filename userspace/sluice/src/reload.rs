@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use sluice_proxy::ListenerCerts;
 use sluice_routing::RoutingTable;
-use sluice_routing::source::file::{FileSource, load_into};
+use sluice_store::file::{FileSource, load_into};
 use tokio::sync::Notify;
 
 use crate::run::RunConfig;

@@ -5,8 +5,8 @@
 //! plus `[node]` (base domains, regions), the routing source — `[routes] file =
 //! "routes.toml"` (watched for changes; relative paths are relative to the config file)
 //! or `[etcd]` (the distributed store's change stream) — `[health]` (replica checks) and
-//! `[guard]` (the XDP guard, see `crate::guard`) and `[acme]` (certificates for custom
-//! domains, see `crate::acme`).
+//! `[guard]` (the XDP guard, see `sluice_node::guard`) and `[acme]` (certificates for custom
+//! domains, see `sluice_node::acme`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,9 +15,9 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use sluice_proxy::{ProxyConfig, Server};
 use sluice_routing::health::{HealthChecker, HealthPolicy};
-use sluice_routing::source::etcd::{EtcdConfig, EtcdSource, StatusHandle};
-use sluice_routing::source::file::load_into;
 use sluice_routing::{NodeConfig, RoutingTable};
+use sluice_store::etcd::{EtcdConfig, EtcdSource, StatusHandle};
+use sluice_store::file::load_into;
 use tokio::sync::Notify;
 
 /// Where the routing document comes from.
@@ -85,17 +85,17 @@ pub struct RunConfig {
     /// Replica health checks.
     pub health: HealthConfig,
     /// Proxy ↔ local-replica redirect in the kernel (`[local_replicas]`).
-    pub local_replicas: crate::local_redirect::LocalReplicasConfig,
+    pub local_replicas: sluice_node::local_redirect::LocalReplicasConfig,
     /// Proxy settings (top-level keys).
     pub proxy: ProxyConfig,
     /// Kernel splicing of upgraded streams (`[splice] mode`).
-    pub splice: crate::splice_policy::SpliceConfig,
+    pub splice: sluice_node::splice_policy::SpliceConfig,
     /// Server virtual addresses (`[vip]`).
-    pub vip: crate::vip::VipConfig,
+    pub vip: sluice_node::vip::VipConfig,
     /// The XDP guard.
-    pub guard: crate::guard::GuardConfig,
+    pub guard: sluice_node::guard::GuardConfig,
     /// ACME for custom domains (needs `[etcd]`).
-    pub acme: crate::acme::AcmeConfig,
+    pub acme: sluice_node::acme::AcmeConfig,
 }
 
 impl RunConfig {
@@ -109,14 +109,14 @@ impl RunConfig {
         let routes: RoutesConfig = section(&mut table, "routes")?;
         let etcd: Option<EtcdConfig> = section(&mut table, "etcd")?;
         let health: HealthConfig = section(&mut table, "health")?;
-        let local_replicas: crate::local_redirect::LocalReplicasConfig =
+        let local_replicas: sluice_node::local_redirect::LocalReplicasConfig =
             section(&mut table, "local_replicas")?;
         local_replicas.parsed_prefixes()?;
-        let splice: crate::splice_policy::SpliceConfig = section(&mut table, "splice")?;
-        let vip: crate::vip::VipConfig = section(&mut table, "vip")?;
-        let guard: crate::guard::GuardConfig = section(&mut table, "guard")?;
+        let splice: sluice_node::splice_policy::SpliceConfig = section(&mut table, "splice")?;
+        let vip: sluice_node::vip::VipConfig = section(&mut table, "vip")?;
+        let guard: sluice_node::guard::GuardConfig = section(&mut table, "guard")?;
         guard.validate().context("in [guard]")?;
-        let mut acme: crate::acme::AcmeConfig = section(&mut table, "acme")?;
+        let mut acme: sluice_node::acme::AcmeConfig = section(&mut table, "acme")?;
         if acme.enabled && etcd.is_none() {
             anyhow::bail!(
                 "[acme] enabled needs [etcd]: issued certificates and challenges live there"
@@ -186,7 +186,7 @@ pub fn main(
     config: &Path,
     require_ebpf: bool,
     pin_dir: PathBuf,
-    flags: crate::upgrade::HandoverFlags,
+    flags: sluice_node::handover::HandoverFlags,
 ) -> Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
@@ -241,7 +241,7 @@ pub(crate) async fn serve(
     pin_dir: PathBuf,
     reload: Option<(PathBuf, String)>,
 ) -> Result<()> {
-    let flags = crate::upgrade::HandoverFlags::default();
+    let flags = sluice_node::handover::HandoverFlags::default();
     serve_with(cfg, table, require_ebpf, pin_dir, reload, flags).await
 }
 
@@ -252,12 +252,13 @@ async fn serve_with(
     require_ebpf: bool,
     pin_dir: PathBuf,
     reload: Option<(PathBuf, String)>,
-    flags: crate::upgrade::HandoverFlags,
+    flags: sluice_node::handover::HandoverFlags,
 ) -> Result<()> {
     // Before the pin dir is touched: refuses a second sluice beside a live one.
-    let mut handover = crate::upgrade::Handover::begin(&pin_dir, flags)?;
+    let mut handover = sluice_node::handover::Handover::begin(&pin_dir, flags)?;
     // Kept alive for the whole run: dropping it detaches the kernel programs.
-    let kernel = crate::kernel::start(require_ebpf, Some(pin_dir), handover.replaces_another())?;
+    let kernel =
+        sluice_node::kernel::start(require_ebpf, Some(pin_dir), handover.replaces_another())?;
     tracing::info!(loaded = kernel.dataplane.is_some(), "kernel data plane");
     let stop = Arc::new(Notify::new());
     // Health gating starts before the first load, so no replica is routable before its
@@ -266,7 +267,7 @@ async fn serve_with(
     let mut store: Option<StatusHandle> = None;
     let mut routes = None;
     // Pending ACME challenges, mirrored by the etcd source for the request path.
-    let challenges = sluice_routing::source::etcd::AcmeChallenges::default();
+    let challenges = sluice_store::etcd::AcmeChallenges::default();
     if let Some(etcd) = cfg.etcd.clone() {
         let mut source = EtcdSource::new(etcd, table.clone());
         if cfg.acme.enabled {
@@ -310,7 +311,7 @@ async fn serve_with(
         .spawn()?;
     }
     let acme = match &cfg.etcd {
-        Some(etcd) if cfg.acme.enabled => Some(crate::acme::start(
+        Some(etcd) if cfg.acme.enabled => Some(sluice_node::acme::start(
             cfg.acme.clone(),
             etcd.clone(),
             table.clone(),
@@ -326,15 +327,15 @@ async fn serve_with(
         .dataplane
         .as_ref()
         .and_then(|d| d.lock().ok().and_then(|d| d.pin_dir().map(Path::to_path_buf)));
-    crate::admin::install_kernel(&mut server, kernel.report.clone(), pins);
+    sluice_node::kernel::install_metrics(&mut server, kernel.report.clone(), pins);
     // Plaintext upgraded streams are spliced in the kernel where it can (probed, and
     // behaving), as each server's splice mode and the adaptive policy say.
-    let decisions = Arc::new(crate::splice_policy::Decisions::default());
-    crate::kernel::install_splice_admin(&mut server, &kernel, decisions.clone());
+    let decisions = Arc::new(sluice_node::splice_policy::Decisions::default());
+    sluice_node::kernel::install_splice_admin(&mut server, &kernel, decisions.clone());
     if let Some(dp) = &kernel.dataplane
         && kernel.splice_usable()
     {
-        match crate::splice::KernelSplice::new(dp.clone(), cfg.splice, decisions) {
+        match sluice_node::splice::KernelSplice::new(dp.clone(), cfg.splice, decisions) {
             Ok(splice) => {
                 let splice = Arc::new(splice);
                 handover.set_splice(splice.clone());
@@ -350,7 +351,8 @@ async fn serve_with(
     if cfg.local_replicas.cgroup.is_some() {
         let redirect = match &kernel.dataplane {
             Some(dp) if kernel.report.has(sluice_dataplane::Feature::SockhashSkMsg) => {
-                crate::local_redirect::start(&cfg.local_replicas, dp, &table)
+                sluice_node::local_redirect::start(&cfg.local_replicas, dp, &table)
+                    .map_err(anyhow::Error::from)
             }
             _ => Err(anyhow::anyhow!("sock_ops/sk_msg unavailable on this kernel")),
         };
@@ -363,9 +365,9 @@ async fn serve_with(
             ),
         }
     }
-    crate::vip::start(&kernel, &table, cfg.vip, &mut server);
+    sluice_node::vip::start(&kernel, &table, cfg.vip, &mut server);
     // Dropped at the end of serve(): detaches the guard.
-    let guard = crate::guard::start(
+    let guard = sluice_node::guard::start(
         &cfg.guard,
         kernel.dataplane.as_ref(),
         &mut server,
@@ -373,7 +375,7 @@ async fn serve_with(
         handover.replaces_another(),
     )?;
     let mut bpf_doc = kernel.report_json();
-    bpf_doc["guard"] = crate::guard::report_json(&guard);
+    bpf_doc["guard"] = sluice_node::guard::report_json(&guard);
     let bpf_report = serde_json::to_string_pretty(&bpf_doc).unwrap_or_default();
     server.admin_route(
         "/bpf",
@@ -447,5 +449,23 @@ file = "routes.toml"
         assert!(!log.enabled);
         assert_eq!(log.path, "stdout");
         assert!(RunConfig::parse("[access_log]\nsampel = 0.5\n", base).is_err());
+    }
+
+    #[test]
+    fn the_run_config_takes_a_splice_section() {
+        let cfg = RunConfig::parse(
+            "[splice]\nmode = \"never\"\nmax_rate_bytes_per_sec = 1000\n",
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(cfg.splice.mode, sluice_routing::SpliceMode::Never);
+        assert_eq!(cfg.splice.policy().max_rate, 1000);
+        assert_eq!(
+            cfg.splice.policy().small_read,
+            sluice_node::splice_policy::PolicyConfig::default().small_read
+        );
+        let default = RunConfig::parse("", std::path::Path::new("/")).unwrap();
+        assert_eq!(default.splice, sluice_node::splice_policy::SpliceConfig::default());
+        assert!(RunConfig::parse("[splice]\nmod = \"x\"\n", std::path::Path::new("/")).is_err());
     }
 }

@@ -589,7 +589,7 @@ fn a_crashed_replica_is_replaced() {
 /// replicas in `<prefix>replicas/`, and the proxy following them with its etcd source.
 #[test]
 fn scale_from_zero_over_etcd() {
-    use sluice_routing::source::etcd::{EtcdConfig, EtcdStore};
+    use sluice_store::etcd::{EtcdConfig, EtcdStore};
     let etcd = sluice_tests::etcd::Etcd::start();
     let ep = etcd.endpoint();
     let s = Setup::new("1s");

@@ -11,12 +11,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Result, bail};
 use sluice_dataplane::{
     BehaviourReport, Dataplane, DataplaneOptions, Feature, ProbeReport, probe, probe_behaviour,
 };
 use sluice_proxy::Server;
 use tracing::{info, warn};
+
+use crate::{NodeError, Result};
 
 /// Names a behaviour check to report failed without running it (`all` fails every
 /// check): the test and operations knob for the userspace fallback.
@@ -74,7 +75,9 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>, takeover: bool) -> Re
     let report = probe::probe();
     if let Some(missing) = report.summary_of_missing() {
         if require_ebpf {
-            bail!("--require-ebpf: kernel features missing: {missing}");
+            return Err(NodeError::Refused(format!(
+                "--require-ebpf: kernel features missing: {missing}"
+            )));
         }
         warn!(%missing, "kernel data plane incomplete; serving those paths in userspace");
     }
@@ -89,7 +92,11 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>, takeover: bool) -> Re
             info!(pin_dir = ?dp.pin_dir(), "kernel data plane loaded");
             Some(Arc::new(Mutex::new(dp)))
         }
-        Err(e) if require_ebpf => bail!("--require-ebpf: loading the data plane failed: {e}"),
+        Err(e) if require_ebpf => {
+            return Err(NodeError::Refused(format!(
+                "--require-ebpf: loading the data plane failed: {e}"
+            )));
+        }
         Err(e) => {
             warn!(error = %e, "kernel data plane not loaded; serving on the userspace path");
             None
@@ -133,6 +140,83 @@ pub fn install_splice_admin(
     server.metrics_extra(Arc::new(move |out: &mut String| decisions.render(out)));
 }
 
+/// Adds the kernel data plane's probe state and counters to `/metrics`, read from the
+/// pinned maps on each scrape (cheap, and the same numbers `bpftool` shows).
+pub fn install_metrics(
+    server: &mut Server,
+    report: sluice_dataplane::ProbeReport,
+    pin_dir: Option<std::path::PathBuf>,
+) {
+    server.metrics_extra(Arc::new(move |out: &mut String| {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP sluice_bpf_feature_available 1 if the kernel feature probed usable at start-up."
+        );
+        let _ = writeln!(out, "# TYPE sluice_bpf_feature_available gauge");
+        for f in &report.features {
+            let _ = writeln!(
+                out,
+                "sluice_bpf_feature_available{{feature=\"{}\"}} {}",
+                f.feature.name(),
+                u8::from(f.status.is_available())
+            );
+        }
+        let Some(dir) = &pin_dir else { return };
+        let live = sluice_dataplane::live::read(dir);
+        let mut counter = |name: &str, help: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            }
+        };
+        counter(
+            "sluice_bpf_redirect_bytes_total",
+            "Bytes sk_msg handed straight to a local peer socket.",
+            live.redirect.map(|r| r.bytes_redirected),
+        );
+        counter(
+            "sluice_bpf_splice_bytes_total",
+            "Bytes of upgraded streams spliced in the kernel.",
+            live.splice.map(|s| s.bytes),
+        );
+        counter(
+            "sluice_bpf_redirect_no_peer_total",
+            "Messages whose peer was not tracked (normal stack path).",
+            live.redirect.map(|r| r.no_peer),
+        );
+        counter(
+            "sluice_bpf_track_failed_total",
+            "Sockhash inserts the kernel refused.",
+            live.redirect.map(|r| r.track_failed),
+        );
+        counter(
+            "sluice_bpf_vip_rewritten_total",
+            "Connects to a VIP rewritten to a replica.",
+            live.vip.map(|v| v.rewritten),
+        );
+        counter(
+            "sluice_bpf_steer_selected_total",
+            "New connections the kernel steered to the active listener generation.",
+            live.steer.map(|s| s.selected),
+        );
+        counter(
+            "sluice_bpf_steer_migrated_total",
+            "Connections migrated off a closing listener.",
+            live.steer.map(|s| s.migrated),
+        );
+        if let Some(g) = live.guard {
+            let _ = writeln!(
+                out,
+                "# HELP sluice_bpf_guard_dropped_total Packets the XDP guard dropped, by reason.\n\
+                 # TYPE sluice_bpf_guard_dropped_total counter\n\
+                 sluice_bpf_guard_dropped_total{{reason=\"denied\"}} {}\n\
+                 sluice_bpf_guard_dropped_total{{reason=\"syn_rate\"}} {}",
+                g.dropped_denied, g.dropped_syn_rate
+            );
+        }
+    }));
+}
+
 /// The behaviour probe for `sluice bpf status`, which runs in its own process: it
 /// loads a private, unpinned copy of the data plane (same programs, nothing shared
 /// with a running sluice) and splices its loopback pairs through that. `None` when
@@ -149,32 +233,4 @@ pub fn behaviour_standalone(report: &ProbeReport) -> Option<BehaviourReport> {
             None
         }
     }
-}
-
-/// The behaviour section of `sluice bpf status`'s table output.
-pub fn print_behaviour(b: Option<&BehaviourReport>) {
-    let Some(b) = b else {
-        println!("splice behaviour: not probed (sk_skb verdict unavailable)");
-        println!();
-        return;
-    };
-    println!("{:<18} {:<10} DETAIL", "SPLICE CHECK", "STATUS");
-    for c in &b.checks {
-        let status = match c.status {
-            sluice_dataplane::CheckStatus::Passed => "ok",
-            sluice_dataplane::CheckStatus::Failed => "FAILED",
-            sluice_dataplane::CheckStatus::Skipped => "skipped",
-        };
-        println!("{:<18} {:<10} {}", c.check, status, c.detail);
-    }
-    if b.passed() {
-        println!("splice: enabled (upgraded streams may be spliced in the kernel)");
-    } else {
-        let failed: Vec<&str> = b.failed().map(|c| c.check).collect();
-        println!(
-            "splice: DISABLED: behaviour check failed: {}; upgraded streams relay in userspace",
-            failed.join(", ")
-        );
-    }
-    println!();
 }

@@ -12,9 +12,10 @@
 //! splice itself (the data plane's RCVLOWAT kick), so nothing is lost, duplicated or
 //! reordered.
 //!
-//! On an upgrade the spliced pairs move to the new process (see [`crate::handover`]):
-//! both processes use the same pinned sockhash, so a pair never leaves the kernel path;
-//! only its sockets, its accounting and its close watching change hands.
+//! On an upgrade the spliced pairs move to the new process (see
+//! [`crate::handover::channel`]): both processes use the same pinned sockhash, so a pair
+//! never leaves the kernel path; only its sockets, its accounting and its close watching
+//! change hands.
 
 use std::{
     collections::HashMap,
@@ -41,7 +42,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::handover::{Channel, Msg, SpliceOffer};
+use crate::handover::channel::{Channel, Msg, SpliceOffer};
 
 use crate::splice_policy::{
     Decision, Decisions, Observer, PolicyConfig, SpliceConfig, Verdict, effective_mode,

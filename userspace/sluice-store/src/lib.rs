@@ -1,6 +1,13 @@
-//! Sources of routing state: they turn a store's contents into [`crate::Change`]s or whole
-//! [`crate::RoutingDoc`]s and apply them to a [`crate::RoutingTable`], stamping the store
-//! revision as the generation.
+//! sluice's routing-state sources and store: the I/O side of the routing state, kept out
+//! of `sluice-routing` (model, validation, snapshots: no I/O).
+//!
+//! Sources turn a store's contents into [`sluice_routing::Change`]s or whole
+//! [`sluice_routing::RoutingDoc`]s and apply them to a [`sluice_routing::RoutingTable`],
+//! stamping the store revision as the generation:
+//!
+//! - [`file`]: a TOML file or directory, reloaded on change;
+//! - [`etcd`]: list and watch a key prefix; [`etcd::EtcdStore`] is the writer `sluice ctl`,
+//!   the autoscaler and the supervisor use.
 
 use std::time::SystemTime;
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice_routing::source::file::{FileSource, load_validated};
 use sluice_routing::{NodeConfig, Protocol, RoutingTable};
+use sluice_store::file::{FileSource, load_validated};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 

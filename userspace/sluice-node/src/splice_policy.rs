@@ -377,24 +377,6 @@ mod tests {
     }
 
     #[test]
-    fn the_run_config_takes_a_splice_section() {
-        let cfg = crate::run::RunConfig::parse(
-            "[splice]\nmode = \"never\"\nmax_rate_bytes_per_sec = 1000\n",
-            std::path::Path::new("/"),
-        )
-        .unwrap();
-        assert_eq!(cfg.splice.mode, SpliceMode::Never);
-        assert_eq!(cfg.splice.policy().max_rate, 1000);
-        assert_eq!(cfg.splice.policy().small_read, PolicyConfig::default().small_read);
-        let default = crate::run::RunConfig::parse("", std::path::Path::new("/")).unwrap();
-        assert_eq!(default.splice, SpliceConfig::default());
-        assert!(
-            crate::run::RunConfig::parse("[splice]\nmod = \"x\"\n", std::path::Path::new("/"))
-                .is_err()
-        );
-    }
-
-    #[test]
     fn decisions_render_every_label() {
         let d = Decisions::default();
         d.count(Decision::AutoSpliced);

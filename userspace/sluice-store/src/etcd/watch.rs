@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchResponse};
 use tokio::sync::watch;
 
-use crate::backoff::Backoff;
-use crate::model::{RoutingDoc, ServerSpec};
-use crate::table::RoutingTable;
-use crate::validate::ObjectRef;
+use sluice_routing::backoff::Backoff;
+use sluice_routing::model::{RoutingDoc, ServerSpec};
+use sluice_routing::table::RoutingTable;
+use sluice_routing::validate::ObjectRef;
 
 use super::config::{EtcdConfig, connect};
 use super::keys::{Keys, Object, StoreKey, decode, delete_change, prefix_end};
@@ -432,7 +432,7 @@ impl EtcdSource {
 }
 
 /// The object currently in force for `k`, if the snapshot has one.
-pub(super) fn last_good(snap: &crate::snapshot::Snapshot, k: &StoreKey) -> Option<Object> {
+pub(super) fn last_good(snap: &sluice_routing::snapshot::Snapshot, k: &StoreKey) -> Option<Object> {
     match k {
         StoreKey::Server(id) => {
             snap.server(id).map(|s| Object::Server(Box::new((*s.spec).clone())))

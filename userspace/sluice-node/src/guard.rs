@@ -20,12 +20,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use sluice_dataplane::{AuthFailureTracker, Cidr, Dataplane, GuardAttachment};
+use sluice_dataplane::{Cidr, Dataplane, GuardAttachment};
 use sluice_proxy::Server;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+
+use crate::{NodeError, Result};
 
 /// Auth-failure events buffered between the request path and the ban task; beyond
 /// this, events are dropped (counted) rather than slowing requests down.
@@ -81,7 +82,7 @@ impl GuardConfig {
         let deny = self
             .deny
             .iter()
-            .map(|s| s.parse::<Cidr>().map_err(|e| anyhow::anyhow!("deny: {s:?}: {e}")))
+            .map(|s| s.parse::<Cidr>().map_err(|e| NodeError::Config(format!("deny: {s:?}: {e}"))))
             .collect::<Result<Vec<_>>>()?;
         for i in &self.interfaces {
             // IFNAMSIZ is 16 including the NUL.
@@ -90,11 +91,15 @@ impl GuardConfig {
                 || i.contains(['/', '\0'])
                 || i.contains(char::is_whitespace)
             {
-                bail!("interfaces: {i:?} is not an interface name");
+                return Err(NodeError::Config(format!(
+                    "interfaces: {i:?} is not an interface name"
+                )));
             }
         }
         if self.auth_fail_threshold > 0 && self.auth_ban.is_zero() {
-            bail!("auth_ban: must be longer than 0s (or set auth_fail_threshold = 0)");
+            return Err(NodeError::Config(
+                "auth_ban: must be longer than 0s (or set auth_fail_threshold = 0)".into(),
+            ));
         }
         Ok(deny)
     }
@@ -192,7 +197,7 @@ pub fn start(
     let mut waiting = Vec::new();
     let mut failed = Vec::new();
     let programmed = {
-        let mut d = dp.lock().map_err(|_| anyhow::anyhow!("data plane lock poisoned"))?;
+        let mut d = dp.lock().map_err(|_| NodeError::Poisoned)?;
         program_maps(&mut d, cfg, &deny, &ports).map(|()| {
             for i in &cfg.interfaces {
                 match d.attach_guard(i) {
@@ -200,9 +205,7 @@ pub fn start(
                     // An upgrade: the process being replaced still holds the interface
                     // (one XDP link per interface) until it exits.
                     Err(e) if replacing && held_by_another(&e) => waiting.push(i.clone()),
-                    Err(e) => {
-                        failed.push(anyhow::Error::new(e).context(format!("attaching to {i}")))
-                    }
+                    Err(e) => failed.push(NodeError::dataplane(format!("attaching to {i}"), e)),
                 }
             }
         })
@@ -217,7 +220,7 @@ pub fn start(
         if require_ebpf {
             return Err(e.context("--require-ebpf: the XDP guard could not attach"));
         }
-        warn!(error = %format!("{e:#}"), "XDP guard unavailable; serving without it (deny list and auth-failure bans enforced in userspace)");
+        warn!(error = %e.report(), "XDP guard unavailable; serving without it (deny list and auth-failure bans enforced in userspace)");
         deny_in_userspace(cfg, server)?;
         // Dropping `guard` detaches whatever did attach.
         let mut inactive = Guard::inactive();
@@ -229,7 +232,7 @@ pub fn start(
         if require_ebpf {
             return Err(e.context("--require-ebpf: the XDP guard could not attach"));
         }
-        warn!(error = %format!("{e:#}"), "XDP guard left off one interface; the others are guarded");
+        warn!(error = %e.report(), "XDP guard left off one interface; the others are guarded");
     }
     if !waiting.is_empty() {
         info!(
@@ -312,7 +315,10 @@ fn deny_in_userspace(cfg: &GuardConfig, server: &mut Server) -> Result<()> {
 fn parse_deny(cfg: &GuardConfig) -> Result<Vec<sluice_proxy::config::Cidr>> {
     cfg.deny
         .iter()
-        .map(|s| sluice_proxy::config::Cidr::parse(s).map_err(|e| anyhow::anyhow!("deny: {e}")))
+        .map(|s| {
+            sluice_proxy::config::Cidr::parse(s)
+                .map_err(|e| NodeError::Config(format!("deny: {e}")))
+        })
         .collect()
 }
 
@@ -366,12 +372,14 @@ async fn attach_when_released(
 fn program_maps(dp: &mut Dataplane, cfg: &GuardConfig, deny: &[Cidr], ports: &[u16]) -> Result<()> {
     // Maps first, so the program never runs unconfigured.
     for &p in ports {
-        dp.guard_port(p).with_context(|| format!("protecting port {p}"))?;
+        dp.guard_port(p).map_err(|e| NodeError::dataplane(format!("protecting port {p}"), e))?;
     }
-    dp.guard_syn_rate(cfg.syn_rate, cfg.syn_burst).context("setting the SYN rate")?;
+    dp.guard_syn_rate(cfg.syn_rate, cfg.syn_burst)
+        .map_err(|e| NodeError::dataplane("setting the SYN rate", e))?;
     for &prefix in deny {
-        dp.guard_deny(prefix, None)
-            .with_context(|| format!("denying {}/{}", prefix.addr, prefix.len))?;
+        dp.guard_deny(prefix, None).map_err(|e| {
+            NodeError::dataplane(format!("denying {}/{}", prefix.addr, prefix.len), e)
+        })?;
     }
     Ok(())
 }
@@ -496,11 +504,48 @@ pub fn report_json(guard: &Guard) -> serde_json::Value {
     serde_json::json!({ "interfaces": guard.attachments() })
 }
 
+/// Counts authentication failures per source and bans a source that reaches the
+/// threshold within the window. Pure bookkeeping; the caller applies bans with
+/// `Dataplane::guard_deny` (or serves 403s in userspace when XDP is unavailable).
+#[derive(Debug)]
+pub struct AuthFailureTracker {
+    threshold: u32,
+    window: Duration,
+    failures: std::collections::HashMap<IpAddr, (Instant, u32)>,
+}
+
+impl AuthFailureTracker {
+    /// `threshold` failures within `window` trigger a ban.
+    pub fn new(threshold: u32, window: Duration) -> Self {
+        AuthFailureTracker { threshold: threshold.max(1), window, failures: Default::default() }
+    }
+
+    /// Records one failure; returns true when this failure crosses the threshold.
+    pub fn record(&mut self, source: IpAddr, now: Instant) -> bool {
+        let entry = self.failures.entry(source).or_insert((now, 0));
+        if now.duration_since(entry.0) > self.window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        if entry.1 >= self.threshold {
+            self.failures.remove(&source);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets windows that have closed, bounding memory under a spray of sources.
+    pub fn prune(&mut self, now: Instant) {
+        let window = self.window;
+        self.failures.retain(|_, (start, _)| now.duration_since(*start) <= window);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<GuardConfig> {
+    fn parse(text: &str) -> Result<GuardConfig, Box<dyn std::error::Error>> {
         Ok(GuardConfig::deserialize(toml::from_str::<toml::Value>(text)?)?)
     }
 
@@ -534,5 +579,20 @@ mod tests {
         assert!(err.to_string().contains("10.0.0.0/40"), "{err}");
         assert!(parse("deny = [\"example.com\"]").unwrap().validate().is_err());
         assert!(parse("interfaces = [\"a/b\"]").unwrap().validate().is_err());
+    }
+
+    #[test]
+    fn auth_failures_ban_at_threshold_within_window_only() {
+        let mut t = AuthFailureTracker::new(3, Duration::from_secs(10));
+        let ip: IpAddr = "198.18.0.9".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(!t.record(ip, t0));
+        assert!(!t.record(ip, t0 + Duration::from_secs(1)));
+        assert!(t.record(ip, t0 + Duration::from_secs(2)));
+        // A slow trickle across windows never bans.
+        let mut slow = AuthFailureTracker::new(3, Duration::from_secs(1));
+        for i in 0..10 {
+            assert!(!slow.record(ip, t0 + Duration::from_secs(2 * i)));
+        }
     }
 }

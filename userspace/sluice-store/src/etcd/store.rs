@@ -6,9 +6,9 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use serde::Serialize;
 
-use crate::autoscale::DesiredReplicas;
-use crate::model::{ReplicaSpec, ServerSpec, TokenSpec};
-use crate::validate::{self, ValidationError};
+use sluice_routing::autoscale::DesiredReplicas;
+use sluice_routing::model::{ReplicaSpec, ServerSpec, TokenSpec};
+use sluice_routing::validate::{self, ValidationError};
 
 use super::config::{EtcdConfig, connect};
 use super::keys::{Keys, Object, StoreKey, decode};
@@ -175,8 +175,11 @@ impl EtcdStore {
         environments: Vec<String>,
     ) -> Result<CreatedToken, EtcdError> {
         let secret = generate_secret()?;
-        let spec =
-            TokenSpec { id: id.to_owned(), secret_hash: crate::hash_secret(&secret), environments };
+        let spec = TokenSpec {
+            id: id.to_owned(),
+            secret_hash: sluice_routing::hash_secret(&secret),
+            environments,
+        };
         ValidationError::check(validate::validate_token(&spec))?;
         let key = self.keys.key(&StoreKey::Token(spec.id.clone()));
         let value = to_json(&spec)?;

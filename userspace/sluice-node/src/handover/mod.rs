@@ -1,5 +1,6 @@
-//! Zero-downtime binary upgrade: `sluice upgrade`, SIGUSR2, and the handover between an
-//! old and a new `sluice run` on the same pin directory.
+//! Process handover (a zero-downtime binary upgrade): SIGUSR2, and the handover between
+//! an old and a new `sluice run` on the same pin directory. The `sluice upgrade` command
+//! drives it from outside through [`Owner`].
 //!
 //! The running process (the *owner*) is named by a record in the pin directory: a
 //! symlink `owner` whose target is `<pid>@<pid namespace inode>` (bpffs holds no regular
@@ -14,7 +15,7 @@
 //! select-or-migrate mode, which migrates whatever `net.ipv4.tcp_migrate_req` says).
 //!
 //! Before it activates, the new process connects to the old one's handover channel
-//! ([`crate::handover`]); when their hellos agree, the old process, once superseded,
+//! ([`channel`]); when their hellos agree, the old process, once superseded,
 //! passes its spliced streams over that channel instead of draining them.
 //!
 //! Without kernel steering the same handover runs degraded: the old process learns of
@@ -30,18 +31,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
 use sluice_dataplane::{Dataplane, Feature, SteerGeneration};
 use sluice_proxy::Server;
 use sluice_routing::{RoutingTable, model::ReplicaState, snapshot::Health};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{
-    handover::{Agreement, Channel, ChannelError, ChannelListener, Hello, Msg, socket_path},
-    kernel::Kernel,
-    splice::KernelSplice,
-};
+pub mod channel;
+
+use self::channel::{Agreement, Channel, ChannelError, ChannelListener, Hello, Msg, socket_path};
+use crate::{NodeError, Result, kernel::Kernel, splice::KernelSplice};
 
 /// How often a serving process checks whether a successor took over: cheap (one map
 /// lookup and one readlink), and short next to any drain deadline.
@@ -68,8 +67,9 @@ pub struct HandoverFlags {
 
 /// A sluice process as the owner record names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Owner {
-    pid: u32,
+pub struct Owner {
+    /// Its process id (in the pid namespace `ns`).
+    pub pid: u32,
     /// The pid namespace's inode: a pid means nothing outside its namespace (two pods).
     ns: u64,
 }
@@ -88,9 +88,20 @@ impl Owner {
         Some(Owner { pid: pid.parse().ok()?, ns: ns.parse().ok()? })
     }
 
+    /// Asks the process to hand over to a new one (SIGUSR2: it re-execs its binary with
+    /// `--takeover`).
+    pub fn request_upgrade(&self) -> Result<()> {
+        let invalid = || NodeError::Config(format!("invalid pid {} in the owner record", self.pid));
+        let raw = i32::try_from(self.pid).map_err(|_| invalid())?;
+        let pid = rustix::process::Pid::from_raw(raw).ok_or_else(invalid)?;
+        rustix::process::kill_process(pid, rustix::process::Signal::USR2).map_err(|e| {
+            NodeError::io(format!("signalling pid {}", self.pid), std::io::Error::from(e))
+        })
+    }
+
     /// Whether the process is a live sluice: `None` when it is in another pid namespace,
     /// where this process cannot tell.
-    fn alive(&self) -> Option<bool> {
+    pub fn alive(&self) -> Option<bool> {
         if self.ns != own_pid_ns() {
             return None;
         }
@@ -129,7 +140,8 @@ fn record_paths(pin_dir: &Path) -> [PathBuf; 2] {
     [pin_dir.join(RECORD), std::env::temp_dir().join(format!("sluice-owner{flat}"))]
 }
 
-fn read_owner(pin_dir: &Path) -> Option<Owner> {
+/// The sluice the owner record in `pin_dir` names, if there is a readable record.
+pub fn read_owner(pin_dir: &Path) -> Option<Owner> {
     record_paths(pin_dir)
         .iter()
         .find_map(|p| std::fs::read_link(p).ok())
@@ -199,16 +211,18 @@ impl Handover {
         let mut previous = None;
         if let Some(owner) = read_owner(pin_dir).filter(|o| *o != me) {
             match owner.alive() {
-                Some(true) if !takeover => bail!(
-                    "another sluice (pid {}) is serving with pin dir {}; a second one would \
-                     silently share its ports (SO_REUSEPORT). Replace it with `sluice upgrade \
-                     --pin-dir {}` (or SIGUSR2 to pid {}), or pass --takeover if this start is \
-                     meant to take over from it",
-                    owner.pid,
-                    pin_dir.display(),
-                    pin_dir.display(),
-                    owner.pid
-                ),
+                Some(true) if !takeover => {
+                    return Err(NodeError::Refused(format!(
+                        "another sluice (pid {}) is serving with pin dir {}; a second one would \
+                         silently share its ports (SO_REUSEPORT). Replace it with `sluice \
+                         upgrade --pin-dir {}` (or SIGUSR2 to pid {}), or pass --takeover if \
+                         this start is meant to take over from it",
+                        owner.pid,
+                        pin_dir.display(),
+                        pin_dir.display(),
+                        owner.pid
+                    )));
+                }
                 Some(true) => {
                     info!(pid = owner.pid, "taking over from the running sluice");
                     previous = Some(owner);
@@ -294,10 +308,10 @@ impl Handover {
         {
             let res = match dp.lock() {
                 Ok(mut d) if d.pin_dir().is_some() => {
-                    activate(&mut d, &fds).map(Some).map_err(anyhow::Error::from)
+                    activate(&mut d, &fds).map(Some).map_err(|e| e.to_string())
                 }
                 Ok(_) => Ok(None),
-                Err(_) => Err(anyhow::anyhow!("data plane lock poisoned")),
+                Err(_) => Err(NodeError::Poisoned.to_string()),
             };
             match res {
                 Ok(Some(generation)) => self.steer = Some((dp.clone(), generation)),
@@ -690,80 +704,6 @@ fn spawn_successor() -> io::Result<tokio::process::Child> {
     }
     info!(exe = %exe.display(), "starting the new process");
     tokio::process::Command::new(exe).args(args).stdin(std::process::Stdio::null()).spawn()
-}
-
-/// `sluice upgrade`.
-#[derive(clap::Args)]
-pub struct UpgradeArgs {
-    /// The running sluice's pin directory (as passed to `sluice run --pin-dir`).
-    #[arg(long, default_value = sluice_dataplane::DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
-    /// Give up waiting after this many seconds (the old process's drain deadline
-    /// counts in it).
-    #[arg(long, default_value_t = 120)]
-    timeout: u64,
-}
-
-/// Sends SIGUSR2 to the running sluice and waits until the new process is the active
-/// one and the old one has exited.
-pub fn command(args: UpgradeArgs) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
-    let dir = &args.pin_dir;
-    let old = read_owner(dir)
-        .with_context(|| format!("no running sluice recorded in {}", dir.display()))?;
-    match old.alive() {
-        Some(true) => {}
-        Some(false) => {
-            bail!("sluice pid {} (recorded in {}) is not running", old.pid, dir.display())
-        }
-        None => {
-            bail!("sluice pid {} runs in another pid namespace; send SIGUSR2 from there", old.pid)
-        }
-    }
-    let pid = rustix::process::Pid::from_raw(i32::try_from(old.pid)?)
-        .context("invalid pid in the owner record")?;
-    rustix::process::kill_process(pid, rustix::process::Signal::USR2)
-        .with_context(|| format!("signalling pid {}", old.pid))?;
-    println!("sent SIGUSR2 to sluice pid {}", old.pid);
-    let poll = || std::thread::sleep(Duration::from_millis(50));
-    let new = loop {
-        if let Some(o) = read_owner(dir).filter(|o| *o != old && o.alive() != Some(false)) {
-            break o;
-        }
-        if old.alive() == Some(false) {
-            bail!("sluice pid {} exited without a successor taking over", old.pid);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no new process took over within {}s; pid {} still serves (see its log)",
-                args.timeout,
-                old.pid
-            );
-        }
-        poll();
-    };
-    let steering = sluice_dataplane::live::read(dir).steering.filter(|s| s.count > 0);
-    match steering {
-        Some(s) => println!(
-            "new sluice pid {} is serving; the kernel steers new connections to it (slots {}..{})",
-            new.pid,
-            s.base,
-            s.base + s.count
-        ),
-        None => println!(
-            "new sluice pid {} is serving (no kernel steering: degraded handover)",
-            new.pid
-        ),
-    }
-    println!("waiting for pid {} to drain", old.pid);
-    while old.alive() == Some(true) {
-        if Instant::now() > deadline {
-            bail!("pid {} has not exited within {}s (still draining?)", old.pid, args.timeout);
-        }
-        poll();
-    }
-    println!("old sluice pid {} drained and exited; upgrade complete", old.pid);
-    Ok(())
 }
 
 #[cfg(test)]

@@ -13,10 +13,10 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::RoutingTable;
-use crate::model::{NodeConfig, RoutingDoc};
-use crate::source::SourceStatus;
-use crate::validate::{self, FieldError, ObjectRef};
+use crate::SourceStatus;
+use sluice_routing::RoutingTable;
+use sluice_routing::model::{NodeConfig, RoutingDoc};
+use sluice_routing::validate::{self, FieldError, ObjectRef};
 
 /// How often the file source checks for changes.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::source::SourceStatus;
+use crate::SourceStatus;
 
 /// The source's view of the store, for `/readyz` and `/metrics`.
 #[derive(Clone, Debug, PartialEq, Eq)]

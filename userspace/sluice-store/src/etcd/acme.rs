@@ -1,7 +1,7 @@
 //! What the ACME client (`[acme]` in the node config) keeps in etcd, under
 //! `<prefix>acme/`: the ordering lock, the account, issued certificates and the HTTP-01
 //! answers every node serves. Issued certificates also go into their server's spec (as
-//! ACME-marked [`crate::model::CertificateSpec`]s), so they reach every node's SNI
+//! ACME-marked [`sluice_routing::model::CertificateSpec`]s), so they reach every node's SNI
 //! resolver through the ordinary change stream.
 
 use std::time::Duration;
@@ -9,8 +9,8 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, LockOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 
-use crate::model::ServerSpec;
-use crate::validate::{self, ValidationError};
+use sluice_routing::model::ServerSpec;
+use sluice_routing::validate::{self, ValidationError};
 
 use super::keys::{Object, StoreKey, decode};
 use super::store::{EtcdStore, to_json};

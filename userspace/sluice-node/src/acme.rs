@@ -35,7 +35,7 @@ use sluice_routing::RoutingTable;
 use sluice_routing::backoff::Backoff;
 use sluice_routing::cert::CertSummary;
 use sluice_routing::model::{CertificateSpec, duration_serde};
-use sluice_routing::source::etcd::{AcmeChallenges, AcmeLock, EtcdConfig, EtcdError, EtcdStore};
+use sluice_store::etcd::{AcmeChallenges, AcmeLock, EtcdConfig, EtcdError, EtcdStore};
 use tokio::sync::{Notify, OnceCell};
 
 /// Let's Encrypt's production directory, the default `directory`.

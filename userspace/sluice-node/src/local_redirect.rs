@@ -18,11 +18,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Context, Result};
 use serde::Deserialize;
 use sluice_dataplane::{Cidr, Dataplane};
 use sluice_routing::{RoutingTable, Snapshot};
 use tracing::{debug, info, warn};
+
+use crate::{NodeError, Result};
 
 /// `[local_replicas]`: which cgroup the redirect programs attach to and which replica
 /// addresses are on this node. Absent (no `cgroup`) means off.
@@ -50,8 +51,9 @@ impl LocalReplicasConfig {
         self.prefixes
             .iter()
             .map(|p| {
-                p.parse::<Cidr>()
-                    .map_err(|e| anyhow::anyhow!("[local_replicas] prefixes: {p:?}: {e}"))
+                p.parse::<Cidr>().map_err(|e| {
+                    NodeError::Config(format!("[local_replicas] prefixes: {p:?}: {e}"))
+                })
             })
             .collect()
     }
@@ -79,11 +81,13 @@ pub fn start(
     let Some(cgroup) = &cfg.cgroup else { return Ok(false) };
     let prefixes = cfg.parsed_prefixes()?;
     let dir = std::fs::File::open(cgroup)
-        .with_context(|| format!("[local_replicas] cgroup {}", cgroup.display()))?;
-    dp.lock()
-        .map_err(|_| anyhow::anyhow!("data plane lock poisoned"))?
-        .attach_local_redirect(&dir)
-        .with_context(|| format!("attaching the local-replica redirect to {}", cgroup.display()))?;
+        .map_err(|e| NodeError::io(format!("[local_replicas] cgroup {}", cgroup.display()), e))?;
+    dp.lock().map_err(|_| NodeError::Poisoned)?.attach_local_redirect(&dir).map_err(|e| {
+        NodeError::dataplane(
+            format!("attaching the local-replica redirect to {}", cgroup.display()),
+            e,
+        )
+    })?;
     info!(cgroup = %cgroup.display(), prefixes = ?cfg.prefixes, "local-replica redirect attached");
     let (dp, table) = (dp.clone(), table.clone());
     tokio::spawn(async move {

@@ -13,7 +13,8 @@
 //! Without one, a draining replica gets its whole grace period.
 //!
 //! The decisions themselves are [`sluice_routing::supervisor`]; this module runs them
-//! against real processes and a real store.
+//! against real processes and a real store ([`run_on_files`], [`run_on_etcd`]); the
+//! command line is the binary's.
 //!
 //! Two stores, as for the proxy (docs/operations.md, "Replica supervisor"):
 //! - files: server specs from the proxy's routing file or directory (`--routes`), desired
@@ -30,61 +31,15 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
-use clap::Args;
 use sluice_proxy::autoscaler::{DesiredSink, SinkError};
 use sluice_routing::DesiredReplicas;
 use sluice_routing::model::{
     LaunchSpec, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec,
 };
-use sluice_routing::source::etcd::{EtcdError, EtcdStore};
-use sluice_routing::source::file::SourceError;
 use sluice_routing::supervisor::{Managed, Phase, plan, targets};
+use sluice_store::etcd::{EtcdError, EtcdStore};
+use sluice_store::file::SourceError;
 use tokio::process::{Child, Command};
-
-/// `sluice supervise (--routes PATH --replicas-file FILE --desired-file FILE | --endpoints ..)`
-#[derive(Debug, Args)]
-pub struct SuperviseArgs {
-    /// The proxy's routing file or directory, to read server specs from (file store).
-    #[arg(long, requires_all = ["replicas_file", "desired_file"])]
-    pub routes: Option<PathBuf>,
-    /// Where to write this supervisor's replicas (file store): a `*.toml` inside the
-    /// directory `--routes` names, so the proxy merges it in.
-    #[arg(long, requires = "routes")]
-    pub replicas_file: Option<PathBuf>,
-    /// The desired counts `sluice autoscale --file` writes (file store; a missing file
-    /// means no counts yet: every server runs `min_replicas`).
-    #[arg(long, requires = "routes")]
-    pub desired_file: Option<PathBuf>,
-    /// Where etcd is and how to authenticate (without --routes).
-    #[command(flatten)]
-    pub etcd: crate::etcd_args::EtcdArgs,
-    /// Replica ids are `<prefix>-<n>`; must be unique per node, since replicas with this
-    /// prefix are taken to be this supervisor's own (in etcd, leftovers of an earlier run
-    /// are deleted at start).
-    #[arg(long, default_value = "sup")]
-    pub id_prefix: String,
-    /// After SIGTERM, how long a replica has to exit before SIGKILL.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub kill_after: Duration,
-    /// How often processes, ports and the store are looked at.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-    pub interval: Duration,
-    /// The admin listener of this node's proxy (`http://127.0.0.1:9090` or
-    /// `127.0.0.1:9090`): a draining replica gets SIGTERM as soon as the proxy shows
-    /// nothing in flight to it. Without it (or while it does not answer), the whole
-    /// `exit_grace_period`.
-    #[arg(long, value_parser = parse_admin_url)]
-    pub proxy_admin: Option<SocketAddr>,
-}
-
-/// `http://HOST:PORT[/]` or `HOST:PORT`, HOST an IP address (the proxy's admin listener
-/// is on this node).
-fn parse_admin_url(s: &str) -> Result<SocketAddr, String> {
-    let rest = s.strip_prefix("http://").unwrap_or(s);
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    rest.parse().map_err(|_| format!("{s:?}: expected http://IP:PORT (the proxy's admin listener)"))
-}
 
 /// What can go wrong reading or writing the store (each retried on the next round).
 #[derive(Debug, thiserror::Error)]
@@ -109,39 +64,33 @@ pub enum SuperviseError {
     /// The replicas did not serialize (a bug, not a peer's doing).
     #[error("serializing replicas: {0}")]
     Serialize(#[from] toml::ser::Error),
+    /// The arguments or a launch spec cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// A store operation failed, with what was being done.
+    #[error("{what}")]
+    Store {
+        /// What was being done.
+        what: &'static str,
+        /// The etcd error.
+        #[source]
+        source: EtcdError,
+    },
+    /// A replica process could not be started (logged, tried again next round).
+    #[error("{what}: {cause}")]
+    Spawn {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        cause: std::io::Error,
+    },
 }
 
-/// Runs until SIGTERM/SIGINT, then deregisters and stops every replica.
-pub fn main(args: SuperviseArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(run(args))
-}
+/// Results of the supervisor.
+type Result<T, E = SuperviseError> = std::result::Result<T, E>;
 
-async fn run(args: SuperviseArgs) -> Result<()> {
-    let store = match (args.routes, args.replicas_file, args.desired_file) {
-        (Some(routes), Some(replicas_file), Some(desired_file)) => {
-            Store::files(FileStore { routes, replicas_file, desired_file })?
-        }
-        _ => {
-            let etcd = crate::etcd_args::connect(&args.etcd.config()).await?;
-            let store = Store::Etcd { store: Box::new(etcd), published: BTreeMap::new() };
-            store.forget_leftovers(&args.id_prefix).await?;
-            store
-        }
-    };
-    let sup = Supervisor::new(args.id_prefix, args.kill_after);
-    let shutdown = sluice_proxy::shutdown::signal();
-    match args.proxy_admin {
-        Some(admin) => supervise(store, sup, AdminApi { admin }, args.interval, shutdown).await,
-        None => supervise(store, sup, NoProxy, args.interval, shutdown).await,
-    }
-}
-
-/// The file store's paths (see [`SuperviseArgs`]).
-pub(crate) struct FileStore {
+/// The file store's paths (`sluice supervise --routes --replicas-file --desired-file`).
+pub struct FileStore {
     /// The proxy's routing file or directory.
     pub routes: PathBuf,
     /// This supervisor's replicas, a `*.toml` inside `routes`.
@@ -153,7 +102,7 @@ pub(crate) struct FileStore {
 /// Supervises on the file store until `shutdown` resolves, then deregisters and stops
 /// every replica: what `sluice demo` runs in-process beside the proxy and the
 /// autoscaler, so its scale-from-zero server has a compute side.
-pub(crate) async fn run_on_files(
+pub async fn run_on_files(
     files: FileStore,
     proxy: impl InFlightSource,
     id_prefix: String,
@@ -165,6 +114,22 @@ pub(crate) async fn run_on_files(
     supervise(store, Supervisor::new(id_prefix, kill_after), proxy, interval, shutdown).await
 }
 
+/// Supervises on etcd until `shutdown` resolves, then deregisters and stops every
+/// replica. Replicas with this `id_prefix` that an earlier run registered are deleted
+/// first: their processes are gone.
+pub async fn run_on_etcd(
+    etcd: EtcdStore,
+    proxy: impl InFlightSource,
+    id_prefix: String,
+    kill_after: Duration,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let store = Store::Etcd { store: Box::new(etcd), published: BTreeMap::new() };
+    store.forget_leftovers(&id_prefix).await?;
+    supervise(store, Supervisor::new(id_prefix, kill_after), proxy, interval, shutdown).await
+}
+
 async fn supervise(
     mut store: Store,
     mut sup: Supervisor,
@@ -173,7 +138,7 @@ async fn supervise(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     if interval.is_zero() {
-        bail!("--interval must be positive");
+        return Err(SuperviseError::Config("--interval must be positive".into()));
     }
     // Registers nothing yet, but truncates a replicas file an earlier run left: its
     // processes died with it (kill_on_drop), so its entries would only be dead ports.
@@ -209,7 +174,9 @@ enum Store {
 impl Store {
     fn files(f: FileStore) -> Result<Store> {
         if f.replicas_file.extension().is_none_or(|e| e != "toml") {
-            bail!("--replicas-file must end in .toml, or the proxy's file source skips it");
+            return Err(SuperviseError::Config(
+                "--replicas-file must end in .toml, or the proxy's file source skips it".into(),
+            ));
         }
         let FileStore { routes, replicas_file, desired_file } = f;
         Ok(Store::Files { routes, replicas_file, desired_file })
@@ -218,7 +185,7 @@ impl Store {
     async fn inputs(&self) -> Result<(Vec<ServerSpec>, Vec<DesiredReplicas>), SuperviseError> {
         match self {
             Store::Files { routes, desired_file, .. } => {
-                let doc = sluice_routing::source::file::load_doc(routes)?;
+                let doc = sluice_store::file::load_doc(routes)?;
                 let desired = DesiredSink::File(desired_file.clone()).load().await?;
                 Ok((doc.servers, desired))
             }
@@ -268,10 +235,16 @@ impl Store {
     async fn forget_leftovers(&self, prefix: &str) -> Result<()> {
         let Store::Etcd { store, .. } = self else { return Ok(()) };
         let own = format!("{prefix}-");
-        let listing = store.list_replicas(None).await.context("listing replicas")?;
+        let listing = store
+            .list_replicas(None)
+            .await
+            .map_err(|source| SuperviseError::Store { what: "listing replicas", source })?;
         for r in listing.items.iter().filter(|r| r.id.starts_with(&own)) {
             tracing::info!(server = %r.server, replica = %r.id, "deleting a leftover registration");
-            store.delete_replica(&r.server, &r.id).await.context("deleting a replica")?;
+            store
+                .delete_replica(&r.server, &r.id)
+                .await
+                .map_err(|source| SuperviseError::Store { what: "deleting a replica", source })?;
         }
         Ok(())
     }
@@ -295,7 +268,7 @@ async fn write_replicas_file(path: &Path, replicas: &[ReplicaSpec]) -> Result<()
 /// One replica as this node's proxy sees it: the part of `GET /state?server=`'s
 /// replica entries the supervisor reads.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
-pub(crate) struct ProxyReplica {
+pub struct ProxyReplica {
     /// Replica id.
     pub id: String,
     /// Its address (told apart from an earlier run's replica of the same id).
@@ -309,7 +282,7 @@ pub(crate) struct ProxyReplica {
 /// Why the proxy's view could not be had (the supervisor then falls back to the grace
 /// period).
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ProbeError {
+pub enum ProbeError {
     /// No proxy to ask (`sluice supervise` without `--proxy-admin`).
     #[error("no --proxy-admin given")]
     NotConfigured,
@@ -322,7 +295,7 @@ pub(crate) enum ProbeError {
 /// the proxy's admin API over loopback ([`AdminApi`]) or, in-process, its routing
 /// table ([`SharedState`]). Asked once per round per server with a replica waiting for
 /// its SIGTERM, never on the request path.
-pub(crate) trait InFlightSource {
+pub trait InFlightSource {
     /// The proxy's replicas of `server`, any state (empty: it knows no such server).
     fn replicas(
         &self,
@@ -331,7 +304,7 @@ pub(crate) trait InFlightSource {
 }
 
 /// No proxy to ask: every draining replica gets its whole grace period.
-pub(crate) struct NoProxy;
+pub struct NoProxy;
 
 impl InFlightSource for NoProxy {
     async fn replicas(&self, _server: &str) -> Result<Vec<ProxyReplica>, ProbeError> {
@@ -340,7 +313,7 @@ impl InFlightSource for NoProxy {
 }
 
 /// The local proxy's admin listener (`GET /state?server=<id>`).
-pub(crate) struct AdminApi {
+pub struct AdminApi {
     /// Its address.
     pub admin: SocketAddr,
 }
@@ -377,7 +350,7 @@ impl InFlightSource for AdminApi {
 
 /// The routing table of a proxy in the same process (`sluice demo`): the same view
 /// `GET /state?server=` serves, without the loopback round trip.
-pub(crate) struct SharedState(pub sluice_routing::RoutingTable);
+pub struct SharedState(pub sluice_routing::RoutingTable);
 
 impl InFlightSource for SharedState {
     async fn replicas(&self, server: &str) -> Result<Vec<ProxyReplica>, ProbeError> {
@@ -684,7 +657,7 @@ impl Supervisor {
                 match self.spawn(&server, launch) {
                     Ok(r) => self.replicas.push(r),
                     // Tried again next round; a bad argv just logs every round.
-                    Err(e) => tracing::warn!(%server, "starting a replica: {e:#}"),
+                    Err(e) => tracing::warn!(%server, "starting a replica: {e}"),
                 }
             }
         }
@@ -692,13 +665,13 @@ impl Supervisor {
 
     fn spawn(&mut self, server: &str, launch: &LaunchSpec) -> Result<Replica> {
         let Some((program, args)) = launch.argv.split_first() else {
-            bail!("launch.argv is empty");
+            return Err(SuperviseError::Config("launch.argv is empty".into()));
         };
         // The port is probed and released for the child to bind: a small race with other
         // binders, which at worst makes the replica fail to start and be replaced.
         let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .and_then(|l| l.local_addr())
-            .context("finding a free port")?
+            .map_err(|cause| SuperviseError::Spawn { what: "finding a free port".into(), cause })?
             .port();
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -714,7 +687,10 @@ impl Supervisor {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("spawning {program:?}"))?;
+            .map_err(|cause| SuperviseError::Spawn {
+                what: format!("spawning {program:?}"),
+                cause,
+            })?;
         let pgid =
             child.id().and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw);
         span.in_scope(|| tracing::info!(pid = ?child.id(), "replica started"));
@@ -807,15 +783,6 @@ mod tests {
         assert_eq!(whole_second_after(at(10, 0)), at(10, 0));
         assert_eq!(whole_second_after(at(10, 1)), at(11, 0));
         assert_eq!(whole_second_after(at(10, 999_999_999)), at(11, 0));
-    }
-
-    #[test]
-    fn admin_urls() {
-        assert_eq!(parse_admin_url("http://127.0.0.1:9090").unwrap(), addr(9090));
-        assert_eq!(parse_admin_url("http://127.0.0.1:9090/").unwrap(), addr(9090));
-        assert_eq!(parse_admin_url("127.0.0.1:9090").unwrap(), addr(9090));
-        assert!(parse_admin_url("https://127.0.0.1:9090").is_err());
-        assert!(parse_admin_url("localhost:9090").is_err());
     }
 
     /// The in-process source reads the live counters of the table the proxy serves from.

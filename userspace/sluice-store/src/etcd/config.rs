@@ -6,7 +6,7 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::model::duration_serde;
+use sluice_routing::model::duration_serde;
 
 use super::keys::Keys;
 use super::{EtcdError, bounded};

@@ -47,7 +47,7 @@ pub use status::{StatusHandle, StoreStatus};
 pub use store::{CreatedToken, EtcdStore, Listing};
 pub use watch::{AcmeChallenges, EtcdSource};
 
-use crate::validate::ValidationError;
+use sluice_routing::validate::ValidationError;
 
 /// Largest gRPC message we accept (a watch response carrying a big transaction).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

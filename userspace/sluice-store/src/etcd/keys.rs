@@ -2,9 +2,9 @@
 
 use std::fmt;
 
-use crate::change::Change;
-use crate::model::{ReplicaSpec, ServerSpec, TokenSpec};
-use crate::validate::{self, ValidationError};
+use sluice_routing::change::Change;
+use sluice_routing::model::{ReplicaSpec, ServerSpec, TokenSpec};
+use sluice_routing::validate::{self, ValidationError};
 
 use super::MalformedValue;
 
