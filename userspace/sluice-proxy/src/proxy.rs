@@ -86,12 +86,14 @@ pub(crate) struct ConnInfo {
     /// the socket peer (IPv4-mapped IPv6 written as IPv4).
     pub(crate) client: IpAddr,
     /// Whether `client` is trusted: its X-Forwarded-* and request id are kept, and the
-    /// request's client is read from its X-Forwarded-For.
+    /// request's client is read from its X-Forwarded-For (or `Forwarded`).
     pub(crate) trusted: bool,
     /// The listener's trusted prefixes (`trusted_proxies` and `request_id.trusted_edges`).
     pub(crate) trusted_set: Arc<[Cidr]>,
     /// The client's X-Forwarded-For entry, formatted once per connection.
     pub(crate) forwarded_for: HeaderValue,
+    /// The client's `Forwarded` node (`for=...`), formatted once per connection.
+    pub(crate) forwarded_node: HeaderValue,
     pub(crate) tls: bool,
     pub(crate) activity: Arc<Activity>,
     /// Held by opaque relays so graceful shutdown waits for them too.
@@ -299,6 +301,7 @@ fn forwarded_head(
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,
+        &conn.forwarded_node,
         &who.real_ip,
         who.trusted,
         if conn.tls { "https" } else { "http" },
