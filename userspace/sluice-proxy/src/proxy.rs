@@ -530,6 +530,7 @@ async fn proxy(
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
     let body_left = body.left();
+    let early_rest = body.early_rest();
     // The exchange's idle clock: touched by every request-body chunk taken for the
     // replica and every response chunk, read by one timer.
     let progress = crate::io::Progress::new();
@@ -602,9 +603,13 @@ async fn proxy(
     let (mut rparts, rbody) = up.response.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
     rparts.version = Version::HTTP_11;
-    if h1_client && body_left.load(Ordering::Relaxed) > crate::h1proxy::EARLY_DRAIN_BYTES {
-        // An answer while more of the body is due than sluice would drain: hyper will close
-        // the connection after it, so the answer must say so.
+    // An answer before the replica read the whole body: a rest of unknown length (chunked)
+    // is drained here, within the same bound as the fast path, before the head goes out.
+    let (cap, time) = (crate::h1proxy::EARLY_DRAIN_BYTES, crate::h1proxy::EARLY_DRAIN_TIME);
+    let rest_too_big = h1_client && early_rest.settle(cap, time).await;
+    if rest_too_big || (h1_client && body_left.load(Ordering::Relaxed) > cap) {
+        // More of the body is due than sluice drains: hyper will close the connection
+        // after the answer, so the answer must say so.
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));
