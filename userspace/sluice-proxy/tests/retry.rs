@@ -305,15 +305,27 @@ async fn refused_stream_with_a_large_body_is_not_replayed() {
 
 /// An HTTP/1.1 replica that answers the first request of each connection (echoing its
 /// body, keep-alive) and closes the connection under the next one after reading it
-/// whole, with no answer: a pooled connection the replica was closing.
-async fn closes_second_request() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+/// whole, with no answer: a pooled connection the replica was closing. With `once`, it
+/// stops listening after its first connection (a replica going away): a fresh
+/// connection to it is refused. Counts answers and requests closed under.
+async fn closes_second_request(
+    once: bool,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>, JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
-    let a = answered.clone();
+    let closed_under = Arc::new(AtomicUsize::new(0));
+    let (a, cu) = (answered.clone(), closed_under.clone());
     let task = tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = l.accept().await {
-            let a = a.clone();
+        let mut accepting = Some(l);
+        while let Some(Ok((mut tcp, _))) = match &accepting {
+            Some(l) => Some(l.accept().await),
+            None => None,
+        } {
+            if once {
+                accepting = None; // the listener closes: connects are refused from now
+            }
+            let (a, cu) = (a.clone(), cu.clone());
             tokio::spawn(async move {
                 let mut first = true;
                 let mut buf = Vec::new();
@@ -335,6 +347,7 @@ async fn closes_second_request() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()
                     });
                     if let Some(body) = whole {
                         if !first {
+                            cu.fetch_add(1, Ordering::SeqCst);
                             return; // closed under the request, unanswered
                         }
                         first = false;
@@ -356,14 +369,14 @@ async fn closes_second_request() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()
             });
         }
     });
-    (addr, answered, task)
+    (addr, answered, closed_under, task)
 }
 
 /// A small body on a pooled HTTP/1.1 connection the replica closed under it goes once
 /// more, whole, on a fresh connection; a body over the bound is not sent again (502).
 #[tokio::test]
 async fn stale_pooled_connection_replays_a_small_body() {
-    let (addr, answered, _task) = closes_second_request().await;
+    let (addr, answered, _, _task) = closes_second_request(false).await;
     let h = start(config(), doc(&[("a", addr, Protocol::Http1)])).await;
     let body = b"{}";
     for round in 0..4 {
@@ -383,4 +396,38 @@ async fn stale_pooled_connection_replays_a_small_body() {
         failed += usize::from(status == 502);
     }
     assert!(failed > 0, "a large body was sent again");
+}
+
+/// A pooled connection closed under a request by a replica that has gone away (a fresh
+/// connection is refused): the request goes once to another replica with its small
+/// body, counted as a retry.
+#[tokio::test]
+async fn stale_connection_to_a_gone_replica_goes_to_another_with_its_body() {
+    let body = b"{\"id\": 7}";
+    let mut stale_seen = 0;
+    // Each round: a replica that serves one connection, then goes; until the stale path
+    // ran (P2C must pick it twice: once to pool a connection, once to find it closed).
+    for _ in 0..8 {
+        let (gone, _, closed_under, _task) = closes_second_request(true).await;
+        let live = echo(Protocol::Http1).await;
+        let h = start(
+            config(),
+            doc(&[("gone", gone, Protocol::Http1), ("live", live.addr, Protocol::Http1)]),
+        )
+        .await;
+        for _ in 0..4 {
+            for (i, (status, got)) in post_all_paths(h.addr(), body).await.into_iter().enumerate() {
+                assert_eq!(status, 200, "path {i}: {}", String::from_utf8_lossy(&got));
+                assert_eq!(got, body, "path {i}");
+            }
+        }
+        stale_seen += closed_under.load(Ordering::SeqCst);
+        if closed_under.load(Ordering::SeqCst) > 0 {
+            assert!(retries(&h, RetryReason::Connect) > 0, "no retry counted");
+        }
+        if stale_seen > 0 {
+            break;
+        }
+    }
+    assert!(stale_seen > 0, "the gone replica never had a request closed under it");
 }
