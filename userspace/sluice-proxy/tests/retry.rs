@@ -431,3 +431,33 @@ async fn stale_connection_to_a_gone_replica_goes_to_another_with_its_body() {
     }
     assert!(stale_seen > 0, "the gone replica never had a request closed under it");
 }
+
+/// A small body that arrives after its head (a second packet, as many clients send a
+/// POST) is kept too: on the fast path and the hyper path, a pooled connection closed
+/// under it gets the whole request again on a fresh one.
+#[tokio::test]
+async fn stale_pooled_connection_replays_a_body_sent_after_its_head() {
+    let (addr, answered, closed_under, _task) = closes_second_request(false).await;
+    let h = start(config(), doc(&[("a", addr, Protocol::Http1)])).await;
+    let body = b"{\"late\": true}";
+    for round in 0..4 {
+        for extra in ["", "te: trailers\r\n"] {
+            let mut tcp = TcpStream::connect(h.addr()).await.unwrap();
+            let head = format!(
+                "POST / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n{extra}\
+                 content-length: {}\r\n\r\n",
+                body.len()
+            );
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            tcp.write_all(body).await.unwrap();
+            let mut resp = Vec::new();
+            tokio::time::timeout(T, tcp.read_to_end(&mut resp)).await.unwrap().ok();
+            let (status, got) = status_and_body(&resp);
+            assert_eq!(status, 200, "round {round} {extra:?}: {}", String::from_utf8_lossy(&got));
+            assert_eq!(got, body, "round {round} {extra:?}");
+        }
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 8);
+    assert!(closed_under.load(Ordering::SeqCst) >= 6, "the stale path did not run");
+}
