@@ -497,3 +497,30 @@ async fn forwarded_names_an_ipv6_peer_quoted() {
         );
     }
 }
+
+/// The same behind an edge that reports clients in RFC 7239 `Forwarded` (IPv6 client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failures_behind_forwarded_ban_the_client_per_request() {
+    let mut c = cfg();
+    c.listeners[0].trusted_proxies = vec!["127.0.0.1".into()];
+    let (h, seen, _r) = banning_proxy(c).await;
+    let tcp = connect_from("127.0.0.1", h.addr()).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut status = async |fwd: &str, host: &str| {
+        let mut b = Request::builder().uri("/").header("host", host);
+        if !fwd.is_empty() {
+            b = b.header("forwarded", fwd);
+        }
+        send.ready().await.unwrap();
+        send.send_request(b.body(Empty::<Bytes>::new()).unwrap()).await.unwrap().status().as_u16()
+    };
+    let locked = "locked.r1.example.test";
+    let bad = "for=\"[2001:db8::66]:443\";proto=https";
+    assert_eq!(status(bad, locked).await, 401);
+    assert_eq!(status(bad, HOST).await, 403, "banned client served");
+    assert_eq!(status("for=203.0.113.7", HOST).await, 200, "another client behind the edge");
+    assert_eq!(status("", locked).await, 401, "the edge's own failure");
+    assert_eq!(status("", HOST).await, 200, "the edge is never banned");
+    assert_eq!(*seen.lock().unwrap(), vec!["2001:db8::66".parse::<IpAddr>().unwrap()]);
+}
