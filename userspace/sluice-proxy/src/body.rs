@@ -241,6 +241,86 @@ pub struct DrainOnDrop {
     time: Duration,
     /// Declared bytes not yet read (0 once ended, or when the length is unknown).
     left: Arc<AtomicU64>,
+    /// Where a rest dropped before the response head waits for [`EarlyRest::settle`].
+    rest: EarlyRest,
+}
+
+/// The rest of a request body the replica answered before reading, handed from
+/// [`DrainOnDrop`] to the response: drained before the head goes out, so the head can
+/// say `Connection: close` when it does not fit (hyper would otherwise close the
+/// keep-alive connection after the answer without notice).
+#[derive(Clone)]
+pub struct EarlyRest(Arc<RestSlot>);
+
+/// Dropped unsettled with a rest parked (the exchange failed before a head), it drains
+/// that rest in the background, as [`DrainOnDrop`] does after the head.
+struct RestSlot {
+    state: std::sync::Mutex<RestState>,
+    cap: u64,
+    time: Duration,
+}
+
+impl Drop for RestSlot {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let RestState::Parked(body) = std::mem::replace(st, RestState::Claimed) {
+            drain_in_background(body, self.cap, self.time);
+        }
+    }
+}
+
+/// Reads and discards at most `cap` bytes of `body` within `time`, in a task of its own.
+fn drain_in_background(mut body: hyper::body::Incoming, cap: u64, time: Duration) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    rt.spawn(async move {
+        let drain = async {
+            let mut seen = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > cap {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(time, drain).await;
+    });
+}
+
+enum RestState {
+    /// The response head has not been settled yet.
+    Open,
+    /// The body was dropped unfinished before it.
+    Parked(hyper::body::Incoming),
+    /// Settled: a later drop drains in the background.
+    Claimed,
+}
+
+impl EarlyRest {
+    /// Called when the response head is ready: drains a parked rest, at most `cap` bytes
+    /// within `time`. Returns whether the client's connection must close (the rest was
+    /// larger, slower, or failed), which the head must then say.
+    pub async fn settle(&self, cap: u64, time: Duration) -> bool {
+        let parked = {
+            let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            match std::mem::replace(&mut *st, RestState::Claimed) {
+                RestState::Parked(b) => Some(b),
+                _ => None,
+            }
+        };
+        let Some(mut body) = parked else { return false };
+        let drain = async {
+            let mut seen = 0u64;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return false };
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > cap {
+                    return false;
+                }
+            }
+            true
+        };
+        !tokio::time::timeout(time, drain).await.unwrap_or(false)
+    }
 }
 
 impl DrainOnDrop {
@@ -248,7 +328,14 @@ impl DrainOnDrop {
     /// when `cap` is 0: an HTTP/2 stream is just reset).
     pub fn new(inner: hyper::body::Incoming, cap: u64, time: Duration) -> Self {
         let left = Arc::new(AtomicU64::new(inner.size_hint().lower()));
-        Self { inner: Some(inner), cap, time, left }
+        let state = std::sync::Mutex::new(RestState::Open);
+        let rest = EarlyRest(Arc::new(RestSlot { state, cap, time }));
+        Self { inner: Some(inner), cap, time, left, rest }
+    }
+
+    /// The handle through which the response settles a rest dropped before it.
+    pub fn early_rest(&self) -> EarlyRest {
+        self.rest.clone()
     }
 
     /// Declared bytes of the body not read yet, as it is read.
@@ -285,24 +372,19 @@ impl Body for DrainOnDrop {
 
 impl Drop for DrainOnDrop {
     fn drop(&mut self) {
-        let Some(mut body) = self.inner.take() else { return };
+        let Some(body) = self.inner.take() else { return };
         if self.cap == 0 || body.is_end_stream() || body.size_hint().lower() > self.cap {
             // Done already, or too much left: hyper closes the connection.
             return;
         }
-        let (cap, time) = (self.cap, self.time);
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        rt.spawn(async move {
-            let drain = async {
-                let mut seen = 0u64;
-                while let Some(Ok(frame)) = body.frame().await {
-                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-                    if seen > cap {
-                        return;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(time, drain).await;
-        });
+        {
+            let mut st = self.rest.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*st, RestState::Open) {
+                // Before the response head: it drains this, and says close if it must.
+                *st = RestState::Parked(body);
+                return;
+            }
+        }
+        drain_in_background(body, self.cap, self.time);
     }
 }

@@ -294,6 +294,7 @@ fn field(state: &ProxyState, name: &str) -> Field {
     } else if is("connection") {
         Field::Connection
     } else if is("x-forwarded-for")
+        || is("forwarded")
         || is("x-real-ip")
         || is("x-forwarded-proto")
         || is("x-forwarded-host")
@@ -435,6 +436,10 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     put_field(out, b"x-real-ip", conn.forwarded_for.as_bytes());
     put_field(out, b"x-forwarded-proto", b"http");
     put_field(out, b"x-forwarded-host", raw_host.as_bytes());
+    out.extend_from_slice(b"forwarded: ");
+    let node = conn.forwarded_node.as_bytes();
+    crate::headers::put_forwarded_element(out, node, raw_host.as_bytes(), b"http");
+    out.extend_from_slice(b"\r\n");
     put_field(out, state.request_id_header.as_str().as_bytes(), rid.as_bytes());
     out.extend_from_slice(b"\r\n");
     Planned::Go(Plan {
@@ -531,9 +536,10 @@ async fn exchange(
             }
         }
     };
-    // A request sent whole on a pooled connection is kept until the replica answers: if
-    // the connection turns out closed before any response byte, it goes once more.
-    let sent = if reused && body_left == 0 {
+    // A request sent on a pooled connection is kept (with a body up to the replay bound,
+    // added as it is written) until the replica answers: if the connection turns out
+    // closed before any response byte, it goes once more.
+    let mut sent = if reused && body_left <= crate::upstream::REPLAY_BODY_BYTES as u64 {
         Some(std::mem::take(out))
     } else {
         out.clear();
@@ -569,6 +575,9 @@ async fn exchange(
                 return fail(state, client, &plan, e, start, true, log).await;
             }
         }
+        if let Some(s) = sent.as_mut() {
+            s.extend_from_slice(&client.buf[..n]);
+        }
         client.buf.advance(n);
         body_left -= n as u64;
         if let Some(e) = log.as_mut() {
@@ -591,6 +600,10 @@ async fn exchange(
             }
         }
         if client.buf.len() as u64 >= body_left {
+            if let Some(s) = sent.as_mut() {
+                // The rest completes the request kept for a fresh connection.
+                s.extend_from_slice(&client.buf[..body_left as usize]);
+            }
             client.buf.advance(body_left as usize);
             body_unread = false;
         }
@@ -598,7 +611,8 @@ async fn exchange(
 
     // Phase 4: the response head (informational responses are skipped).
     let mut rbuf = BytesMut::new();
-    let mut attempt_fresh = sent.is_some();
+    // Only a request kept whole can go again.
+    let mut attempt_fresh = sent.is_some() && !body_unread;
     let (framing, replica_close, status) = loop {
         if !rbuf.is_empty() {
             out.clear();

@@ -16,6 +16,7 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
@@ -164,6 +165,33 @@ pub fn forwarded_for(peer: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
+/// A peer's RFC 7239 `for=` node: `for=192.0.2.1`, or `for="[2001:db8::1]"` (an IPv6
+/// node is bracketed and quoted, section 6); IPv4-mapped IPv6 is written as IPv4.
+/// Computed once per connection, like [`forwarded_for`].
+pub fn forwarded_node(peer: IpAddr) -> HeaderValue {
+    let text = match peer.to_canonical() {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    };
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("for=unknown"))
+}
+
+/// Appends sluice's own `Forwarded` element (RFC 7239) to `out`: the hop's `node` (from
+/// [`forwarded_node`]), then `host` as a quoted string and `proto`.
+pub(crate) fn put_forwarded_element(out: &mut Vec<u8>, node: &[u8], host: &[u8], proto: &[u8]) {
+    out.extend_from_slice(node);
+    out.extend_from_slice(b";host=\"");
+    for &b in host {
+        // A quoted-pair for the two bytes a quoted string cannot carry as they are.
+        if b == b'"' || b == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.extend_from_slice(b"\";proto=");
+    out.extend_from_slice(proto);
+}
+
 /// Whether `name` is one [`strip_hop_by_hop`] may remove or act on.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == header::CONNECTION
@@ -175,19 +203,32 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str().starts_with("proxy-")
 }
 
-/// Sets X-Forwarded-For/-Proto/-Host and X-Real-IP. A trusted edge's X-Forwarded-* are
-/// extended; anyone else's are replaced, so clients cannot spoof them. `peer` is
-/// [`forwarded_for`] of the connection's client (the hop appended to the chain),
-/// `real_ip` that of the request's client (`crate::client`), which X-Real-IP always
-/// carries (a client's own X-Real-IP is never passed on).
+/// Sets X-Forwarded-For/-Proto/-Host, `Forwarded` (RFC 7239) and X-Real-IP. A trusted
+/// edge's X-Forwarded-* and `Forwarded` are extended; anyone else's are replaced, so
+/// clients cannot spoof them. `peer` is [`forwarded_for`] of the connection's client (the
+/// hop appended to the chain) and `node` its [`forwarded_node`], `real_ip` that of the
+/// request's client (`crate::client`), which X-Real-IP always carries (a client's own
+/// X-Real-IP is never passed on).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: &HeaderValue,
+    node: &HeaderValue,
     real_ip: &HeaderValue,
     trusted: bool,
     proto: &'static str,
     host: &HeaderValue,
 ) {
+    let mut forwarded = Vec::with_capacity(64);
+    if trusted {
+        for v in headers.get_all(&FORWARDED) {
+            forwarded.extend_from_slice(v.as_bytes());
+            forwarded.extend_from_slice(b", ");
+        }
+    }
+    put_forwarded_element(&mut forwarded, node.as_bytes(), host.as_bytes(), proto.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&forwarded) {
+        headers.insert(&FORWARDED, v);
+    }
     let prior: Vec<&str> = if trusted {
         headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
     } else {

@@ -88,12 +88,14 @@ pub(crate) struct ConnInfo {
     /// the socket peer (IPv4-mapped IPv6 written as IPv4).
     pub(crate) client: IpAddr,
     /// Whether `client` is trusted: its X-Forwarded-* and request id are kept, and the
-    /// request's client is read from its X-Forwarded-For.
+    /// request's client is read from its X-Forwarded-For (or `Forwarded`).
     pub(crate) trusted: bool,
     /// The listener's trusted prefixes (`trusted_proxies` and `request_id.trusted_edges`).
     pub(crate) trusted_set: Arc<[Cidr]>,
     /// The client's X-Forwarded-For entry, formatted once per connection.
     pub(crate) forwarded_for: HeaderValue,
+    /// The client's `Forwarded` node (`for=...`), formatted once per connection.
+    pub(crate) forwarded_node: HeaderValue,
     pub(crate) tls: bool,
     pub(crate) activity: Arc<Activity>,
     /// Held by opaque relays so graceful shutdown waits for them too.
@@ -301,6 +303,7 @@ fn forwarded_head(
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,
+        &conn.forwarded_node,
         &who.real_ip,
         who.trusted,
         if conn.tls { "https" } else { "http" },
@@ -529,6 +532,7 @@ async fn proxy(
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
     let body_left = body.left();
+    let early_rest = body.early_rest();
     // The exchange's idle clock: touched by every request-body chunk taken for the
     // replica and every response chunk, read by one timer.
     let progress = crate::io::Progress::new();
@@ -601,9 +605,13 @@ async fn proxy(
     let (mut rparts, rbody) = up.response.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
     rparts.version = Version::HTTP_11;
-    if h1_client && body_left.load(Ordering::Relaxed) > crate::h1proxy::EARLY_DRAIN_BYTES {
-        // An answer while more of the body is due than sluice would drain: hyper will close
-        // the connection after it, so the answer must say so.
+    // An answer before the replica read the whole body: a rest of unknown length (chunked)
+    // is drained here, within the same bound as the fast path, before the head goes out.
+    let (cap, time) = (crate::h1proxy::EARLY_DRAIN_BYTES, crate::h1proxy::EARLY_DRAIN_TIME);
+    let rest_too_big = h1_client && early_rest.settle(cap, time).await;
+    if rest_too_big || (h1_client && body_left.load(Ordering::Relaxed) > cap) {
+        // More of the body is due than sluice drains: hyper will close the connection
+        // after the answer, so the answer must say so.
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));

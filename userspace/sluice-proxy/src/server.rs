@@ -743,6 +743,7 @@ async fn serve_connection(
         trusted: is_trusted(&trusted_set, client),
         trusted_set,
         forwarded_for: crate::headers::forwarded_for(client),
+        forwarded_node: crate::headers::forwarded_node(client),
         tls: tls.is_some(),
         activity: activity.clone(),
         drain: drain.clone(),

@@ -622,3 +622,51 @@ async fn early_answer_keeps_keep_alive_connection() {
         assert!(close, "{path}: closing without saying so: {resp:?}");
     }
 }
+
+/// The hyper path with a chunked body (its length unknown) the replica answered before
+/// reading: a small rest in a second write is drained and the connection kept; a rest
+/// over the drain bound, or one that does not come within the drain time, gets its
+/// answer with `Connection: close`. Never a silent close.
+#[tokio::test]
+async fn early_answer_with_a_chunked_rest_never_closes_silently() {
+    let r =
+        replica(
+            Protocol::Http1,
+            |_req: Request<Incoming>| async move { Response::new(text("early")) },
+        )
+        .await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
+    let is_close =
+        |resp: &RawResp| resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    let head = format!("POST /p HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n");
+
+    // Small rest, second write: drained, kept.
+    let (mut c, _) = conn_on(h.addr(), PATHS[1], "POST /first").await;
+    c.send(format!("{head}2\r\n{{}}\r\n").as_bytes()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    c.send(b"3\r\nabc\r\n0\r\n\r\n").await;
+    let resp = c.response().await.expect("no answer");
+    assert_eq!((resp.status, resp.text().as_str()), (200, "early"));
+    assert!(!is_close(&resp), "connection not kept: {resp:?}");
+    c.send(format!("GET /again HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await;
+    let resp = c.response().await.expect("closed silently after a small rest");
+    assert_eq!(resp.status, 200);
+
+    // A rest over the bound: the answer says close.
+    let (mut c, _) = conn_on(h.addr(), PATHS[1], "POST /first").await;
+    let big = 80 * 1024;
+    let mut req = format!("{head}2\r\n{{}}\r\n{big:x}\r\n").into_bytes();
+    req.extend(std::iter::repeat_n(b'x', big));
+    req.extend_from_slice(b"\r\n");
+    c.send(&req).await;
+    let resp = c.response().await.expect("no answer (big rest)");
+    assert_eq!(resp.status, 200);
+    assert!(is_close(&resp), "closing without saying so: {resp:?}");
+
+    // A rest that never comes within the drain time: the answer says close.
+    let (mut c, _) = conn_on(h.addr(), PATHS[1], "POST /first").await;
+    c.send(format!("{head}2\r\n{{}}\r\n").as_bytes()).await;
+    let resp = c.response().await.expect("no answer (late rest)");
+    assert_eq!(resp.status, 200);
+    assert!(is_close(&resp), "closing without saying so: {resp:?}");
+}

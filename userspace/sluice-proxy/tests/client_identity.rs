@@ -400,3 +400,127 @@ async fn bans_hold_over_h2c_behind_xff_and_at_accept_for_direct_peers() {
     );
     assert_eq!(metric(h.admin, "sluice_client_connections_denied_total ").await, 1);
 }
+
+/// A replica answering `<forwarded>|<x-real-ip>`.
+async fn echo_forwarded(proto: Protocol) -> TestReplica {
+    replica(proto, |req: Request<Incoming>| async move {
+        let h = req.headers();
+        let all = |k: &str| {
+            h.get_all(k).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>()
+        };
+        Response::new(text(format!(
+            "{}|{}",
+            all("forwarded").join(", "),
+            all("x-real-ip").join(",")
+        )))
+    })
+    .await
+}
+
+/// RFC 7239 `Forwarded` from a trusted prefix names the client (IPv6 bracketed and
+/// quoted, ports allowed) and is extended with sluice's hop; an untrusted peer's is
+/// replaced, on the fast path, the hyper path and HTTP/2.
+#[tokio::test]
+async fn forwarded_from_trusted_prefixes_names_the_client_and_is_extended() {
+    for proto in [Protocol::Http1, Protocol::H2c] {
+        let r = echo_forwarded(proto).await;
+        let mut c = cfg();
+        c.listeners[0].trusted_proxies = vec!["127.0.0.1".into(), "10.0.0.0/8".into()];
+        let h = start(c, doc(&[("a", r.addr, proto)])).await;
+        let with = |fwd: &'static str, te: bool| {
+            let mut b = Request::builder()
+                .uri("/")
+                .header("host", HOST)
+                .header("forwarded", fwd)
+                .header("x-real-ip", "6.6.6.6");
+            if te {
+                b = b.header("te", "trailers"); // declined by the fast path
+            }
+            b.body(Empty::<Bytes>::new()).unwrap()
+        };
+        let chain = "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https, for=10.1.2.3";
+        let ours = |node: &str| format!("{node};host=\"{HOST}\";proto=http");
+        let tcp = connect_from("127.0.0.1", h.addr()).await;
+        let resp = h1_on(tcp, with(chain, false)).await.unwrap();
+        assert_eq!(
+            body_string(resp).await,
+            format!("{chain}, {}|2001:db8::7", ours("for=127.0.0.1")),
+            "{proto:?}: the chain is extended, the client is the rightmost untrusted hop"
+        );
+        let tcp = connect_from("127.0.0.1", h.addr()).await;
+        let req = Request::builder()
+            .uri(format!("http://{HOST}/"))
+            .header("forwarded", "for=203.0.113.9;by=10.0.0.1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h2_on(tcp, req).await.unwrap();
+        assert_eq!(
+            body_string(resp).await,
+            format!("for=203.0.113.9;by=10.0.0.1, {}|203.0.113.9", ours("for=127.0.0.1")),
+            "{proto:?}: h2"
+        );
+        let want = format!("{}|127.0.0.2", ours("for=127.0.0.2"));
+        for te in [false, true] {
+            let tcp = connect_from("127.0.0.2", h.addr()).await;
+            let resp = h1_on(tcp, with("for=203.0.113.9", te)).await.unwrap();
+            assert_eq!(body_string(resp).await, want, "{proto:?} te={te}: untrusted replaced");
+        }
+        let tcp = connect_from("127.0.0.2", h.addr()).await;
+        let req = Request::builder()
+            .uri(format!("http://{HOST}/"))
+            .header("forwarded", "for=203.0.113.9")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h2_on(tcp, req).await.unwrap();
+        assert_eq!(body_string(resp).await, want, "{proto:?}: h2 untrusted replaced");
+    }
+}
+
+/// An IPv6 client's own hop is written bracketed and quoted.
+#[tokio::test]
+async fn forwarded_names_an_ipv6_peer_quoted() {
+    let r = echo_forwarded(Protocol::Http1).await;
+    let mut c = cfg();
+    c.listeners[0].addr = "[::1]:0".parse().unwrap();
+    let h = start(c, doc(&[("a", r.addr, Protocol::Http1)])).await;
+    for te in [false, true] {
+        let tcp = TcpStream::connect(h.addr()).await.unwrap();
+        let mut b = Request::builder().uri("/").header("host", HOST);
+        if te {
+            b = b.header("te", "trailers");
+        }
+        let resp = h1_on(tcp, b.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+        assert_eq!(
+            body_string(resp).await,
+            format!("for=\"[::1]\";host=\"{HOST}\";proto=http|::1"),
+            "te={te}"
+        );
+    }
+}
+
+/// The same behind an edge that reports clients in RFC 7239 `Forwarded` (IPv6 client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failures_behind_forwarded_ban_the_client_per_request() {
+    let mut c = cfg();
+    c.listeners[0].trusted_proxies = vec!["127.0.0.1".into()];
+    let (h, seen, _r) = banning_proxy(c).await;
+    let tcp = connect_from("127.0.0.1", h.addr()).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut status = async |fwd: &str, host: &str| {
+        let mut b = Request::builder().uri("/").header("host", host);
+        if !fwd.is_empty() {
+            b = b.header("forwarded", fwd);
+        }
+        send.ready().await.unwrap();
+        send.send_request(b.body(Empty::<Bytes>::new()).unwrap()).await.unwrap().status().as_u16()
+    };
+    let locked = "locked.r1.example.test";
+    let bad = "for=\"[2001:db8::66]:443\";proto=https";
+    assert_eq!(status(bad, locked).await, 401);
+    assert_eq!(status(bad, HOST).await, 403, "banned client served");
+    assert_eq!(status("for=203.0.113.7", HOST).await, 200, "another client behind the edge");
+    assert_eq!(status("", locked).await, 401, "the edge's own failure");
+    assert_eq!(status("", HOST).await, 200, "the edge is never banned");
+    assert_eq!(*seen.lock().unwrap(), vec!["2001:db8::66".parse::<IpAddr>().unwrap()]);
+}

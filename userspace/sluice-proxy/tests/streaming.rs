@@ -146,3 +146,113 @@ async fn download_streams_with_bounded_memory() {
     eprintln!("download {n} bytes: peak RSS growth {} KiB", growth / 1024);
     assert!(growth < MAX_GROWTH, "RSS grew {growth} bytes");
 }
+
+/// A response body of 16 KiB chunks that counts what the replica's HTTP/2 stack took from
+/// it (about what it sent: hyper takes the next chunk once the window has room), and
+/// counts itself dropped.
+struct Counted {
+    left: usize,
+    taken: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = sluice_proxy::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        const PIECE: usize = 16 * 1024;
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(PIECE);
+        self.left -= n;
+        self.taken.fetch_add(n as u64, Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'r'; n])))))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// h2c clients of an h2c replica that stop reading: what the replica manages to send per
+/// stream stays bounded by the windows on the way (the client's stream window, sluice's
+/// send buffer, sluice's window towards the replica), not the response's size, so the
+/// response waits in the replica; and when the clients leave, the replica's streams end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_slow_readers_of_h2c_replica_leave_the_response_in_the_replica() {
+    const STREAMS: u64 = 4;
+    const RESPONSE: usize = 16 << 20;
+    // Client stream window 64 KiB + sluice's send buffer (32 KiB) + its upstream stream
+    // window (256 KiB) + a chunk or two in flight: well under this.
+    const PER_STREAM: u64 = 512 * 1024;
+    let taken = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (t, d) = (taken.clone(), dropped.clone());
+    let r = replica(Protocol::H2c, move |_req: Request<Incoming>| {
+        let body = Counted { left: RESPONSE, taken: t.clone(), dropped: d.clone() };
+        async move { Response::new(body.boxed_unsync()) }
+    })
+    .await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::H2c)])).await;
+
+    let tcp = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(4 << 20)
+            .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut held = Vec::new();
+    for _ in 0..STREAMS {
+        let req = Request::builder()
+            .uri(format!("http://{HOST}/"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = tokio::time::timeout(T, send.send_request(req)).await.unwrap().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        held.push(resp); // never read
+    }
+    // Until nothing more leaves the replica for half a second (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last = u64::MAX;
+    loop {
+        let now = taken.load(Ordering::SeqCst);
+        if now == last || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let per_stream = last / STREAMS;
+    eprintln!("{} KiB per non-reading stream left the replica", per_stream / 1024);
+    assert!(per_stream >= 64 * 1024, "nothing flowed: {per_stream} bytes per stream");
+    assert!(
+        per_stream < PER_STREAM,
+        "{} KiB per stream left the replica for clients that do not read",
+        per_stream / 1024
+    );
+    assert_eq!(dropped.load(Ordering::SeqCst), 0, "a response ended early");
+
+    // The clients leave: every stream to the replica ends (cancelled) within a bound.
+    drop(held);
+    drop(send);
+    conn.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while dropped.load(Ordering::SeqCst) < STREAMS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {STREAMS} replica streams still open after the clients left",
+            STREAMS - dropped.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

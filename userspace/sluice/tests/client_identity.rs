@@ -17,7 +17,8 @@ use sluice_tests::process::{SluiceProcess, free_port, http_get};
 const OPEN: &str = "open.r1.example.test";
 const LOCKED: &str = "locked.r1.example.test";
 
-/// An HTTP/1.1 replica answering `<x-forwarded-for>|<x-real-ip>` to every GET.
+/// An HTTP/1.1 replica answering `<x-forwarded-for>|<x-real-ip>` to every GET, with the
+/// `Forwarded` it got in a `seen-forwarded` response header.
 fn replica() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -27,7 +28,8 @@ fn replica() -> SocketAddr {
                 let mut w = s.try_clone().unwrap();
                 let mut r = BufReader::new(s);
                 loop {
-                    let (mut xff, mut real) = (String::new(), String::new());
+                    let (mut xff, mut real, mut fwd) =
+                        (String::new(), String::new(), String::new());
                     let mut line = String::new();
                     loop {
                         line.clear();
@@ -41,11 +43,15 @@ fn replica() -> SocketAddr {
                             xff = v.trim().to_owned();
                         } else if let Some(v) = lower.strip_prefix("x-real-ip:") {
                             real = v.trim().to_owned();
+                        } else if lower.starts_with("forwarded:") {
+                            fwd = line["forwarded:".len()..].trim().to_owned();
                         }
                     }
                     let body = format!("{xff}|{real}");
-                    let resp =
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nseen-forwarded: {fwd}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                     if w.write_all(resp.as_bytes()).is_err() {
                         return;
                     }
@@ -149,4 +155,69 @@ fn proxy_protocol_listener_bans_the_reported_client_not_the_edge() {
     assert_eq!(metric(&m, "sluice_guard_auth_failures_total "), Some(2), "{m}");
     assert_eq!(metric(&m, "sluice_client_proxy_header_refused_total "), Some(1), "{m}");
     assert!(metric(&m, "sluice_client_connections_denied_total ").unwrap_or(0) >= 1, "{m}");
+}
+
+/// A GET to `host` from `local` carrying `forwarded`: the status, the `Forwarded` the
+/// replica saw, and the body.
+fn get_forwarded(
+    local: &str,
+    to: SocketAddr,
+    forwarded: &str,
+    host: &str,
+) -> (u16, String, String) {
+    let mut s = connect_from(local, to);
+    let req = format!(
+        "GET / HTTP/1.1\r\nhost: {host}\r\nforwarded: {forwarded}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let seen = head
+        .lines()
+        .find_map(|l| l.strip_prefix("seen-forwarded:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default();
+    (status, seen, body.to_owned())
+}
+
+/// `trusted_proxies` from the config file: a trusted edge's RFC 7239 `Forwarded` names
+/// the client (X-Real-IP) and is extended with sluice's own hop; an untrusted peer's is
+/// replaced.
+#[test]
+fn forwarded_from_trusted_proxies_names_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let rep = replica();
+    std::fs::write(
+        dir.path().join("routes.toml"),
+        format!(
+            "[[servers]]\nid = \"open\"\nlabel = \"open\"\nunauthenticated = true\n\
+             [[replicas]]\nserver = \"open\"\nid = \"r-open\"\naddress = \"{rep}\"\nprotocol = \"http1\"\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let rest = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:{port}\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         [node]\nbase_domains = [\"example.test\"]\nregions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n"
+    );
+    let _sluice = SluiceProcess::start(Path::new(env!("CARGO_BIN_EXE_sluice")), dir.path(), &rest);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let chain = "for=\"[2001:db8::9]:4711\";proto=https";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        let r = get_forwarded("127.0.0.1", addr, chain, OPEN);
+        if r.0 == 200 || Instant::now() > deadline {
+            break r;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let ours = |node: &str| format!("{node};host=\"{OPEN}\";proto=http");
+    assert_eq!(
+        served,
+        (200, format!("{chain}, {}", ours("for=127.0.0.1")), "127.0.0.1|2001:db8::9".into())
+    );
+    let untrusted = get_forwarded("127.0.0.2", addr, "for=203.0.113.9", OPEN);
+    assert_eq!(untrusted, (200, ours("for=127.0.0.2"), "127.0.0.2|127.0.0.2".into()));
 }

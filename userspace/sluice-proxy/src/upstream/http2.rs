@@ -225,11 +225,18 @@ pub(super) async fn send(
     };
 
     let end_of_stream = req.body().is_end_stream();
-    // A bodiless request refused by the replica (REFUSED_STREAM, or above a graceful
-    // GOAWAY's last stream id) can go to another replica; h2 consumes the head, so keep a
-    // copy of it, as forwarded (Host still set), for that case only. A request with a body
-    // is not replayed: its body already streams into this stream.
-    let replay = end_of_stream.then(|| {
+    // A request refused by the replica (REFUSED_STREAM, or above a graceful GOAWAY's last
+    // stream id) can go to another replica; h2 consumes the head, so keep a copy of it, as
+    // forwarded (Host still set), for that case. Its body is held for a replay while it
+    // stays small (`replay`); a larger body streamed into this stream and is not replayed.
+    let (req, held) = if end_of_stream {
+        (req, None)
+    } else {
+        let (parts, body) = req.into_parts();
+        let (body, held) = super::replay::hold(body);
+        (Request::from_parts(parts, body), held)
+    };
+    let replay = (end_of_stream || held.is_some()).then(|| {
         let mut r = Request::new(());
         *r.method_mut() = req.method().clone();
         *r.uri_mut() = req.uri().clone();
@@ -237,6 +244,11 @@ pub(super) async fn send(
         *r.headers_mut() = req.headers().clone();
         r
     });
+    // The body of a replay: none, or the held one from its start.
+    let replay_body = |held: &Option<super::replay::Replay>| match held {
+        None => Some(empty_body()),
+        Some(h) => h.replay(),
+    };
     let (mut parts, body) = req.into_parts();
     // h2 wants an absolute URI for :scheme and :authority; Host becomes :authority.
     let authority = parts
@@ -259,9 +271,9 @@ pub(super) async fn send(
             // was sent. Only a bodiless request has its head to hand back.
             let error = RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e)));
             let reason = if e.is_go_away() { RetryReason::GoAway } else { RetryReason::Connect };
-            return Err(match replay {
-                Some(head) => SendError::unsent(error, reason, head.map(|()| empty_body())),
-                None => error.into(),
+            return Err(match (replay, replay_body(&held)) {
+                (Some(head), Some(body)) => SendError::unsent(error, reason, head.map(|()| body)),
+                _ => error.into(),
             });
         }
     };
@@ -276,10 +288,9 @@ pub(super) async fn send(
         Ok(resp) => resp,
         Err(e) => {
             let error = RequestError::Upstream(format!("replica {addr}: {}", error_chain(&e)));
-            return Err(match (never_processed(&e), replay) {
-                (Some(reason), Some(head)) => {
-                    SendError::unsent(error, reason, head.map(|()| empty_body()))
-                }
+            let Some(reason) = never_processed(&e) else { return Err(error.into()) };
+            return Err(match (replay, replay_body(&held)) {
+                (Some(head), Some(body)) => SendError::unsent(error, reason, head.map(|()| body)),
                 _ => error.into(),
             });
         }

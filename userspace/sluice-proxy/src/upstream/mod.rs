@@ -5,6 +5,7 @@
 
 mod http1;
 mod http2;
+mod replay;
 mod wire;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use crate::error::RequestError;
 use crate::metrics::{Metrics, RetryReason};
 
 pub use self::http1::{H1Conn, UpgradeRegistration};
+pub use self::replay::REPLAY_BODY_BYTES;
 
 /// The body sluice sends upstream.
 pub type UpstreamReqBody = UnsyncBoxBody<Bytes, BoxError>;

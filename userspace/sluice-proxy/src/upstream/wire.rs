@@ -51,7 +51,7 @@ pub(super) async fn send(
     timeout: Duration,
     req: Request<UpstreamReqBody>,
 ) -> Result<UpstreamResponse, SendError> {
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let head_method = parts.method == Method::HEAD;
     let known_empty = body.is_end_stream();
     let chunked = !known_empty && body.size_hint().exact().is_none();
@@ -109,7 +109,90 @@ pub(super) async fn send(
     };
 
     // The body, unless the replica answers first (then its rest is dropped, and the
-    // connection is not reused).
+    // connection is not reused). A small body is held so that, if the pooled connection
+    // turns out closed under it, it can go once more on a fresh one (`replay`).
+    let (mut body, held) =
+        if reused && !known_empty { super::replay::hold(body) } else { (body, None) };
+    let mut body_unsent = write_body(&mut conn, &mut body, known_empty, chunked).await?;
+
+    // The response head; informational responses are skipped.
+    let mut rbuf = BytesMut::new();
+    let mut fresh_retry = reused && (known_empty || held.is_some());
+    let parsed = loop {
+        if !rbuf.is_empty() {
+            match parse_head(addr, &rbuf, head_method)? {
+                Head::Partial => {}
+                Head::Informational(n) => {
+                    rbuf.advance(n);
+                    continue;
+                }
+                Head::Final(p) => break p,
+            }
+        }
+        rbuf.reserve(READ);
+        let n = match read_some(&conn, &mut rbuf).await {
+            Ok(n) => n,
+            // A pooled connection the replica had closed resets what was written into it.
+            Err(e) if fresh_retry && rbuf.is_empty() && is_closed(&e) => 0,
+            Err(e) => return Err(upstream_err(addr, e).into()),
+        };
+        if n > 0 {
+            fresh_retry = false;
+            continue;
+        }
+        if conn.open.is_cut() {
+            // The replica had the request; it must not go anywhere again.
+            return Err(upstream_err(addr, "drain deadline passed").into());
+        }
+        if fresh_retry && rbuf.is_empty() {
+            // Closed under the request before any answer: the replica never took it.
+            fresh_retry = false;
+            if let Some(h) = &held {
+                match h.replay() {
+                    Some(b) => body = b,
+                    None => {
+                        return Err(
+                            upstream_err(addr, "connection closed before the response").into()
+                        );
+                    }
+                }
+            }
+            conn = match up.connect_wire(addr, Some(timeout)).await {
+                Ok(c) => c,
+                // The request never reached the replica on either connection.
+                Err(e) => {
+                    let req = Request::from_parts(parts, body);
+                    return Err(SendError::unsent(e, RetryReason::Connect, req));
+                }
+            };
+            conn.tcp.write_all(&head).await.map_err(|e| upstream_err(addr, e))?;
+            body_unsent = write_body(&mut conn, &mut body, known_empty, chunked).await?;
+            continue;
+        }
+        return Err(upstream_err(addr, "connection closed before the response").into());
+    };
+    rbuf.advance(parsed.len);
+    // `Connection: close` (or HTTP/1.0) is never reused; `Keep-Alive: timeout=` bounds
+    // how long the connection may wait in the pool.
+    let keep = parsed.keep_alive.as_ref().is_none_or(|v| conn.keep_alive(v.as_bytes()));
+    let reusable = !parsed.close && !body_unsent && keep;
+    let mut response = Response::new(());
+    *response.status_mut() = parsed.status;
+    *response.version_mut() = Version::HTTP_11;
+    *response.headers_mut() = parsed.headers;
+    let body = WireBody::new(conn, rbuf, parsed.framing, reusable, pool.clone(), up.max_idle());
+    let response = response.map(|()| body.boxed_unsync());
+    Ok(UpstreamResponse { response, hold: Box::new(()), on_complete: None })
+}
+
+/// Writes the request body to the replica, unless it answers first or stops reading:
+/// returns whether some of the body was left unsent (the connection is then not reused).
+async fn write_body(
+    conn: &mut WireConn,
+    body: &mut UpstreamReqBody,
+    known_empty: bool,
+    chunked: bool,
+) -> Result<bool, RequestError> {
     let mut body_unsent = false;
     if !known_empty {
         let mut trailers_sent = false;
@@ -125,7 +208,7 @@ pub(super) async fn send(
             let frame = match frame {
                 None => break,
                 Some(Ok(f)) => f,
-                Some(Err(e)) => return Err(client_body_error(&*e).into()),
+                Some(Err(e)) => return Err(client_body_error(&*e)),
             };
             let written = match frame.into_data() {
                 Ok(data) if data.is_empty() => Ok(()),
@@ -164,59 +247,12 @@ pub(super) async fn send(
             body_unsent = true;
         }
     }
+    Ok(body_unsent)
+}
 
-    // The response head; informational responses are skipped.
-    let mut rbuf = BytesMut::new();
-    let mut fresh_retry = reused && known_empty;
-    let parsed = loop {
-        if !rbuf.is_empty() {
-            match parse_head(addr, &rbuf, head_method)? {
-                Head::Partial => {}
-                Head::Informational(n) => {
-                    rbuf.advance(n);
-                    continue;
-                }
-                Head::Final(p) => break p,
-            }
-        }
-        rbuf.reserve(READ);
-        let n = read_some(&conn, &mut rbuf).await.map_err(|e| upstream_err(addr, e))?;
-        if n > 0 {
-            fresh_retry = false;
-            continue;
-        }
-        if conn.open.is_cut() {
-            // The replica had the request; it must not go anywhere again.
-            return Err(upstream_err(addr, "drain deadline passed").into());
-        }
-        if fresh_retry && rbuf.is_empty() {
-            // Closed under the request before any answer: the replica never took it.
-            fresh_retry = false;
-            conn = match up.connect_wire(addr, Some(timeout)).await {
-                Ok(c) => c,
-                // The request (bodiless) never reached the replica on either connection.
-                Err(e) => {
-                    let req = Request::from_parts(parts, body);
-                    return Err(SendError::unsent(e, RetryReason::Connect, req));
-                }
-            };
-            conn.tcp.write_all(&head).await.map_err(|e| upstream_err(addr, e))?;
-            continue;
-        }
-        return Err(upstream_err(addr, "connection closed before the response").into());
-    };
-    rbuf.advance(parsed.len);
-    // `Connection: close` (or HTTP/1.0) is never reused; `Keep-Alive: timeout=` bounds
-    // how long the connection may wait in the pool.
-    let keep = parsed.keep_alive.as_ref().is_none_or(|v| conn.keep_alive(v.as_bytes()));
-    let reusable = !parsed.close && !body_unsent && keep;
-    let mut response = Response::new(());
-    *response.status_mut() = parsed.status;
-    *response.version_mut() = Version::HTTP_11;
-    *response.headers_mut() = parsed.headers;
-    let body = WireBody::new(conn, rbuf, parsed.framing, reusable, pool.clone(), up.max_idle());
-    let response = response.map(|()| body.boxed_unsync());
-    Ok(UpstreamResponse { response, hold: Box::new(()), on_complete: None })
+/// Whether a read error means the replica had closed the connection.
+fn is_closed(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
 }
 
 /// A request body that failed while sluice read it is the client's fault (a malformed
