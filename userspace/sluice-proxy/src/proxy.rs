@@ -94,8 +94,9 @@ pub(crate) struct ConnInfo {
     pub(crate) trusted_set: Arc<[Cidr]>,
     /// The client's X-Forwarded-For entry, formatted once per connection.
     pub(crate) forwarded_for: HeaderValue,
-    /// The client's `Forwarded` node (`for=...`), formatted once per connection.
-    pub(crate) forwarded_node: HeaderValue,
+    /// The client's `Forwarded` node (`for=...`), formatted once per connection when
+    /// its listener sets `Forwarded` (`ListenerConfig::forwarded_header`), else `None`.
+    pub(crate) forwarded_node: Option<HeaderValue>,
     pub(crate) tls: bool,
     pub(crate) activity: Arc<Activity>,
     /// Held by opaque relays so graceful shutdown waits for them too.
@@ -303,7 +304,7 @@ fn forwarded_head(
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,
-        &conn.forwarded_node,
+        conn.forwarded_node.as_ref(),
         &who.real_ip,
         who.trusted,
         if conn.tls { "https" } else { "http" },
