@@ -532,7 +532,6 @@ async fn proxy(
     let exceeded = Arc::new(AtomicBool::new(false));
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
-    let body_left = body.left();
     let early_rest = body.early_rest();
     // The exchange's idle clock: touched by every request-body chunk taken for the
     // replica and every response chunk, read by one timer.
@@ -610,7 +609,7 @@ async fn proxy(
     // is drained here, within the same bound as the fast path, before the head goes out.
     let (cap, time) = (crate::h1proxy::EARLY_DRAIN_BYTES, crate::h1proxy::EARLY_DRAIN_TIME);
     let rest_too_big = h1_client && early_rest.settle(cap, time).await;
-    if rest_too_big || (h1_client && body_left.load(Ordering::Relaxed) > cap) {
+    if rest_too_big || (h1_client && early_rest.left() > cap) {
         // More of the body is due than sluice drains: hyper will close the connection
         // after the answer, so the answer must say so.
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
