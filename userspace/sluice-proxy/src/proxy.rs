@@ -608,8 +608,10 @@ async fn proxy(
     // An answer before the replica read the whole body: a rest of unknown length (chunked)
     // is drained here, within the same bound as the fast path, before the head goes out.
     let (cap, time) = (crate::h1proxy::EARLY_DRAIN_BYTES, crate::h1proxy::EARLY_DRAIN_TIME);
+    // Asked before `settle`, which claims the rest whatever its state.
+    let still_streaming = h1_client && early_rest.still_streaming_unknown();
     let rest_too_big = h1_client && early_rest.settle(cap, time).await;
-    if rest_too_big || (h1_client && early_rest.left() > cap) {
+    if still_streaming || rest_too_big || (h1_client && early_rest.left() > cap) {
         // More of the body is due than sluice drains: hyper will close the connection
         // after the answer, so the answer must say so.
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
