@@ -624,10 +624,12 @@ fn encode_servers(
     Ok(())
 }
 
-/// `sluice_build_info`: always 1, with what was built as labels.
+/// `sluice_build_info`: always 1, with what was built as labels. `commit` is
+/// `SLUICE_COMMIT` at build time (`cargo xtask image` sets it from git), else `unknown`.
 fn encode_build_info(e: &mut DescriptorEncoder<'_>) -> fmt::Result {
     let labels = [
         ("version", env!("CARGO_PKG_VERSION")),
+        ("commit", option_env!("SLUICE_COMMIT").unwrap_or("unknown")),
         ("profile", if cfg!(debug_assertions) { "debug" } else { "release" }),
         ("arch", std::env::consts::ARCH),
         ("os", std::env::consts::OS),
@@ -786,6 +788,7 @@ mod tests {
             "sluice_metrics_servers_omitted 0\n",
             "sluice_upstream_retries_total{reason=\"goaway\"} 0\n",
             "sluice_build_info{version=\"",
+            ",commit=\"",
             "# TYPE process_cpu_seconds_total counter\n",
             "# TYPE process_resident_memory_bytes gauge\n",
         ] {
