@@ -84,6 +84,16 @@ fn metrics_are_openmetrics_when_asked_and_carry_build_and_process_families() {
     assert!(open.ends_with("# EOF\n"), "an OpenMetrics scrape ends in # EOF:\n{open}");
     assert_eq!(open.matches("# EOF").count(), 1);
     assert!(open.contains("# TYPE sluice_responses counter\n"), "{open}");
+    // Every collector (proxy, node, store) names its own families: no family twice.
+    let mut families: Vec<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let all = families.len();
+    families.sort_unstable();
+    families.dedup();
+    assert_eq!(families.len(), all, "a family encoded twice:\n{open}");
 
     let (code, head, text) = call(admin, "GET", "/metrics");
     assert_eq!(code, 200, "{text}");
