@@ -740,11 +740,20 @@ mod tests {
     use super::*;
 
     fn scrape(format: Format, m: Metrics, table: &sluice_routing::RoutingTable) -> String {
+        scrape_bounded(format, m, table, usize::MAX)
+    }
+
+    fn scrape_bounded(
+        format: Format,
+        m: Metrics,
+        table: &sluice_routing::RoutingTable,
+        max_servers: usize,
+    ) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ProxyCollector::new(
             std::sync::Arc::new(m),
             table.clone(),
-            usize::MAX,
+            max_servers,
         )));
         format.encode(&registry)
     }
@@ -796,6 +805,19 @@ mod tests {
         }
         assert_eq!(out.matches("# TYPE sluice_replica_in_flight").count(), 1);
         assert!(!out.contains("# EOF"), "{out}");
+    }
+
+    #[test]
+    fn per_server_series_are_bounded() {
+        let t = table();
+        let snap = t.load_full();
+        let a = snap.server("a").unwrap();
+        drop(a.begin_request(&a.replicas[0]));
+        let out = scrape_bounded(Format::Prometheus, Metrics::default(), &t, 1);
+        assert!(out.contains("sluice_requests_total{server=\"a\"} 1\n"), "{out}");
+        assert!(out.contains("sluice_replica_requests_total{server=\"a\",replica=\"r1\"} 1\n"));
+        assert!(!out.contains("server=\"b\""), "{out}");
+        assert!(out.contains("sluice_metrics_servers_omitted 1\n"), "{out}");
     }
 
     #[test]
