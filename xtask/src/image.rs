@@ -152,6 +152,13 @@ fn pick_target() -> Result<(String, bool)> {
 fn build_static(root: &Path, triple: &str, static_glibc: bool) -> Result<PathBuf> {
     let mut cmd = crate::cargo();
     cmd.args(["build", "--release", "-p", "sluice", "--target", triple]);
+    // The `commit` label of `sluice_build_info`, unless the caller set it already.
+    if std::env::var_os("SLUICE_COMMIT").is_none()
+        && let Ok(out) = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output()
+        && out.status.success()
+    {
+        cmd.env("SLUICE_COMMIT", String::from_utf8_lossy(&out.stdout).trim());
+    }
     if static_glibc {
         // With an explicit --target these flags reach only target crates, not build
         // scripts or proc macros (which must stay dynamic to be loadable by rustc).

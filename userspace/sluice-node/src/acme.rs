@@ -134,31 +134,33 @@ pub struct AcmeMetrics {
     lease: AtomicI64,
 }
 
-impl AcmeMetrics {
-    fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let name = "sluice_acme_orders_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} ACME orders this node made, by result.\n# TYPE {name} counter"
-        );
-        for (result, c) in
-            [("issued", &self.issued), ("renewed", &self.renewed), ("failed", &self.failed)]
-        {
-            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", c.load(Ordering::Relaxed));
-        }
-        let name = "sluice_acme_passes_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Looks at every server's domains this node completed as the lock holder.\n# TYPE {name} counter\n{name} {}",
-            self.passes.load(Ordering::Relaxed)
-        );
-        let name = "sluice_acme_lock_held";
-        let _ = writeln!(
-            out,
-            "# HELP {name} 1 while this node holds the ACME ordering lock.\n# TYPE {name} gauge\n{name} {}",
-            self.leader.load(Ordering::Relaxed)
-        );
+/// The `sluice_acme_*` families on each `/metrics` scrape.
+impl prometheus_client::collector::Collector for AcmeMetrics {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use sluice_proxy::metrics::{counter, counters, gauge};
+        let results =
+            [("issued", &self.issued), ("renewed", &self.renewed), ("failed", &self.failed)];
+        counters(
+            &mut e,
+            "sluice_acme_orders_total",
+            "ACME orders this node made, by result.",
+            results.map(|(result, c)| ([("result", result)], c.load(Ordering::Relaxed))),
+        )?;
+        counter(
+            &mut e,
+            "sluice_acme_passes_total",
+            "Looks at every server's domains this node completed as the lock holder.",
+            self.passes.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut e,
+            "sluice_acme_lock_held",
+            "1 while this node holds the ACME ordering lock.",
+            self.leader.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -271,8 +273,7 @@ pub fn start(
     let store = Arc::new(OnceCell::new());
     server.set_acme_challenges(Arc::new(EtcdChallenges(challenges.clone())));
     let metrics = Arc::new(AcmeMetrics::default());
-    let m = metrics.clone();
-    server.metrics_extra(Arc::new(move |out: &mut String| m.render(out)));
+    server.metrics_extra(Box::new(metrics.clone()));
     tokio::spawn(async move {
         let stopped = stop.notified();
         tokio::pin!(stopped);

@@ -464,8 +464,16 @@ async fn ban_loop(
 }
 
 fn install_metrics(server: &mut Server, c: Arc<Counters>) {
-    server.metrics_extra(Arc::new(move |out: &mut String| {
-        use std::fmt::Write as _;
+    server.metrics_extra(Box::new(c));
+}
+
+/// The guard's families on each `/metrics` scrape.
+impl prometheus_client::collector::Collector for Counters {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        let c = self;
         let rows: [(&str, &str, &str, &AtomicU64); 5] = [
             (
                 "sluice_guard_auth_failures_total",
@@ -500,9 +508,13 @@ fn install_metrics(server: &mut Server, c: Arc<Counters>) {
         ];
         for (name, kind, help, v) in rows {
             let v = v.load(Ordering::Relaxed);
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            match kind {
+                "counter" => sluice_proxy::metrics::counter(&mut e, name, help, v)?,
+                _ => sluice_proxy::metrics::gauge(&mut e, name, help, v)?,
+            }
         }
-    }));
+        Ok(())
+    }
 }
 
 /// The guard's part of the `/bpf` admin document: where it is attached, in which mode.

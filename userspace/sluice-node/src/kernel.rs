@@ -137,7 +137,7 @@ pub fn install_splice_admin(
 ) {
     let line = kernel.splice_line();
     server.readyz_detail(Arc::new(move |out: &mut String| out.push_str(&line)));
-    server.metrics_extra(Arc::new(move |out: &mut String| decisions.render(out)));
+    server.metrics_extra(Box::new(decisions));
 }
 
 /// Adds the kernel data plane's probe state and counters to `/metrics`, read from the
@@ -147,74 +147,88 @@ pub fn install_metrics(
     report: sluice_dataplane::ProbeReport,
     pin_dir: Option<std::path::PathBuf>,
 ) {
-    server.metrics_extra(Arc::new(move |out: &mut String| {
-        use std::fmt::Write as _;
-        let _ = writeln!(
-            out,
-            "# HELP sluice_bpf_feature_available 1 if the kernel feature probed usable at start-up."
-        );
-        let _ = writeln!(out, "# TYPE sluice_bpf_feature_available gauge");
-        for f in &report.features {
-            let _ = writeln!(
-                out,
-                "sluice_bpf_feature_available{{feature=\"{}\"}} {}",
-                f.feature.name(),
-                u8::from(f.status.is_available())
-            );
-        }
-        let Some(dir) = &pin_dir else { return };
+    server.metrics_extra(Box::new(KernelCollector { report, pin_dir }));
+}
+
+/// The kernel data plane's families, read at scrape time.
+#[derive(Debug)]
+struct KernelCollector {
+    report: sluice_dataplane::ProbeReport,
+    pin_dir: Option<std::path::PathBuf>,
+}
+
+impl prometheus_client::collector::Collector for KernelCollector {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use sluice_proxy::metrics::{counter, counters, gauges};
+        gauges(
+            &mut e,
+            "sluice_bpf_feature_available",
+            "1 if the kernel feature probed usable at start-up.",
+            self.report
+                .features
+                .iter()
+                .map(|f| ([("feature", f.feature.name())], u64::from(f.status.is_available()))),
+        )?;
+        let Some(dir) = &self.pin_dir else { return Ok(()) };
         let live = sluice_dataplane::live::read(dir);
-        let mut counter = |name: &str, help: &str, v: Option<u64>| {
+        let rows: [(&str, &str, Option<u64>); 7] = [
+            (
+                "sluice_bpf_redirect_bytes_total",
+                "Bytes sk_msg handed straight to a local peer socket.",
+                live.redirect.map(|r| r.bytes_redirected),
+            ),
+            (
+                "sluice_bpf_splice_bytes_total",
+                "Bytes of upgraded streams spliced in the kernel.",
+                live.splice.map(|s| s.bytes),
+            ),
+            (
+                "sluice_bpf_redirect_no_peer_total",
+                "Messages whose peer was not tracked (normal stack path).",
+                live.redirect.map(|r| r.no_peer),
+            ),
+            (
+                "sluice_bpf_track_failed_total",
+                "Sockhash inserts the kernel refused.",
+                live.redirect.map(|r| r.track_failed),
+            ),
+            (
+                "sluice_bpf_vip_rewritten_total",
+                "Connects to a VIP rewritten to a replica.",
+                live.vip.map(|v| v.rewritten),
+            ),
+            (
+                "sluice_bpf_steer_selected_total",
+                "New connections the kernel steered to the active listener generation.",
+                live.steer.map(|s| s.selected),
+            ),
+            (
+                "sluice_bpf_steer_migrated_total",
+                "Connections migrated off a closing listener.",
+                live.steer.map(|s| s.migrated),
+            ),
+        ];
+        for (name, help, v) in rows {
             if let Some(v) = v {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+                counter(&mut e, name, help, v)?;
             }
-        };
-        counter(
-            "sluice_bpf_redirect_bytes_total",
-            "Bytes sk_msg handed straight to a local peer socket.",
-            live.redirect.map(|r| r.bytes_redirected),
-        );
-        counter(
-            "sluice_bpf_splice_bytes_total",
-            "Bytes of upgraded streams spliced in the kernel.",
-            live.splice.map(|s| s.bytes),
-        );
-        counter(
-            "sluice_bpf_redirect_no_peer_total",
-            "Messages whose peer was not tracked (normal stack path).",
-            live.redirect.map(|r| r.no_peer),
-        );
-        counter(
-            "sluice_bpf_track_failed_total",
-            "Sockhash inserts the kernel refused.",
-            live.redirect.map(|r| r.track_failed),
-        );
-        counter(
-            "sluice_bpf_vip_rewritten_total",
-            "Connects to a VIP rewritten to a replica.",
-            live.vip.map(|v| v.rewritten),
-        );
-        counter(
-            "sluice_bpf_steer_selected_total",
-            "New connections the kernel steered to the active listener generation.",
-            live.steer.map(|s| s.selected),
-        );
-        counter(
-            "sluice_bpf_steer_migrated_total",
-            "Connections migrated off a closing listener.",
-            live.steer.map(|s| s.migrated),
-        );
-        if let Some(g) = live.guard {
-            let _ = writeln!(
-                out,
-                "# HELP sluice_bpf_guard_dropped_total Packets the XDP guard dropped, by reason.\n\
-                 # TYPE sluice_bpf_guard_dropped_total counter\n\
-                 sluice_bpf_guard_dropped_total{{reason=\"denied\"}} {}\n\
-                 sluice_bpf_guard_dropped_total{{reason=\"syn_rate\"}} {}",
-                g.dropped_denied, g.dropped_syn_rate
-            );
         }
-    }));
+        if let Some(g) = live.guard {
+            counters(
+                &mut e,
+                "sluice_bpf_guard_dropped_total",
+                "Packets the XDP guard dropped, by reason.",
+                [
+                    ([("reason", "denied")], g.dropped_denied),
+                    ([("reason", "syn_rate")], g.dropped_syn_rate),
+                ],
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// The behaviour probe for `sluice bpf status`, which runs in its own process: it

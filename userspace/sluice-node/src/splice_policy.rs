@@ -261,22 +261,20 @@ impl Decisions {
     pub fn get(&self, d: Decision) -> u64 {
         self.counts[d as usize].load(Ordering::Relaxed)
     }
+}
 
-    /// Prometheus text for `/metrics`.
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(
-            out,
-            "# HELP sluice_splice_decisions_total Opaque streams by how the kernel splice question was settled.\n# TYPE sluice_splice_decisions_total counter"
-        );
-        for d in Decision::ALL {
-            let _ = writeln!(
-                out,
-                "sluice_splice_decisions_total{{decision=\"{}\"}} {}",
-                d.label(),
-                self.get(d)
-            );
-        }
+/// `sluice_splice_decisions_total{decision}` on each `/metrics` scrape.
+impl prometheus_client::collector::Collector for Decisions {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        sluice_proxy::metrics::counters(
+            &mut e,
+            "sluice_splice_decisions_total",
+            "Opaque streams by how the kernel splice question was settled.",
+            Decision::ALL.map(|d| ([("decision", d.label())], self.get(d))),
+        )
     }
 }
 
@@ -381,8 +379,9 @@ mod tests {
         let d = Decisions::default();
         d.count(Decision::AutoSpliced);
         d.count(Decision::AutoSpliced);
-        let mut out = String::new();
-        d.render(&mut out);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(d));
+        let out = sluice_proxy::metrics::Format::Prometheus.encode(&registry);
         assert!(out.contains("sluice_splice_decisions_total{decision=\"auto_spliced\"} 2"));
         assert!(out.contains("sluice_splice_decisions_total{decision=\"never\"} 0"));
     }

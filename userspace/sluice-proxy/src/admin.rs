@@ -93,16 +93,20 @@ pub fn json(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> 
     r
 }
 
-/// Extra text the binary adds to a built-in admin page (e.g. the store's staleness
-/// under `/readyz`, kernel counters under `/metrics`), computed on each request.
+/// Extra text the binary adds to `/readyz` (e.g. the store's staleness), computed on
+/// each request.
 pub type AdminExtra = Arc<dyn Fn(&mut String) + Send + Sync>;
+
+/// A collector the binary adds to `/metrics` (e.g. kernel counters), asked to encode its
+/// families on each scrape (see [`crate::metrics`]).
+pub type MetricsExtra = Box<dyn prometheus_client::collector::Collector>;
 
 /// Admin routes by exact path.
 #[derive(Default)]
 pub struct AdminRoutes {
     routes: HashMap<String, Arc<dyn AdminHandler>>,
     readyz_extra: Vec<AdminExtra>,
-    metrics_extra: Vec<AdminExtra>,
+    metrics_extra: Vec<MetricsExtra>,
 }
 
 impl AdminRoutes {
@@ -117,8 +121,8 @@ impl AdminRoutes {
         self.readyz_extra.push(extra);
     }
 
-    /// Adds Prometheus text to `/metrics`.
-    pub fn metrics_extra(&mut self, extra: AdminExtra) {
+    /// Adds a collector to `/metrics`.
+    pub fn metrics_extra(&mut self, extra: MetricsExtra) {
         self.metrics_extra.push(extra);
     }
 
@@ -144,24 +148,35 @@ impl AdminRoutes {
                 async move { autoscaler_stream(&s) }
             })
         });
-        let s = state;
-        let extra = Arc::new(std::mem::take(&mut self.metrics_extra));
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(crate::metrics::ProxyCollector::new(
+            state.metrics.clone(),
+            state.routing.clone(),
+            state.cfg.admin.metrics_max_servers,
+        )));
+        for c in std::mem::take(&mut self.metrics_extra) {
+            registry.register_collector(c);
+        }
+        let registry = Arc::new(registry);
         self.routes.entry("/metrics".into()).or_insert_with(|| {
-            endpoint(READ_ONLY, "Prometheus text exposition", move |_req| {
-                let (s, extra) = (s.clone(), extra.clone());
-                async move {
-                    let mut body = metrics_text(&s);
-                    for f in extra.iter() {
-                        f(&mut body);
+            endpoint(
+                READ_ONLY,
+                "Prometheus text; OpenMetrics if Accept asks for it",
+                move |req: Request<Incoming>| {
+                    let registry = registry.clone();
+                    async move {
+                        let accept =
+                            req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                        let format = crate::metrics::Format::negotiate(accept);
+                        let mut r = text(StatusCode::OK, format.encode(&registry));
+                        r.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static(format.content_type()),
+                        );
+                        r
                     }
-                    let mut r = text(StatusCode::OK, body);
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
-                    r
-                }
-            })
+                },
+            )
         });
         self
     }
@@ -225,18 +240,6 @@ fn readyz(s: &ProxyState, listeners: usize, extra: &[AdminExtra]) -> Response<Pr
         f(&mut body);
     }
     text(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
-}
-
-fn metrics_text(s: &ProxyState) -> String {
-    let snap = s.routing.load_full();
-    let store: Vec<&sluice_routing::cert::CertSummary> =
-        snap.certificates().filter_map(|c| c.loaded.as_ref().map(|l| &l.summary)).collect();
-    let mut out = s.metrics.render_with_certificates(&store, snap.certificate_counters());
-    let _ = writeln!(out, "# HELP sluice_routing_generation Generation of the routing snapshot.");
-    let _ = writeln!(out, "# TYPE sluice_routing_generation gauge");
-    let _ = writeln!(out, "sluice_routing_generation {}", snap.generation());
-    sluice_routing::signal::render_prometheus(&snap, s.cfg.admin.metrics_max_servers, &mut out);
-    out
 }
 
 /// `GET /autoscaler/stream`: newline-delimited JSON, one record per server per interval,

@@ -1,9 +1,21 @@
-//! Process-wide proxy metrics, rendered as Prometheus text. Plain atomics: the request
-//! path only does relaxed increments.
+//! Process-wide proxy metrics, and the one home of `/metrics` encoding for every crate.
+//!
+//! The request path only does relaxed increments on plain atomics. At scrape time,
+//! collectors ([`Collector`]) read those atomics and encode them through
+//! `prometheus-client`, as the Prometheus text format 0.0.4 or, when asked, as
+//! OpenMetrics ([`Format`]). The helpers here ([`counter`], [`gauge`], [`counters`],
+//! [`gauges`]) are what the node's and the store's collectors use too.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 14] =
@@ -178,185 +190,170 @@ impl Metrics {
         self.by_status.get(usize::from(status)).map(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str("# HELP sluice_requests_total Responses sent, by status code.\n");
-        out.push_str("# TYPE sluice_requests_total counter\n");
-        for (code, c) in self.by_status.iter().enumerate() {
+    /// Encodes the proxy's own families (not the routing state's: see [`ProxyCollector`]).
+    pub fn encode(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let codes = self.by_status.iter().enumerate().filter_map(|(code, c)| {
             let n = c.load(Ordering::Relaxed);
-            if n > 0 {
-                let _ = writeln!(out, "sluice_requests_total{{code=\"{code}\"}} {n}");
-            }
+            (n > 0).then(|| ([("code", code.to_string())], n))
+        });
+        counters(e, "sluice_responses_total", "Responses sent, by status code.", codes)?;
+        let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+        for (le, c) in BUCKETS.iter().zip(&self.latency_buckets) {
+            buckets.push((*le, c.load(Ordering::Relaxed)));
         }
-        out.push_str(
-            "# HELP sluice_request_duration_seconds Time from request to response header.\n",
-        );
-        out.push_str("# TYPE sluice_request_duration_seconds histogram\n");
-        let mut cumulative = 0;
-        for (i, le) in BUCKETS.iter().enumerate() {
-            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
-            let _ =
-                writeln!(out, "sluice_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}");
-        }
+        // Read the count after the buckets: an observation racing the scrape then lands in
+        // +Inf rather than making the buckets add up to more than the count.
         let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "sluice_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let finite: u64 = buckets.iter().map(|(_, n)| n).sum();
+        buckets.push((f64::INFINITY, count.saturating_sub(finite)));
         let sum = self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "sluice_request_duration_seconds_sum {sum}");
-        let _ = writeln!(out, "sluice_request_duration_seconds_count {count}");
-        let gauges: [(&str, &str, &str, i64); 6] = [
-            (
-                "sluice_client_connections_open",
-                "gauge",
-                "Client connections open.",
-                self.client_connections_open.get(),
-            ),
-            (
-                "sluice_upstream_connections_open{protocol=\"h2c\"}",
-                "gauge",
-                "Upstream connections open.",
-                self.upstream_h2_open.get(),
-            ),
-            (
-                "sluice_upstream_connections_open{protocol=\"http1\"}",
-                "",
-                "",
-                self.upstream_h1_open.get(),
-            ),
-            (
-                "sluice_opaque_streams_open",
-                "gauge",
-                "Upgraded (opaque) streams open.",
-                self.opaque_streams_open.get(),
-            ),
-            (
-                "sluice_cold_start_held",
-                "gauge",
-                "Requests waiting in a cold-start hold for a server's first ready replica.",
-                self.cold_start_held.get(),
-            ),
+        e.encode_descriptor(
+            "sluice_request_duration_seconds",
+            "Time from request to response header.",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        gauge(
+            e,
+            "sluice_client_connections_open",
+            "Client connections open.",
+            self.client_connections_open.get(),
+        )?;
+        gauges(
+            e,
+            "sluice_upstream_connections_open",
+            "Upstream connections open.",
+            [
+                ([("protocol", "h2c")], self.upstream_h2_open.get()),
+                ([("protocol", "http1")], self.upstream_h1_open.get()),
+            ],
+        )?;
+        gauge(
+            e,
+            "sluice_opaque_streams_open",
+            "Upgraded (opaque) streams open.",
+            self.opaque_streams_open.get(),
+        )?;
+        gauge(
+            e,
+            "sluice_cold_start_held",
+            "Requests waiting in a cold-start hold for a server's first ready replica.",
+            self.cold_start_held.get(),
+        )?;
+        let plain: [(&str, &str, &Counter); 12] = [
             (
                 "sluice_client_connections_total",
-                "counter",
                 "Client connections accepted.",
-                self.client_connections_total.get() as i64,
+                &self.client_connections_total,
             ),
-        ];
-        for (name, kind, help, v) in gauges {
-            let base = name.split('{').next().unwrap_or(name);
-            if !kind.is_empty() {
-                let _ = writeln!(out, "# HELP {base} {help}\n# TYPE {base} {kind}");
-            }
-            let _ = writeln!(out, "{name} {v}");
-        }
-        let counters = [
             (
                 "sluice_client_connections_denied_total",
                 "Client connections closed at accept: source (or PROXY-reported client) denied or banned.",
-                self.client_connections_denied_total.get(),
+                &self.client_connections_denied_total,
             ),
             (
                 "sluice_client_proxy_header_refused_total",
                 "Client connections closed for a missing, malformed or untrusted PROXY header.",
-                self.client_proxy_header_refused_total.get(),
+                &self.client_proxy_header_refused_total,
             ),
             (
                 "sluice_client_requests_banned_total",
                 "Requests refused with 403: their client is banned.",
-                self.client_requests_banned_total.get(),
+                &self.client_requests_banned_total,
             ),
             (
                 "sluice_upstream_connect_errors_total",
                 "Failed upstream connects.",
-                self.upstream_connect_errors_total.get(),
+                &self.upstream_connect_errors_total,
             ),
             (
                 "sluice_replica_drain_deadline_cancelled_total",
                 "Exchanges with a draining replica ended because its drain deadline passed.",
-                self.replica_drain_deadline_cancelled_total.get(),
+                &self.replica_drain_deadline_cancelled_total,
             ),
             (
                 "sluice_cold_start_released_total",
                 "Requests held for a server's first ready replica that got one.",
-                self.cold_start_released_total.get(),
+                &self.cold_start_released_total,
             ),
             (
                 "sluice_cold_start_timed_out_total",
                 "Requests held for a server's first ready replica that got 503 when the hold passed.",
-                self.cold_start_timed_out_total.get(),
+                &self.cold_start_timed_out_total,
             ),
             (
                 "sluice_cold_start_hold_full_total",
                 "Requests answered 503 at once because their server's cold-start hold was full.",
-                self.cold_start_hold_full_total.get(),
+                &self.cold_start_hold_full_total,
             ),
             (
                 "sluice_opaque_streams_total",
                 "Upgraded streams relayed.",
-                self.opaque_streams_total.get(),
+                &self.opaque_streams_total,
             ),
             (
                 "sluice_access_log_dropped_total",
                 "Access log entries dropped: the writer's queue was full.",
-                self.access_log_dropped_total.get(),
+                &self.access_log_dropped_total,
             ),
             (
                 "sluice_access_log_write_errors_total",
                 "Access log writes that failed.",
-                self.access_log_write_errors_total.get(),
+                &self.access_log_write_errors_total,
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        for (name, help, c) in plain {
+            counter(e, name, help, c.get())?;
         }
-        let name = "sluice_upstream_retries_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Requests that never reached a replica, sent once to another.\n# TYPE {name} counter"
-        );
-        for reason in RetryReason::ALL {
-            let v = self.upstream_retries[reason as usize].get();
-            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", reason.as_str());
-        }
-        self.render_certificates(&mut out, &[]);
-        render_build_info(&mut out);
-        render_process(&mut out);
-        out
+        counters(
+            e,
+            "sluice_upstream_retries_total",
+            "Requests that never reached a replica, sent once to another.",
+            RetryReason::ALL
+                .map(|r| ([("reason", r.as_str())], self.upstream_retries[r as usize].get())),
+        )
     }
 
-    /// [`render`](Self::render), with the expiry of the routing state's certificates too
-    /// and the certificate load and refusal counters.
-    pub fn render_with_certificates(
+    /// The expiry of the listeners' certificates and of the routing state's (`store`), and
+    /// the certificate load and refusal counters.
+    fn encode_certificates(
         &self,
-        store: &[&sluice_routing::cert::CertSummary],
-        counters: &sluice_routing::cert::CertCounters,
-    ) -> String {
-        let mut out = self.render();
-        if !self.has_listener_certificates() {
-            self.render_certificates(&mut out, store);
-        } else {
-            // The family's header is out already; only the series follow.
-            Self::certificate_series(&mut out, store.iter().copied(), "store");
+        e: &mut DescriptorEncoder<'_>,
+        store: &[&crate::tls::CertSummary],
+        loads: &sluice_routing::cert::CertCounters,
+    ) -> fmt::Result {
+        if let Ok(listeners) = self.certificates.read()
+            && !(listeners.is_empty() && store.is_empty())
+        {
+            let all = listeners.iter().map(|c| (c, "listener"));
+            let all = all.chain(store.iter().map(|c| (*c, "store")));
+            let series = all.flat_map(|(c, source)| {
+                c.names.iter().map(move |sni| {
+                    let labels =
+                        [("name", sni.as_str()), ("serial", c.serial.as_str()), ("source", source)];
+                    (labels, c.not_after)
+                })
+            });
+            gauges(
+                e,
+                "sluice_tls_certificate_expiry_timestamp_seconds",
+                "When a served certificate expires (Unix time), per SNI name.",
+                series,
+            )?;
         }
-        let name = "sluice_tls_certificate_reloads_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Certificates loaded and accepted (listeners' and servers').\n# TYPE {name} counter\n{name} {}",
-            counters.loads()
-        );
-        let name = "sluice_tls_certificate_errors_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Certificates refused (the last good one keeps serving), by reason.\n# TYPE {name} counter"
-        );
-        for (reason, n) in counters.errors() {
-            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
-        }
-        out
-    }
-
-    fn has_listener_certificates(&self) -> bool {
-        self.certificates.read().is_ok_and(|c| !c.is_empty())
+        counter(
+            e,
+            "sluice_tls_certificate_reloads_total",
+            "Certificates loaded and accepted (listeners' and servers').",
+            loads.loads(),
+        )?;
+        counters(
+            e,
+            "sluice_tls_certificate_errors_total",
+            "Certificates refused (the last good one keeps serving), by reason.",
+            loads.errors().map(|(reason, n)| ([("reason", reason)], n)),
+        )
     }
 
     /// Records the certificates the listeners serve (replacing any before).
@@ -365,85 +362,279 @@ impl Metrics {
             *c = certs;
         }
     }
+}
 
-    fn render_certificates(&self, out: &mut String, store: &[&crate::tls::CertSummary]) {
-        let Ok(certs) = self.certificates.read() else { return };
-        if certs.is_empty() && store.is_empty() {
-            return;
-        }
-        let name = "sluice_tls_certificate_expiry_timestamp_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} When a served certificate expires (Unix time), per SNI name.\n# TYPE {name} gauge"
-        );
-        Self::certificate_series(out, certs.iter(), "listener");
-        Self::certificate_series(out, store.iter().copied(), "store");
+/// A counter: `name` may end in `_total` (the encoder adds the suffix where the format
+/// wants it, and names the family without it in OpenMetrics).
+pub fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> fmt::Result {
+    let base = name.strip_suffix("_total").unwrap_or(name);
+    e.encode_descriptor(base, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, u64, u64>(&v, None)
+}
+
+/// A counter family: one series per label set.
+pub fn counters<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let base = name.strip_suffix("_total").unwrap_or(name);
+    let mut m = e.encode_descriptor(base, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        m.encode_family(&labels)?.encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
     }
+    Ok(())
+}
 
-    fn certificate_series<'a>(
-        out: &mut String,
-        certs: impl Iterator<Item = &'a crate::tls::CertSummary>,
-        source: &str,
-    ) {
-        let name = "sluice_tls_certificate_expiry_timestamp_seconds";
-        for c in certs {
-            for sni in &c.names {
-                let _ = writeln!(
-                    out,
-                    "{name}{{name=\"{}\",serial=\"{}\",source=\"{source}\"}} {}",
-                    label_value(sni),
-                    label_value(&c.serial),
-                    c.not_after
-                );
+/// A gauge.
+pub fn gauge<V: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: V,
+) -> fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&v)
+}
+
+/// A gauge family: one series per label set.
+pub fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        m.encode_family(&labels)?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+/// The exposition format of a scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4 (the default).
+    Prometheus,
+    /// OpenMetrics 1.0.0 text, ending in `# EOF`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// OpenMetrics when the `Accept` header names it (as Prometheus does by default),
+    /// else the Prometheus text format.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        match accept {
+            Some(a) if a.to_ascii_lowercase().contains("application/openmetrics-text") => {
+                Format::OpenMetrics
             }
+            _ => Format::Prometheus,
         }
+    }
+
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// Encodes every collector of `registry`.
+    pub fn encode(self, registry: &Registry) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let done = match self {
+            Format::Prometheus => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+            }
+            Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
+        };
+        // Writing into a String only fails if a collector fails; what was written stands.
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "encoding /metrics");
+        }
+        out
     }
 }
 
-/// `sluice_build_info`: always 1, with what was built as labels.
-fn render_build_info(out: &mut String) {
-    let name = "sluice_build_info";
-    let _ = writeln!(
-        out,
-        "# HELP {name} The running build, as labels (always 1).\n# TYPE {name} gauge\n\
-         {name}{{version=\"{}\",profile=\"{}\",arch=\"{}\",os=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION"),
-        if cfg!(debug_assertions) { "debug" } else { "release" },
-        std::env::consts::ARCH,
-        std::env::consts::OS,
-    );
+/// The proxy's collector: its [`Metrics`], the routing state's generation, certificates
+/// and per-server and per-replica series (at most `max_servers` servers), the build and
+/// the process.
+pub struct ProxyCollector {
+    metrics: std::sync::Arc<Metrics>,
+    routing: sluice_routing::RoutingTable,
+    max_servers: usize,
 }
 
-/// The standard `process_*` metrics, read from `/proc/self` at scrape time (nothing is
-/// kept between scrapes). A file that cannot be read leaves its metrics out.
-fn render_process(out: &mut String) {
-    let p = ProcessStats::read();
-    let mut metric = |name: &str, kind: &str, help: &str, v: Option<f64>| {
-        if let Some(v) = v {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+impl ProxyCollector {
+    /// A collector reading `metrics` and the snapshot current at each scrape.
+    pub fn new(
+        metrics: std::sync::Arc<Metrics>,
+        routing: sluice_routing::RoutingTable,
+        max_servers: usize,
+    ) -> ProxyCollector {
+        ProxyCollector { metrics, routing, max_servers }
+    }
+}
+
+impl fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyCollector").field("max_servers", &self.max_servers).finish()
+    }
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
+        let snap = self.routing.load_full();
+        self.metrics.encode(&mut e)?;
+        let store: Vec<&sluice_routing::cert::CertSummary> =
+            snap.certificates().filter_map(|c| c.loaded.as_ref().map(|l| &l.summary)).collect();
+        self.metrics.encode_certificates(&mut e, &store, snap.certificate_counters())?;
+        gauge(
+            &mut e,
+            "sluice_routing_generation",
+            "Generation of the routing snapshot.",
+            snap.generation(),
+        )?;
+        encode_servers(&mut e, &snap, self.max_servers)?;
+        encode_build_info(&mut e)?;
+        ProcessStats::read().encode(&mut e)
+    }
+}
+
+/// The per-server and per-replica series of the busiest `max_servers` servers
+/// ([`sluice_routing::signal::busiest_servers`]). Replicas are the routable ones; a
+/// draining replica's remaining requests still count in its server's
+/// `sluice_server_in_flight`.
+fn encode_servers(
+    e: &mut DescriptorEncoder<'_>,
+    snap: &sluice_routing::Snapshot,
+    max_servers: usize,
+) -> fmt::Result {
+    use sluice_routing::snapshot::{Replica, Server};
+    let (servers, omitted) = sluice_routing::signal::busiest_servers(snap, max_servers);
+    gauge(
+        e,
+        "sluice_metrics_servers_omitted",
+        "Servers left out of the per-server and per-replica series ([admin] metrics_max_servers).",
+        omitted as u64,
+    )?;
+    type Get = fn(&Server) -> u64;
+    let families: [(&str, MetricType, &str, Get); 9] = [
+        ("sluice_server_in_flight", MetricType::Gauge, "Requests in flight to the server.", |s| {
+            s.stats.in_flight.load(Ordering::Relaxed)
+        }),
+        (
+            "sluice_requests_total",
+            MetricType::Counter,
+            "Requests routed to one of the server's replicas.",
+            |s| s.stats.requests.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_server_no_replica_total",
+            MetricType::Counter,
+            "503s because no replica was ready (scale-from-zero demand).",
+            |s| s.stats.no_replica.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_server_over_limit_total",
+            MetricType::Counter,
+            "503s because the server was at its in-flight cap.",
+            |s| s.stats.over_limit.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_server_auth_rejected_total",
+            MetricType::Counter,
+            "Requests rejected by proxy auth (401 and 403).",
+            |s| s.stats.auth_rejected.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_server_mirrored_total",
+            MetricType::Counter,
+            "Requests copied to the mirror.",
+            |s| s.stats.mirrored.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_server_mirror_dropped_total",
+            MetricType::Counter,
+            "Mirror copies dropped (mirror too slow, failed, or no buffer budget).",
+            |s| s.stats.mirror_dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_server_buffered_bytes",
+            MetricType::Gauge,
+            "Bytes held in proxy buffers for the server.",
+            |s| s.stats.buffered_bytes.load(Ordering::Relaxed),
+        ),
+        ("sluice_server_replicas", MetricType::Gauge, "Routable replicas.", |s| {
+            s.replicas.len() as u64
+        }),
+    ];
+    for (name, kind, help, get) in families {
+        let series = servers.iter().map(|s| ([("server", s.id())], get(s)));
+        match kind {
+            MetricType::Counter => counters(e, name, help, series)?,
+            _ => gauges(e, name, help, series)?,
         }
-    };
-    metric(
-        "process_cpu_seconds_total",
-        "counter",
-        "User and system CPU time spent, seconds.",
-        p.cpu_seconds,
-    );
-    metric(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size, bytes.",
-        p.resident_bytes,
-    );
-    metric("process_virtual_memory_bytes", "gauge", "Virtual memory size, bytes.", p.virtual_bytes);
-    metric("process_open_fds", "gauge", "Open file descriptors.", p.open_fds);
-    metric("process_max_fds", "gauge", "Limit on open file descriptors.", p.max_fds);
-    metric(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process since the Unix epoch, seconds.",
-        p.start_time_seconds,
-    );
+    }
+    type GetReplica = fn(&Replica) -> u64;
+    let replica_families: [(&str, MetricType, &str, GetReplica); 5] = [
+        (
+            "sluice_replica_in_flight",
+            MetricType::Gauge,
+            "Requests in flight to the replica.",
+            |r| r.stats.in_flight.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_replica_requests_total",
+            MetricType::Counter,
+            "Requests sent to the replica.",
+            |r| r.stats.requests.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_replica_failures_total",
+            MetricType::Counter,
+            "Requests to the replica that failed at the transport level.",
+            |r| r.stats.failures.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_replica_ejected",
+            MetricType::Gauge,
+            "1 while the replica is passively ejected from selection.",
+            |r| u64::from(r.stats.ejection.is_ejected()),
+        ),
+        (
+            "sluice_replica_ejections_total",
+            MetricType::Counter,
+            "Passive ejections of the replica after consecutive upstream failures.",
+            |r| r.stats.ejection.total.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, get) in replica_families {
+        let series = servers.iter().flat_map(|s| {
+            s.replicas
+                .iter()
+                .map(move |r| ([("server", s.id()), ("replica", r.id.as_str())], get(r)))
+        });
+        match kind {
+            MetricType::Counter => counters(e, name, help, series)?,
+            _ => gauges(e, name, help, series)?,
+        }
+    }
+    Ok(())
+}
+
+/// `sluice_build_info`: always 1, with what was built as labels. `commit` is
+/// `SLUICE_COMMIT` at build time (`cargo xtask image` sets it from git), else `unknown`.
+fn encode_build_info(e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+    let labels = [
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("commit", option_env!("SLUICE_COMMIT").unwrap_or("unknown")),
+        ("profile", if cfg!(debug_assertions) { "debug" } else { "release" }),
+        ("arch", std::env::consts::ARCH),
+        ("os", std::env::consts::OS),
+    ];
+    gauges(e, "sluice_build_info", "The running build, as labels (always 1).", [(labels, 1u64)])
 }
 
 /// What `/proc` says about this process.
@@ -462,6 +653,38 @@ struct ProcessStats {
 const USER_HZ: f64 = 100.0;
 
 impl ProcessStats {
+    /// The standard `process_*` metrics. A file that could not be read leaves its
+    /// metrics out.
+    fn encode(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        if let Some(v) = self.cpu_seconds {
+            e.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, seconds.",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, f64, u64>(&v, None)?;
+        }
+        let gauges: [(&str, &str, Option<f64>); 5] = [
+            ("process_resident_memory_bytes", "Resident memory size, bytes.", self.resident_bytes),
+            ("process_virtual_memory_bytes", "Virtual memory size, bytes.", self.virtual_bytes),
+            ("process_open_fds", "Open file descriptors.", self.open_fds),
+            ("process_max_fds", "Limit on open file descriptors.", self.max_fds),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, seconds.",
+                self.start_time_seconds,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            if let Some(v) = v {
+                gauge(e, name, help, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `/proc/self` now (nothing is kept between scrapes).
     fn read() -> ProcessStats {
         let text = |p: &str| std::fs::read_to_string(p).ok();
         let mut s = ProcessStats::default();
@@ -512,24 +735,102 @@ fn max_open_files(limits: &str) -> Option<f64> {
     line.split_whitespace().next()?.parse().ok()
 }
 
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn label_value(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn scrape(format: Format, m: Metrics, table: &sluice_routing::RoutingTable) -> String {
+        scrape_bounded(format, m, table, usize::MAX)
+    }
+
+    fn scrape_bounded(
+        format: Format,
+        m: Metrics,
+        table: &sluice_routing::RoutingTable,
+        max_servers: usize,
+    ) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ProxyCollector::new(
+            std::sync::Arc::new(m),
+            table.clone(),
+            max_servers,
+        )));
+        format.encode(&registry)
+    }
+
+    fn table() -> sluice_routing::RoutingTable {
+        use sluice_routing::model::{NodeConfig, ReplicaSpec, RoutingDoc, ServerSpec};
+        let doc = RoutingDoc {
+            servers: vec![ServerSpec::new("a", "a"), ServerSpec::new("b", "b")],
+            replicas: vec![
+                ReplicaSpec::new("a", "r1", "127.0.0.1:1".parse().unwrap()),
+                ReplicaSpec::new("a", "r2", "127.0.0.1:2".parse().unwrap()),
+            ],
+            tokens: vec![],
+        };
+        sluice_routing::RoutingTable::from_doc(NodeConfig::default(), doc).unwrap()
+    }
+
     #[test]
-    fn render() {
+    fn encode_prometheus_text() {
         let m = Metrics::default();
         m.observe(200, Duration::from_millis(3));
         m.observe(503, Duration::from_secs(30));
-        let t = m.render();
-        assert!(t.contains("sluice_requests_total{code=\"200\"} 1"), "{t}");
-        assert!(t.contains("sluice_request_duration_seconds_bucket{le=\"0.005\"} 1"), "{t}");
-        assert!(t.contains("sluice_request_duration_seconds_bucket{le=\"+Inf\"} 2"), "{t}");
+        let t = table();
+        let snap = t.load_full();
+        let a = snap.server("a").unwrap();
+        let _g = a.begin_request(&a.replicas[1]);
+        let out = scrape(Format::Prometheus, m, &t);
+        for want in [
+            "# TYPE sluice_responses_total counter\n",
+            "sluice_responses_total{code=\"200\"} 1\n",
+            "sluice_request_duration_seconds_bucket{le=\"0.005\"} 1\n",
+            "sluice_request_duration_seconds_bucket{le=\"+Inf\"} 2\n",
+            "sluice_request_duration_seconds_count 2\n",
+            "# TYPE sluice_server_in_flight gauge\n",
+            "sluice_server_in_flight{server=\"a\"} 1\n",
+            "sluice_server_in_flight{server=\"b\"} 0\n",
+            "sluice_requests_total{server=\"a\"} 1\n",
+            "sluice_server_replicas{server=\"a\"} 2\n",
+            "sluice_replica_in_flight{server=\"a\",replica=\"r2\"} 1\n",
+            "sluice_replica_requests_total{server=\"a\",replica=\"r2\"} 1\n",
+            "sluice_metrics_servers_omitted 0\n",
+            "sluice_upstream_retries_total{reason=\"goaway\"} 0\n",
+            "sluice_build_info{version=\"",
+            ",commit=\"",
+            "# TYPE process_cpu_seconds_total counter\n",
+            "# TYPE process_resident_memory_bytes gauge\n",
+        ] {
+            assert!(out.contains(want), "{want:?} missing from:\n{out}");
+        }
+        assert_eq!(out.matches("# TYPE sluice_replica_in_flight").count(), 1);
+        assert!(!out.contains("# EOF"), "{out}");
+    }
+
+    #[test]
+    fn per_server_series_are_bounded() {
+        let t = table();
+        let snap = t.load_full();
+        let a = snap.server("a").unwrap();
+        drop(a.begin_request(&a.replicas[0]));
+        let out = scrape_bounded(Format::Prometheus, Metrics::default(), &t, 1);
+        assert!(out.contains("sluice_requests_total{server=\"a\"} 1\n"), "{out}");
+        assert!(out.contains("sluice_replica_requests_total{server=\"a\",replica=\"r1\"} 1\n"));
+        assert!(!out.contains("server=\"b\""), "{out}");
+        assert!(out.contains("sluice_metrics_servers_omitted 1\n"), "{out}");
+    }
+
+    #[test]
+    fn encode_openmetrics() {
+        let out = scrape(Format::OpenMetrics, Metrics::default(), &table());
+        assert!(out.ends_with("# EOF\n"), "{out}");
+        // OpenMetrics names a counter family without its `_total` samples' suffix.
+        assert!(out.contains("# TYPE sluice_client_connections counter\n"), "{out}");
+        assert!(out.contains("sluice_client_connections_total 0\n"), "{out}");
+        assert_eq!(Format::negotiate(None), Format::Prometheus);
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.75,text/plain;q=0.5";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Prometheus);
     }
 
     #[test]

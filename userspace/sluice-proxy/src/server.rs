@@ -273,8 +273,8 @@ impl Server {
         self.admin_routes.readyz_detail(extra);
     }
 
-    /// Adds Prometheus text to `/metrics`.
-    pub fn metrics_extra(&mut self, extra: crate::admin::AdminExtra) {
+    /// Adds a collector to `/metrics`.
+    pub fn metrics_extra(&mut self, extra: crate::admin::MetricsExtra) {
         self.admin_routes.metrics_extra(extra);
     }
 

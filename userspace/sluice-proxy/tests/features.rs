@@ -209,7 +209,7 @@ async fn auth_matrix_and_rejected_requests_never_reach_the_replica() {
     // Rejections are counted as such, never as requests.
     let m = metrics(p.admin).await;
     assert_eq!(metric(&m, "sluice_server_auth_rejected_total{server=\"prod\"}"), 9);
-    assert_eq!(metric(&m, "sluice_server_requests_total{server=\"prod\"}"), 3);
+    assert_eq!(metric(&m, "sluice_requests_total{server=\"prod\"}"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

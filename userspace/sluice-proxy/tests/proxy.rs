@@ -294,7 +294,7 @@ async fn admin_endpoints() {
     for (path, want) in [
         ("/livez", "ok"),
         ("/readyz", "ready"),
-        ("/metrics", "sluice_requests_total{code=\"200\"} 1"),
+        ("/metrics", "sluice_responses_total{code=\"200\"} 1"),
     ] {
         let resp = h1(h.admin, get(path, "admin")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{path}");

@@ -24,14 +24,13 @@
 //! the server's scaling policy, so a consumer needs no access to the store.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
 use crate::autoscale::ScalePolicy;
-use crate::snapshot::{Replica, Server, ServerStats, Snapshot};
+use crate::snapshot::{Server, ServerStats, Snapshot};
 
 /// One server's autoscaling record for one interval.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,15 +173,13 @@ impl Sampler {
     }
 }
 
-/// Append the per-server and per-replica counters of `snapshot` as Prometheus text
-/// (HELP/TYPE once per family). Replicas are the routable ones; a draining replica's
-/// remaining requests still count in its server's `sluice_server_in_flight`.
+/// The servers that get per-server and per-replica metric series, sorted by id, and how
+/// many were left out (`sluice_metrics_servers_omitted`).
 ///
-/// At most `max_servers` servers get series: those with the most requests routed (ties
+/// At most `max_servers` servers are listed: those with the most requests routed (ties
 /// by id, so the choice is stable between scrapes). A node may route 100k servers, and a
-/// series per family for each would be over a million per scrape. How many were left
-/// out is `sluice_metrics_servers_omitted`.
-pub fn render_prometheus(snapshot: &Snapshot, max_servers: usize, out: &mut String) {
+/// series per family for each would be over a million per scrape.
+pub fn busiest_servers(snapshot: &Snapshot, max_servers: usize) -> (Vec<&Arc<Server>>, usize) {
     let mut servers: Vec<&Arc<Server>> = snapshot.servers().collect();
     let omitted = servers.len().saturating_sub(max_servers);
     if omitted > 0 {
@@ -196,111 +193,7 @@ pub fn render_prometheus(snapshot: &Snapshot, max_servers: usize, out: &mut Stri
         servers.truncate(max_servers);
     }
     servers.sort_by(|a, b| a.id().cmp(b.id()));
-    let _ = writeln!(
-        out,
-        "# HELP sluice_metrics_servers_omitted Servers left out of the per-server and \
-         per-replica series ([admin] metrics_max_servers).\n\
-         # TYPE sluice_metrics_servers_omitted gauge\nsluice_metrics_servers_omitted {omitted}"
-    );
-    type Get = fn(&Server) -> u64;
-    let families: [(&str, &str, &str, Get); 9] = [
-        ("sluice_server_in_flight", "gauge", "Requests in flight to the server.", |s| {
-            s.stats.in_flight.load(Ordering::Relaxed)
-        }),
-        ("sluice_server_requests_total", "counter", "Requests routed to a replica.", |s| {
-            s.stats.requests.load(Ordering::Relaxed)
-        }),
-        (
-            "sluice_server_no_replica_total",
-            "counter",
-            "503s because no replica was ready (scale-from-zero demand).",
-            |s| s.stats.no_replica.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_server_over_limit_total",
-            "counter",
-            "503s because the server was at its in-flight cap.",
-            |s| s.stats.over_limit.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_server_auth_rejected_total",
-            "counter",
-            "Requests rejected by proxy auth (401 and 403).",
-            |s| s.stats.auth_rejected.load(Ordering::Relaxed),
-        ),
-        ("sluice_server_mirrored_total", "counter", "Requests copied to the mirror.", |s| {
-            s.stats.mirrored.load(Ordering::Relaxed)
-        }),
-        (
-            "sluice_server_mirror_dropped_total",
-            "counter",
-            "Mirror copies dropped (mirror too slow, failed, or no buffer budget).",
-            |s| s.stats.mirror_dropped.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_server_buffered_bytes",
-            "gauge",
-            "Bytes held in proxy buffers for the server.",
-            |s| s.stats.buffered_bytes.load(Ordering::Relaxed),
-        ),
-        ("sluice_server_replicas", "gauge", "Routable replicas.", |s| s.replicas.len() as u64),
-    ];
-    for (name, kind, help, get) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for s in &servers {
-            let _ = writeln!(out, "{name}{{server=\"{}\"}} {}", escape(s.id()), get(s));
-        }
-    }
-    type GetReplica = fn(&Replica) -> u64;
-    let replica_families: [(&str, &str, &str, GetReplica); 5] = [
-        ("sluice_replica_in_flight", "gauge", "Requests in flight to the replica.", |r| {
-            r.stats.in_flight.load(Ordering::Relaxed)
-        }),
-        ("sluice_replica_requests_total", "counter", "Requests sent to the replica.", |r| {
-            r.stats.requests.load(Ordering::Relaxed)
-        }),
-        (
-            "sluice_replica_failures_total",
-            "counter",
-            "Requests to the replica that failed at the transport level.",
-            |r| r.stats.failures.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_replica_ejected",
-            "gauge",
-            "1 while the replica is passively ejected from selection.",
-            |r| u64::from(r.stats.ejection.is_ejected()),
-        ),
-        (
-            "sluice_replica_ejections_total",
-            "counter",
-            "Passive ejections of the replica after consecutive upstream failures.",
-            |r| r.stats.ejection.total.load(Ordering::Relaxed),
-        ),
-    ];
-    for (name, kind, help, get) in replica_families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for s in &servers {
-            for r in s.replicas.iter() {
-                let _ = writeln!(
-                    out,
-                    "{name}{{server=\"{}\",replica=\"{}\"}} {}",
-                    escape(s.id()),
-                    escape(&r.id),
-                    get(r)
-                );
-            }
-        }
-    }
-}
-
-/// Prometheus label-value escaping (ids are `[A-Za-z0-9._-]`, so this is defensive).
-fn escape(v: &str) -> std::borrow::Cow<'_, str> {
-    if v.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
-        v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
-    } else {
-        v.into()
-    }
+    (servers, omitted)
 }
 
 #[cfg(test)]
@@ -393,39 +286,18 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_text() {
+    fn metric_series_are_bounded_to_the_busiest_servers() {
         let t = table();
         let snap = t.load_full();
-        let a = snap.server("a").unwrap();
-        let _g = a.begin_request(&a.replicas[1]);
-        let mut out = String::new();
-        render_prometheus(&snap, usize::MAX, &mut out);
-        assert!(out.contains("# TYPE sluice_server_in_flight gauge\n"), "{out}");
-        assert!(out.contains("sluice_server_in_flight{server=\"a\"} 1\n"), "{out}");
-        assert!(out.contains("sluice_server_in_flight{server=\"b\"} 0\n"), "{out}");
-        assert!(out.contains("sluice_server_replicas{server=\"a\"} 2\n"), "{out}");
-        assert!(out.contains("sluice_replica_in_flight{server=\"a\",replica=\"r2\"} 1\n"), "{out}");
-        assert!(out.contains("sluice_replica_requests_total{server=\"a\",replica=\"r2\"} 1\n"));
-        assert_eq!(out.matches("# TYPE sluice_replica_in_flight").count(), 1);
-        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
-        assert!(out.contains("sluice_metrics_servers_omitted 0\n"), "{out}");
-    }
-
-    #[test]
-    fn prometheus_series_are_bounded_to_the_busiest_servers() {
-        let t = table();
-        let snap = t.load_full();
+        let ids = |v: Vec<&Arc<Server>>| v.iter().map(|s| s.id().to_owned()).collect::<Vec<_>>();
+        let (all, omitted) = busiest_servers(&snap, usize::MAX);
+        assert_eq!((ids(all), omitted), (vec!["a".to_owned(), "b".to_owned()], 0));
         // `b` has routed a request, `a` none: with room for one server, `b` is listed.
         let b = snap.server("b").unwrap();
         b.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut out = String::new();
-        render_prometheus(&snap, 1, &mut out);
-        assert!(out.contains("sluice_server_requests_total{server=\"b\"} 1\n"), "{out}");
-        assert!(!out.contains("server=\"a\""), "a's series (and its replicas') left out: {out}");
-        assert!(out.contains("sluice_metrics_servers_omitted 1\n"), "{out}");
-        let mut none = String::new();
-        render_prometheus(&snap, 0, &mut none);
-        assert!(!none.contains("server=\""), "{none}");
-        assert!(none.contains("sluice_metrics_servers_omitted 2\n"), "{none}");
+        let (one, omitted) = busiest_servers(&snap, 1);
+        assert_eq!((ids(one), omitted), (vec!["b".to_owned()], 1));
+        let (none, omitted) = busiest_servers(&snap, 0);
+        assert_eq!((none.len(), omitted), (0, 2));
     }
 }

@@ -114,8 +114,7 @@ pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHa
         server.readyz_detail(Arc::new(move |out: &mut String| {
             out.push_str(&format!("store: {}\n", st.get().summary()));
         }));
-        let st = store.clone();
-        server.metrics_extra(Arc::new(move |out: &mut String| store_metrics(&st.get(), out)));
+        server.metrics_extra(Box::new(StoreCollector(store.clone())));
         server.admin_route(
             "/store",
             endpoint(READ_ONLY, "routing store connection; 503 while stale", move |_req| {
@@ -188,8 +187,23 @@ fn percent_decode(v: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{v:?}: not UTF-8"))
 }
 
-fn store_metrics(s: &sluice_store::etcd::StoreStatus, out: &mut String) {
-    use std::fmt::Write as _;
+/// The `sluice_store_*` families, read from the store's status on each scrape.
+#[derive(Debug)]
+struct StoreCollector(StatusHandle);
+
+impl prometheus_client::collector::Collector for StoreCollector {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        store_metrics(&self.0.get(), &mut e)
+    }
+}
+
+fn store_metrics(
+    s: &sluice_store::etcd::StoreStatus,
+    e: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+) -> std::fmt::Result {
     // A `_timestamp_seconds` gauge rather than an age with a sentinel: `time() - it` is
     // the age, and 0 (never) reads as infinitely stale in the same alert.
     let last_contact = s
@@ -197,47 +211,44 @@ fn store_metrics(s: &sluice_store::etcd::StoreStatus, out: &mut String) {
         .and_then(|t| std::time::SystemTime::now().checked_sub(t.elapsed()))
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    let families: [(&str, &str, &str, f64); 6] = [
-        (
-            "sluice_store_connected",
-            "gauge",
-            "1 while the routing store's watch is connected.",
-            f64::from(u8::from(s.connected)),
-        ),
-        (
-            "sluice_store_stale",
-            "gauge",
-            "1 while routing may be behind the store (never synced, or disconnected).",
-            f64::from(u8::from(s.is_stale())),
-        ),
-        (
-            "sluice_store_revision",
-            "gauge",
-            "Store revision the routing snapshot reflects.",
-            s.last_revision as f64,
-        ),
-        (
-            "sluice_store_last_contact_timestamp_seconds",
-            "gauge",
-            "When the store last answered (Unix time; 0: never).",
-            last_contact,
-        ),
-        (
-            "sluice_store_relists_total",
-            "counter",
-            "Full re-lists (after compaction or first sync).",
-            s.relists as f64,
-        ),
-        (
-            "sluice_store_malformed_values_total",
-            "counter",
-            "Store values ignored as malformed.",
-            s.malformed_values as f64,
-        ),
-    ];
-    for (name, kind, help, v) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    }
+    use sluice_proxy::metrics::{counter, gauge};
+    gauge(
+        e,
+        "sluice_store_connected",
+        "1 while the routing store's watch is connected.",
+        u64::from(s.connected),
+    )?;
+    gauge(
+        e,
+        "sluice_store_stale",
+        "1 while routing may be behind the store (never synced, or disconnected).",
+        u64::from(s.is_stale()),
+    )?;
+    gauge(
+        e,
+        "sluice_store_revision",
+        "Store revision the routing snapshot reflects.",
+        s.last_revision,
+    )?;
+    gauge(
+        e,
+        "sluice_store_last_contact_timestamp_seconds",
+        "When the store last answered (Unix time; 0: never).",
+        last_contact,
+    )?;
+    counter(
+        e,
+        "sluice_store_relists_total",
+        "Full re-lists (after compaction or first sync).",
+        s.relists,
+    )?;
+    counter(
+        e,
+        "sluice_store_malformed_values_total",
+        "Store values ignored as malformed.",
+        s.malformed_values,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
