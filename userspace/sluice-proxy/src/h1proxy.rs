@@ -147,7 +147,7 @@ fn retry_elsewhere(state: &ProxyState, plan: &mut Plan, reason: RetryReason) -> 
     else {
         return false;
     };
-    let Ok(guard) = plan.server.try_begin_request(&other) else { return false };
+    let Ok(guard) = plan.server.try_begin_retry(&other) else { return false };
     plan.replica.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     crate::proxy::record_failure(state, &plan.server, &plan.replica);
     state.metrics.upstream_retries[reason as usize].inc();

@@ -560,7 +560,7 @@ async fn proxy(
                 else {
                     return Err(error);
                 };
-                let Ok(guard) = server.try_begin_request(&other) else { return Err(error) };
+                let Ok(guard) = server.try_begin_retry(&other) else { return Err(error) };
                 state.metrics.upstream_retries[reason as usize].inc();
                 tracing::debug!(request_id = %rid, from = %replica.addr, to = %other.addr,
                     reason = reason.as_str(), "never sent; retrying on another replica");

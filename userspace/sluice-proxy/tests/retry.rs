@@ -72,6 +72,12 @@ async fn connect_refused_goes_once_to_another_replica() {
         assert!(retries(&h, RetryReason::Connect) > 0, "{proto:?}: no retry counted");
         let m = body_string(h1(h.admin, get("/metrics", "admin")).await.unwrap()).await;
         assert!(m.contains("sluice_upstream_retries_total{reason=\"connect\"}"), "{m}");
+        // A retried request is still one request of its server.
+        let requests = m
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_requests_total{server=\"hello\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert_eq!(requests, Some((3 * N) as f64), "{proto:?}: {m}");
     }
 }
 

@@ -43,6 +43,15 @@ impl Server {
         }
     }
 
+    /// [`Self::try_begin_request`] for the one retry of a request already counted: the
+    /// server's request counter is not bumped again (the other replica's is: it gets a
+    /// request), so `sluice_requests_total{server}` counts each client request once.
+    pub fn try_begin_retry(&self, replica: &Arc<Replica>) -> Result<InFlightGuard, OverLimit> {
+        let guard = self.try_begin_request(replica)?;
+        self.stats.requests.fetch_sub(1, Ordering::Relaxed);
+        Ok(guard)
+    }
+
     /// Whether the server is at its in-flight cap right now (a cheap pre-check before
     /// doing work for a request; [`Server::try_begin_request`] is the authoritative one).
     pub fn at_in_flight_cap(&self) -> bool {
