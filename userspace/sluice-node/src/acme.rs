@@ -30,7 +30,7 @@ use instant_acme::{
     NewOrder, OrderStatus, RetryPolicy,
 };
 use serde::{Deserialize, Serialize};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_routing::RoutingTable;
 use sluice_routing::backoff::Backoff;
 use sluice_routing::cert::CertSummary;
@@ -265,7 +265,7 @@ pub fn start(
     etcd: EtcdConfig,
     table: RoutingTable,
     challenges: AcmeChallenges,
-    server: &mut Server,
+    server: &mut Proxy,
     stop: Arc<Notify>,
 ) -> tokio::task::JoinHandle<()> {
     let store = Arc::new(OnceCell::new());

@@ -9,10 +9,10 @@
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), sluice_proxy::ProxyError> {
-//! use sluice_proxy::{ProxyConfig, Server};
+//! use sluice_proxy::{ProxyConfig, Proxy};
 //! use sluice_routing::{NodeConfig, RoutingTable};
 //! let routing = RoutingTable::new(NodeConfig::default());
-//! let server = Server::bind(ProxyConfig::default(), routing).await?;
+//! let server = Proxy::bind(ProxyConfig::default(), routing).await?;
 //! server.run(sluice_proxy::shutdown::signal()).await
 //! # }
 //! ```
@@ -48,5 +48,5 @@ pub use admin::{AdminHandler, AdminRoutes, StreamError, admin_get, follow_autosc
 pub use config::ProxyConfig;
 pub use error::{ConfigError, ProxyError, RequestError};
 pub use metrics::Metrics;
-pub use server::{AuthRejectedHook, ListenerCerts, PreparedCerts, Server};
+pub use server::{AuthRejectedHook, ListenerCerts, PreparedCerts, Proxy};
 pub use upgrade::{OpaqueStream, OpaqueStreamHandoff, UserspaceRelay, into_tcp};

@@ -52,7 +52,7 @@ pub(crate) struct ProxyState {
     pub(crate) upstreams: Upstreams,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) handoff: Arc<dyn OpaqueStreamHandoff>,
-    /// Told about each proxy-auth rejection (see `Server::on_auth_rejected`).
+    /// Told about each proxy-auth rejection (see `Proxy::on_auth_rejected`).
     pub(crate) on_auth_rejected: Option<crate::server::AuthRejectedHook>,
     pub(crate) ids: RequestIds,
     pub(crate) request_id_header: HeaderName,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
 use sluice_routing::RoutingTable;
 use sluice_store::etcd::{EtcdConfig, EtcdSource, EtcdStore};
@@ -104,7 +104,7 @@ async fn autoscaler_writes_desired_counts_to_etcd() {
     assert!(table.wait_for_generation(1, T).await, "etcd source never loaded");
     let mut c = cfg();
     c.autoscaler.interval = Duration::from_millis(100);
-    let server = Server::bind(c, table.clone()).await.unwrap();
+    let server = Proxy::bind(c, table.clone()).await.unwrap();
     let (addr, admin) = (server.local_addrs()[0], server.admin_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.run(async move {

@@ -18,7 +18,7 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use sluice_proxy::{ProxyConfig, Server};
+use sluice_proxy::ProxyConfig;
 use sluice_routing::{
     Change, MirrorSpec, Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec, TokenSpec,
     hash_secret,
@@ -42,7 +42,7 @@ struct Proxy {
 
 async fn start_proxy(cfg: ProxyConfig, doc: RoutingDoc) -> Proxy {
     let table = RoutingTable::from_doc(node(), doc).unwrap();
-    let server = Server::bind(cfg, table.clone()).await.unwrap();
+    let server = sluice_proxy::Proxy::bind(cfg, table.clone()).await.unwrap();
     let addr = server.local_addrs()[0];
     let admin = server.admin_addr().unwrap();
     let (tx, rx) = oneshot::channel();
