@@ -238,14 +238,14 @@ fn due(spec: &CertificateSpec, now: i64) -> bool {
 /// the etcd source keeps: no store round trip on the request path.
 struct EtcdChallenges(AcmeChallenges);
 
-impl sluice_proxy::acme::ChallengeAnswers for EtcdChallenges {
+impl sluice_proxy::ChallengeAnswers for EtcdChallenges {
     fn answer<'a>(
         &'a self,
         host: &'a str,
         token: &'a str,
     ) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
         Box::pin(async move {
-            if !sluice_proxy::acme::valid_token(token) {
+            if !sluice_proxy::valid_token(token) {
                 return None;
             }
             let value = self.0.get(token)?;

@@ -293,7 +293,7 @@ struct Bans {
     /// The XDP guard, when attached.
     kernel: Option<Arc<Mutex<Dataplane>>>,
     /// The proxy's list: always (see the module doc).
-    userspace: Arc<sluice_proxy::client::BanList>,
+    userspace: Arc<sluice_proxy::BanList>,
 }
 
 /// Without XDP the deny list is still honoured: the proxy closes denied sources at

@@ -21,7 +21,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sluice_proxy::Proxy;
 use sluice_proxy::config::{CertConfig, ListenerConfig, ProxyConfig, ProxyProtocol, TlsConfig};
-use sluice_proxy::proxy_header::{encode_v1, encode_v2};
+use sluice_proxy::{encode_v1, encode_v2};
 use sluice_routing::{
     Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec, TokenSpec, hash_secret,
 };

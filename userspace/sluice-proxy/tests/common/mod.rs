@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_proxy::body::ProxyBody;
+use sluice_proxy::ProxyBody;
 use sluice_proxy::{Proxy, ProxyConfig};
 use sluice_routing::{NodeConfig, Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -169,7 +169,7 @@ where
 }
 
 pub fn text(s: impl Into<Bytes>) -> ProxyBody {
-    sluice_proxy::body::full(s.into())
+    sluice_proxy::full(s.into())
 }
 
 pub fn get(uri: &str, host: &str) -> Request<Empty<Bytes>> {
