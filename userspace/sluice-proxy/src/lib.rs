@@ -20,7 +20,6 @@
 mod access_log;
 mod acme;
 pub mod admin;
-pub mod autoscaler;
 mod body;
 mod client;
 mod coldstart;
