@@ -228,6 +228,12 @@ pub fn start(
         return Ok(inactive);
     }
     // Some interfaces guarded, some not: protect what can be protected, and say which.
+    // Traffic through an unguarded interface reaches the listeners unfiltered, so the
+    // deny list is also enforced at accept (a denied source that came through a guarded
+    // interface never gets there: checking it twice costs nothing).
+    if !failed.is_empty() {
+        deny_in_userspace(cfg, server)?;
+    }
     for e in failed {
         if require_ebpf {
             return Err(e.context("--require-ebpf: the XDP guard could not attach"));

@@ -239,9 +239,8 @@ pub struct DrainOnDrop {
     inner: Option<hyper::body::Incoming>,
     cap: u64,
     time: Duration,
-    /// Declared bytes not yet read (0 once ended, or when the length is unknown).
-    left: Arc<AtomicU64>,
-    /// Where a rest dropped before the response head waits for [`EarlyRest::settle`].
+    /// Where a rest dropped before the response head waits for [`EarlyRest::settle`], and
+    /// the declared bytes not read yet (one allocation per request for both).
     rest: EarlyRest,
 }
 
@@ -255,6 +254,12 @@ pub struct EarlyRest(Arc<RestSlot>);
 /// Dropped unsettled with a rest parked (the exchange failed before a head), it drains
 /// that rest in the background, as [`DrainOnDrop`] does after the head.
 struct RestSlot {
+    /// Declared bytes not yet read (0 once ended, or when the length is unknown).
+    left: AtomicU64,
+    /// The body has not ended yet (as of its last read).
+    open: std::sync::atomic::AtomicBool,
+    /// Its length was not declared (chunked).
+    unknown_len: bool,
     state: std::sync::Mutex<RestState>,
     cap: u64,
     time: Duration,
@@ -296,6 +301,23 @@ enum RestState {
 }
 
 impl EarlyRest {
+    /// Declared bytes of the body not read yet, as it is read.
+    pub fn left(&self) -> u64 {
+        self.0.left.load(Ordering::Relaxed)
+    }
+
+    /// Whether a body of undeclared length is still being sent to the replica (not
+    /// ended, not dropped) as its answer starts. An HTTP/2 replica may answer and then
+    /// refuse the rest; a rest that then does not fit the drain would close the client's
+    /// connection after the answer, so the answer must say close already.
+    pub fn still_streaming_unknown(&self) -> bool {
+        if !self.0.unknown_len || !self.0.open.load(Ordering::Relaxed) {
+            return false;
+        }
+        let st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(*st, RestState::Open)
+    }
+
     /// Called when the response head is ready: drains a parked rest, at most `cap` bytes
     /// within `time`. Returns whether the client's connection must close (the rest was
     /// larger, slower, or failed), which the head must then say.
@@ -327,20 +349,17 @@ impl DrainOnDrop {
     /// Wraps `inner`; at most `cap` more bytes within `time` are drained after a drop (none
     /// when `cap` is 0: an HTTP/2 stream is just reset).
     pub fn new(inner: hyper::body::Incoming, cap: u64, time: Duration) -> Self {
-        let left = Arc::new(AtomicU64::new(inner.size_hint().lower()));
+        let left = AtomicU64::new(inner.size_hint().lower());
+        let open = std::sync::atomic::AtomicBool::new(!inner.is_end_stream());
+        let unknown_len = inner.size_hint().exact().is_none();
         let state = std::sync::Mutex::new(RestState::Open);
-        let rest = EarlyRest(Arc::new(RestSlot { state, cap, time }));
-        Self { inner: Some(inner), cap, time, left, rest }
+        let rest = EarlyRest(Arc::new(RestSlot { left, open, unknown_len, state, cap, time }));
+        Self { inner: Some(inner), cap, time, rest }
     }
 
     /// The handle through which the response settles a rest dropped before it.
     pub fn early_rest(&self) -> EarlyRest {
         self.rest.clone()
-    }
-
-    /// Declared bytes of the body not read yet, as it is read.
-    pub fn left(&self) -> Arc<AtomicU64> {
-        self.left.clone()
     }
 }
 
@@ -355,8 +374,11 @@ impl Body for DrainOnDrop {
         let Some(b) = self.inner.as_mut() else { return Poll::Ready(None) };
         let r = Pin::new(&mut *b).poll_frame(cx);
         if r.is_ready() {
-            let left = if b.is_end_stream() { 0 } else { b.size_hint().lower() };
-            self.left.store(left, Ordering::Relaxed);
+            let ended = b.is_end_stream();
+            let left = if ended { 0 } else { b.size_hint().lower() };
+            let slot = &self.rest.0;
+            slot.left.store(left, Ordering::Relaxed);
+            slot.open.store(!ended, Ordering::Relaxed);
         }
         r
     }

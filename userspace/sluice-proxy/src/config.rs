@@ -153,12 +153,25 @@ pub struct ListenerConfig {
     /// banned. Combined with `request_id.trusted_edges`, which applies to every listener.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Also set RFC 7239 `Forwarded` (`for=`, `host=`, `proto=`) on this listener's
+    /// requests to replicas, beside X-Forwarded-*. Off by default, as in nginx and Envoy:
+    /// it costs a formatted header per request that most replicas never read. Off or on,
+    /// a client's own `Forwarded` reaches a replica only from a trusted peer, and a
+    /// trusted peer's is always read for the client's identity.
+    #[serde(default)]
+    pub forwarded_header: bool,
 }
 
 impl ListenerConfig {
     /// A plaintext listener on `addr`, with no PROXY protocol and nobody trusted.
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, tls: None, proxy_protocol: ProxyProtocol::Off, trusted_proxies: Vec::new() }
+        Self {
+            addr,
+            tls: None,
+            proxy_protocol: ProxyProtocol::Off,
+            trusted_proxies: Vec::new(),
+            forwarded_header: false,
+        }
     }
 }
 

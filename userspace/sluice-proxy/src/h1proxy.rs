@@ -436,10 +436,12 @@ fn plan(state: &ProxyState, conn: &ConnInfo, buf: &[u8], out: &mut Vec<u8>) -> P
     put_field(out, b"x-real-ip", conn.forwarded_for.as_bytes());
     put_field(out, b"x-forwarded-proto", b"http");
     put_field(out, b"x-forwarded-host", raw_host.as_bytes());
-    out.extend_from_slice(b"forwarded: ");
-    let node = conn.forwarded_node.as_bytes();
-    crate::headers::put_forwarded_element(out, node, raw_host.as_bytes(), b"http");
-    out.extend_from_slice(b"\r\n");
+    // The client's own `Forwarded` was dropped above (the fast path serves no trusted peer).
+    if let Some(node) = &conn.forwarded_node {
+        out.extend_from_slice(b"forwarded: ");
+        crate::headers::put_forwarded_element(out, node.as_bytes(), raw_host.as_bytes(), b"http");
+        out.extend_from_slice(b"\r\n");
+    }
     put_field(out, state.request_id_header.as_str().as_bytes(), rid.as_bytes());
     out.extend_from_slice(b"\r\n");
     Planned::Go(Plan {

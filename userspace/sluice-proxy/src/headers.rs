@@ -206,28 +206,42 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Sets X-Forwarded-For/-Proto/-Host, `Forwarded` (RFC 7239) and X-Real-IP. A trusted
 /// edge's X-Forwarded-* and `Forwarded` are extended; anyone else's are replaced, so
 /// clients cannot spoof them. `peer` is [`forwarded_for`] of the connection's client (the
-/// hop appended to the chain) and `node` its [`forwarded_node`], `real_ip` that of the
-/// request's client (`crate::client`), which X-Real-IP always carries (a client's own
-/// X-Real-IP is never passed on).
+/// hop appended to the chain) and `node` its [`forwarded_node`] when sluice sets
+/// `Forwarded` (with `None`, a trusted edge's `Forwarded` passes as it is and anyone
+/// else's is removed), `real_ip` that of the request's client (`crate::client`), which
+/// X-Real-IP always carries (a client's own X-Real-IP is never passed on).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: &HeaderValue,
-    node: &HeaderValue,
+    node: Option<&HeaderValue>,
     real_ip: &HeaderValue,
     trusted: bool,
     proto: &'static str,
     host: &HeaderValue,
 ) {
-    let mut forwarded = Vec::with_capacity(64);
-    if trusted {
-        for v in headers.get_all(&FORWARDED) {
-            forwarded.extend_from_slice(v.as_bytes());
-            forwarded.extend_from_slice(b", ");
+    match node {
+        Some(node) => {
+            let mut forwarded = Vec::with_capacity(64);
+            if trusted {
+                for v in headers.get_all(&FORWARDED) {
+                    forwarded.extend_from_slice(v.as_bytes());
+                    forwarded.extend_from_slice(b", ");
+                }
+            }
+            put_forwarded_element(
+                &mut forwarded,
+                node.as_bytes(),
+                host.as_bytes(),
+                proto.as_bytes(),
+            );
+            if let Ok(v) = HeaderValue::from_bytes(&forwarded) {
+                headers.insert(&FORWARDED, v);
+            }
         }
-    }
-    put_forwarded_element(&mut forwarded, node.as_bytes(), host.as_bytes(), proto.as_bytes());
-    if let Ok(v) = HeaderValue::from_bytes(&forwarded) {
-        headers.insert(&FORWARDED, v);
+        None if !trusted => {
+            headers.remove(&FORWARDED);
+        }
+        None => {}
     }
     let prior: Vec<&str> = if trusted {
         headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()

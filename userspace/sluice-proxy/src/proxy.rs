@@ -96,8 +96,9 @@ pub(crate) struct ConnInfo {
     pub(crate) trusted_set: Arc<[Cidr]>,
     /// The client's X-Forwarded-For entry, formatted once per connection.
     pub(crate) forwarded_for: HeaderValue,
-    /// The client's `Forwarded` node (`for=...`), formatted once per connection.
-    pub(crate) forwarded_node: HeaderValue,
+    /// The client's `Forwarded` node (`for=...`), formatted once per connection when
+    /// its listener sets `Forwarded` (`ListenerConfig::forwarded_header`), else `None`.
+    pub(crate) forwarded_node: Option<HeaderValue>,
     pub(crate) tls: bool,
     pub(crate) activity: Arc<Activity>,
     /// Held by opaque relays so graceful shutdown waits for them too.
@@ -305,7 +306,7 @@ fn forwarded_head(
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,
-        &conn.forwarded_node,
+        conn.forwarded_node.as_ref(),
         &who.real_ip,
         who.trusted,
         if conn.tls { "https" } else { "http" },
@@ -631,7 +632,6 @@ async fn forward(
     let exceeded = Arc::new(AtomicBool::new(false));
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
-    let body_left = body.left();
     let early_rest = body.early_rest();
     // The exchange's idle clock: touched by every request-body chunk taken for the
     // replica and every response chunk, read by one timer.
@@ -708,8 +708,10 @@ async fn forward(
     // An answer before the replica read the whole body: a rest of unknown length (chunked)
     // is drained here, within the same bound as the fast path, before the head goes out.
     let (cap, time) = (crate::h1proxy::EARLY_DRAIN_BYTES, crate::h1proxy::EARLY_DRAIN_TIME);
+    // Asked before `settle`, which claims the rest whatever its state.
+    let still_streaming = h1_client && early_rest.still_streaming_unknown();
     let rest_too_big = h1_client && early_rest.settle(cap, time).await;
-    if rest_too_big || (h1_client && body_left.load(Ordering::Relaxed) > cap) {
+    if still_streaming || rest_too_big || (h1_client && early_rest.left() > cap) {
         // More of the body is due than sluice drains: hyper will close the connection
         // after the answer, so the answer must say so.
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -42,6 +42,8 @@ struct BoundListener {
     proxy_protocol: ProxyProtocol,
     /// `trusted_proxies` and `request_id.trusted_edges`.
     trusted: Arc<[Cidr]>,
+    /// `forwarded_header`: sluice sets RFC 7239 `Forwarded`.
+    forwarded_header: bool,
 }
 
 /// A bound, not yet running proxy.
@@ -179,6 +181,7 @@ impl Proxy {
                 tls,
                 proxy_protocol: l.proxy_protocol,
                 trusted: trusted.into(),
+                forwarded_header: l.forwarded_header,
             });
         }
         let admin = match cfg.admin.addr {
@@ -511,10 +514,21 @@ async fn accept_loop(
             .with_interval(Duration::from_secs(10))
             .with_retries(6);
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
-        let ident = (l.proxy_protocol, l.trusted.clone());
+        let ident = Ident {
+            mode: l.proxy_protocol,
+            trusted: l.trusted.clone(),
+            forwarded_header: l.forwarded_header,
+        };
         let setup = serve_connection(state.clone(), tcp, peer, ident, l.tls.clone(), drain.clone());
         tokio::spawn(Connection::new(state.clone(), permit, Box::pin(setup)));
     }
+}
+
+/// What a connection's listener says about identifying its client.
+struct Ident {
+    mode: ProxyProtocol,
+    trusted: Arc<[Cidr]>,
+    forwarded_header: bool,
 }
 
 /// A boxed phase of a connection's life.
@@ -717,7 +731,7 @@ async fn serve_connection(
     state: Arc<ProxyState>,
     mut tcp: TcpStream,
     peer: SocketAddr,
-    (mode, trusted_set): (ProxyProtocol, Arc<[Cidr]>),
+    Ident { mode, trusted: trusted_set, forwarded_header }: Ident,
     tls: Option<TlsAcceptor>,
     drain: watch::Receiver<bool>,
 ) -> Option<h1proxy::IdleConn> {
@@ -743,7 +757,8 @@ async fn serve_connection(
         trusted: is_trusted(&trusted_set, client),
         trusted_set,
         forwarded_for: crate::headers::forwarded_for(client),
-        forwarded_node: crate::headers::forwarded_node(client),
+        // Formatted only when sluice sets `Forwarded` (`forwarded_header`).
+        forwarded_node: forwarded_header.then(|| crate::headers::forwarded_node(client)),
         tls: tls.is_some(),
         activity: activity.clone(),
         drain: drain.clone(),

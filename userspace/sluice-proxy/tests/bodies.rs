@@ -670,3 +670,35 @@ async fn early_answer_with_a_chunked_rest_never_closes_silently() {
     assert_eq!(resp.status, 200);
     assert!(is_close(&resp), "closing without saying so: {resp:?}");
 }
+
+/// The same over an HTTP/2 replica, which may answer while the request body is still
+/// streaming to it and then refuse the rest: a chunked body still open when the answer
+/// starts gets `Connection: close` on it (its rest could not be drained in time), and a
+/// body that ended first keeps the connection.
+#[tokio::test]
+async fn early_answer_from_h2_replica_with_a_chunked_body_open_says_close() {
+    let r =
+        replica(
+            Protocol::H2c,
+            |_req: Request<Incoming>| async move { Response::new(text("early")) },
+        )
+        .await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::H2c)])).await;
+    let is_close =
+        |resp: &RawResp| resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    let head = format!("POST /p HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let (mut c, _) = conn_on(h.addr(), PATHS[1], "POST /first").await;
+    c.send(format!("{head}2\r\n{{}}\r\n").as_bytes()).await;
+    let resp = c.response().await.expect("no answer (rest still open)");
+    assert_eq!((resp.status, resp.text().as_str()), (200, "early"));
+    assert!(is_close(&resp), "closing without saying so: {resp:?}");
+
+    let (mut c, _) = conn_on(h.addr(), PATHS[1], "POST /first").await;
+    c.send(format!("{head}2\r\n{{}}\r\n0\r\n\r\n").as_bytes()).await;
+    let resp = c.response().await.expect("no answer (whole body)");
+    assert_eq!(resp.status, 200);
+    assert!(!is_close(&resp), "connection not kept: {resp:?}");
+    c.send(format!("GET /again HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await;
+    let resp = c.response().await.expect("closed silently after a whole body");
+    assert_eq!(resp.status, 200);
+}

@@ -426,6 +426,7 @@ async fn forwarded_from_trusted_prefixes_names_the_client_and_is_extended() {
         let r = echo_forwarded(proto).await;
         let mut c = cfg();
         c.listeners[0].trusted_proxies = vec!["127.0.0.1".into(), "10.0.0.0/8".into()];
+        c.listeners[0].forwarded_header = true;
         let h = start(c, doc(&[("a", r.addr, proto)])).await;
         let with = |fwd: &'static str, te: bool| {
             let mut b = Request::builder()
@@ -476,12 +477,47 @@ async fn forwarded_from_trusted_prefixes_names_the_client_and_is_extended() {
     }
 }
 
+/// By default (`forwarded_header` off) sluice sets no `Forwarded` of its own: a trusted
+/// edge's passes as it is, and anyone else's is removed, on both HTTP/1.1 paths and
+/// HTTP/2; the client is still read from the trusted edge's.
+#[tokio::test]
+async fn forwarded_is_not_set_by_default_and_a_clients_is_removed() {
+    let r = echo_forwarded(Protocol::Http1).await;
+    let mut c = cfg();
+    c.listeners[0].trusted_proxies = vec!["127.0.0.1".into()];
+    let h = start(c, doc(&[("a", r.addr, Protocol::Http1)])).await;
+    let with = |fwd: &'static str, te: bool| {
+        let mut b = Request::builder().uri("/").header("host", HOST).header("forwarded", fwd);
+        if te {
+            b = b.header("te", "trailers"); // declined by the fast path
+        }
+        b.body(Empty::<Bytes>::new()).unwrap()
+    };
+    for te in [false, true] {
+        let tcp = connect_from("127.0.0.1", h.addr()).await;
+        let resp = h1_on(tcp, with("for=203.0.113.9", te)).await.unwrap();
+        assert_eq!(body_string(resp).await, "for=203.0.113.9|203.0.113.9", "trusted te={te}");
+        let tcp = connect_from("127.0.0.2", h.addr()).await;
+        let resp = h1_on(tcp, with("for=203.0.113.9", te)).await.unwrap();
+        assert_eq!(body_string(resp).await, "|127.0.0.2", "untrusted te={te}");
+    }
+    let tcp = connect_from("127.0.0.2", h.addr()).await;
+    let req = Request::builder()
+        .uri(format!("http://{HOST}/"))
+        .header("forwarded", "for=203.0.113.9")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = h2_on(tcp, req).await.unwrap();
+    assert_eq!(body_string(resp).await, "|127.0.0.2", "h2 untrusted");
+}
+
 /// An IPv6 client's own hop is written bracketed and quoted.
 #[tokio::test]
 async fn forwarded_names_an_ipv6_peer_quoted() {
     let r = echo_forwarded(Protocol::Http1).await;
     let mut c = cfg();
     c.listeners[0].addr = "[::1]:0".parse().unwrap();
+    c.listeners[0].forwarded_header = true;
     let h = start(c, doc(&[("a", r.addr, Protocol::Http1)])).await;
     for te in [false, true] {
         let tcp = TcpStream::connect(h.addr()).await.unwrap();

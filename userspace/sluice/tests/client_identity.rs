@@ -200,6 +200,7 @@ fn forwarded_from_trusted_proxies_names_the_client() {
     let port = free_port();
     let rest = format!(
         "[[listeners]]\naddr = \"127.0.0.1:{port}\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         forwarded_header = true\n\
          [node]\nbase_domains = [\"example.test\"]\nregions = [\"r1\"]\n[routes]\nfile = \"routes.toml\"\n"
     );
     let _sluice = SluiceProcess::start(Path::new(env!("CARGO_BIN_EXE_sluice")), dir.path(), &rest);

@@ -262,14 +262,22 @@ fn an_interface_that_cannot_be_guarded_leaves_the_others_guarded() {
     let topo = Topology::new(2);
     let dir = tempfile::tempdir().unwrap();
     // Both clients denied; only n1 can be guarded (nosuch0 does not exist, n2 is not
-    // listed): client 1 is dropped, client 2 still reaches sluice.
+    // listed): client 1 is dropped by XDP, and client 2, through the unguarded link, is
+    // refused at accept by the userspace deny check, which a partial attach turns on.
     let ifaces = ["n1".to_owned(), "nosuch0".to_owned()];
     let sluice = start_on(&topo, dir.path(), &ifaces, "deny = [\"198.18.0.0/15\"]");
-    assert!(
-        eventually(Duration::from_secs(10), || get(&topo, &sluice, 2, OPEN) == Some(200)),
-        "client 2 (unguarded link) is not served"
-    );
+    let denied = || {
+        let (code, text) = http_get_in(&topo.node, sluice.admin, "admin", "/metrics", &[])?;
+        (code == 200).then(|| metric(&text, "sluice_client_connections_denied_total "))?
+    };
+    assert!(eventually(Duration::from_secs(10), || denied().is_some()), "no metrics");
     assert_eq!(get(&topo, &sluice, 1, OPEN), None, "client 1 got past the guard on n1");
+    assert_eq!(denied(), Some(0), "client 1 reached userspace: XDP did not drop it");
+    assert_eq!(get(&topo, &sluice, 2, OPEN), None, "client 2 (unguarded link) was served");
+    assert!(
+        eventually(Duration::from_secs(10), || denied().is_some_and(|n| n >= 1)),
+        "client 2 was not refused at accept"
+    );
     let (code, body) = http_get_in(&topo.node, sluice.admin, "admin", "/bpf", &[]).unwrap();
     assert_eq!(code, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();

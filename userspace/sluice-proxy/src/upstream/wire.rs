@@ -120,7 +120,7 @@ pub(super) async fn send(
     let mut fresh_retry = reused && (known_empty || held.is_some());
     let parsed = loop {
         if !rbuf.is_empty() {
-            match parse_head(addr, &rbuf, head_method)? {
+            match parse_head(addr, &mut rbuf, head_method)? {
                 Head::Partial => {}
                 Head::Informational(n) => {
                     rbuf.advance(n);
@@ -171,7 +171,6 @@ pub(super) async fn send(
         }
         return Err(upstream_err(addr, "connection closed before the response").into());
     };
-    rbuf.advance(parsed.len);
     // `Connection: close` (or HTTP/1.0) is never reused; `Keep-Alive: timeout=` bounds
     // how long the connection may wait in the pool.
     let keep = parsed.keep_alive.as_ref().is_none_or(|v| conn.keep_alive(v.as_bytes()));
@@ -291,7 +290,6 @@ enum ChunkState {
 }
 
 struct Parsed {
-    len: usize,
     status: StatusCode,
     headers: HeaderMap,
     framing: Framing,
@@ -306,7 +304,16 @@ enum Head {
     Final(Parsed),
 }
 
-fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, RequestError> {
+/// Parses the response head at the start of `buf`. A final head is consumed from `buf`
+/// (what follows is the body); an informational one is left for the caller to skip.
+///
+/// Header values are slices of the head's bytes, not copies: one allocation per value
+/// fewer on every response (the head's buffer is allocated per response anyway).
+fn parse_head(
+    addr: SocketAddr,
+    buf: &mut BytesMut,
+    head_method: bool,
+) -> Result<Head, RequestError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
     let len = match resp.parse(buf) {
@@ -326,39 +333,42 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
     }
     let status =
         StatusCode::from_u16(code).map_err(|_| upstream_err(addr, "invalid status code"))?;
-    // Room for what the proxy adds to the response (the request id, `connection: close`):
-    // a map built at exactly the replica's count is full, and the first insert rehashes
-    // the whole map into a new allocation (about 800 instructions per request).
-    let mut headers = HeaderMap::with_capacity(resp.headers.len() + 2);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = resp.version == Some(0);
     let mut keep_alive = None;
+    // Where each kept header's name and value lie in `buf` (a head is at most 64 KiB);
+    // both are cut from the frozen head once the parser's borrow of `buf` ends.
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start as u32, (start + s.len()) as u32)
+    };
+    let mut kept = [((0u32, 0u32), (0u32, 0u32)); MAX_HEADERS];
+    let mut n_kept = 0;
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| upstream_err(addr, "invalid header name"))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| upstream_err(addr, "invalid header value"))?;
-        if name == http::header::CONTENT_LENGTH {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
             let n = content_length(h.value)
                 .ok_or_else(|| upstream_err(addr, "invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(upstream_err(addr, "conflicting content-length"));
             }
             length = Some(n);
-        } else if name == http::header::TRANSFER_ENCODING {
-            let v = value.to_str().unwrap_or("");
-            let last = v.rsplit(',').next().unwrap_or("").trim();
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let value = std::str::from_utf8(h.value).unwrap_or("");
+            let last = value.rsplit(',').next().unwrap_or("").trim();
             if chunked || !last.eq_ignore_ascii_case("chunked") {
                 return Err(upstream_err(addr, "unsupported transfer-encoding"));
             }
             chunked = true;
             // De-chunked here: the client side frames the body its own way.
             continue;
-        } else if name.as_str() == "keep-alive" {
-            keep_alive = Some(value.clone());
-        } else if name == http::header::CONNECTION {
-            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+        } else if name.eq_ignore_ascii_case(b"keep-alive") {
+            keep_alive = Some(n_kept);
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            let value = std::str::from_utf8(h.value).unwrap_or("");
+            for token in value.split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case("keep-alive") && resp.version == Some(0) {
@@ -366,7 +376,8 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
                 }
             }
         }
-        headers.append(name, value);
+        kept[n_kept] = (span(name), span(h.value));
+        n_kept += 1;
     }
     if chunked && length.is_some() {
         return Err(upstream_err(addr, "both content-length and transfer-encoding"));
@@ -382,10 +393,23 @@ fn parse_head(addr: SocketAddr, buf: &[u8], head_method: bool) -> Result<Head, R
             None => Framing::UntilClose,
         }
     };
-    if chunked {
-        headers.remove(http::header::CONTENT_LENGTH);
+    let head = buf.split_to(len).freeze();
+    // Room for what the proxy adds to the response (the request id, `connection: close`):
+    // a map built at exactly the replica's count is full, and the first insert rehashes
+    // the whole map into a new allocation (about 800 instructions per request).
+    let mut headers = HeaderMap::with_capacity(n_kept + 2);
+    let mut keep_alive_value = None;
+    for (i, &((ns, ne), (vs, ve))) in kept[..n_kept].iter().enumerate() {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+            .map_err(|_| upstream_err(addr, "invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| upstream_err(addr, "invalid header value"))?;
+        if keep_alive == Some(i) {
+            keep_alive_value = Some(value.clone());
+        }
+        headers.append(name, value);
     }
-    Ok(Head::Final(Parsed { len, status, headers, framing, close, keep_alive }))
+    Ok(Head::Final(Parsed { status, headers, framing, close, keep_alive: keep_alive_value }))
 }
 
 /// The replica's response body, read from its connection as the client side polls it.
@@ -619,24 +643,33 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 1))
     }
 
+    fn parse(head: &[u8]) -> (Result<Head, RequestError>, BytesMut) {
+        let mut buf = BytesMut::from(head);
+        (parse_head(addr(), &mut buf, false), buf)
+    }
+
     #[test]
     fn heads() {
-        let h = parse_head(addr(), b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false);
+        let (h, rest) = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\nhello");
         let Ok(Head::Final(p)) = h else { panic!("not final") };
-        assert_eq!(p.len, 38);
+        assert_eq!(&rest[..], b"hello", "the head is consumed, the body stays");
         assert!(matches!(p.framing, Framing::Length(5)));
-        let h = parse_head(addr(), b"HTTP/1.1 100 Continue\r\n\r\n", false);
+        assert_eq!(p.headers["x-a"], "b");
+        let (h, rest) = parse(b"HTTP/1.1 100 Continue\r\n\r\n");
         assert!(matches!(h, Ok(Head::Informational(25))));
-        let h = parse_head(addr(), b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false);
+        assert_eq!(rest.len(), 25, "an informational head is left for the caller");
+        assert!(parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").0.is_err());
+        let (h, _) = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n");
         assert!(h.is_err());
-        let h = parse_head(
-            addr(),
-            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
-            false,
-        );
-        assert!(h.is_err());
-        let h = parse_head(addr(), b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", false);
+        let (h, _) = parse(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n");
         let Ok(Head::Final(p)) = h else { panic!("not final") };
         assert!(p.close && matches!(p.framing, Framing::UntilClose));
+        let (h, _) = parse(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nkeep-alive: timeout=5\r\n\r\n",
+        );
+        let Ok(Head::Final(p)) = h else { panic!("not final") };
+        assert!(matches!(p.framing, Framing::Chunked(_)));
+        assert!(!p.headers.contains_key("transfer-encoding"), "de-chunked here");
+        assert_eq!(p.keep_alive.as_ref().map(|v| v.as_bytes()), Some(&b"timeout=5"[..]));
     }
 }
