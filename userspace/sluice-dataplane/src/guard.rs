@@ -4,7 +4,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use serde::Serialize;
@@ -249,10 +249,7 @@ impl Dataplane {
     pub fn guard_stats(&self) -> Result<GuardStats, DataplaneError> {
         let name = names::GUARD_STATS;
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
-        let arr: PerCpuArray<&MapData, GuardStats> =
-            PerCpuArray::try_from(map).map_err(map_err(name))?;
-        let per_cpu = arr.get(&0, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(GuardStats::default(), |acc, s| acc.merge(*s)))
+        crate::per_cpu::sum(map, GuardStats::merge).map_err(map_err(name))
     }
 }
 

@@ -15,6 +15,7 @@ mod error;
 pub mod guard;
 pub mod live;
 mod loader;
+mod per_cpu;
 pub mod pins;
 pub mod probe;
 mod sockdiag;

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use serde::Serialize;
 use sluice_abi::{
     AddrKey, BanValue, GuardConfig, GuardIface, GuardStats, RedirectStats, SpliceStats,
@@ -88,9 +88,7 @@ fn per_cpu_sum<V: aya::Pod + Default + Copy>(
     name: &str,
     merge: fn(V, V) -> V,
 ) -> Option<V> {
-    let arr: PerCpuArray<MapData, V> = PerCpuArray::try_from(open(dir, name)?).ok()?;
-    let values = arr.get(&0, 0).ok()?;
-    Some(values.iter().fold(V::default(), |acc, v| merge(acc, *v)))
+    crate::per_cpu::sum::<_, MapData, V>(open(dir, name)?, merge).ok()
 }
 
 /// The socket address a normalised key stands for (IPv4-mapped shown as IPv4).

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, SockHash},
     programs::{CgroupAttachMode, SkMsg, SockOps, sk_msg::SkMsgLinkId, sock_ops::SockOpsLinkId},
 };
 use sluice_abi::{AddrKey, RedirectStats, SockKey, ipv4_mapped, names};
@@ -277,12 +277,8 @@ impl Dataplane {
             .ebpf
             .map(names::REDIR_STATS)
             .ok_or_else(|| DataplaneError::Unsupported("redir_stats missing".into()))?;
-        let arr: PerCpuArray<&MapData, RedirectStats> = PerCpuArray::try_from(map)
-            .map_err(|source| DataplaneError::Map { name: names::REDIR_STATS, source })?;
-        let per_cpu = arr
-            .get(&0, 0)
-            .map_err(|source| DataplaneError::Map { name: names::REDIR_STATS, source })?;
-        Ok(per_cpu.iter().fold(RedirectStats::default(), |acc, s| acc.merge(*s)))
+        crate::per_cpu::sum(map, RedirectStats::merge)
+            .map_err(|source| DataplaneError::Map { name: names::REDIR_STATS, source })
     }
 }
 

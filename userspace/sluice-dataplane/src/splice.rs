@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
 };
 use sluice_abi::{SockKey, SplicePeer, SpliceStats, names};
@@ -327,9 +327,6 @@ impl Dataplane {
     pub fn splice_stats(&self) -> Result<SpliceStats, DataplaneError> {
         let name = names::SPLICE_STATS;
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
-        let arr: PerCpuArray<&MapData, SpliceStats> =
-            PerCpuArray::try_from(map).map_err(map_err(name))?;
-        let per_cpu = arr.get(&0, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(SpliceStats::default(), |acc, s| acc.merge(*s)))
+        crate::per_cpu::sum(map, SpliceStats::merge).map_err(map_err(name))
     }
 }

@@ -11,7 +11,7 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray, ReusePortSockArray},
+    maps::{Array, MapData, ReusePortSockArray},
     programs::SkReuseport,
 };
 use sluice_abi::{STEER_HALF, SteerConfig, SteerStats, names};
@@ -105,9 +105,6 @@ impl Dataplane {
     pub fn steer_stats(&self) -> Result<SteerStats, DataplaneError> {
         let name = names::STEER_STATS;
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
-        let arr: PerCpuArray<&MapData, SteerStats> =
-            PerCpuArray::try_from(map).map_err(map_err(name))?;
-        let per_cpu = arr.get(&0, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(SteerStats::default(), |acc, s| acc.merge(*s)))
+        crate::per_cpu::sum(map, SteerStats::merge).map_err(map_err(name))
     }
 }

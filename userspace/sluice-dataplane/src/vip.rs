@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, os::fd::AsFd};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
 use sluice_abi::{
@@ -205,9 +205,6 @@ impl Dataplane {
     pub fn vip_stats(&self) -> Result<VipStats, DataplaneError> {
         let name = names::VIP_STATS;
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
-        let arr: PerCpuArray<&MapData, VipStats> =
-            PerCpuArray::try_from(map).map_err(map_err(name))?;
-        let per_cpu = arr.get(&0, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(VipStats::default(), |acc, s| acc.merge(*s)))
+        crate::per_cpu::sum(map, VipStats::merge).map_err(map_err(name))
     }
 }

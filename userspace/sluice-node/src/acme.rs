@@ -30,7 +30,7 @@ use instant_acme::{
     NewOrder, OrderStatus, RetryPolicy,
 };
 use serde::{Deserialize, Serialize};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_routing::RoutingTable;
 use sluice_routing::backoff::Backoff;
 use sluice_routing::cert::CertSummary;
@@ -240,14 +240,14 @@ fn due(spec: &CertificateSpec, now: i64) -> bool {
 /// the etcd source keeps: no store round trip on the request path.
 struct EtcdChallenges(AcmeChallenges);
 
-impl sluice_proxy::acme::ChallengeAnswers for EtcdChallenges {
+impl sluice_proxy::ChallengeAnswers for EtcdChallenges {
     fn answer<'a>(
         &'a self,
         host: &'a str,
         token: &'a str,
     ) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
         Box::pin(async move {
-            if !sluice_proxy::acme::valid_token(token) {
+            if !sluice_proxy::valid_token(token) {
                 return None;
             }
             let value = self.0.get(token)?;
@@ -267,7 +267,7 @@ pub fn start(
     etcd: EtcdConfig,
     table: RoutingTable,
     challenges: AcmeChallenges,
-    server: &mut Server,
+    server: &mut Proxy,
     stop: Arc<Notify>,
 ) -> tokio::task::JoinHandle<()> {
     let store = Arc::new(OnceCell::new());

@@ -22,7 +22,7 @@ use std::{
 
 use serde::Deserialize;
 use sluice_dataplane::{Cidr, Dataplane, GuardAttachment};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -161,7 +161,7 @@ impl Drop for Guard {
 pub fn start(
     cfg: &GuardConfig,
     dataplane: Option<&Arc<Mutex<Dataplane>>>,
-    server: &mut Server,
+    server: &mut Proxy,
     require_ebpf: bool,
     replacing: bool,
 ) -> Result<Guard> {
@@ -268,7 +268,7 @@ pub fn start(
 fn hook_bans(
     cfg: &GuardConfig,
     dp: Option<Arc<Mutex<Dataplane>>>,
-    server: &mut Server,
+    server: &mut Proxy,
     guard: &mut Guard,
 ) {
     let counters = Arc::new(Counters::default());
@@ -299,12 +299,12 @@ struct Bans {
     /// The XDP guard, when attached.
     kernel: Option<Arc<Mutex<Dataplane>>>,
     /// The proxy's list: always (see the module doc).
-    userspace: Arc<sluice_proxy::client::BanList>,
+    userspace: Arc<sluice_proxy::BanList>,
 }
 
 /// Without XDP the deny list is still honoured: the proxy closes denied sources at
 /// accept, and denied clients a trusted edge reports right after its PROXY header.
-fn deny_in_userspace(cfg: &GuardConfig, server: &mut Server) -> Result<()> {
+fn deny_in_userspace(cfg: &GuardConfig, server: &mut Proxy) -> Result<()> {
     if cfg.deny.is_empty() {
         return Ok(());
     }
@@ -463,7 +463,7 @@ async fn ban_loop(
     }
 }
 
-fn install_metrics(server: &mut Server, c: Arc<Counters>) {
+fn install_metrics(server: &mut Proxy, c: Arc<Counters>) {
     server.metrics_extra(Box::new(c));
 }
 

@@ -14,7 +14,7 @@ use std::{
 use sluice_dataplane::{
     BehaviourReport, Dataplane, DataplaneOptions, Feature, ProbeReport, probe, probe_behaviour,
 };
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use tracing::{info, warn};
 
 use crate::{NodeError, Result};
@@ -131,7 +131,7 @@ pub fn start(require_ebpf: bool, pin_dir: Option<PathBuf>, takeover: bool) -> Re
 /// Adds the splice state to `/readyz` detail and the splice decision counters to
 /// `/metrics`.
 pub fn install_splice_admin(
-    server: &mut Server,
+    server: &mut Proxy,
     kernel: &Kernel,
     decisions: Arc<crate::splice_policy::Decisions>,
 ) {
@@ -143,7 +143,7 @@ pub fn install_splice_admin(
 /// Adds the kernel data plane's probe state and counters to `/metrics`, read from the
 /// pinned maps on each scrape (cheap, and the same numbers `bpftool` shows).
 pub fn install_metrics(
-    server: &mut Server,
+    server: &mut Proxy,
     report: sluice_dataplane::ProbeReport,
     pin_dir: Option<std::path::PathBuf>,
 ) {

@@ -18,13 +18,15 @@
 //! Beside them, [`acme`] (`[acme]`) orders and renews certificates for custom domains,
 //! one node of the region at a time, and answers HTTP-01 challenges; [`supervise`] is
 //! the reference replica supervisor (`sluice supervise`, and `sluice demo`'s compute
-//! side).
+//! side); [`autoscaler`] is the cluster-side autoscale job (`sluice autoscale`), which
+//! follows the proxies' autoscaler streams and writes desired replica counts.
 //!
 //! Errors are [`NodeError`] ([`acme::AcmeError`] and [`supervise::SuperviseError`] for
 //! those two); the binary turns them into `anyhow` at the edge.
 #![forbid(unsafe_code)]
 
 pub mod acme;
+pub mod autoscaler;
 pub mod error;
 pub mod guard;
 pub mod handover;

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use sluice_proxy::autoscaler::{DesiredSink, SinkError};
+use crate::autoscaler::{DesiredSink, SinkError};
 use sluice_routing::DesiredReplicas;
 use sluice_routing::model::{
     LaunchSpec, Protocol, ReplicaSpec, ReplicaState, RoutingDoc, ServerSpec,

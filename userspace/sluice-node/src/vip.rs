@@ -20,7 +20,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sluice_dataplane::{Dataplane, Feature, MAX_VIP_BACKENDS, VipMode, VipReplica, live::VipView};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_routing::{RoutingTable, Snapshot, VipBalance, validate::canonical_vip};
 use tracing::{debug, info, warn};
 
@@ -344,7 +344,7 @@ pub fn start(
     kernel: &crate::kernel::Kernel,
     table: &RoutingTable,
     cfg: VipConfig,
-    server: &mut Server,
+    server: &mut Proxy,
 ) {
     let shown: Shown = Arc::default();
     let s = shown.clone();

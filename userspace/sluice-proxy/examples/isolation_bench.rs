@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use sluice_proxy::{ProxyConfig, Server};
+use sluice_proxy::{Proxy, ProxyConfig};
 use sluice_routing::{NodeConfig, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -125,7 +125,7 @@ async fn main() {
     let mut cfg = ProxyConfig::default();
     cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
     cfg.admin.addr = None;
-    let server = Server::bind(cfg, table).await.unwrap();
+    let server = Proxy::bind(cfg, table).await.unwrap();
     let proxy = server.local_addrs()[0];
     tokio::spawn(server.run(std::future::pending()));
 

@@ -406,8 +406,8 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
-            key_header: sluice_routing::authz::DEFAULT_KEY_HEADER.into(),
-            secret_header: sluice_routing::authz::DEFAULT_SECRET_HEADER.into(),
+            key_header: sluice_routing::proxy_auth::DEFAULT_KEY_HEADER.into(),
+            secret_header: sluice_routing::proxy_auth::DEFAULT_SECRET_HEADER.into(),
             drain_body_bytes: 64 * 1024,
         }
     }

@@ -145,11 +145,6 @@ impl<T> ConnIo<T> {
     pub fn into_parts(self) -> (T, Bytes) {
         (self.inner, self.prefix)
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncRead> AsyncRead for ConnIo<T> {

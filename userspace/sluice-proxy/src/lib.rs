@@ -9,44 +9,50 @@
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), sluice_proxy::ProxyError> {
-//! use sluice_proxy::{ProxyConfig, Server};
+//! use sluice_proxy::{ProxyConfig, Proxy};
 //! use sluice_routing::{NodeConfig, RoutingTable};
 //! let routing = RoutingTable::new(NodeConfig::default());
-//! let server = Server::bind(ProxyConfig::default(), routing).await?;
+//! let server = Proxy::bind(ProxyConfig::default(), routing).await?;
 //! server.run(sluice_proxy::shutdown::signal()).await
 //! # }
 //! ```
 
-pub mod access_log;
-pub mod acme;
+mod access_log;
+mod acme;
 pub mod admin;
-pub mod autoscaler;
-pub mod body;
-pub mod client;
+mod body;
+mod client;
 mod coldstart;
 pub mod config;
 pub mod demo;
-pub mod error;
+mod error;
 mod h1proxy;
-pub mod h1scan;
+mod h1scan;
 mod h2streams;
-pub mod headers;
+mod headers;
 mod idle;
-pub mod io;
-pub mod listener;
+mod io;
+mod listener;
 pub mod metrics;
-pub mod mirror;
+mod mirror;
 mod proxy;
-pub mod proxy_header;
-pub mod server;
+mod proxy_header;
+mod server;
 pub mod shutdown;
 pub mod tls;
-pub mod upgrade;
-pub mod upstream;
+mod upgrade;
+mod upstream;
 
+pub use access_log::AccessLogConfig;
+pub use acme::{CHALLENGE_PREFIX, ChallengeAnswers, valid_token};
 pub use admin::{AdminHandler, AdminRoutes, StreamError, admin_get, follow_autoscaler_stream};
+pub use body::{BoxError, ProxyBody, full};
+pub use client::BanList;
 pub use config::ProxyConfig;
 pub use error::{ConfigError, ProxyError, RequestError};
-pub use metrics::Metrics;
-pub use server::{AuthRejectedHook, ListenerCerts, PreparedCerts, Server};
+pub use headers::RequestIds;
+pub use metrics::{Metrics, RetryReason};
+pub use proxy_header::{encode_v1, encode_v2};
+pub use server::{AuthRejectedHook, ListenerCerts, PreparedCerts, Proxy};
 pub use upgrade::{OpaqueStream, OpaqueStreamHandoff, UserspaceRelay, into_tcp};
+pub use upstream::REPLAY_BODY_BYTES;

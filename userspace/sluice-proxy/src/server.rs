@@ -47,7 +47,7 @@ struct BoundListener {
 }
 
 /// A bound, not yet running proxy.
-pub struct Server {
+pub struct Proxy {
     cfg: ProxyConfig,
     routing: RoutingTable,
     listeners: Vec<BoundListener>,
@@ -143,7 +143,7 @@ impl PreparedCerts {
 /// never block (hand the event off, e.g. with a channel's `try_send`).
 pub type AuthRejectedHook = Arc<dyn Fn(std::net::IpAddr) + Send + Sync>;
 
-impl Server {
+impl Proxy {
     /// Validates the config, loads certificates and binds every listener (so port clashes
     /// and bad certificates fail here, before anything is served).
     pub async fn bind(cfg: ProxyConfig, routing: RoutingTable) -> Result<Self, ProxyError> {

@@ -13,7 +13,6 @@ use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sluice_routing::RoutingTable;
 pub use sluice_routing::cert::CertSummary;
 use sluice_routing::cert::{self, CertError};
@@ -22,9 +21,9 @@ use crate::config::TlsConfig;
 use crate::error::ConfigError;
 
 /// ALPN id for HTTP/2.
-pub const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 /// ALPN id for HTTP/1.1.
-pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+pub(crate) const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// The ring crypto provider sluice uses everywhere.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -33,7 +32,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Certificates by SNI name.
 #[derive(Debug, Default)]
-pub struct SniResolver {
+pub(crate) struct SniResolver {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// Keyed by the wildcard's parent domain (`example.com` for `*.example.com`).
     wildcard: HashMap<String, Arc<CertifiedKey>>,
@@ -64,8 +63,10 @@ impl SniResolver {
 
     /// The certificate for an SNI name: exact, then wildcard, then the default (the
     /// first certificate), so a name without its own certificate still completes the
-    /// handshake (the client decides whether it trusts what it got).
-    pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    /// handshake (the client decides whether it trusts what it got). The live resolver
+    /// reads the canonical form directly; tests ask through this.
+    #[cfg(test)]
+    fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         match sni {
             Some(sni) => self.lookup_canonical(&canonical_sni(sni)),
             None => self.default.clone(),
@@ -84,7 +85,10 @@ impl SniResolver {
 }
 
 /// Loads a PEM chain and key into a rustls signing key.
-pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<CertifiedKey, ConfigError> {
+pub(crate) fn load_certified_key(
+    cert_pem: &Path,
+    key_pem: &Path,
+) -> Result<CertifiedKey, ConfigError> {
     // Read here so that a missing file stays a read error naming the path, not a TLS one.
     let read = |p: &Path| {
         std::fs::read(p)
@@ -99,14 +103,6 @@ pub fn load_certified_key(cert_pem: &Path, key_pem: &Path) -> Result<CertifiedKe
     })
 }
 
-/// Builds a signing key from DER parts.
-pub fn certified_key(
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<CertifiedKey, ConfigError> {
-    cert::certified_key(certs, key).map_err(|e| ConfigError::Tls(e.to_string()))
-}
-
 /// A TLS listener's certificate resolver: per handshake, the exact SNI name (a server's
 /// certificate from the routing state, then the listener's), then the listener's
 /// wildcard, then its default.
@@ -115,7 +111,7 @@ pub fn certified_key(
 /// routing state's is read from the current snapshot. Both are lock-free loads: a
 /// handshake in flight keeps the `Arc` it resolved, so a swap never fails it.
 #[derive(Debug)]
-pub struct LiveResolver {
+pub(crate) struct LiveResolver {
     routing: Option<RoutingTable>,
     listener: Arc<ArcSwap<SniResolver>>,
 }
@@ -159,12 +155,6 @@ fn canonical_sni(sni: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Builds the rustls server config of a TLS listener (its own certificates only).
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
-    let (resolver, _) = load_resolver(tls)?;
-    server_config_with(Arc::new(LiveResolver::new(None, Arc::new(ArcSwap::from_pointee(resolver)))))
-}
-
 /// Builds the rustls server config of a TLS listener, with a summary of each certificate.
 pub fn load_listener(
     tls: &TlsConfig,
@@ -175,7 +165,9 @@ pub fn load_listener(
 }
 
 /// Loads a listener's certificates into a resolver, with a summary of each.
-pub fn load_resolver(tls: &TlsConfig) -> Result<(SniResolver, Vec<CertSummary>), ConfigError> {
+pub(crate) fn load_resolver(
+    tls: &TlsConfig,
+) -> Result<(SniResolver, Vec<CertSummary>), ConfigError> {
     let mut resolver = SniResolver::default();
     let mut summaries = Vec::with_capacity(tls.certs.len());
     for c in &tls.certs {
@@ -190,7 +182,7 @@ pub fn load_resolver(tls: &TlsConfig) -> Result<(SniResolver, Vec<CertSummary>),
 }
 
 /// Builds a rustls server config around a certificate resolver.
-pub fn server_config_with(
+pub(crate) fn server_config_with(
     resolver: Arc<dyn ResolvesServerCert>,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
@@ -205,11 +197,12 @@ pub fn server_config_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::PrivateKeyDer;
 
     fn key(name: &str) -> Arc<CertifiedKey> {
         let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
         let der = PrivateKeyDer::Pkcs8(c.key_pair.serialize_der().into());
-        Arc::new(certified_key(vec![c.cert.der().clone()], der).unwrap())
+        Arc::new(cert::certified_key(vec![c.cert.der().clone()], der).unwrap())
     }
 
     #[test]

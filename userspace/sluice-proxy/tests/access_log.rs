@@ -336,5 +336,5 @@ async fn bad_path_fails_at_bind() {
     let mut c = logging(Path::new("/nonexistent-dir/access.log"));
     c.access_log.sample = 0.5;
     let table = sluice_routing::RoutingTable::from_doc(node(), RoutingDoc::default()).unwrap();
-    assert!(sluice_proxy::Server::bind(c, table).await.is_err());
+    assert!(sluice_proxy::Proxy::bind(c, table).await.is_err());
 }

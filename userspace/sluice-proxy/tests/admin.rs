@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use common::*;
 use http::{Method, StatusCode, header};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_proxy::admin::{endpoint, json, text};
 use sluice_routing::{RoutingDoc, RoutingTable};
 
@@ -15,7 +15,7 @@ use sluice_routing::{RoutingDoc, RoutingTable};
 /// adds them; the admin address and the stop sender.
 async fn admin() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let table = RoutingTable::from_doc(node(), RoutingDoc::default()).unwrap();
-    let mut server = Server::bind(cfg(), table).await.unwrap();
+    let mut server = Proxy::bind(cfg(), table).await.unwrap();
     server.admin_route(
         "/thing",
         endpoint(sluice_proxy::admin::READ_ONLY, "a JSON thing", |_req| async {

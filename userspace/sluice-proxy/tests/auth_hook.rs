@@ -1,4 +1,4 @@
-//! `Server::on_auth_rejected` over real sockets: every 401/403 that proxy auth decides
+//! `Proxy::on_auth_rejected` over real sockets: every 401/403 that proxy auth decides
 //! is reported once with the socket peer address (never X-Forwarded-For); a replica's
 //! own 401 and allowed requests are not reported.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_routing::{
     Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec, TokenSpec, hash_secret,
 };
@@ -39,7 +39,7 @@ async fn proxy_auth_rejections_are_reported_with_the_socket_peer() {
         tokens: vec![tok("tok-prod", "sec-prod", "prod"), tok("tok-dev", "sec-dev", "dev")],
     };
     let mut server =
-        Server::bind(cfg(), RoutingTable::from_doc(node(), doc).unwrap()).await.unwrap();
+        Proxy::bind(cfg(), RoutingTable::from_doc(node(), doc).unwrap()).await.unwrap();
     let seen: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
     let s = seen.clone();
     server.on_auth_rejected(Arc::new(move |ip| s.lock().unwrap().push(ip)));

@@ -19,9 +19,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_proxy::config::{CertConfig, ListenerConfig, ProxyConfig, ProxyProtocol, TlsConfig};
-use sluice_proxy::proxy_header::{encode_v1, encode_v2};
+use sluice_proxy::{encode_v1, encode_v2};
 use sluice_routing::{
     Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec, TokenSpec, hash_secret,
 };
@@ -273,7 +273,7 @@ async fn banning_proxy(mut c: ProxyConfig) -> (Harness, Arc<Mutex<Vec<IpAddr>>>,
         }],
     };
     c.admin.addr = Some("127.0.0.1:0".parse().unwrap());
-    let mut server = Server::bind(c, RoutingTable::from_doc(node(), doc).unwrap()).await.unwrap();
+    let mut server = Proxy::bind(c, RoutingTable::from_doc(node(), doc).unwrap()).await.unwrap();
     let seen: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
     let (s, bans) = (seen.clone(), server.bans());
     server.on_auth_rejected(Arc::new(move |ip| {
@@ -344,7 +344,7 @@ async fn auth_failures_behind_xff_ban_the_client_per_request() {
 async fn denied_reported_clients_are_closed_after_the_header() {
     let r = echo(Protocol::Http1).await;
     let routing = RoutingTable::from_doc(node(), doc(&[("a", r.addr, Protocol::Http1)])).unwrap();
-    let mut server = Server::bind(edge_cfg(ProxyProtocol::V1), routing).await.unwrap();
+    let mut server = Proxy::bind(edge_cfg(ProxyProtocol::V1), routing).await.unwrap();
     // What sluice's guard does with XDP attached: the edge's packets pass XDP, so only
     // the proxy can refuse a denied client behind it.
     server

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sluice_proxy::Server;
 use sluice_routing::{Protocol, RoutingDoc, RoutingTable};
 use tokio::sync::oneshot;
 
@@ -33,7 +32,7 @@ fn cold(hold: Option<Duration>, max: u32) -> RoutingDoc {
 
 async fn proxy(d: RoutingDoc) -> Proxy {
     let table = RoutingTable::from_doc(node(), d).unwrap();
-    let server = Server::bind(cfg(), table.clone()).await.unwrap();
+    let server = sluice_proxy::Proxy::bind(cfg(), table.clone()).await.unwrap();
     let addr = server.local_addrs()[0];
     let metrics = server.metrics();
     let (tx, rx) = oneshot::channel();

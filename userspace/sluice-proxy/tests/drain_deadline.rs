@@ -19,7 +19,6 @@ use common::*;
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use sluice_proxy::Server;
 use sluice_routing::{Protocol, ReplicaState, RoutingDoc, RoutingTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -125,7 +124,7 @@ struct Proxy {
 
 async fn proxy(replica: SocketAddr, proto: Protocol) -> Proxy {
     let table = RoutingTable::from_doc(node(), doc(&[("a", replica, proto)])).unwrap();
-    let server = Server::bind(cfg(), table.clone()).await.unwrap();
+    let server = sluice_proxy::Proxy::bind(cfg(), table.clone()).await.unwrap();
     let addr = server.local_addrs()[0];
     let metrics = server.metrics();
     let (tx, rx) = oneshot::channel();

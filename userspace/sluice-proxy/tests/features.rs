@@ -18,7 +18,7 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use sluice_proxy::{ProxyConfig, Server};
+use sluice_proxy::ProxyConfig;
 use sluice_routing::{
     Change, MirrorSpec, Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec, TokenSpec,
     hash_secret,
@@ -42,7 +42,7 @@ struct Proxy {
 
 async fn start_proxy(cfg: ProxyConfig, doc: RoutingDoc) -> Proxy {
     let table = RoutingTable::from_doc(node(), doc).unwrap();
-    let server = Server::bind(cfg, table.clone()).await.unwrap();
+    let server = sluice_proxy::Proxy::bind(cfg, table.clone()).await.unwrap();
     let addr = server.local_addrs()[0];
     let admin = server.admin_addr().unwrap();
     let (tx, rx) = oneshot::channel();
@@ -613,45 +613,4 @@ async fn mirroring_copies_small_requests_and_drops_a_slow_mirror_without_slowing
     // Dropping released the buffer budget.
     assert_eq!(metric(&m, "sluice_server_buffered_bytes{server=\"big\"}"), 0);
     assert!(slow_bytes.load(Ordering::Relaxed) < size);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_autoscaler_turns_demand_into_desired_replicas() {
-    use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
-    let mut c = cfg();
-    c.autoscaler.interval = Duration::from_millis(100);
-    let mut cold = server("cold");
-    cold.buffer_replicas = 1;
-    let doc = RoutingDoc { servers: vec![cold, server("idle")], replicas: vec![], tokens: vec![] };
-    let p = start_proxy(c, doc).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("desired.json");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let autoscaler = tokio::spawn(run_autoscaler(
-        AutoscalerSettings::new(vec![p.admin]),
-        DesiredSink::File(file.clone()),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    // Create demand until the autoscaler (following the stream) writes its decision.
-    let deadline = Instant::now() + T;
-    loop {
-        let resp = h1(p.addr, get("/", &host("cold"))).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(bytes) = tokio::fs::read(&file).await {
-            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-            // Seen idle first, the server is written at 0; the demand (scale from zero: at
-            // least one in flight, plus the buffer replica) makes it 2 at once.
-            let n = v["cold"]["replicas"].as_u64();
-            assert!(matches!(n, None | Some(0) | Some(2)), "{v}");
-            if n == Some(2) {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "no desired count written");
-    }
-    let _ = stop.send(());
-    tokio::time::timeout(T, autoscaler).await.unwrap().unwrap().unwrap();
 }

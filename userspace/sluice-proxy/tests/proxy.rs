@@ -699,7 +699,7 @@ async fn ipv6_listener() {
     let mut c = cfg();
     c.listeners[0].addr = "[::1]:0".parse().unwrap();
     let routing = sluice_routing::RoutingTable::from_doc(node(), doc(&[])).unwrap();
-    let Ok(server) = sluice_proxy::Server::bind(c, routing).await else {
+    let Ok(server) = sluice_proxy::Proxy::bind(c, routing).await else {
         eprintln!("no IPv6 loopback here: skipping");
         return;
     };
@@ -848,7 +848,7 @@ async fn bad_h2_preface_is_goaway_protocol_error() {
 async fn deny_at_accept_closes_denied_sources_only() {
     let serve = |deny: &'static str| async move {
         let routing = sluice_routing::RoutingTable::from_doc(node(), doc(&[])).unwrap();
-        let mut server = sluice_proxy::Server::bind(cfg(), routing).await.unwrap();
+        let mut server = sluice_proxy::Proxy::bind(cfg(), routing).await.unwrap();
         server.deny_at_accept(vec![sluice_proxy::config::Cidr::parse(deny).unwrap()]);
         let addr = server.local_addrs()[0];
         let metrics = server.metrics();

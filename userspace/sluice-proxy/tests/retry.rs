@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use sluice_proxy::metrics::RetryReason;
+use sluice_proxy::RetryReason;
 use sluice_routing::Protocol;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -289,7 +289,7 @@ async fn refused_stream_and_goaway_replay_a_small_body() {
 /// A body larger than the replay bound is never replayed: a refused stream is a 502.
 #[tokio::test]
 async fn refused_stream_with_a_large_body_is_not_replayed() {
-    let body = vec![b'x'; sluice_proxy::upstream::REPLAY_BODY_BYTES + 1];
+    let body = vec![b'x'; sluice_proxy::REPLAY_BODY_BYTES + 1];
     let (bad, _task) = misbehaving_h2(true).await;
     let live = echo(Protocol::H2c).await;
     let h =
@@ -395,7 +395,7 @@ async fn stale_pooled_connection_replays_a_small_body() {
     // Not a retry: the replica never took the request on the closed connection.
     assert_eq!(all_retries(&h), 0);
 
-    let large = vec![b'y'; sluice_proxy::upstream::REPLAY_BODY_BYTES + 1];
+    let large = vec![b'y'; sluice_proxy::REPLAY_BODY_BYTES + 1];
     let mut failed = 0;
     for (status, _) in post_all_paths(h.addr(), &large).await {
         assert!(status == 200 || status == 502, "{status}");

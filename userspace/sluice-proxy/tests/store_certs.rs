@@ -16,7 +16,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sluice_proxy::config::{CertConfig, ListenerConfig, TlsConfig};
-use sluice_proxy::{ProxyConfig, Server};
+use sluice_proxy::{Proxy, ProxyConfig};
 use sluice_routing::{CertificateSpec, RoutingDoc, RoutingTable, ServerSpec};
 use sluice_store::file::FileSource;
 use sluice_tests::tls::AnyCert;
@@ -126,7 +126,7 @@ struct Running {
 }
 
 async fn serve(cfg: ProxyConfig, table: RoutingTable) -> Running {
-    let server = Server::bind(cfg, table).await.unwrap();
+    let server = Proxy::bind(cfg, table).await.unwrap();
     let (tls, admin) = (server.local_addrs()[0], server.admin_addr().unwrap());
     let (tx, rx) = oneshot::channel();
     tokio::spawn(server.run(async move {

@@ -158,7 +158,7 @@ struct Counted {
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = sluice_proxy::body::BoxError;
+    type Error = sluice_proxy::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,

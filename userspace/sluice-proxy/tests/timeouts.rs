@@ -267,7 +267,7 @@ async fn replica_that_never_answers_gets_504_by_first_byte_timeout() {
         std::future::pending::<()>().await;
     });
     let silent_h2 = replica(Protocol::H2c, |_req: Request<Incoming>| async move {
-        std::future::pending::<Response<sluice_proxy::body::ProxyBody>>().await
+        std::future::pending::<Response<sluice_proxy::ProxyBody>>().await
     })
     .await;
     for (replica_addr, proto) in [(addr, Protocol::Http1), (silent_h2.addr, Protocol::H2c)] {

@@ -105,7 +105,7 @@ async fn plaintext_legs_are_raw_sockets_for_the_kernel() {
     let routing =
         sluice_routing::RoutingTable::from_doc(node(), doc(&[("ws", r.addr, Protocol::Http1)]))
             .unwrap();
-    let mut server = sluice_proxy::Server::bind(cfg(), routing).await.unwrap();
+    let mut server = sluice_proxy::Proxy::bind(cfg(), routing).await.unwrap();
     let raw = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     server.set_handoff(std::sync::Arc::new(RawTcpHandoff(raw.clone())));
     let addr = server.local_addrs()[0];

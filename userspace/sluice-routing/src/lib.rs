@@ -22,30 +22,27 @@
 //! assert_eq!(server.replicas.len(), 1);
 //! ```
 
-pub mod auth;
-pub mod authority;
-pub mod authz;
-pub mod autoscale;
 pub mod backoff;
 pub mod cert;
 pub mod change;
 pub mod health;
+pub mod host;
 pub mod lb;
 pub mod limits;
 pub mod mirror;
 pub mod model;
+pub mod proxy_auth;
+pub mod scaling;
+pub mod secret_hash;
 pub mod signal;
 pub mod snapshot;
 pub mod supervisor;
 pub mod table;
 pub mod validate;
 
-pub use auth::{hash_secret, verify_secret, verify_secret_bytes};
-pub use authority::{AuthorityError, canonical_authority, canonical_authority_cow};
-pub use authz::{AuthDecision, AuthHeaders, authorize};
-pub use autoscale::{Decision, DesiredReplicas, Recommender, ScalePolicy};
 pub use change::{ApplyError, ApplyErrorKind, Change};
 pub use health::{HealthChecker, HealthPolicy};
+pub use host::{AuthorityError, canonical_authority, canonical_authority_cow};
 pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};
 pub use model::SpliceMode;
@@ -53,6 +50,9 @@ pub use model::{
     CertificateSpec, LaunchSpec, MirrorSpec, NodeConfig, Protocol, ReplicaSpec, ReplicaState,
     RoutingDoc, SecretPem, ServerLimits, ServerSpec, ServerTimeouts, TokenSpec, VipBalance,
 };
+pub use proxy_auth::{AuthDecision, AuthHeaders, authorize};
+pub use scaling::{Decision, DesiredReplicas, Recommender, ScalePolicy};
+pub use secret_hash::{hash_secret, verify_secret, verify_secret_bytes};
 pub use signal::{ReplicaRecord, Sampler, ServerRecord};
 pub use snapshot::{
     Health, InFlightGuard, Replica, ReplicaStats, Server, ServerStats, Snapshot, StateView,

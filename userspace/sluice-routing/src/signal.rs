@@ -29,7 +29,7 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use crate::autoscale::ScalePolicy;
+use crate::scaling::ScalePolicy;
 use crate::snapshot::{Server, ServerStats, Snapshot};
 
 /// One server's autoscaling record for one interval.

@@ -12,8 +12,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::autoscale::DesiredReplicas;
 use crate::model::{LaunchSpec, ServerSpec};
+use crate::scaling::DesiredReplicas;
 
 /// Where a managed replica is in its life, as far as the plan cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::authority::check_hostname;
+use crate::host::check_hostname;
 use crate::model::{NodeConfig, ReplicaSpec, RoutingDoc, ServerSpec, TokenSpec};
 
 /// The object a problem is about.
@@ -290,7 +290,7 @@ pub fn validate_token(t: &TokenSpec) -> Vec<FieldError> {
     if !is_id(&t.id) {
         errs.push(FieldError::new(obj(), "id", ID_MSG));
     }
-    if !crate::auth::is_valid_secret_hash(&t.secret_hash) {
+    if !crate::secret_hash::is_valid_secret_hash(&t.secret_hash) {
         // Never echo the value: it might be a plaintext secret pasted by mistake.
         errs.push(FieldError::new(
             obj(),

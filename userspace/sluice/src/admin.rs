@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use http::{Method, StatusCode};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_proxy::admin::{READ_ONLY, endpoint, json, text};
 use sluice_routing::RoutingTable;
 use sluice_store::etcd::StatusHandle;
@@ -45,7 +45,7 @@ fn parse_fence_query(query: Option<&str>) -> Result<FenceQuery, String> {
 /// `GET /generation?wait=N&timeout=MS` long-polls until generation N is applied *and*
 /// every replica it introduced has had its first health check, so a scheduler that
 /// waits on it knows the new replica is truly routable (504 at the timeout).
-pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHandle>) {
+pub fn install(server: &mut Proxy, table: &RoutingTable, store: Option<StatusHandle>) {
     let t = table.clone();
     server.admin_route(
         "/generation",
@@ -134,7 +134,7 @@ pub fn install(server: &mut Server, table: &RoutingTable, store: Option<StatusHa
 
 /// Adds `/logging`: `GET` shows the tracing filter in force, `PUT ?level=<filter>`
 /// (`RUST_LOG` syntax, percent-encoded) replaces it until the next restart.
-pub fn install_logging(server: &mut Server) {
+pub fn install_logging(server: &mut Proxy) {
     const METHODS: &[Method] = &[Method::GET, Method::HEAD, Method::PUT];
     server.admin_route(
         "/logging",

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod autoscale;
+mod autoscale_command;
 mod bpf;
 mod check;
 mod ctl;
@@ -72,7 +72,7 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// Follow the proxies' autoscaler streams and write desired replica counts into the
     /// store for an orchestrator to act on.
-    Autoscale(autoscale::AutoscaleArgs),
+    Autoscale(autoscale_command::AutoscaleArgs),
     /// Run replica processes for the desired counts the autoscaler writes, and register
     /// them in the routing state (the reference compute side for one node).
     Supervise(supervise_command::SuperviseArgs),
@@ -129,7 +129,7 @@ fn main() -> Result<ExitCode> {
         Command::Demo(args) => demo::main(args),
         Command::DemoReplica(args) => demo::replica_main(args),
         Command::Ctl(args) => ctl::main(args),
-        Command::Autoscale(args) => autoscale::main(args),
+        Command::Autoscale(args) => autoscale_command::main(args),
         Command::Supervise(args) => supervise_command::main(args),
         Command::Bpf { command } => bpf::main(command),
         Command::Completions { .. } | Command::Man => Ok(()),

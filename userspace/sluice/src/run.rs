@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
-use sluice_proxy::{ProxyConfig, Server};
+use sluice_proxy::{Proxy, ProxyConfig};
 use sluice_routing::health::{HealthChecker, HealthPolicy};
 use sluice_routing::{NodeConfig, RoutingTable};
 use sluice_store::etcd::{EtcdConfig, EtcdSource, StatusHandle};
@@ -297,7 +297,7 @@ async fn serve_with(
         async move { s.notified().await },
     );
     let routed = cfg.etcd.is_some() || cfg.routes.file.is_some();
-    let mut server = Server::bind(cfg.proxy, table.clone()).await?;
+    let mut server = Proxy::bind(cfg.proxy, table.clone()).await?;
     if let Some((path, text)) = reload {
         crate::reload::Reloader {
             path,

@@ -129,6 +129,34 @@ fn errors_exit_non_zero_naming_the_place() {
     assert!(stderr.contains("routes.toml:3:"), "{stderr}");
 }
 
+/// One duration grammar for the whole file: `[timeouts]` (the proxy's table) accepts what
+/// `[health]` (the node's) does, and both refuse the same nonsense.
+#[test]
+fn one_duration_grammar_in_proxy_and_node_sections() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path());
+    std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    let both = |v: &str| {
+        format!("\n[timeouts]\ndrain = {v}\n\n[health]\ninterval = {v}\ntimeout = \"2s\"\n")
+    };
+    for good in ["\"1m 30s\"", "\"250ms\"", "90"] {
+        std::fs::write(&cfg, config("key.pem", &both(good))).unwrap();
+        let out = check(&cfg);
+        assert!(out.status.success(), "{good}: {}", text(&out.stderr));
+    }
+    // Each table refuses the same nonsense, naming its own line: 16 is `drain`, 18 `interval`.
+    let drain_bad = "\n[timeouts]\ndrain = \"1 fortnight\"\n";
+    let interval_bad = "\n[health]\n\n\ninterval = \"1 fortnight\"\n";
+    for (extra, want) in [(drain_bad, "sluice.toml:16:"), (interval_bad, "sluice.toml:18:")] {
+        std::fs::write(&cfg, config("key.pem", extra)).unwrap();
+        let out = check(&cfg);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
+    }
+}
+
 /// The example config the repository ships (and the container image uses) stays valid.
 #[test]
 fn shipped_config_passes() {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sluice_proxy::proxy_header::encode_v2;
+use sluice_proxy::encode_v2;
 use sluice_tests::process::{SluiceProcess, free_port, http_get};
 
 const OPEN: &str = "open.r1.example.test";

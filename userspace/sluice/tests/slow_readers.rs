@@ -1,12 +1,12 @@
-//! Slow readers through the real binary (issue 14, item 4): N clients each fetch a 1 MiB
-//! response but read it a few bytes every 100 ms through a 4 KiB receive buffer. While
-//! they read, sluice's resident memory may grow by a bounded amount per connection (the
-//! response waits in the replica's socket or HTTP/2 window, not in sluice); after they
-//! leave it must fall back near its baseline (the allocator hands the pages back), and a
-//! second round must not ratchet it up. Over HTTP/1.1 (the fast path), h2c to an h2c
-//! replica, and TLS (the hyper path with rustls).
+//! Slow readers through the real binary (docs/proxy.md, "Memory: slow readers and the
+//! allocator"): N clients each fetch a 1 MiB response but read it a few bytes every 100 ms
+//! through a 4 KiB receive buffer. While they read, sluice's resident memory may grow by a
+//! bounded amount per connection (the response waits in the replica's socket or HTTP/2
+//! window, not in sluice); after they leave it must fall back near its baseline (the
+//! allocator hands the pages back), and a second round must not ratchet it up. Over
+//! HTTP/1.1 (the fast path), h2c to an h2c replica, and TLS (the hyper path with rustls).
 //!
-//! `SLUICE_SLOW_READERS=<n>` changes the number of clients (to reproduce the issue's 1000);
+//! `SLUICE_SLOW_READERS=<n>` changes the number of clients (e.g. 1000);
 //! `SLUICE_SLOW_LIMITS` and `SLUICE_SLOW_UPSTREAM` add lines to the config's `[limits]`
 //! and `[upstream]` tables (to measure other bounds, e.g. the old defaults).
 #![allow(clippy::unwrap_used, clippy::expect_used)]

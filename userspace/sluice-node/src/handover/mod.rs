@@ -32,7 +32,7 @@ use std::{
 };
 
 use sluice_dataplane::{Dataplane, Feature, SteerGeneration};
-use sluice_proxy::Server;
+use sluice_proxy::Proxy;
 use sluice_routing::{RoutingTable, model::ReplicaState, snapshot::Health};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
@@ -288,7 +288,7 @@ impl Handover {
     pub async fn ready(
         &mut self,
         kernel: &Kernel,
-        server: &Server,
+        server: &Proxy,
         table: &RoutingTable,
         routed: bool,
     ) {

@@ -32,13 +32,6 @@ pub struct H1Conn {
     driver: AbortHandle,
 }
 
-impl H1Conn {
-    /// Whether the connection is gone.
-    pub fn is_closed(&self) -> bool {
-        self.send.is_closed()
-    }
-}
-
 impl Drop for H1Conn {
     fn drop(&mut self) {
         self.driver.abort();

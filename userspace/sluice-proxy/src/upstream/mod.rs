@@ -27,7 +27,7 @@ use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::error::RequestError;
 use crate::metrics::{Metrics, RetryReason};
 
-pub use self::http1::{H1Conn, UpgradeRegistration};
+pub use self::http1::UpgradeRegistration;
 pub use self::replay::REPLAY_BODY_BYTES;
 
 /// The body sluice sends upstream.
@@ -467,11 +467,6 @@ impl Upstreams {
                 !c.expired(now) && !c.is_stale() && now.duration_since(*since) < idle
             });
         }
-    }
-
-    /// Number of replica addresses with a connection set.
-    pub fn replica_count(&self) -> usize {
-        self.pools.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     async fn connect(

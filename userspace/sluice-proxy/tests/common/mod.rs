@@ -14,8 +14,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_proxy::body::ProxyBody;
-use sluice_proxy::{ProxyConfig, Server};
+use sluice_proxy::ProxyBody;
+use sluice_proxy::{Proxy, ProxyConfig};
 use sluice_routing::{NodeConfig, Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -94,7 +94,7 @@ impl Drop for Harness {
 pub async fn start(cfg: ProxyConfig, doc: RoutingDoc) -> Harness {
     let _ = tracing_subscriber();
     let routing = RoutingTable::from_doc(node(), doc).unwrap();
-    let server = Server::bind(cfg, routing).await.unwrap();
+    let server = Proxy::bind(cfg, routing).await.unwrap();
     let addrs = server.local_addrs();
     let admin = server.admin_addr().unwrap();
     let metrics = server.metrics();
@@ -169,7 +169,7 @@ where
 }
 
 pub fn text(s: impl Into<Bytes>) -> ProxyBody {
-    sluice_proxy::body::full(s.into())
+    sluice_proxy::full(s.into())
 }
 
 pub fn get(uri: &str, host: &str) -> Request<Empty<Bytes>> {

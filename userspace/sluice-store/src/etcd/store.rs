@@ -6,8 +6,8 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use serde::Serialize;
 
-use sluice_routing::autoscale::DesiredReplicas;
 use sluice_routing::model::{ReplicaSpec, ServerSpec, TokenSpec};
+use sluice_routing::scaling::DesiredReplicas;
 use sluice_routing::validate::{self, ValidationError};
 
 use super::config::{EtcdConfig, connect};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use sluice_proxy::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
+use sluice_node::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
 
 /// `sluice autoscale --from ADMIN[,ADMIN..] [--file PATH | --endpoints URL,.. --prefix P]`
 #[derive(Debug, Args)]

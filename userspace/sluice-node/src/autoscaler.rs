@@ -25,7 +25,7 @@ use sluice_routing::{DesiredReplicas, Recommender, ServerRecord};
 use sluice_store::etcd::{EtcdError, EtcdStore};
 use tokio::sync::mpsc;
 
-use crate::admin::follow_autoscaler_stream;
+use sluice_proxy::follow_autoscaler_stream;
 
 /// Where desired replica counts go.
 #[derive(Debug)]
