@@ -91,6 +91,8 @@ pub struct Exported {
     pub handed: usize,
     /// Pairs that stay here and drain (refused, or the channel failed).
     pub kept: usize,
+    /// The channel failed: nothing more is offered over it.
+    pub broken: bool,
 }
 
 impl KernelSplice {
@@ -267,7 +269,8 @@ impl KernelSplice {
     /// The old process's side of a handover (blocking): offers every spliced pair
     /// whose both directions are open to the new process, one at a time, and closes its
     /// copies of a pair's sockets once the new process has acknowledged it. A pair the
-    /// new process refuses goes back to this process's watcher and drains here.
+    /// new process refuses goes back to this process's watcher and drains here. The
+    /// caller says [`Msg::Done`] once it has offered everything else too.
     pub fn export(&self, ch: &Channel) -> Exported {
         let inner = &self.inner;
         let mut out = Exported::default();
@@ -313,9 +316,7 @@ impl KernelSplice {
                 }
             }
         }
-        if !broken {
-            let _ = ch.send(&Msg::Done, &[]);
-        }
+        out.broken = broken;
         out
     }
 

@@ -30,6 +30,7 @@ pub mod error;
 mod h1proxy;
 pub mod h1scan;
 mod h2streams;
+pub mod handover;
 pub mod headers;
 mod idle;
 pub mod io;

@@ -7,7 +7,9 @@
 //! old process keeps today's behaviour (its established connections drain). Once the new
 //! process is active, the old one offers it every spliced pair, the two sockets passed
 //! with SCM_RIGHTS, one message per pair, and closes its copies of a pair's sockets only
-//! once the new process has acknowledged it.
+//! once the new process has acknowledged it. Then, until it exits, it passes every
+//! idle HTTP/1.1 keep-alive connection (one socket per message, between requests, so
+//! with no bytes read) as it goes idle, and says [`Msg::Done`] last.
 //!
 //! Seqpacket keeps message boundaries, so a message and the descriptors it carries
 //! arrive together; each message is one JSON document.
@@ -34,7 +36,8 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL: &str = "sluice-handover";
 /// This build's protocol version. Bump it with any change to [`Msg`] or to what a
 /// handed-over connection carries; builds with different versions refuse each other.
-pub const VERSION: u32 = 1;
+/// Version 2: idle HTTP/1.1 connections ([`Msg::Idle`]) after the spliced pairs.
+pub const VERSION: u32 = 2;
 /// Makes this process claim another protocol version in its hello, so that a handover
 /// with it is refused and its predecessor's streams drain: the test (and operations)
 /// knob for the fallback.
@@ -117,6 +120,18 @@ pub struct SpliceOffer {
     pub moved: (u64, u64),
 }
 
+/// An idle HTTP/1.1 keep-alive client connection offered to the new process, its socket
+/// the message's one descriptor. It owes no bytes: it is idle only with nothing read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleOffer {
+    /// The old process's name for it (echoed in the [`Msg::Ack`]).
+    pub tag: u64,
+    /// The socket peer.
+    pub peer: std::net::SocketAddr,
+    /// The client: the peer, or what a trusted peer's PROXY header reported.
+    pub client: std::net::IpAddr,
+}
+
 /// One message on the channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -130,6 +145,8 @@ pub enum Msg {
     },
     /// A spliced pair, with its two sockets.
     Splice(SpliceOffer),
+    /// An idle HTTP/1.1 connection, with its socket.
+    Idle(IdleOffer),
     /// The new process's answer to an offer: `adopted` means it holds the sockets and
     /// watches them; otherwise the old process keeps the pair.
     Ack {
