@@ -1,5 +1,10 @@
-//! Idle HTTP/1.1 keep-alive connections over the handover channel: the old process's
-//! forwarder (the proxy's [`IdleSink`]) and the new process's adoption.
+//! Idle HTTP/1.1 keep-alive connections and userspace-relayed streams over the
+//! handover channel: the old process's forwarder (the proxy's [`IdleSink`], and the
+//! kernel splice's relay sink) and the new process's adoption of idle connections.
+//!
+//! A relayed stream the new process refuses goes back to its relay here; one whose
+//! answer never came is closed here (it may be relayed there: two relays of one socket
+//! would interleave its bytes).
 //!
 //! The forwarder runs on its own thread, since the channel is blocking: the proxy queues
 //! each connection as it goes idle and the thread offers them one at a time. This
@@ -16,7 +21,14 @@ use std::{
 use sluice_proxy::handover::{IdleConnection, IdleHandover, IdleSink};
 use tracing::{info, warn};
 
-use super::channel::{Channel, IdleOffer, Msg};
+use super::channel::{Channel, IdleOffer, Msg, RelayOffer, hex};
+use crate::splice::{RelayHandoff, RelaySink};
+
+/// What the forwarder offers.
+enum Offer {
+    Idle(IdleConnection),
+    Relay(Box<RelayHandoff>),
+}
 
 /// The old process's forwarder of idle connections, until [`Forwarder::stop`].
 pub(super) struct Forwarder {
@@ -25,15 +37,29 @@ pub(super) struct Forwarder {
 }
 
 struct Sink {
-    tx: Mutex<Option<mpsc::Sender<IdleConnection>>>,
+    tx: Mutex<Option<mpsc::Sender<Offer>>>,
+}
+
+impl Sink {
+    /// The forwarder's queue, while it takes offers.
+    fn queue(&self) -> Option<mpsc::Sender<Offer>> {
+        self.tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// Queues `offer`; the queue outlives every sender unless its thread died, and what it
+/// then drops is closed (a relay's stream is cut, as at the drain deadline).
+fn enqueue(tx: &mpsc::Sender<Offer>, offer: Offer) {
+    if tx.send(offer).is_err() {
+        warn!("handover: the forwarder is gone; a connection is closed");
+    }
 }
 
 impl IdleSink for Sink {
     fn hand_over(&self, conn: IdleConnection) -> Result<(), IdleConnection> {
-        match &*self.tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
-            Some(tx) => tx.send(conn).map_err(|e| e.0),
-            None => Err(conn),
-        }
+        let Some(tx) = self.queue() else { return Err(conn) };
+        enqueue(&tx, Offer::Idle(conn));
+        Ok(())
     }
 }
 
@@ -61,6 +87,18 @@ pub(super) fn forward(ch: Channel, idle: &IdleHandover) -> Option<Forwarder> {
 }
 
 impl Forwarder {
+    /// The sink for the kernel splice's userspace relays.
+    pub(super) fn relay_sink(&self) -> RelaySink {
+        let sink = self.sink.clone();
+        Arc::new(move |h| {
+            let Some(tx) = sink.queue() else { return Err(h) };
+            enqueue(&tx, Offer::Relay(h));
+            Ok(())
+        })
+    }
+}
+
+impl Forwarder {
     /// No more connections are taken (the proxy closes any that go idle from now on);
     /// waits for those queued to be offered, and for the [`Msg::Done`].
     pub(super) async fn stop(self) {
@@ -70,9 +108,28 @@ impl Forwarder {
     }
 }
 
-fn run(ch: &Channel, rx: &mpsc::Receiver<IdleConnection>) {
+fn run(ch: &Channel, rx: &mpsc::Receiver<Offer>) {
     let (mut handed, mut closed, mut broken) = (0u64, 0u64, false);
-    for (tag, conn) in (1u64..).zip(rx.iter()) {
+    let mut relays = (0u64, 0u64);
+    for (tag, offer) in (1u64..).zip(rx.iter()) {
+        let conn = match offer {
+            Offer::Idle(conn) => conn,
+            Offer::Relay(h) => {
+                let answer = if broken { Relayed::Kept } else { offer_relay(ch, tag, &h) };
+                broken |= answer != Relayed::Adopted && answer != Relayed::Refused;
+                let RelayHandoff { legs, who, moved, auto, pending, reply } = *h;
+                if answer == Relayed::Kept || answer == Relayed::Refused {
+                    relays.1 += 1;
+                    let back = RelayHandoff { legs, who, moved, auto, pending, reply: dummy() };
+                    let _ = reply.send(Some(Box::new(back)));
+                } else {
+                    // Adopted, or maybe: this process's copies close here.
+                    relays.0 += 1;
+                    let _ = reply.send(None);
+                }
+                continue;
+            }
+        };
         if broken {
             closed += 1;
             continue;
@@ -103,6 +160,55 @@ fn run(ch: &Channel, rx: &mpsc::Receiver<IdleConnection>) {
         let _ = ch.send(&Msg::Done, &[]);
     }
     info!(handed, closed, "idle connections handed to the new process");
+    if relays != (0, 0) {
+        info!(handed = relays.0, kept = relays.1, "relayed streams handed to the new process");
+    }
+}
+
+/// A reply slot for a handoff given back (nobody answers it again).
+fn dummy() -> tokio::sync::oneshot::Sender<Option<Box<RelayHandoff>>> {
+    tokio::sync::oneshot::channel().0
+}
+
+/// What became of a relayed stream offered to the new process.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relayed {
+    /// It relays it now.
+    Adopted,
+    /// It said no: relayed on here.
+    Refused,
+    /// Not offered (the channel failed first): relayed on here.
+    Kept,
+    /// No clear answer: it may relay it, so it is not relayed here.
+    Unclear,
+}
+
+/// Offers one relayed stream to the new process.
+fn offer_relay(ch: &Channel, tag: u64, h: &RelayHandoff) -> Relayed {
+    let offer = RelayOffer {
+        tag,
+        server: h.who.0.clone(),
+        replica: h.who.1.clone(),
+        moved: h.moved,
+        auto: h.auto,
+        up: hex(&h.pending[0]),
+        down: hex(&h.pending[1]),
+    };
+    if let Err(e) = ch.send(&Msg::Relay(offer), &[h.legs[0].as_fd(), h.legs[1].as_fd()]) {
+        warn!(error = %e, "handover: offering a relayed stream failed; it stays here");
+        return Relayed::Kept;
+    }
+    match ch.recv() {
+        Ok((Msg::Ack { tag: t, adopted: true, .. }, _)) if t == tag => Relayed::Adopted,
+        Ok((Msg::Ack { tag: t, adopted: false, error }, _)) if t == tag => {
+            warn!(error = ?error, "handover: the new process refused a relayed stream; it stays here");
+            Relayed::Refused
+        }
+        other => {
+            warn!(answer = ?other.map(|(m, _)| m), "handover: no clear answer for a relayed stream; closed here");
+            Relayed::Unclear
+        }
+    }
 }
 
 /// The new process's side of an [`IdleOffer`].

@@ -17,7 +17,8 @@
 //! Before it activates, the new process connects to the old one's handover channel
 //! ([`channel`]); when their hellos agree, the old process, once superseded,
 //! passes its spliced streams over that channel instead of draining them, and then,
-//! until it exits, each idle HTTP/1.1 keep-alive connection as it goes idle ([`idle`]).
+//! until it exits, each idle HTTP/1.1 keep-alive connection as it goes idle and each
+//! stream it relays in userspace at a clean point ([`idle`]).
 //!
 //! Without kernel steering the same handover runs degraded: the old process learns of
 //! its successor from the owner record only, and connections still queued on its
@@ -354,9 +355,10 @@ impl Handover {
         if let Some(ch) = predecessor {
             let (splice, table, metrics) = (self.splice.clone(), table.clone(), server.metrics());
             let idle = server.idle_handover();
+            let rt = tokio::runtime::Handle::current();
             let spawned = std::thread::Builder::new()
                 .name("sluice-handover".into())
-                .spawn(move || receive(&ch, splice.as_deref(), &idle, &table, &metrics));
+                .spawn(move || receive(&ch, splice.as_deref(), (&idle, &rt), &table, &metrics));
             if let Err(e) = spawned {
                 warn!(error = %e, "handover: no receiver thread; the old process's streams drain");
             }
@@ -505,12 +507,16 @@ impl Handover {
                 return;
             }
         };
-        // Then the idle keep-alive connections, as they go idle, until this one exits.
+        // Then the idle keep-alive connections, as they go idle, and the streams relayed
+        // in userspace, each at a clean point, until this one exits.
         match &self.idle {
             Some(idle) => self.idle_forwarder = idle::forward(ch, idle),
             None => {
                 let _ = ch.send(&Msg::Done, &[]);
             }
+        }
+        if let (Some(f), Some(s)) = (&self.idle_forwarder, &self.splice) {
+            s.hand_over_relays(f.relay_sink());
         }
     }
 
@@ -657,7 +663,7 @@ async fn connect_predecessor(prev: Owner, mine: Hello) -> Option<Channel> {
 fn receive(
     ch: &Channel,
     splice: Option<&KernelSplice>,
-    idle: &sluice_proxy::handover::IdleHandover,
+    (idle, rt): (&sluice_proxy::handover::IdleHandover, &tokio::runtime::Handle),
     table: &RoutingTable,
     metrics: &Arc<sluice_proxy::Metrics>,
 ) {
@@ -665,12 +671,34 @@ fn receive(
     let mut deadline = Instant::now() + RECEIVE_WAIT;
     let (mut adopted, mut refused) = (0u64, 0u64);
     let (mut idle_adopted, mut idle_refused) = (0u64, 0u64);
+    let (mut relays_adopted, mut relays_refused) = (0u64, 0u64);
     loop {
         let got = ch.recv();
         if got.is_ok() {
             deadline = Instant::now() + RECEIVE_WAIT;
         }
         match got {
+            Ok((Msg::Relay(offer), fds)) => {
+                let res = match splice {
+                    Some(s) => s.adopt_relay(&offer, fds, table, metrics, rt),
+                    None => Err("this process has no userspace relay of its own".to_owned()),
+                };
+                let ack = match res {
+                    Ok(()) => {
+                        relays_adopted += 1;
+                        Msg::Ack { tag: offer.tag, adopted: true, error: None }
+                    }
+                    Err(e) => {
+                        relays_refused += 1;
+                        warn!(error = %e, server = %offer.server, "handover: not adopting a relayed stream");
+                        Msg::Ack { tag: offer.tag, adopted: false, error: Some(e) }
+                    }
+                };
+                if let Err(e) = ch.send(&ack, &[]) {
+                    warn!(error = %e, "handover: acknowledging failed");
+                    break;
+                }
+            }
             Ok((Msg::Idle(offer), fds)) => {
                 let ack = match idle::adopt(idle, &offer, fds) {
                     Ok(()) => {
@@ -723,7 +751,15 @@ fn receive(
             }
         }
     }
-    info!(adopted, refused, idle_adopted, idle_refused, "handover from the old process complete");
+    info!(
+        adopted,
+        refused,
+        idle_adopted,
+        idle_refused,
+        relays_adopted,
+        relays_refused,
+        "handover from the old process complete"
+    );
 }
 
 async fn recv(sig: &mut Option<Signal>) -> Option<()> {
