@@ -155,3 +155,26 @@ impl IdleHandover {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> IdleConnection {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = l.local_addr().unwrap();
+        let tcp = std::net::TcpStream::connect(peer).unwrap();
+        IdleConnection { tcp, peer, client: peer.ip() }
+    }
+
+    #[test]
+    fn adopted_before_the_server_runs_waits_and_a_draining_one_adopts_nothing() {
+        let h = IdleHandover::default();
+        h.adopt(conn()).unwrap();
+        h.adopt(conn()).unwrap();
+        assert!(matches!(&*lock(&h.inner.attach), Attach::Queued(q) if q.len() == 2));
+        assert!(h.sink().is_none(), "nothing is handed over until asked");
+        h.detach();
+        assert!(matches!(h.adopt(conn()), Err(AdoptError::NotServing)));
+    }
+}

@@ -306,8 +306,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains: stops accepting, sends GOAWAY to
-    /// HTTP/2 clients, closes idle HTTP/1.1 connections, and waits for in-flight requests
-    /// (and opaque streams) up to the drain deadline.
+    /// HTTP/2 clients, closes idle HTTP/1.1 connections (or, once a handover started,
+    /// hands them over: [`Self::idle_handover`]), and waits for in-flight requests (and
+    /// opaque streams) up to the drain deadline.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProxyError> {
         let header = HeaderName::from_bytes(self.cfg.request_id.header.as_bytes())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
