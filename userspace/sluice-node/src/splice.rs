@@ -42,7 +42,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::handover::channel::{Channel, Msg, SpliceOffer};
+use crate::handover::channel::{self, Channel, Msg, RelayOffer, SpliceOffer};
 
 use crate::splice_policy::{
     Decision, Decisions, Observer, PolicyConfig, SpliceConfig, Verdict, effective_mode,
@@ -73,7 +73,33 @@ struct Inner {
     /// Pairs offered to a successor that never answered: it may hold them, so they are
     /// neither watched nor unspliced here, only kept open until this process exits.
     limbo: Mutex<Vec<DetachedPair>>,
+    /// Set when userspace relays are to stop at a clean point and go to a successor.
+    relay_handover: tokio::sync::watch::Sender<bool>,
+    /// Where they go (the handover channel's forwarder), while it takes them.
+    relay_sink: Mutex<Option<RelaySink>>,
 }
+
+/// A userspace-relayed stream on its way to the successor: both sockets, what it
+/// counts against, and the bytes read from each side not yet written to the other.
+pub(crate) struct RelayHandoff {
+    /// Client (A) and replica (B) sockets, deregistered from this process's reactor.
+    pub(crate) legs: [std::net::TcpStream; 2],
+    /// Server and replica ids.
+    pub(crate) who: (String, String),
+    /// Bytes written each way so far (client → replica, replica → client).
+    pub(crate) moved: (u64, u64),
+    /// Whether the adaptive policy may still splice it.
+    pub(crate) auto: bool,
+    /// Read from the client, not yet written to the replica; and the reverse.
+    pub(crate) pending: [Vec<u8>; 2],
+    /// The forwarder's answer: `None` when the successor holds it (or may), the handoff
+    /// back when it refused, to relay on here.
+    pub(crate) reply: tokio::sync::oneshot::Sender<Option<Box<RelayHandoff>>>,
+}
+
+/// Takes a [`RelayHandoff`] (without blocking), or gives it back.
+pub(crate) type RelaySink =
+    Arc<dyn Fn(Box<RelayHandoff>) -> Result<(), Box<RelayHandoff>> + Send + Sync>;
 
 /// Whom a spliced pair counts against.
 #[derive(Clone)]
@@ -91,6 +117,8 @@ pub struct Exported {
     pub handed: usize,
     /// Pairs that stay here and drain (refused, or the channel failed).
     pub kept: usize,
+    /// The channel failed: nothing more is offered over it.
+    pub broken: bool,
 }
 
 impl KernelSplice {
@@ -114,6 +142,8 @@ impl KernelSplice {
                 tags: AtomicU64::new(1),
                 live: Arc::default(),
                 limbo: Mutex::default(),
+                relay_handover: tokio::sync::watch::Sender::new(false),
+                relay_sink: Mutex::default(),
             }),
         })
     }
@@ -136,34 +166,10 @@ impl OpaqueStreamHandoff for KernelSplice {
                     match mode {
                         SpliceMode::Never => {
                             this.decide(Decision::Never, &server, &replica);
-                            let (up, down, _) = relay_loop(&mut c, &mut u, None).await?;
-                            Ok((up + pre.0, down + pre.1))
+                            this.relay_userspace(c, u, false, pre, who).await
                         }
                         SpliceMode::Always => this.splice(c, u, pre, Decision::Always, who).await,
-                        SpliceMode::Auto => {
-                            let mut observer = Observer::new(this.policy);
-                            let (up, down, switch) =
-                                relay_loop(&mut c, &mut u, Some(&mut observer)).await?;
-                            let moved = (pre.0 + up, pre.1 + down);
-                            if switch {
-                                debug!(
-                                    %server, %replica, up = moved.0, down = moved.1,
-                                    bulk_windows = observer.bulk_windows(),
-                                    window = ?observer.last_window(),
-                                    "splice policy: stream looks latency-bound; splicing"
-                                );
-                                this.splice(c, u, moved, Decision::AutoSpliced, who).await
-                            } else {
-                                debug!(
-                                    %server, %replica, up = moved.0, down = moved.1,
-                                    bulk_windows = observer.bulk_windows(),
-                                    window = ?observer.last_window(),
-                                    "splice policy: stream ended in userspace"
-                                );
-                                this.decisions.count(Decision::AutoUserspace);
-                                Ok(moved)
-                            }
-                        }
+                        SpliceMode::Auto => this.relay_userspace(c, u, true, pre, who).await,
                     }
                 }
                 // A TLS or HTTP/2 client leg: userspace, with the replica side raw.
@@ -241,10 +247,97 @@ impl Inner {
                 }
                 let mut c = TcpStream::from_std(c_std)?;
                 let mut u = TcpStream::from_std(u_std)?;
-                let (up, down, _) = relay_loop(&mut c, &mut u, None).await?;
+                let (up, down, _) = relay_loop(&mut c, &mut u, None, None).await?;
                 Ok((up + pre.0, down + pre.1))
             }
         }
+    }
+
+    /// Relays a plaintext pair in userspace (`auto`: watched by the adaptive policy,
+    /// which may splice it) until it closes, is spliced, or is handed to a successor
+    /// at a clean point (see [`KernelSplice::hand_over_relays`]). `pre`: bytes moved
+    /// each way already.
+    async fn relay_userspace(
+        &self,
+        mut c: TcpStream,
+        mut u: TcpStream,
+        auto: bool,
+        pre: (u64, u64),
+        who: (String, String),
+    ) -> io::Result<(u64, u64)> {
+        let mut observer = auto.then(|| Observer::new(self.policy));
+        let mut handover = Some(self.relay_handover.subscribe());
+        let mut moved = pre;
+        loop {
+            let (up, down, stop) =
+                relay_loop(&mut c, &mut u, observer.as_mut(), handover.as_mut()).await?;
+            moved = (moved.0 + up, moved.1 + down);
+            let (server, replica) = (&who.0, &who.1);
+            match stop {
+                Stop::Closed => {
+                    if let Some(o) = &observer {
+                        debug!(
+                            %server, %replica, up = moved.0, down = moved.1,
+                            bulk_windows = o.bulk_windows(), window = ?o.last_window(),
+                            "splice policy: stream ended in userspace"
+                        );
+                        self.decisions.count(Decision::AutoUserspace);
+                    }
+                    return Ok(moved);
+                }
+                Stop::Splice => {
+                    if let Some(o) = &observer {
+                        debug!(
+                            %server, %replica, up = moved.0, down = moved.1,
+                            bulk_windows = o.bulk_windows(), window = ?o.last_window(),
+                            "splice policy: stream looks latency-bound; splicing"
+                        );
+                    }
+                    return self.splice(c, u, moved, Decision::AutoSpliced, who).await;
+                }
+                Stop::HandOver(pending) => {
+                    // What was read and not yet written is the successor's to write.
+                    let written =
+                        (moved.0 - pending[0].len() as u64, moved.1 - pending[1].len() as u64);
+                    let back = self.offer_relay(c, u, pending, written, auto, who.clone()).await?;
+                    let Some(back) = back else {
+                        debug!(%server, %replica, "userspace-relayed stream handed over");
+                        return Ok(written);
+                    };
+                    // Refused: relay on here, its unwritten bytes first, and do not ask
+                    // again.
+                    let [c_std, u_std] = back.legs;
+                    (c, u) = (TcpStream::from_std(c_std)?, TcpStream::from_std(u_std)?);
+                    u.write_all(&back.pending[0]).await?;
+                    c.write_all(&back.pending[1]).await?;
+                    handover = None;
+                }
+            }
+        }
+    }
+
+    /// Gives a relay stopped at a clean point to the successor; the pair back when it
+    /// is not taken.
+    async fn offer_relay(
+        &self,
+        c: TcpStream,
+        u: TcpStream,
+        pending: [Vec<u8>; 2],
+        moved: (u64, u64),
+        auto: bool,
+        who: (String, String),
+    ) -> io::Result<Option<Box<RelayHandoff>>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let legs = [c.into_std()?, u.into_std()?];
+        let handoff = Box::new(RelayHandoff { legs, who, moved, auto, pending, reply });
+        let sink =
+            self.relay_sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let Some(sink) = sink else { return Ok(Some(handoff)) };
+        if let Err(back) = sink(handoff) {
+            return Ok(Some(back));
+        }
+        // A forwarder gone without answering may have sent it: not ours any more.
+        Ok(answer.await.unwrap_or(None))
     }
 }
 
@@ -259,6 +352,66 @@ fn forget(live: &Mutex<HashMap<u64, Accounted>>, tag: u64) {
 }
 
 impl KernelSplice {
+    /// The old process's side of a handover: from now on every plaintext stream relayed
+    /// in userspace (`never`, or `auto` not yet spliced) stops at its next clean point
+    /// (both directions open) and goes to `sink` with its unwritten bytes; one the
+    /// successor refuses is relayed on here.
+    pub(crate) fn hand_over_relays(&self, sink: RelaySink) {
+        *self.inner.relay_sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(sink);
+        self.inner.relay_handover.send_replace(true);
+    }
+
+    /// The new process's side: relays a stream the old process relayed in userspace,
+    /// writing the bytes it had read and not written first, and counts it in flight and
+    /// open like one this process upgraded.
+    pub(crate) fn adopt_relay(
+        &self,
+        offer: &RelayOffer,
+        fds: Vec<OwnedFd>,
+        table: &RoutingTable,
+        metrics: &Arc<Metrics>,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), String> {
+        let [a, b]: [OwnedFd; 2] =
+            fds.try_into().map_err(|v: Vec<_>| format!("{} descriptors, not 2", v.len()))?;
+        let up = channel::unhex(&offer.up).ok_or("malformed pending bytes")?;
+        let down = channel::unhex(&offer.down).ok_or("malformed pending bytes")?;
+        let legs = [std::net::TcpStream::from(a), std::net::TcpStream::from(b)];
+        let _rt = rt.enter();
+        let mut sockets = Vec::with_capacity(2);
+        for leg in legs {
+            leg.set_nonblocking(true).map_err(|e| e.to_string())?;
+            sockets.push(TcpStream::from_std(leg).map_err(|e| e.to_string())?);
+        }
+        let (Some(mut u), Some(mut c)) = (sockets.pop(), sockets.pop()) else {
+            return Err("two sockets expected".to_owned());
+        };
+        let guard = count_in_flight(table, &offer.server, &offer.replica);
+        if guard.is_none() {
+            warn!(server = %offer.server, "adopted a relayed stream of a server this process does not route");
+        }
+        metrics.opaque_streams_open.inc();
+        let (this, metrics) = (self.inner.clone(), metrics.clone());
+        let (who, moved, auto) =
+            ((offer.server.clone(), offer.replica.clone()), offer.moved, offer.auto);
+        rt.spawn(async move {
+            let relayed = async {
+                u.write_all(&up).await?;
+                c.write_all(&down).await?;
+                let pre = (moved.0 + up.len() as u64, moved.1 + down.len() as u64);
+                this.relay_userspace(c, u, auto, pre, who).await
+            };
+            match relayed.await {
+                Ok((up, down)) => debug!(up, down, "adopted relayed stream closed"),
+                Err(e) => debug!(error = %e, "adopted relayed stream failed"),
+            }
+            drop(guard);
+            metrics.opaque_streams_open.dec();
+        });
+        Ok(())
+    }
+
     /// The kernel id of the splice sockhash this process uses, for the handover hello.
     pub fn map_id(&self) -> Option<u32> {
         self.inner.dp.lock().ok()?.splice_map_id().ok()
@@ -267,7 +420,8 @@ impl KernelSplice {
     /// The old process's side of a handover (blocking): offers every spliced pair
     /// whose both directions are open to the new process, one at a time, and closes its
     /// copies of a pair's sockets once the new process has acknowledged it. A pair the
-    /// new process refuses goes back to this process's watcher and drains here.
+    /// new process refuses goes back to this process's watcher and drains here. The
+    /// caller says [`Msg::Done`] once it has offered everything else too.
     pub fn export(&self, ch: &Channel) -> Exported {
         let inner = &self.inner;
         let mut out = Exported::default();
@@ -313,9 +467,7 @@ impl KernelSplice {
                 }
             }
         }
-        if !broken {
-            let _ = ch.send(&Msg::Done, &[]);
-        }
+        out.broken = broken;
         out
     }
 
@@ -490,26 +642,59 @@ impl Dir {
     }
 }
 
+/// Why [`relay_loop`] returned.
+enum Stop {
+    /// Both directions closed.
+    Closed,
+    /// The observer wants it spliced, and nothing is buffered.
+    Splice,
+    /// A handover asked for it, both directions open: the bytes read and not yet
+    /// written (client → replica, replica → client).
+    HandOver([Vec<u8>; 2]),
+}
+
 /// Relays both directions until both are closed, or, with an observer, until it
-/// judges the stream latency-bound and both directions are at a clean point. Returns
-/// bytes moved (client → replica, replica → client) and whether to splice now.
+/// judges the stream latency-bound and both directions are at a clean point, or, with
+/// `handover`, once that is set and both directions are open. Returns bytes read
+/// (client → replica, replica → client) and why it stopped.
 async fn relay_loop(
     c: &mut TcpStream,
     u: &mut TcpStream,
     mut observer: Option<&mut Observer>,
-) -> io::Result<(u64, u64, bool)> {
+    handover: Option<&mut tokio::sync::watch::Receiver<bool>>,
+) -> io::Result<(u64, u64, Stop)> {
     let mut dirs = [Dir::new(), Dir::new()];
     let mut want_splice = false;
+    let mut asked = false;
+    let mut handover = std::pin::pin!(async move {
+        let fired = match handover {
+            Some(rx) => rx.wait_for(|h| *h).await.is_ok(),
+            None => false,
+        };
+        if !fired {
+            std::future::pending::<()>().await;
+        }
+    });
     poll_fn(|cx| {
         loop {
             let [up, down] = &mut dirs;
+            // Polled until it fires, never after.
+            if !asked && handover.as_mut().poll(cx).is_ready() {
+                asked = true;
+            }
+            // A half-closed stream finishes here.
+            if asked && !up.eof && !down.eof {
+                let pending =
+                    [up.buf[up.pos..up.len].to_vec(), down.buf[down.pos..down.len].to_vec()];
+                return Poll::Ready(Ok((up.total, down.total, Stop::HandOver(pending))));
+            }
             // A clean point: nothing buffered either way, every byte read written, and
             // both directions open (a half-closed stream is not worth the switch).
             if want_splice && up.empty() && down.empty() && !up.eof && !down.eof {
-                return Poll::Ready(Ok((up.total, down.total, true)));
+                return Poll::Ready(Ok((up.total, down.total, Stop::Splice)));
             }
             if up.shut && down.shut {
-                return Poll::Ready(Ok((up.total, down.total, false)));
+                return Poll::Ready(Ok((up.total, down.total, Stop::Closed)));
             }
             let mut saw = |dir: usize, n: usize| {
                 if let Some(o) = observer.as_deref_mut()

@@ -107,6 +107,18 @@ impl IdleConn {
     pub(crate) async fn resume(self, state: &Arc<ProxyState>) -> Served {
         serve_requests(state, self.tcp, self.conn, Some(self.slot)).await
     }
+
+    /// A connection another process handed over between requests, idle from now on.
+    pub(crate) fn adopted(state: &ProxyState, tcp: TcpStream, conn: Arc<ConnInfo>) -> IdleConn {
+        let slot = state.idle.register();
+        slot.enter(&state.idle);
+        IdleConn { tcp, conn, slot }
+    }
+
+    /// The socket and its facts, to hand the connection over (it holds no bytes read).
+    pub(crate) fn into_parts(self) -> (TcpStream, Arc<ConnInfo>) {
+        (self.tcp, self.conn)
+    }
 }
 
 /// A client connection on the fast path.
@@ -615,12 +627,15 @@ async fn exchange(
     let mut rbuf = BytesMut::new();
     // Only a request kept whole can go again.
     let mut attempt_fresh = sent.is_some() && !body_unread;
+    // Whether the head sent to the client says close: decided once, at the head, so the
+    // connection closes after the answer exactly when the answer said it would.
+    let mut said_close;
     let (framing, replica_close, status) = loop {
         if !rbuf.is_empty() {
             out.clear();
-            let close = plan.client_close
-                || body_unread
-                || state.draining.load(std::sync::atomic::Ordering::Relaxed);
+            let pipelined = !client.buf.is_empty();
+            let close = plan.client_close || body_unread || state.closes_keepalive(pipelined);
+            said_close = close;
             match response_head(state, &plan, &mut up, &rbuf, close, out) {
                 Ok(Some((len, head))) => {
                     plan.replica.stats.ejection.record_success();
@@ -694,9 +709,7 @@ async fn exchange(
         e.replica = Some(plan.replica.clone());
         e.proto_out = Some(Proto::Http11);
     }
-    let close_after = plan.client_close
-        || body_unread
-        || state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let close_after = said_close;
 
     // Phase 4b: the body, as it arrives.
     let head_len = out.len() as u64;
@@ -1041,9 +1054,7 @@ async fn fail(
         crate::proxy::record_failure(state, &plan.server, &plan.replica);
     }
     state.metrics.observe(e.status().as_u16(), start.elapsed());
-    let close = body_unread
-        || plan.client_close
-        || state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let close = body_unread || plan.client_close || state.closes_keepalive(!client.buf.is_empty());
     let mut out = Vec::with_capacity(256);
     let body_len = e.write_h1(&state.request_id_header, &plan.rid, close, &mut out);
     if let Some(l) = log {

@@ -11,6 +11,10 @@
 //!
 //! Precision: a connection is never closed before its limit, and at most two sweep ticks
 //! (an eighth of the limit each, at most a second) after it.
+//!
+//! During an upgrade's handover ([`crate::handover`]) the sweep wakes every idle
+//! connection to be passed to the new process instead ([`IdleSweep::hand_over`]), and
+//! keeps doing so for connections that go idle later, until the process exits.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +30,8 @@ use crate::server::H1_DRAIN_IDLE;
 const BUSY: u64 = u64::MAX;
 /// [`IdleSlot::since`] once the sweep has expired the connection.
 const EXPIRED: u64 = u64::MAX - 1;
+/// [`IdleSlot::since`] once the sweep has asked the connection to be handed over.
+const HANDOVER: u64 = u64::MAX - 2;
 
 /// One idle-capable connection's entry, shared by the connection and the sweep.
 pub(crate) struct IdleSlot {
@@ -46,11 +52,25 @@ impl IdleSlot {
         self.since.store(BUSY, Ordering::Relaxed);
     }
 
-    /// Whether the sweep has expired this idle connection; registers `cx` to be woken
-    /// when it does.
+    /// Whether the sweep has expired this idle connection or asked for it to be handed
+    /// over; registers `cx` to be woken when it does.
     pub(crate) fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
-        if self.since.load(Ordering::Acquire) == EXPIRED { Poll::Ready(()) } else { Poll::Pending }
+        match self.since.load(Ordering::Acquire) {
+            EXPIRED | HANDOVER => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Moves an idle slot to `to` and wakes its connection; `false` if it was not idle
+    /// as `since` (a request arrived, or the sweep got there first).
+    fn wake_as(&self, since: u64, to: u64) -> bool {
+        let moved =
+            self.since.compare_exchange(since, to, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        if moved {
+            self.waker.wake();
+        }
+        moved
     }
 }
 
@@ -66,12 +86,31 @@ pub(crate) struct IdleSweep {
     idle: Duration,
     draining: AtomicBool,
     drain_started: Notify,
+    /// Idle connections are handed to the new process instead of waiting.
+    handing_over: AtomicBool,
+    /// Where they go, and how this process adopts its predecessor's.
+    pub(crate) handover: crate::handover::IdleHandover,
+}
+
+impl crate::proxy::ProxyState {
+    /// Whether a fast-path response retires its keep-alive connection (`connection:
+    /// close`): while draining, unless idle connections are being handed over, when the
+    /// connection instead goes idle and moves to the new process between requests. One
+    /// with its next request already read (`pipelined`) would not go idle after this
+    /// answer, so it is retired as in a drain: a client that always pipelines ends cleanly
+    /// instead of at the drain deadline.
+    pub(crate) fn closes_keepalive(&self, pipelined: bool) -> bool {
+        self.draining.load(Ordering::Relaxed) && (pipelined || !self.idle.handing_over())
+    }
 }
 
 impl IdleSweep {
-    /// A sweep closing connections idle for `idle`.
-    pub(crate) fn new(idle: Duration) -> Self {
+    /// A sweep closing connections idle for `idle`, handing them over through
+    /// `handover` once asked to.
+    pub(crate) fn new(idle: Duration, handover: crate::handover::IdleHandover) -> Self {
         Self {
+            handing_over: AtomicBool::new(false),
+            handover,
             slots: Mutex::new(Vec::new()),
             now_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -93,6 +132,24 @@ impl IdleSweep {
     pub(crate) fn start_drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.drain_started.notify_one();
+    }
+
+    /// From now on idle connections are handed over (see [`crate::handover`]): every one
+    /// idle now is woken, and one going idle later is handed over at once.
+    pub(crate) fn hand_over(&self) {
+        self.handing_over.store(true, Ordering::SeqCst);
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in slots.iter() {
+            let since = slot.since.load(Ordering::Acquire);
+            if since < HANDOVER {
+                slot.wake_as(since, HANDOVER);
+            }
+        }
+    }
+
+    /// Whether idle connections are handed over instead of waiting.
+    pub(crate) fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Relaxed)
     }
 
     /// Runs the sweep until the task is aborted.
@@ -125,24 +182,27 @@ impl IdleSweep {
         // A stamp is up to one tick early (the clock it reads advances once per tick), so
         // the tick is added: nothing closes before its limit.
         let quiet_ms = u64::try_from((limit + tick).as_millis()).unwrap_or(u64::MAX / 2);
+        // The backstop for a connection that went idle as the handover began (it checks
+        // the flag, the handover wakes slots; each tick catches one that slipped between).
+        let handing_over = self.handing_over();
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|slot| {
             if Arc::strong_count(slot) == 1 {
                 return false;
             }
             let since = slot.since.load(Ordering::Acquire);
-            if since >= EXPIRED {
+            // Busy, expired or being handed over already.
+            if since >= HANDOVER {
+                return true;
+            }
+            if handing_over {
+                slot.wake_as(since, HANDOVER);
                 return true;
             }
             // Quiet since it went idle, or since the drain began if that was later.
             let from = drain_from.map_or(since, |d| d.max(since));
-            if now.saturating_sub(from) >= quiet_ms
-                && slot
-                    .since
-                    .compare_exchange(since, EXPIRED, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            {
-                slot.waker.wake();
+            if now.saturating_sub(from) >= quiet_ms {
+                slot.wake_as(since, EXPIRED);
             }
             true
         });
@@ -165,7 +225,7 @@ mod tests {
 
     #[test]
     fn expires_only_after_the_limit_and_only_idle_slots() {
-        let sweep = IdleSweep::new(Duration::from_secs(2));
+        let sweep = IdleSweep::new(Duration::from_secs(2), Default::default());
         let tick = Duration::from_millis(250);
         let (idle, busy) = (sweep.register(), sweep.register());
         sweep.now_ms.store(1_000, Ordering::Relaxed);
@@ -179,7 +239,7 @@ mod tests {
 
     #[test]
     fn drain_counts_quiet_from_its_start_and_closed_slots_are_dropped() {
-        let sweep = IdleSweep::new(Duration::from_secs(120));
+        let sweep = IdleSweep::new(Duration::from_secs(120), Default::default());
         let tick = Duration::from_millis(62);
         let slot = sweep.register();
         slot.enter(&sweep);
@@ -195,5 +255,21 @@ mod tests {
         sweep.now_ms.store(10_400, Ordering::Relaxed);
         slot.enter(&sweep);
         assert!(poll(&slot).is_pending());
+    }
+
+    #[test]
+    fn a_handover_wakes_idle_slots_now_and_later_ones_at_the_next_tick() {
+        let sweep = IdleSweep::new(Duration::from_secs(120), Default::default());
+        let tick = Duration::from_millis(250);
+        let (idle, busy) = (sweep.register(), sweep.register());
+        idle.enter(&sweep);
+        sweep.hand_over();
+        assert!(sweep.handing_over());
+        assert!(poll(&idle).is_ready(), "an idle connection is woken at once");
+        assert!(poll(&busy).is_pending(), "a busy one finishes its request first");
+        // It goes idle after the handover began (and missed the flag): the tick catches it.
+        busy.enter(&sweep);
+        sweep.expire(1_000, None, Duration::from_secs(120), tick);
+        assert!(poll(&busy).is_ready());
     }
 }

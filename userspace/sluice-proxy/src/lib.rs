@@ -29,6 +29,7 @@ mod error;
 mod h1proxy;
 mod h1scan;
 mod h2streams;
+pub mod handover;
 mod headers;
 mod idle;
 mod io;

@@ -63,6 +63,7 @@ pub struct Proxy {
     tls_certs: ListenerCerts,
     /// The access log's queue and its not yet started writer (when it is on).
     access_log: Option<(AccessLog, AccessLogWriter)>,
+    idle_handover: crate::handover::IdleHandover,
 }
 
 /// The certificate sets of the TLS listeners (by configured address, in config order),
@@ -215,6 +216,7 @@ impl Proxy {
             bans: Arc::default(),
             tls_certs,
             access_log,
+            idle_handover: Default::default(),
         })
     }
 
@@ -300,9 +302,16 @@ impl Proxy {
         self.metrics.clone()
     }
 
+    /// The handover of idle HTTP/1.1 keep-alive connections during an upgrade (see
+    /// [`crate::handover`]): the old process starts it, the new one adopts through it.
+    pub fn idle_handover(&self) -> crate::handover::IdleHandover {
+        self.idle_handover.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains: stops accepting, sends GOAWAY to
-    /// HTTP/2 clients, closes idle HTTP/1.1 connections, and waits for in-flight requests
-    /// (and opaque streams) up to the drain deadline.
+    /// HTTP/2 clients, closes idle HTTP/1.1 connections (or, once a handover started,
+    /// hands them over: [`Self::idle_handover`]), and waits for in-flight requests (and
+    /// opaque streams) up to the drain deadline.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProxyError> {
         let header = HeaderName::from_bytes(self.cfg.request_id.header.as_bytes())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -316,7 +325,16 @@ impl Proxy {
             Some((log, writer)) => (Some(log), Some(writer.spawn()?)),
             None => (None, None),
         };
-        let idle = crate::idle::IdleSweep::new(self.cfg.timeouts.connection_idle);
+        let idle = crate::idle::IdleSweep::new(
+            self.cfg.timeouts.connection_idle,
+            self.idle_handover.clone(),
+        );
+        let plaintext: Vec<_> = self
+            .listeners
+            .iter()
+            .filter(|l| l.tls.is_none())
+            .map(|l| (l.addr, l.trusted.clone(), l.forwarded_header))
+            .collect();
         let state = Arc::new(ProxyState {
             upstreams: Upstreams::new(
                 UpstreamSettings::from_config(&self.cfg),
@@ -344,6 +362,14 @@ impl Proxy {
         });
         let (drain_tx, drain_rx) = watch::channel(false);
         let conns = Arc::new(Semaphore::new(state.cfg.limits.max_connections.max(1)));
+        let attached = crate::handover::Attached {
+            state: Arc::downgrade(&state),
+            conns: conns.clone(),
+            drain: drain_rx.clone(),
+            listeners: plaintext,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        state.idle.handover.attach(attached, &state);
         let mut tasks = Vec::new();
         let listener_count = self.listeners.len();
         for l in self.listeners {
@@ -368,6 +394,7 @@ impl Proxy {
         let sweep = tokio::spawn(async move { sweep.idle.run().await });
 
         shutdown.await;
+        state.idle.handover.detach();
         tracing::info!("shutting down: draining for up to {:?}", state.cfg.timeouts.drain);
         state.draining.store(true, Ordering::Relaxed);
         state.idle.start_drain();
@@ -556,9 +583,37 @@ impl Connection {
         permit: tokio::sync::OwnedSemaphorePermit,
         setup: Phase,
     ) -> Self {
+        Self::with_phase(state, permit, ConnPhase::Busy(setup))
+    }
+
+    /// A connection starting in `phase` (an adopted one starts idle); counted like an
+    /// accepted one.
+    fn with_phase(
+        state: Arc<ProxyState>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        phase: ConnPhase,
+    ) -> Self {
         state.metrics.client_connections_total.inc();
         state.metrics.client_connections_open.inc();
-        Self { state, _permit: permit, phase: ConnPhase::Busy(setup) }
+        Self { state, _permit: permit, phase }
+    }
+}
+
+/// Gives an idle connection to the handover's sink (the connection then ends here; a
+/// sink that cannot take it leaves it to close, as the drain would).
+fn hand_over_idle(state: &ProxyState, idle: h1proxy::IdleConn) {
+    let (tcp, info) = idle.into_parts();
+    let Some(sink) = state.idle.handover.sink() else { return };
+    // Deregisters it from this process's reactor; the descriptor stays open.
+    match tcp.into_std() {
+        Ok(tcp) => {
+            let conn =
+                crate::handover::IdleConnection { tcp, peer: info.peer, client: info.client };
+            if sink.hand_over(conn).is_err() {
+                tracing::debug!(peer = %info.peer, "handover: idle connection not taken; closed");
+            }
+        }
+        Err(e) => tracing::debug!(peer = %info.peer, "handover: idle connection: {e}"),
     }
 }
 
@@ -579,6 +634,11 @@ impl Future for Connection {
                     Poll::Ready(None) => ConnPhase::Done,
                 },
                 ConnPhase::Idle(mut idle) => match idle.poll_wake(cx) {
+                    // A request that has arrived is served here first (see `crate::handover`).
+                    Poll::Pending | Poll::Ready(false) if this.state.idle.handing_over() => {
+                        hand_over_idle(&this.state, idle);
+                        ConnPhase::Done
+                    }
                     Poll::Pending => {
                         this.phase = ConnPhase::Idle(idle);
                         return Poll::Pending;
@@ -749,21 +809,8 @@ async fn serve_connection(
             () = drain_quiet(drain.clone()) => return None,
         }
     };
-    let activity = Activity::new();
-    let verdicts = Arc::new(Verdicts::default());
-    let info = Arc::new(ConnInfo {
-        peer,
-        client,
-        trusted: is_trusted(&trusted_set, client),
-        trusted_set,
-        forwarded_for: crate::headers::forwarded_for(client),
-        // Formatted only when sluice sets `Forwarded` (`forwarded_header`).
-        forwarded_node: forwarded_header.then(|| crate::headers::forwarded_node(client)),
-        tls: tls.is_some(),
-        activity: activity.clone(),
-        drain: drain.clone(),
-        verdicts: verdicts.clone(),
-    });
+    let info = conn_info(peer, client, trusted_set, forwarded_header, tls.is_some(), drain.clone());
+    let (activity, verdicts) = (info.activity.clone(), info.verdicts.clone());
     match tls {
         Some(acceptor) => {
             serve_tls(state, tcp, acceptor, activity, verdicts, info, drain).await;
@@ -794,6 +841,78 @@ async fn serve_connection(
             None
         }
     }
+}
+
+/// What the request path knows of a connection from `peer` whose client is `client`.
+fn conn_info(
+    peer: SocketAddr,
+    client: std::net::IpAddr,
+    trusted_set: Arc<[Cidr]>,
+    forwarded_header: bool,
+    tls: bool,
+    drain: watch::Receiver<bool>,
+) -> Arc<ConnInfo> {
+    Arc::new(ConnInfo {
+        peer,
+        client,
+        trusted: is_trusted(&trusted_set, client),
+        trusted_set,
+        forwarded_for: crate::headers::forwarded_for(client),
+        // Formatted only when sluice sets `Forwarded` (`forwarded_header`).
+        forwarded_node: forwarded_header.then(|| crate::headers::forwarded_node(client)),
+        tls,
+        activity: Activity::new(),
+        drain,
+        verdicts: Arc::new(Verdicts::default()),
+    })
+}
+
+/// Adopts an idle HTTP/1.1 connection another process handed over (see
+/// [`crate::handover`]) as a connection of this one, in its idle phase; a client that
+/// is trusted here continues on the hyper path, as at accept.
+pub(crate) fn adopt_idle(
+    a: &crate::handover::Attached,
+    conn: crate::handover::IdleConnection,
+) -> Result<(), crate::handover::AdoptError> {
+    use crate::handover::AdoptError;
+    let state = a.state.upgrade().ok_or(AdoptError::NotServing)?;
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(AdoptError::NotServing);
+    }
+    let local = conn.tcp.local_addr()?;
+    // The listener bound to that address, or to its port on every address.
+    let (_, trusted_set, forwarded_header) = a
+        .listeners
+        .iter()
+        .find(|(addr, ..)| *addr == local)
+        .or_else(|| {
+            a.listeners
+                .iter()
+                .find(|(addr, ..)| addr.ip().is_unspecified() && addr.port() == local.port())
+        })
+        .ok_or(AdoptError::NoListener(local))?;
+    let (peer, client) = (conn.peer, conn.client);
+    if refused_source(&state, trusted_set, peer.ip())
+        || (client != peer.ip().to_canonical() && refused_client(&state, trusted_set, client))
+    {
+        return Err(AdoptError::Refused(client));
+    }
+    let permit = a.conns.clone().try_acquire_owned().map_err(|_| AdoptError::AtLimit)?;
+    conn.tcp.set_nonblocking(true)?;
+    let _rt = a.runtime.enter();
+    let tcp = TcpStream::from_std(conn.tcp)?;
+    let info =
+        conn_info(peer, client, trusted_set.clone(), *forwarded_header, false, a.drain.clone());
+    let phase = if info.trusted {
+        let st = state.clone();
+        ConnPhase::Busy(Box::pin(async move {
+            after_fast_path(&st, h1proxy::serve(&st, tcp, info).await).await
+        }))
+    } else {
+        ConnPhase::Idle(h1proxy::IdleConn::adopted(&state, tcp, info))
+    };
+    a.runtime.spawn(Connection::with_phase(state, permit, phase));
+    Ok(())
 }
 
 /// Where the HTTP/1.1 fast path left a connection: idle (the caller waits for its next

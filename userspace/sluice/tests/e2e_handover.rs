@@ -106,11 +106,17 @@ async fn wait_in_flight(admin: std::net::SocketAddr, want: u64) {
 /// Routes for one server spliced `always` to `replica`; the rest of the config with the
 /// given drain deadline.
 fn spliced_config(dir: &Path, replica: std::net::SocketAddr, drain: &str) -> String {
+    ws_config(dir, replica, drain, "always")
+}
+
+/// Routes for one server with the given splice mode on `replica`; the rest of the
+/// config with the given drain deadline.
+fn ws_config(dir: &Path, replica: std::net::SocketAddr, drain: &str, splice: &str) -> String {
     std::fs::write(
         dir.join("routes.toml"),
         format!(
             "[[servers]]\nid = \"hello\"\nlabel = \"hello\"\nunauthenticated = true\n\
-             splice = \"always\"\n\
+             splice = \"{splice}\"\n\
              [[replicas]]\nserver = \"hello\"\nid = \"r1\"\naddress = \"{replica}\"\n\
              protocol = \"http1\"\n"
         ),
@@ -131,6 +137,147 @@ async fn spliced(admin: std::net::SocketAddr) -> bool {
         eprintln!("SKIPPED: kernel splice unavailable here (decisions: {always:?})");
     }
     always == Some(1)
+}
+
+/// The loop: bursts of 8 messages, each echo checked byte-exact and in order, until
+/// `stop`; it runs across the upgrade. Returns the stop flag, the echo count and the
+/// task (which gives the stream back).
+fn echo_loop(ws: Ws) -> (Arc<AtomicBool>, Arc<AtomicU64>, tokio::task::JoinHandle<Ws>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoed = Arc::new(AtomicU64::new(0));
+    let looping = tokio::spawn({
+        let (stop, echoed) = (stop.clone(), echoed.clone());
+        async move {
+            let mut ws = ws;
+            let mut next = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Acquire) {
+                assert!(Instant::now() < deadline, "the loop ran past its bound");
+                for i in next..next + 8 {
+                    ws.send(message(i)).await.expect("send");
+                }
+                for i in next..next + 8 {
+                    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                        .await
+                        .unwrap_or_else(|_| panic!("message {i}: no echo within 10 s"))
+                        .expect("stream ended")
+                        .expect("websocket error");
+                    assert_eq!(back, message(i), "message {i} lost, corrupted or reordered");
+                    echoed.fetch_add(1, Ordering::Relaxed);
+                }
+                next += 8;
+            }
+            ws
+        }
+    });
+    (stop, echoed, looping)
+}
+
+/// Until the loop has echoed `n` messages (bounded).
+async fn wait_echoed(echoed: Arc<AtomicU64>, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while echoed.load(Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "the loop stalled at {n}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `sluice upgrade` on `pin_dir`, asserted to succeed; the new process's pid, checked
+/// to be running while `old_pid` has exited.
+async fn upgrade(pin_dir: &Path, old_pid: u32) -> u32 {
+    let upgrade = tokio::task::spawn_blocking({
+        let pin_dir = pin_dir.to_owned();
+        move || {
+            Command::new(BIN)
+                .args(["upgrade", "--timeout", "30", "--pin-dir"])
+                .arg(pin_dir)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "sluice upgrade: {}{}",
+        String::from_utf8_lossy(&upgrade.stdout),
+        String::from_utf8_lossy(&upgrade.stderr)
+    );
+    assert!(upgrade.status.success(), "sluice upgrade failed (the stream was not handed over?)");
+    let new_pid = owner_pid(pin_dir).expect("owner record");
+    assert_ne!(new_pid, old_pid);
+    assert!(!running(old_pid), "the old process is still running");
+    assert!(running(new_pid), "the new process is not running");
+    new_pid
+}
+
+/// Closes the stream; the new process then ends its accounting.
+async fn close(mut ws: Ws, admin: std::net::SocketAddr) {
+    ws.close(None).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    drop(ws);
+    wait_in_flight(admin, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_websocket_survives_an_upgrade() {
+    sluice_tests::require_root!();
+    let replica = echo_replica().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Relayed in userspace (never spliced); a drain far longer than the test, as above.
+    let rest = ws_config(dir.path(), replica, "120s", "never");
+    let old = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || SluiceProcess::start(Path::new(BIN), &dir, &rest)
+    })
+    .await
+    .unwrap();
+    let (proxy, admin, old_pid) = (old.proxy, old.admin, old.pid());
+    let pin_dir: PathBuf = old.pin_dir().to_owned();
+    let successors = Successors { pin_dir: pin_dir.clone(), old_pid };
+    let ws = ws_connect(proxy).await;
+    wait_in_flight(admin, 1).await;
+    let never = metric(
+        &get(admin, "/metrics").await.unwrap().1,
+        "sluice_splice_decisions_total{decision=\"never\"}",
+    );
+    if never != Some(1) {
+        // Without the kernel data plane the proxy's own relay runs, which is not handed
+        // over.
+        eprintln!("SKIPPED: the node's relay is not in use here (decisions: {never:?})");
+        drop(successors);
+        drop(old);
+        return;
+    }
+    let (stop, echoed, looping) = echo_loop(ws);
+    wait_echoed(echoed.clone(), 400).await;
+    let new_pid = upgrade(&pin_dir, old_pid).await;
+
+    // The same stream, now relayed by the new process alone.
+    let after_upgrade = echoed.load(Ordering::Relaxed);
+    wait_echoed(echoed.clone(), after_upgrade + 400).await;
+    stop.store(true, Ordering::Release);
+    let ws = looping.await.unwrap();
+    let open = metric(&get(admin, "/metrics").await.unwrap().1, "sluice_opaque_streams_open");
+    let counted = in_flight(admin).await;
+    eprintln!(
+        "upgrade {old_pid} -> {new_pid}: {} messages echoed, {} after the handover; new \
+         process: {open:?} open, {counted:?} in flight",
+        echoed.load(Ordering::Relaxed),
+        echoed.load(Ordering::Relaxed) - after_upgrade
+    );
+    assert_eq!(open, Some(1), "the new process does not count the adopted stream");
+    assert_eq!(counted, Some(1), "the adopted stream is not in flight in the new process");
+    close(ws, admin).await;
+    assert_eq!(successors.pids(), vec![new_pid], "exactly one new process");
+    drop(successors);
+    drop(old);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,45 +306,8 @@ async fn spliced_websocket_survives_an_upgrade() {
     }
     wait_in_flight(admin, 1).await;
 
-    // The loop: bursts of 8 messages, each echo checked byte-exact and in order, until
-    // told to stop; it runs across the upgrade.
-    let stop = Arc::new(AtomicBool::new(false));
-    let echoed = Arc::new(AtomicU64::new(0));
-    let looping = tokio::spawn({
-        let (stop, echoed) = (stop.clone(), echoed.clone());
-        async move {
-            let mut ws = ws;
-            let mut next = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Acquire) {
-                assert!(Instant::now() < deadline, "the loop ran past its bound");
-                for i in next..next + 8 {
-                    ws.send(message(i)).await.expect("send");
-                }
-                for i in next..next + 8 {
-                    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
-                        .await
-                        .unwrap_or_else(|_| panic!("message {i}: no echo within 10 s"))
-                        .expect("stream ended")
-                        .expect("websocket error");
-                    assert_eq!(back, message(i), "message {i} lost, corrupted or reordered");
-                    echoed.fetch_add(1, Ordering::Relaxed);
-                }
-                next += 8;
-            }
-            ws
-        }
-    });
-    let wait_echoed = |n: u64| {
-        let echoed = echoed.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while echoed.load(Ordering::Relaxed) < n {
-                assert!(Instant::now() < deadline, "the loop stalled at {n}");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
+    let (stop, echoed, looping) = echo_loop(ws);
+    let wait_echoed = |n: u64| wait_echoed(echoed.clone(), n);
     wait_echoed(400).await;
     let spliced_before =
         metric(&get(admin, "/metrics").await.unwrap().1, "sluice_bpf_splice_bytes_total")

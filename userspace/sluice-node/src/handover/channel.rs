@@ -7,7 +7,11 @@
 //! old process keeps today's behaviour (its established connections drain). Once the new
 //! process is active, the old one offers it every spliced pair, the two sockets passed
 //! with SCM_RIGHTS, one message per pair, and closes its copies of a pair's sockets only
-//! once the new process has acknowledged it.
+//! once the new process has acknowledged it. Then, until it exits, it passes every
+//! idle HTTP/1.1 keep-alive connection (one socket per message, between requests, so
+//! with no bytes read) as it goes idle, and every stream it relays in userspace as it
+//! reaches a clean point (two sockets, and the bytes read and not yet written), and says
+//! [`Msg::Done`] last.
 //!
 //! Seqpacket keeps message boundaries, so a message and the descriptors it carries
 //! arrive together; each message is one JSON document.
@@ -34,13 +38,16 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL: &str = "sluice-handover";
 /// This build's protocol version. Bump it with any change to [`Msg`] or to what a
 /// handed-over connection carries; builds with different versions refuse each other.
-pub const VERSION: u32 = 1;
+/// Version 2: idle HTTP/1.1 connections ([`Msg::Idle`]) after the spliced pairs.
+/// Version 3: userspace-relayed streams ([`Msg::Relay`]) too.
+pub const VERSION: u32 = 3;
 /// Makes this process claim another protocol version in its hello, so that a handover
 /// with it is refused and its predecessor's streams drain: the test (and operations)
 /// knob for the fallback.
 pub const VERSION_ENV: &str = "SLUICE_HANDOVER_VERSION";
-/// Largest message: a pair's offer is a few hundred bytes.
-const MAX_MSG: usize = 64 * 1024;
+/// Largest message: a pair's offer is a few hundred bytes; a relayed stream's carries
+/// up to two relay buffers (16 KiB each) of unwritten bytes, hex-encoded.
+const MAX_MSG: usize = 160 * 1024;
 /// Most descriptors one message carries (a spliced pair's two legs).
 const MAX_FDS: usize = 2;
 /// Bound on every send and receive: a peer that stops answering costs the upgrade this
@@ -117,6 +124,57 @@ pub struct SpliceOffer {
     pub moved: (u64, u64),
 }
 
+/// An idle HTTP/1.1 keep-alive client connection offered to the new process, its socket
+/// the message's one descriptor. It owes no bytes: it is idle only with nothing read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleOffer {
+    /// The old process's name for it (echoed in the [`Msg::Ack`]).
+    pub tag: u64,
+    /// The socket peer.
+    pub peer: std::net::SocketAddr,
+    /// The client: the peer, or what a trusted peer's PROXY header reported.
+    pub client: std::net::IpAddr,
+}
+
+/// A plaintext stream relayed in userspace, stopped at a clean point (both directions
+/// open), offered to the new process; legs A (client) and B (replica) are the message's
+/// two descriptors. The bytes read from one side and not yet written to the other
+/// travel here and are written first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayOffer {
+    /// The old process's name for it (echoed in the [`Msg::Ack`]).
+    pub tag: u64,
+    /// Server id the stream counts against.
+    pub server: String,
+    /// Replica id the stream counts against.
+    pub replica: String,
+    /// Bytes written each way so far (client → replica, replica → client).
+    pub moved: (u64, u64),
+    /// Whether the adaptive policy may still splice it (the server is at `auto`).
+    pub auto: bool,
+    /// Read from the client, not yet written to the replica (hex).
+    pub up: String,
+    /// Read from the replica, not yet written to the client (hex).
+    pub down: String,
+}
+
+/// `bytes` as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The bytes `hex` wrote, or `None` if `s` is not such hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
 /// One message on the channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -130,6 +188,10 @@ pub enum Msg {
     },
     /// A spliced pair, with its two sockets.
     Splice(SpliceOffer),
+    /// An idle HTTP/1.1 connection, with its socket.
+    Idle(IdleOffer),
+    /// A userspace-relayed stream, with its two sockets.
+    Relay(RelayOffer),
     /// The new process's answer to an offer: `adopted` means it holds the sockets and
     /// watches them; otherwise the old process keeps the pair.
     Ack {
@@ -370,6 +432,26 @@ mod tests {
         let newer = Hello { version: VERSION + 1, ..Hello::mine(None) };
         assert!(matches!(a.handshake(&newer), Err(ChannelError::Refused(_))));
         assert!(matches!(old.join().unwrap(), Err(ChannelError::Refused(_))));
+    }
+
+    #[test]
+    fn pending_bytes_round_trip_as_hex() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(unhex(&hex(&bytes)).as_deref(), Some(&bytes[..]));
+        assert_eq!(unhex("0"), None);
+        assert_eq!(unhex("zz"), None);
+        // The largest offer fits a message.
+        let full = hex(&[0xab; 16 * 1024]);
+        let offer = RelayOffer {
+            tag: 1,
+            server: "s".into(),
+            replica: "r".into(),
+            moved: (0, 0),
+            auto: true,
+            up: full.clone(),
+            down: full,
+        };
+        assert!(serde_json::to_vec(&Msg::Relay(offer)).unwrap().len() < MAX_MSG);
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //!
 //! Before it activates, the new process connects to the old one's handover channel
 //! ([`channel`]); when their hellos agree, the old process, once superseded,
-//! passes its spliced streams over that channel instead of draining them.
+//! passes its spliced streams over that channel instead of draining them, and then,
+//! until it exits, each idle HTTP/1.1 keep-alive connection as it goes idle and each
+//! stream it relays in userspace at a clean point ([`idle`]).
 //!
 //! Without kernel steering the same handover runs degraded: the old process learns of
 //! its successor from the owner record only, and connections still queued on its
@@ -38,6 +40,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
 pub mod channel;
+mod idle;
 
 use self::channel::{Agreement, Channel, ChannelError, ChannelListener, Hello, Msg, socket_path};
 use crate::{NodeError, Result, kernel::Kernel, splice::KernelSplice};
@@ -199,6 +202,10 @@ pub struct Handover {
     splice: Option<Arc<KernelSplice>>,
     /// How this start was asked to treat a running sluice.
     flags: HandoverFlags,
+    /// The proxy's idle-connection handover (set once the server is bound).
+    idle: Option<sluice_proxy::handover::IdleHandover>,
+    /// Passing idle connections to the successor, until this process exits.
+    idle_forwarder: Option<idle::Forwarder>,
 }
 
 impl Handover {
@@ -261,6 +268,8 @@ impl Handover {
             successor_channel: None,
             splice: None,
             flags,
+            idle: None,
+            idle_forwarder: None,
         })
     }
 
@@ -292,6 +301,7 @@ impl Handover {
         table: &RoutingTable,
         routed: bool,
     ) {
+        self.idle = Some(server.idle_handover());
         if self.previous.is_some() || self.flags.takeover {
             wait_until_routable(table, routed).await;
         }
@@ -344,9 +354,11 @@ impl Handover {
         }
         if let Some(ch) = predecessor {
             let (splice, table, metrics) = (self.splice.clone(), table.clone(), server.metrics());
+            let idle = server.idle_handover();
+            let rt = tokio::runtime::Handle::current();
             let spawned = std::thread::Builder::new()
                 .name("sluice-handover".into())
-                .spawn(move || receive(&ch, splice.as_deref(), &table, &metrics));
+                .spawn(move || receive(&ch, splice.as_deref(), (&idle, &rt), &table, &metrics));
             if let Err(e) = spawned {
                 warn!(error = %e, "handover: no receiver thread; the old process's streams drain");
             }
@@ -469,20 +481,42 @@ impl Handover {
             return;
         }
         let splice = self.splice.clone().filter(|_| agreement.splice);
-        let done = tokio::task::spawn_blocking(move || match splice {
-            Some(s) => Some(s.export(&ch)),
-            None => {
-                let _ = ch.send(&Msg::Done, &[]);
-                None
-            }
+        let done = tokio::task::spawn_blocking(move || {
+            let exported = splice.map(|s| s.export(&ch));
+            (ch, exported)
         })
         .await;
-        match done {
-            Ok(Some(exported)) => crate::splice::log_export(exported),
-            Ok(None) => info!(
-                "the new process does not share this process's splice maps: spliced                  streams drain"
-            ),
-            Err(e) => warn!(error = %e, "handover task failed"),
+        let ch = match done {
+            Ok((ch, Some(exported))) => {
+                let broken = exported.broken;
+                crate::splice::log_export(exported);
+                if broken {
+                    return;
+                }
+                ch
+            }
+            Ok((ch, None)) => {
+                info!(
+                    "the new process does not share this process's splice maps: spliced \
+                     streams drain"
+                );
+                ch
+            }
+            Err(e) => {
+                warn!(error = %e, "handover task failed");
+                return;
+            }
+        };
+        // Then the idle keep-alive connections, as they go idle, and the streams relayed
+        // in userspace, each at a clean point, until this one exits.
+        match &self.idle {
+            Some(idle) => self.idle_forwarder = idle::forward(ch, idle),
+            None => {
+                let _ = ch.send(&Msg::Done, &[]);
+            }
+        }
+        if let (Some(f), Some(s)) = (&self.idle_forwarder, &self.splice) {
+            s.hand_over_relays(f.relay_sink());
         }
     }
 
@@ -506,7 +540,10 @@ impl Handover {
 
     /// After the drain: a superseded process leaves the pins (and the record) to its
     /// successor, and with `--linger-after-handover` waits for SIGTERM.
-    pub async fn finish(self, kernel: &Kernel) {
+    pub async fn finish(mut self, kernel: &Kernel) {
+        if let Some(f) = self.idle_forwarder.take() {
+            f.stop().await;
+        }
         if !self.superseded {
             remove_owner(&self.pin_dir, &self.me);
             return;
@@ -626,13 +663,59 @@ async fn connect_predecessor(prev: Owner, mine: Hello) -> Option<Channel> {
 fn receive(
     ch: &Channel,
     splice: Option<&KernelSplice>,
+    (idle, rt): (&sluice_proxy::handover::IdleHandover, &tokio::runtime::Handle),
     table: &RoutingTable,
     metrics: &Arc<sluice_proxy::Metrics>,
 ) {
-    let deadline = Instant::now() + RECEIVE_WAIT;
+    // From the last message: the old process offers idle connections while it drains.
+    let mut deadline = Instant::now() + RECEIVE_WAIT;
     let (mut adopted, mut refused) = (0u64, 0u64);
+    let (mut idle_adopted, mut idle_refused) = (0u64, 0u64);
+    let (mut relays_adopted, mut relays_refused) = (0u64, 0u64);
     loop {
-        match ch.recv() {
+        let got = ch.recv();
+        if got.is_ok() {
+            deadline = Instant::now() + RECEIVE_WAIT;
+        }
+        match got {
+            Ok((Msg::Relay(offer), fds)) => {
+                let res = match splice {
+                    Some(s) => s.adopt_relay(&offer, fds, table, metrics, rt),
+                    None => Err("this process has no userspace relay of its own".to_owned()),
+                };
+                let ack = match res {
+                    Ok(()) => {
+                        relays_adopted += 1;
+                        Msg::Ack { tag: offer.tag, adopted: true, error: None }
+                    }
+                    Err(e) => {
+                        relays_refused += 1;
+                        warn!(error = %e, server = %offer.server, "handover: not adopting a relayed stream");
+                        Msg::Ack { tag: offer.tag, adopted: false, error: Some(e) }
+                    }
+                };
+                if let Err(e) = ch.send(&ack, &[]) {
+                    warn!(error = %e, "handover: acknowledging failed");
+                    break;
+                }
+            }
+            Ok((Msg::Idle(offer), fds)) => {
+                let ack = match idle::adopt(idle, &offer, fds) {
+                    Ok(()) => {
+                        idle_adopted += 1;
+                        Msg::Ack { tag: offer.tag, adopted: true, error: None }
+                    }
+                    Err(e) => {
+                        idle_refused += 1;
+                        warn!(error = %e, peer = %offer.peer, "handover: not adopting an idle connection");
+                        Msg::Ack { tag: offer.tag, adopted: false, error: Some(e) }
+                    }
+                };
+                if let Err(e) = ch.send(&ack, &[]) {
+                    warn!(error = %e, "handover: acknowledging failed");
+                    break;
+                }
+            }
             Ok((Msg::Splice(offer), fds)) => {
                 let res = match splice {
                     Some(s) => s.adopt(&offer, fds, table, metrics),
@@ -668,7 +751,15 @@ fn receive(
             }
         }
     }
-    info!(adopted, refused, "handover from the old process complete");
+    info!(
+        adopted,
+        refused,
+        idle_adopted,
+        idle_refused,
+        relays_adopted,
+        relays_refused,
+        "handover from the old process complete"
+    );
 }
 
 async fn recv(sig: &mut Option<Signal>) -> Option<()> {
