@@ -251,14 +251,14 @@ async fn idle_keepalive_connection_survives_an_upgrade() {
     assert!(running(new_pid), "the new process is not running");
 
     // The same connection, now the new process's.
-    let before = metric(&metrics(admin).await, "sluice_requests_total{code=\"200\"}").unwrap_or(0);
+    let before = metric(&metrics(admin).await, "sluice_responses_total{code=\"200\"}").unwrap_or(0);
     let after_upgrade = answered.load(Ordering::Relaxed);
     wait_answered(after_upgrade + 50).await;
     stop.store(true, Ordering::Release);
     let mut client = looping.await.unwrap();
     let total = answered.load(Ordering::Relaxed);
     let text = metrics(admin).await;
-    let served = metric(&text, "sluice_requests_total{code=\"200\"}").unwrap_or(0);
+    let served = metric(&text, "sluice_responses_total{code=\"200\"}").unwrap_or(0);
     let open = metric(&text, "sluice_client_connections_open");
     eprintln!(
         "upgrade {old_pid} -> {new_pid}: {total} requests answered, {} after the handover; \
