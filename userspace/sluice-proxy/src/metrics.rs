@@ -421,14 +421,29 @@ pub enum Format {
 }
 
 impl Format {
-    /// OpenMetrics when the `Accept` header names it (as Prometheus does by default),
-    /// else the Prometheus text format.
+    /// OpenMetrics when the `Accept` header prefers it (as Prometheus does by default:
+    /// OpenMetrics at q=1, `text/plain` lower), else the Prometheus text format. A media
+    /// range at `q=0` is refused, not chosen.
     pub fn negotiate(accept: Option<&str>) -> Format {
-        match accept {
-            Some(a) if a.to_ascii_lowercase().contains("application/openmetrics-text") => {
-                Format::OpenMetrics
+        let Some(accept) = accept else { return Format::Prometheus };
+        let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+        for range in accept.split(',') {
+            let range = range.to_ascii_lowercase();
+            let mut params = range.split(';');
+            let media = params.next().unwrap_or("").trim().to_owned();
+            let q = params
+                .find_map(|p| p.trim().strip_prefix("q=").map(|q| q.trim().parse::<f32>()))
+                .map_or(1.0, |q| q.unwrap_or(0.0));
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
             }
-            _ => Format::Prometheus,
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
         }
     }
 
@@ -831,6 +846,14 @@ mod tests {
         let prometheus = "application/openmetrics-text;version=1.0.0;q=0.75,text/plain;q=0.5";
         assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
         assert_eq!(Format::negotiate(Some("text/plain")), Format::Prometheus);
+        let refused = "application/openmetrics-text;q=0, text/plain";
+        assert_eq!(Format::negotiate(Some(refused)), Format::Prometheus, "q=0 refuses");
+        let lower = "application/openmetrics-text;q=0.2, text/plain;q=0.9";
+        assert_eq!(Format::negotiate(Some(lower)), Format::Prometheus, "text preferred");
+        assert_eq!(
+            Format::negotiate(Some("Application/OpenMetrics-Text; Version=1.0.0")),
+            Format::OpenMetrics
+        );
     }
 
     #[test]
