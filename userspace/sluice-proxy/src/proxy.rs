@@ -98,7 +98,9 @@ pub(crate) struct ConnInfo {
     pub(crate) forwarded_for: HeaderValue,
     /// The client's `Forwarded` node (`for=...`), formatted once per connection when
     /// its listener sets `Forwarded` (`ListenerConfig::forwarded_header`), else `None`.
-    pub(crate) forwarded_node: Option<HeaderValue>,
+    /// Boxed: most listeners never set it, and inline it would grow every connection's
+    /// record into the next allocation size.
+    pub(crate) forwarded_node: Option<Box<HeaderValue>>,
     pub(crate) tls: bool,
     pub(crate) activity: Arc<Activity>,
     /// Held by opaque relays so graceful shutdown waits for them too.
@@ -306,7 +308,7 @@ fn forwarded_head(
     set_forwarded(
         &mut parts.headers,
         &conn.forwarded_for,
-        conn.forwarded_node.as_ref(),
+        conn.forwarded_node.as_deref(),
         &who.real_ip,
         who.trusted,
         if conn.tls { "https" } else { "http" },

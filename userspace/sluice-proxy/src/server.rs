@@ -813,7 +813,11 @@ async fn serve_connection(
     let (activity, verdicts) = (info.activity.clone(), info.verdicts.clone());
     match tls {
         Some(acceptor) => {
-            serve_tls(state, tcp, acceptor, activity, verdicts, info, drain).await;
+            // Boxed, here and for each protocol below: this future lives as long as an
+            // HTTP/2 or TLS connection, and a future is as large as its largest state, so
+            // each protocol's state gets an allocation of its own size instead of every
+            // connection carrying the largest (TLS's).
+            Box::pin(serve_tls(state, tcp, acceptor, activity, verdicts, info, drain)).await;
             None
         }
         None => {
@@ -828,10 +832,10 @@ async fn serve_connection(
                 () = drain_quiet(drain.clone()) => return None,
             };
             match sniffed {
-                Sniffed::BadH2 => refuse_bad_preface(tcp).await,
+                Sniffed::BadH2 => Box::pin(refuse_bad_preface(tcp)).await,
                 Sniffed::H2 => {
                     let io = ConnIo::new(tcp, activity);
-                    serve_h2(state, TokioIo::new(io), info, drain).await;
+                    Box::pin(serve_h2(state, TokioIo::new(io), info, drain)).await;
                 }
                 // HTTP/1.1: the fast path first.
                 Sniffed::H1 => {
@@ -859,7 +863,7 @@ fn conn_info(
         trusted_set,
         forwarded_for: crate::headers::forwarded_for(client),
         // Formatted only when sluice sets `Forwarded` (`forwarded_header`).
-        forwarded_node: forwarded_header.then(|| crate::headers::forwarded_node(client)),
+        forwarded_node: forwarded_header.then(|| Box::new(crate::headers::forwarded_node(client))),
         tls,
         activity: Activity::new(),
         drain,
@@ -939,7 +943,7 @@ async fn after_fast_path(
         info.verdicts.clone(),
     );
     let drain = info.drain.clone();
-    serve_h1(state, io, info, drain).await;
+    Box::pin(serve_h1(state, io, info, drain)).await;
     None
 }
 
