@@ -244,6 +244,32 @@ impl Drop for Guard {
     }
 }
 
+/// A process the harness did not spawn but must stop: the sluice a `sluice upgrade`
+/// re-executed. The interrupt handler kills it too, and dropping this stops it (and its
+/// descendants) as a [`Guard`] does its child.
+pub struct Adopted(u32);
+
+impl Adopted {
+    /// Takes charge of `pid`.
+    pub fn new(pid: u32) -> Self {
+        track(pid, true);
+        Adopted(pid)
+    }
+}
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        track(self.0, false);
+        let family = tree(self.0);
+        signal("TERM", &family);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && family.iter().any(|p| alive(*p)) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        signal("KILL", &family);
+    }
+}
+
 /// Removes `ESC [ … letter` sequences (tracing's colours).
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());

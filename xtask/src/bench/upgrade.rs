@@ -9,7 +9,8 @@
 //! one-direction stream of 1 KiB or 16 KiB writes for a fixed time (MB/s, counted by the
 //! replica). sluice's `/metrics` counter of spliced bytes tells, per run, whether the
 //! kernel carried the stream, so a mode that did not do what it says is noted, not
-//! silently reported.
+//! silently reported. Last, one spliced stream is timed before and after `sluice upgrade`
+//! hands it to a new process, on the same connection.
 
 use std::{
     collections::BTreeMap,
@@ -69,6 +70,11 @@ pub fn p4(ctx: &mut Ctx) -> Result<()> {
         }
     };
     let out = measure(ctx, &replica, &sluice);
+    if out.is_ok()
+        && let Err(e) = across_upgrade(ctx, &sluice, &pin_dir)
+    {
+        ctx.results.note("P4", format!("across `sluice upgrade`: failed: {e:#}"));
+    }
     drop(sluice);
     let _ = std::fs::remove_dir_all(&pin_dir);
     out
@@ -390,9 +396,88 @@ fn read_head(tcp: &mut TcpStream) -> Result<Vec<u8>> {
     Ok(head)
 }
 
+/// One spliced stream's round trips before and after `sluice upgrade` hands it to a new
+/// process: the stream lives in the pinned sockhash, so the kernel goes on moving its
+/// bytes whichever process holds its descriptors, and its round trip should not move.
+/// Measured once, in the first placement, on a stream of the `always` server.
+fn across_upgrade(ctx: &mut Ctx, sluice: &Sluice, pin_dir: &std::path::Path) -> Result<()> {
+    let Some((_, host)) = sluice.servers.iter().find(|(k, _)| *k == Kind::SluiceSpliced) else {
+        ctx.results.note("P4", "across `sluice upgrade`: skipped: no spliced server here");
+        return Ok(());
+    };
+    let Ok(bin) = ctx.env.sluice.clone() else { return Ok(()) };
+    let Some(p) = ctx.plan.placements.first().copied() else { return Ok(()) };
+    if let Some(pid) = sluice.guard.as_ref().map(Guard::pid) {
+        procs::repin(pid, p.proxy).context("pinning sluice")?;
+    }
+    let secs = if ctx.plan.quick { 0.5 } else { 2.0 };
+    let mut tcp = upgrade(sluice.proxy, host, "/echo")?;
+    let before = ping_pong(&mut tcp, secs)?;
+    let up = std::process::Command::new(&bin)
+        .args(["upgrade", "--timeout", "30", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .context("running sluice upgrade")?;
+    // The new process is the old one's, not the harness's: stopped when this returns.
+    let owner = std::fs::read_link(pin_dir.join("owner")).ok();
+    let new_pid = owner
+        .as_ref()
+        .and_then(|t| t.to_string_lossy().split_once('@').and_then(|(p, _)| p.parse().ok()));
+    let _adopted = new_pid.map(procs::Adopted::new);
+    if !up.status.success() {
+        ctx.results.note(
+            "P4",
+            format!(
+                "across `sluice upgrade`: the upgrade failed: {}",
+                String::from_utf8_lossy(&up.stderr).trim()
+            ),
+        );
+        return Ok(());
+    }
+    let old_pid = sluice.guard.as_ref().map(Guard::pid);
+    let after = ping_pong(&mut tcp, secs);
+    let _ = tcp.shutdown(Shutdown::Both);
+    let after = after.context("the spliced stream after `sluice upgrade`")?;
+    let what = |when: &str, stat: &str| {
+        Metric::new(
+            "P4",
+            p.name,
+            format!("64 B round trip on one spliced stream, {when} `sluice upgrade`, {stat}"),
+            "µs",
+            Better::Lower,
+        )
+    };
+    for (when, rtts) in [("before", &before), ("after", &after)] {
+        if let Some((m, tail)) = percentiles(rtts) {
+            ctx.results.add(&what(when, "median"), Kind::SluiceSpliced, m);
+            ctx.results.add(&what(when, "p99"), Kind::SluiceSpliced, tail);
+        }
+    }
+    ctx.results.note(
+        "P4",
+        format!(
+            "across `sluice upgrade` (placement {}): one stream of the `always` server, {secs} s \
+             of {PING} B ping-pong before and {secs} s after the upgrade handed it from pid {} \
+             to pid {}; every echo arrived intact",
+            p.name,
+            old_pid.map_or("?".into(), |p| p.to_string()),
+            new_pid.map_or("?".into(), |p: u32| p.to_string()),
+        ),
+    );
+    Ok(())
+}
+
 /// `secs` of 64 B ping-pong over a fresh stream; every round trip in µs.
 fn round_trips(to: SocketAddr, host: &str, secs: f64) -> Result<Vec<f64>> {
     let mut tcp = upgrade(to, host, "/echo")?;
+    let rtts = ping_pong(&mut tcp, secs)?;
+    let _ = tcp.shutdown(Shutdown::Both);
+    Ok(rtts)
+}
+
+/// [`WARM_ROUND_TRIPS`] untimed, then `secs` of 64 B ping-pong over `tcp`; every round
+/// trip in µs. An echo that differs fails it.
+fn ping_pong(tcp: &mut TcpStream, secs: f64) -> Result<Vec<f64>> {
     let ping = [0x5au8; PING];
     let mut pong = [0u8; PING];
     let mut one = |tcp: &mut TcpStream| -> Result<()> {
@@ -404,17 +489,16 @@ fn round_trips(to: SocketAddr, host: &str, secs: f64) -> Result<Vec<f64>> {
         Ok(())
     };
     for _ in 0..WARM_ROUND_TRIPS {
-        one(&mut tcp)?;
+        one(tcp)?;
     }
     let mut rtts = Vec::with_capacity(100_000);
     let started = Instant::now();
     let limit = Duration::from_secs_f64(secs);
     while started.elapsed() < limit {
         let t = Instant::now();
-        one(&mut tcp)?;
+        one(tcp)?;
         rtts.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let _ = tcp.shutdown(Shutdown::Both);
     Ok(rtts)
 }
 
