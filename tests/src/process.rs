@@ -50,6 +50,32 @@ pub fn owner_pid(pin_dir: &Path) -> Option<u32> {
     target.to_string_lossy().split_once('@')?.0.parse().ok()
 }
 
+/// `sluice upgrade` (the binary at `bin`) on `pin_dir`, asserted to succeed; the new
+/// process's pid, checked to be running while `old_pid` has exited. Blocking.
+pub fn sluice_upgrade(bin: &Path, pin_dir: &Path, old_pid: u32) -> u32 {
+    let out = std::process::Command::new(bin)
+        .args(["upgrade", "--timeout", "30", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run sluice upgrade");
+    eprintln!(
+        "sluice upgrade: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "sluice upgrade failed (nothing was handed over?)");
+    let new_pid = owner_pid(pin_dir).expect("owner record");
+    assert_ne!(new_pid, old_pid);
+    assert!(!running(old_pid), "the old process is still running");
+    assert!(running(new_pid), "the new process is not running");
+    new_pid
+}
+
+/// The value of the sample named exactly `name` (labels included) in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
 /// Running and not a zombie.
 pub fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -17,7 +17,9 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
-use sluice_tests::process::{SluiceProcess, Successors, http_get, owner_pid, running};
+use sluice_tests::process::{
+    SluiceProcess, Successors, http_get, metric, owner_pid, running, sluice_upgrade,
+};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 const HOST: &str = "hello.r1.example.test";
@@ -78,10 +80,6 @@ fn message(i: u64) -> Message {
 
 async fn get(admin: std::net::SocketAddr, path: &'static str) -> Option<(u16, String)> {
     tokio::task::spawn_blocking(move || http_get(admin, "admin", path)).await.unwrap()
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
 
 /// The `hello` server's in-flight count in `/state`.
@@ -182,32 +180,12 @@ async fn wait_echoed(echoed: Arc<AtomicU64>, n: u64) {
     }
 }
 
-/// `sluice upgrade` on `pin_dir`, asserted to succeed; the new process's pid, checked
-/// to be running while `old_pid` has exited.
+/// `sluice upgrade` on `pin_dir` (see [`sluice_upgrade`]); the new process's pid.
 async fn upgrade(pin_dir: &Path, old_pid: u32) -> u32 {
-    let upgrade = tokio::task::spawn_blocking({
-        let pin_dir = pin_dir.to_owned();
-        move || {
-            Command::new(BIN)
-                .args(["upgrade", "--timeout", "30", "--pin-dir"])
-                .arg(pin_dir)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    eprintln!(
-        "sluice upgrade: {}{}",
-        String::from_utf8_lossy(&upgrade.stdout),
-        String::from_utf8_lossy(&upgrade.stderr)
-    );
-    assert!(upgrade.status.success(), "sluice upgrade failed (the stream was not handed over?)");
-    let new_pid = owner_pid(pin_dir).expect("owner record");
-    assert_ne!(new_pid, old_pid);
-    assert!(!running(old_pid), "the old process is still running");
-    assert!(running(new_pid), "the new process is not running");
-    new_pid
+    let pin_dir = pin_dir.to_owned();
+    tokio::task::spawn_blocking(move || sluice_upgrade(Path::new(BIN), &pin_dir, old_pid))
+        .await
+        .unwrap()
 }
 
 /// Closes the stream; the new process then ends its accounting.
@@ -313,28 +291,7 @@ async fn spliced_websocket_survives_an_upgrade() {
         metric(&get(admin, "/metrics").await.unwrap().1, "sluice_bpf_splice_bytes_total")
             .expect("splice counter exported");
 
-    let upgrade = tokio::task::spawn_blocking({
-        let pin_dir = pin_dir.clone();
-        move || {
-            Command::new(BIN)
-                .args(["upgrade", "--timeout", "30", "--pin-dir"])
-                .arg(pin_dir)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    eprintln!(
-        "sluice upgrade: {}{}",
-        String::from_utf8_lossy(&upgrade.stdout),
-        String::from_utf8_lossy(&upgrade.stderr)
-    );
-    assert!(upgrade.status.success(), "sluice upgrade failed (the stream was not handed over?)");
-    let new_pid = owner_pid(&pin_dir).expect("owner record");
-    assert_ne!(new_pid, old_pid);
-    assert!(!running(old_pid), "the old process is still running");
-    assert!(running(new_pid), "the new process is not running");
+    let new_pid = upgrade(&pin_dir, old_pid).await;
 
     // The same stream, now held by the new process alone.
     let after_upgrade = echoed.load(Ordering::Relaxed);

@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_tests::process::{SluiceProcess, Successors, http_get, owner_pid, running};
+use sluice_tests::process::{
+    SluiceProcess, Successors, http_get, metric, owner_pid, running, sluice_upgrade,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -129,10 +131,6 @@ async fn get(admin: std::net::SocketAddr, path: &'static str) -> Option<(u16, St
     tokio::task::spawn_blocking(move || http_get(admin, "admin", path)).await.unwrap()
 }
 
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-}
-
 async fn metrics(admin: std::net::SocketAddr) -> String {
     get(admin, "/metrics").await.expect("metrics").1
 }
@@ -224,31 +222,12 @@ async fn idle_keepalive_connection_survives_an_upgrade() {
     };
     wait_answered(50).await;
 
-    let upgrade = tokio::task::spawn_blocking({
+    let new_pid = tokio::task::spawn_blocking({
         let pin_dir = pin_dir.clone();
-        move || {
-            Command::new(BIN)
-                .args(["upgrade", "--timeout", "30", "--pin-dir"])
-                .arg(pin_dir)
-                .output()
-                .unwrap()
-        }
+        move || sluice_upgrade(Path::new(BIN), &pin_dir, old_pid)
     })
     .await
     .unwrap();
-    eprintln!(
-        "sluice upgrade: {}{}",
-        String::from_utf8_lossy(&upgrade.stdout),
-        String::from_utf8_lossy(&upgrade.stderr)
-    );
-    assert!(
-        upgrade.status.success(),
-        "sluice upgrade failed (the connection was not handed over?)"
-    );
-    let new_pid = owner_pid(&pin_dir).expect("owner record");
-    assert_ne!(new_pid, old_pid);
-    assert!(!running(old_pid), "the old process is still running");
-    assert!(running(new_pid), "the new process is not running");
 
     // The same connection, now the new process's.
     let before = metric(&metrics(admin).await, "sluice_responses_total{code=\"200\"}").unwrap_or(0);
