@@ -121,6 +121,47 @@ impl Tally {
     }
 }
 
+/// Sends one GET through the pooled `client`, again if a GOAWAY refused it.
+///
+/// RFC 9113 §6.8: a stream above a GOAWAY's last-stream-id was never processed, so the
+/// client may send it again. The pool can hand out a connection while the old process's
+/// final GOAWAY is still in flight; a client that does not retry then fails a request the
+/// proxy never saw. Anything else (a reset, a timeout, a 5xx) stays a failure.
+async fn request_retrying_refused(
+    client: &Client<HttpConnector<ToProxy>, Empty<Bytes>>,
+    proxy: SocketAddr,
+    refused: &AtomicU64,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let mut attempts = 0;
+    loop {
+        let req = hyper::Request::get(format!("http://{HOST}:{}/", proxy.port()))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let err = match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+            Err(_) => return Err("timed out".to_owned()),
+            Ok(Ok(resp)) => return Ok(resp),
+            Ok(Err(e)) => e,
+        };
+        attempts += 1;
+        if attempts > 3 || !refused_by_goaway(&err) {
+            return Err(format!("request: {err:?}"));
+        }
+        refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether `err`'s cause is an HTTP/2 stream the peer refused with a graceful GOAWAY.
+fn refused_by_goaway(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        cause = e.source();
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_under_load_fails_no_request() {
     sluice_tests::require_root!();
@@ -174,6 +215,7 @@ async fn upgrade_under_load_fails_no_request() {
     let fresh = Arc::new(Tally::default());
     let pooled = Arc::new(Tally::default());
     let multiplexed = Arc::new(Tally::default());
+    let refused = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for _ in 0..3 {
         let (stop, fresh) = (stop.clone(), fresh.clone());
@@ -191,19 +233,16 @@ async fn upgrade_under_load_fails_no_request() {
     let mut tasks = Vec::new();
     for i in 0..5 {
         let client = if i < 3 { client.clone() } else { h2.clone() };
-        let (stop, pooled) =
-            (stop.clone(), if i < 3 { pooled.clone() } else { multiplexed.clone() });
+        let (stop, pooled, refused) = (
+            stop.clone(),
+            if i < 3 { pooled.clone() } else { multiplexed.clone() },
+            refused.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
-                let req = hyper::Request::get(format!("http://{HOST}:{}/", proxy.port()))
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
                 let res = async {
-                    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-                        .await
-                        .map_err(|_| "timed out".to_owned())?
-                        .map_err(|e| format!("request: {e:?}"))?;
+                    let resp = request_retrying_refused(&client, proxy, &refused).await?;
                     let status = resp.status();
                     let body =
                         resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
@@ -271,14 +310,15 @@ async fn upgrade_under_load_fails_no_request() {
     let served_after = total() - after_upgrade;
     eprintln!(
         "upgrade {old_pid} -> {new_pid}: fresh {} ok / {} failed, pooled h1 {} ok / {} failed, \
-         h2 {} ok / {} failed; {served_after} after the handover; steering {before:?} -> \
-         {steering:?}, {steer:?}",
+         h2 {} ok / {} failed, {} sent again after a GOAWAY refused them; {served_after} after \
+         the handover; steering {before:?} -> {steering:?}, {steer:?}",
         fresh.ok.load(Ordering::Relaxed),
         fresh.failed.load(Ordering::Relaxed),
         pooled.ok.load(Ordering::Relaxed),
         pooled.failed.load(Ordering::Relaxed),
         multiplexed.ok.load(Ordering::Relaxed),
         multiplexed.failed.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
     );
     assert_eq!(fresh.failed.load(Ordering::Relaxed), 0, "{:?}", fresh.errors.lock().unwrap());
     assert_eq!(pooled.failed.load(Ordering::Relaxed), 0, "{:?}", pooled.errors.lock().unwrap());
