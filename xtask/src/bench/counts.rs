@@ -139,6 +139,11 @@ struct Profiled {
     running: systems::Running,
     /// Where callgrind writes (`cg.<pid>` plus `.<n>` per dump).
     out: PathBuf,
+    /// Keep each dump (renamed `dump.<seq>.<pid>.<n>`, in the order taken) rather than
+    /// removing it once read.
+    keep: bool,
+    /// Dumps taken so far.
+    seq: usize,
 }
 
 impl Profiled {
@@ -175,12 +180,18 @@ impl Profiled {
                 let text = fs::read_to_string(&path)?;
                 sum = sum + parse(&text).with_context(|| path.display().to_string())?;
                 found = true;
-                let _ = fs::remove_file(&path);
+                if self.keep {
+                    let kept = format!("dump.{:02}.{}.{}", self.seq, parts[1], parts[2]);
+                    let _ = fs::rename(&path, self.out.join(kept));
+                } else {
+                    let _ = fs::remove_file(&path);
+                }
             }
         }
         if !found {
             bail!("callgrind_control --dump {pid} produced no profile");
         }
+        self.seq += 1;
         Ok(sum)
     }
 }
@@ -250,7 +261,7 @@ pub fn p9(ctx: &mut Ctx) -> Result<()> {
                 ctx.results.note("P9", format!("{label} under valgrind: sluice{}", line.trim()));
             }
         }
-        let mut prof = Profiled { running, out };
+        let mut prof = Profiled { running, out, keep: ctx.keep_scratch, seq: 0 };
         if let Err(e) = measure(ctx, p.load, &mut prof, label, runs, &protos, &metric) {
             ctx.results.note("P9", format!("{label}: {e:#}"));
         }

@@ -97,6 +97,10 @@ pub struct Opts {
     /// to the shared upstream over loopback TCP, like nginx and HAProxy.
     #[arg(long)]
     pub no_local_redirect: bool,
+    /// Keep the run's scratch directory (configs, logs, P9's callgrind profiles) to read
+    /// after the run, e.g. with `callgrind_annotate`.
+    #[arg(long)]
+    pub keep_scratch: bool,
 }
 
 /// Where processes run.
@@ -174,6 +178,8 @@ pub struct Ctx {
     pub warmed: Vec<&'static str>,
     /// An older sluice binary P9 measures too (`--baseline-bin`).
     pub baseline: Option<PathBuf>,
+    /// Keep what a run writes for reading afterwards (`--keep-scratch`).
+    pub keep_scratch: bool,
 }
 
 /// Entry point: `args` are everything after `cargo xtask bench`.
@@ -278,7 +284,7 @@ fn run(opts: Opts) -> Result<()> {
     if plan.idle_conns > cap {
         plan.idle_conns = cap;
     }
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new(opts.keep_scratch)?;
     let dir = scratch.0.clone();
     eprintln!("bench: scratch directory {}", dir.display());
     procs::on_interrupt(dir.clone());
@@ -396,6 +402,7 @@ fn run(opts: Opts) -> Result<()> {
         upstream_pid,
         warmed: Vec::new(),
         baseline,
+        keep_scratch: opts.keep_scratch,
     };
     for s in &scenarios {
         let t = Instant::now();
@@ -455,20 +462,24 @@ fn first_lines(s: &str, n: usize) -> String {
     s.lines().filter(|l| !l.trim().is_empty()).take(n).collect::<Vec<_>>().join(" | ")
 }
 
-/// The run's scratch directory, removed at the end.
-struct Scratch(PathBuf);
+/// The run's scratch directory, removed at the end unless kept (`--keep-scratch`).
+struct Scratch(PathBuf, bool);
 
 impl Scratch {
-    fn new() -> Result<Self> {
+    fn new(keep: bool) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
         fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
+        Ok(Self(dir, keep))
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        if self.1 {
+            eprintln!("bench: kept the scratch directory {}", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
         // The run's bpffs pin directories (what the stopped sluices left: the listener
         // steering maps outlive a process by design).
         let prefix = systems::bench_pin_prefix();
