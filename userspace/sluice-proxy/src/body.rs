@@ -5,7 +5,7 @@
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -44,27 +44,28 @@ pub struct BodyTooLarge(pub u64);
 pub struct UpstreamIdle(pub Duration);
 
 pin_project_lite::pin_project! {
-    /// A request body that fails once more than `limit` bytes went through; `exceeded`
-    /// tells the proxy to answer 413 if no response has started.
+    /// A request body that fails once more than `limit` bytes went through; its
+    /// [`Progress`], when it has one, records that, so the proxy answers 413 if no
+    /// response has started.
     pub struct LimitedBody<B> {
         #[pin]
         inner: B,
         limit: Option<u64>,
         seen: u64,
-        exceeded: Arc<AtomicBool>,
         progress: Option<Arc<Progress>>,
         count: Option<Arc<AtomicU64>>,
     }
 }
 
 impl<B> LimitedBody<B> {
-    /// Wraps `inner`; `exceeded` is set when the limit is crossed.
-    pub fn new(inner: B, limit: Option<u64>, exceeded: Arc<AtomicBool>) -> Self {
-        Self { inner, limit, seen: 0, exceeded, progress: None, count: None }
+    /// Wraps `inner`.
+    pub fn new(inner: B, limit: Option<u64>) -> Self {
+        Self { inner, limit, seen: 0, progress: None, count: None }
     }
 
     /// Also records each chunk taken for the replica in `progress` (the exchange's idle
-    /// clock: an upload that keeps moving keeps the exchange alive).
+    /// clock: an upload that keeps moving keeps the exchange alive), and there a body
+    /// over the limit.
     pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
         self.progress = Some(progress);
         self
@@ -101,7 +102,9 @@ where
                 if let (Some(limit), Some(data)) = (*this.limit, frame.data_ref()) {
                     *this.seen += data.len() as u64;
                     if *this.seen > limit {
-                        this.exceeded.store(true, Ordering::Relaxed);
+                        if let Some(p) = this.progress {
+                            p.mark_body_exceeded();
+                        }
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
                     }
                 }
@@ -128,30 +131,32 @@ pin_project_lite::pin_project! {
     /// A response body that keeps `hold` (in-flight guard, upstream stream handles) alive
     /// until the body ends or is dropped, runs `on_complete` on a clean end, and fails if
     /// no bytes of the exchange moved (either direction, see [`Progress`]) for `idle`.
-    pub struct TrackedBody<B> {
+    pub struct TrackedBody<B, H> {
         #[pin]
         inner: B,
         idle: Option<(Duration, Arc<Progress>)>,
         sleep: Option<Pin<Box<Sleep>>>,
-        hold: Option<Box<dyn Send>>,
+        // Inline, not boxed: the body is boxed once as a whole, and a box of its own
+        // would be one more allocation per request.
+        hold: Option<H>,
         on_complete: Option<OnComplete>,
     }
 }
 
-impl<B> TrackedBody<B> {
+impl<B, H> TrackedBody<B, H> {
     /// Wraps `inner`; `idle` is the quiet time allowed and the exchange's clock, which
     /// this body touches on every chunk and the request body on every chunk sent.
     pub fn new(
         inner: B,
         idle: Option<(Duration, Arc<Progress>)>,
-        hold: Box<dyn Send>,
+        hold: H,
         on_complete: Option<OnComplete>,
     ) -> Self {
         Self { inner, idle, sleep: None, hold: Some(hold), on_complete }
     }
 }
 
-impl<B> Body for TrackedBody<B>
+impl<B, H> Body for TrackedBody<B, H>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,

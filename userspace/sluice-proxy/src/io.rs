@@ -3,7 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,22 +18,40 @@ fn epoch() -> Instant {
 }
 
 fn now_ms() -> u64 {
-    Instant::now().saturating_duration_since(epoch()).as_millis() as u64
+    ms_at(Instant::now())
+}
+
+/// `at` as milliseconds since [`epoch`].
+fn ms_at(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_millis() as u64
 }
 
 /// When bytes of one upstream exchange last moved, in either direction: a request-body
 /// chunk taken for the replica or a response chunk received. One atomic store per chunk;
 /// the exchange's single timer reads it only when it fires (and re-arms if bytes moved),
-/// so a busy stream costs no timer churn.
+/// so a busy stream costs no timer churn. It also carries whether the request body
+/// crossed its limit: the body and the request path share this record already, and a
+/// second shared flag would be a second allocation per request.
 #[derive(Debug)]
 pub struct Progress {
     last_ms: AtomicU64,
+    body_exceeded: AtomicBool,
 }
 
 impl Progress {
     /// A fresh record: bytes moved now.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { last_ms: AtomicU64::new(now_ms()) })
+        Arc::new(Self { last_ms: AtomicU64::new(now_ms()), body_exceeded: AtomicBool::new(false) })
+    }
+
+    /// Records that the request body went over its limit.
+    pub fn mark_body_exceeded(&self) {
+        self.body_exceeded.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the request body went over its limit.
+    pub fn body_exceeded(&self) -> bool {
+        self.body_exceeded.load(Ordering::Relaxed)
     }
 
     /// Records that bytes moved now.
@@ -80,10 +98,11 @@ impl Activity {
         self.last_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Marks a request in flight on this connection until the guard drops.
-    pub fn request(self: &Arc<Self>) -> ActiveRequest {
+    /// Marks a request that arrived `at` (the caller's clock reading, so the request
+    /// path reads the clock once) in flight on this connection until the guard drops.
+    pub fn request(self: &Arc<Self>, at: Instant) -> ActiveRequest {
         self.active.fetch_add(1, Ordering::Relaxed);
-        self.touch();
+        self.last_ms.store(ms_at(at), Ordering::Relaxed);
         ActiveRequest(self.clone())
     }
 

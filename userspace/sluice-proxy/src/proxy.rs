@@ -158,7 +158,7 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let active = conn.activity.request();
+    let active = conn.activity.request(start);
     let who = Who::of(&conn, req.headers());
     let trusted = who.trusted;
     let rid = if trusted {
@@ -631,14 +631,13 @@ async fn forward(
     forwarded_head(state, conn, &mut parts, raw_authority, rid, who, false)?;
     let (wire, version) = wire_of(&replica);
     parts.version = version;
-    let exceeded = Arc::new(AtomicBool::new(false));
     let drain_cap = if h1_client { crate::h1proxy::EARLY_DRAIN_BYTES } else { 0 };
     let body = crate::body::DrainOnDrop::new(body, drain_cap, crate::h1proxy::EARLY_DRAIN_TIME);
     let early_rest = body.early_rest();
     // The exchange's idle clock: touched by every request-body chunk taken for the
     // replica and every response chunk, read by one timer.
     let progress = crate::io::Progress::new();
-    let mut body = LimitedBody::new(body, limit, exceeded.clone()).with_progress(progress.clone());
+    let mut body = LimitedBody::new(body, limit).with_progress(progress.clone());
     if let Some(e) = log.as_mut() {
         let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         body = body.with_count(count.clone());
@@ -691,7 +690,7 @@ async fn forward(
             up
         }
         Err(e) => {
-            if exceeded.load(Ordering::Relaxed)
+            if progress.body_exceeded()
                 && let Some(limit) = limit
             {
                 return Err(RequestError::BodyTooLarge(limit));
@@ -718,7 +717,7 @@ async fn forward(
         // after the answer, so the answer must say so.
         rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let hold: Box<dyn Send> = Box::new((in_flight, up.hold, active));
+    let hold = (in_flight, up.hold, active);
     let body =
         TrackedBody::new(rbody, idle.map(|d| (d, progress)), hold, up.on_complete).boxed_unsync();
     Ok(Response::from_parts(rparts, body))
@@ -778,7 +777,7 @@ async fn forward_upgrade(
     let body = match kind {
         UpgradeKind::H1 => {
             // A declared length over the limit was refused already; this bounds chunked.
-            LimitedBody::new(body, ex.body_limit(), Arc::new(AtomicBool::new(false))).boxed_unsync()
+            LimitedBody::new(body, ex.body_limit()).boxed_unsync()
         }
         UpgradeKind::H2Connect(_) => {
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -815,7 +814,7 @@ async fn forward_upgrade(
         // The replica declined: an ordinary response.
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers, false);
-        let hold = Box::new((hold, up.hold, registration));
+        let hold = (hold, up.hold, registration);
         let body = TrackedBody::new(rbody, None, hold, None).boxed_unsync();
         return Ok(Response::from_parts(rparts, body));
     }

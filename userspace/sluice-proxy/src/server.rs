@@ -1018,7 +1018,11 @@ async fn serve_h2<I>(
     let c = &state.cfg;
     let svc_state = state.clone();
     let svc_info = info.clone();
-    let svc = service_fn(move |req| handle(svc_state.clone(), svc_info.clone(), req));
+    // The request's future (several KiB: every phase's state) goes to the heap once, here,
+    // unstarted. hyper moves the stream that wraps it three times before polling it (into
+    // the stream, to the executor, into the executor's box); boxed, each move copies a
+    // pointer instead of the whole future.
+    let svc = service_fn(move |req| Box::pin(handle(svc_state.clone(), svc_info.clone(), req)));
     // Streams run in this connection's task (see `h2streams`), not a task each.
     let exec = crate::h2streams::StreamExec::default();
     let conn = hyper::server::conn::http2::Builder::new(exec.clone())

@@ -269,12 +269,13 @@ impl Drop for OpenH1 {
 impl ReplicaPool {
     /// Keeps `conn` for the next request, unless `max` are idle already.
     fn put_wire(&self, conn: WireConn, max: usize) {
-        if conn.expired(Instant::now()) {
+        let now = Instant::now();
+        if conn.expired(now) {
             return;
         }
         let mut idle = self.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < max {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     }
 }
@@ -367,9 +368,10 @@ impl Upstreams {
     pub(crate) fn take_wire(&self, addr: SocketAddr) -> Option<WireConn> {
         let pool = self.pool(addr);
         let mut idle = pool.wire_idle.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
         while let Some((conn, _)) = idle.pop() {
-            if !conn.expired(now) && !conn.is_stale() {
+            // The clock is read only for a replica that stated a keep-alive time.
+            let expired = conn.keep_until.is_some_and(|t| Instant::now() >= t);
+            if !expired && !conn.is_stale() {
                 return Some(conn);
             }
         }
