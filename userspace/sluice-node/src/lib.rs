@@ -19,7 +19,8 @@
 //! one node of the region at a time, and answers HTTP-01 challenges; [`supervise`] is
 //! the reference replica supervisor (`sluice supervise`, and `sluice demo`'s compute
 //! side); [`autoscaler`] is the cluster-side autoscale job (`sluice autoscale`), which
-//! follows the proxies' autoscaler streams and writes desired replica counts.
+//! follows the proxies' autoscaler streams and writes desired replica counts; [`health`]
+//! dials replicas and reports their health to the routing table.
 //!
 //! Errors are [`NodeError`] ([`acme::AcmeError`] and [`supervise::SuperviseError`] for
 //! those two); the binary turns them into `anyhow` at the edge.
@@ -30,6 +31,7 @@ pub mod autoscaler;
 pub mod error;
 pub mod guard;
 pub mod handover;
+pub mod health;
 pub mod kernel;
 pub mod local_redirect;
 pub mod splice;

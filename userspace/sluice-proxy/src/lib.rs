@@ -24,7 +24,6 @@ mod body;
 mod client;
 mod coldstart;
 pub mod config;
-pub mod demo;
 mod error;
 mod h1proxy;
 mod h1scan;

@@ -26,7 +26,6 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
 use sluice_routing::{
     AuthDecision, AuthHeaders, InFlightGuard, LbPolicy, Protocol, Replica, RoutingTable, Server,
@@ -757,6 +756,14 @@ pub(crate) fn record_failure(state: &ProxyState, server: &Server, replica: &Arc<
 static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
 
+/// A fresh `Sec-WebSocket-Key` (RFC 6455 section 4.1): 16 random bytes in base64. Its
+/// only job is to be unpredictable per handshake; the replica echoes a hash of it.
+fn generate_key() -> Result<String, getrandom::Error> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce)?;
+    Ok(data_encoding::BASE64.encode(&nonce))
+}
+
 /// An upgrade (HTTP/1.1 `Upgrade`, or HTTP/2 extended CONNECT made one): forwarded as an
 /// HTTP/1.1 upgrade; on 101 both sides become an opaque stream handed to the handoff.
 async fn forward_upgrade(
@@ -793,7 +800,8 @@ async fn forward_upgrade(
         parts.headers.insert(header::UPGRADE, proto);
         if protocol.eq_ignore_ascii_case("websocket")
             && !parts.headers.contains_key(&SEC_WEBSOCKET_KEY)
-            && let Ok(v) = HeaderValue::from_str(&generate_key())
+            && let Ok(key) = generate_key()
+            && let Ok(v) = HeaderValue::from_str(&key)
         {
             parts.headers.insert(&SEC_WEBSOCKET_KEY, v);
         }
@@ -884,9 +892,9 @@ mod tests {
     /// in base64, as RFC 6455 asks.
     #[test]
     fn websocket_key_is_16_bytes_in_base64() {
-        let key = generate_key();
+        let key = generate_key().unwrap();
         assert_eq!(key.len(), 24);
         assert!(key.ends_with("=="), "{key}");
-        assert_ne!(key, generate_key());
+        assert_ne!(key, generate_key().unwrap());
     }
 }

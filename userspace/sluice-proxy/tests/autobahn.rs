@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use sluice_proxy::demo::{DemoProtocol, spawn_replica};
+use sluice_demo::{DemoProtocol, spawn_replica};
 use sluice_routing::Protocol;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -130,7 +130,7 @@ async fn proxy_header_precedes_tls() {
     let r = echo(Protocol::H2c).await;
     let dir = tempfile::tempdir().unwrap();
     let (cert_pem, key_pem) =
-        sluice_proxy::demo::write_self_signed(&["*.r1.example.test"], dir.path()).unwrap();
+        sluice_demo::write_self_signed(&["*.r1.example.test"], dir.path()).unwrap();
     let der = CertificateDer::pem_file_iter(&cert_pem).unwrap().next().unwrap().unwrap();
     let mut c = cfg();
     c.listeners = vec![ListenerConfig {

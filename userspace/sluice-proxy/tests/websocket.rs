@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use sluice_proxy::demo::{DemoProtocol, spawn_replica};
+use sluice_demo::{DemoProtocol, spawn_replica};
 use sluice_routing::Protocol;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;

@@ -113,13 +113,16 @@ pub enum ApplyErrorKind {
     },
 }
 
-/// A replica the health checker should start or stop watching.
+/// A replica a health checker should start or stop watching (see
+/// [`RoutingTable::attach_replica_events`](crate::RoutingTable::attach_replica_events)).
 #[derive(Clone, Debug)]
-pub(crate) struct ReplicaEvent {
-    pub(crate) server: Arc<str>,
-    pub(crate) id: Arc<str>,
-    /// `None`: the replica is gone.
-    pub(crate) spec: Option<Arc<ReplicaSpec>>,
+pub struct ReplicaEvent {
+    /// The replica's server.
+    pub server: Arc<str>,
+    /// The replica's id.
+    pub id: Arc<str>,
+    /// Its spec now; `None`: the replica is gone.
+    pub spec: Option<Arc<ReplicaSpec>>,
 }
 
 /// Builds the next snapshot from the current one. Cloning the maps is O(1) (persistent

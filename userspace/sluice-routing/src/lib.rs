@@ -1,11 +1,12 @@
 //! sluice routing state: the model (servers, replicas, tokens), its validation, the
 //! immutable snapshot the request path reads lock-free, incremental application of store
-//! changes, and the replica health checker. The sources that read a store (file, etcd)
-//! live in `sluice-store`.
+//! changes, and the health verdicts that gate replicas. The sources that read a store
+//! (file, etcd) live in `sluice-store`; the health checker that dials replicas lives in
+//! `sluice-node`.
 //!
-//! This crate knows nothing of HTTP plumbing or BPF (docs/design.md, Layering): the proxy
-//! reads a [`Snapshot`] from a [`RoutingTable`]; sources (`sluice-store`) and the health
-//! checker write to it.
+//! This crate knows nothing of HTTP plumbing or BPF (docs/design.md, Layering) and opens
+//! no socket: the proxy reads a [`Snapshot`] from a [`RoutingTable`]; sources
+//! (`sluice-store`) and the health checker (`sluice-node`) write to it.
 //!
 //! ```
 //! use sluice_routing::{NodeConfig, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec};
@@ -25,7 +26,6 @@
 pub mod backoff;
 pub mod cert;
 pub mod change;
-pub mod health;
 pub mod host;
 pub mod lb;
 pub mod limits;
@@ -40,8 +40,7 @@ pub mod supervisor;
 pub mod table;
 pub mod validate;
 
-pub use change::{ApplyError, ApplyErrorKind, Change};
-pub use health::{HealthChecker, HealthPolicy};
+pub use change::{ApplyError, ApplyErrorKind, Change, ReplicaEvent};
 pub use host::{AuthorityError, canonical_authority, canonical_authority_cow};
 pub use lb::{LbPolicy, select};
 pub use limits::{BytesPermit, OverLimit};

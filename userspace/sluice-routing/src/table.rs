@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cert::ServedCert;
 use crate::change::{ApplyError, ApplyErrorKind, Builder, Change, ReplicaEvent};
-use crate::model::{NodeConfig, ReplicaState, RoutingDoc};
+use crate::model::{NodeConfig, ReplicaSpec, ReplicaState, RoutingDoc};
 use crate::snapshot::{Health, Snapshot};
 use crate::validate::{self, FieldError, ValidationError};
 
@@ -276,7 +276,8 @@ impl RoutingTable {
     }
 
     /// Require (or stop requiring) a passing health check before a `ready` replica is
-    /// routable. Turned on by [`crate::health::HealthChecker`] when its policy says so.
+    /// routable. Turned on by the health checker (`sluice_node::health`) when its policy
+    /// says so.
     pub fn set_health_gate(&self, on: bool) {
         let mut w = self.writer();
         let current = self.inner.current.load_full();
@@ -293,13 +294,13 @@ impl RoutingTable {
         self.publish(&mut w, &current, b, generation);
     }
 
-    /// Attach the health checker's feed. Returns the snapshot it must start from: every
-    /// later replica change is sent on `tx`, with no gap, because both happen under the
-    /// writer lock.
-    pub(crate) fn attach_replica_events(
+    /// Attach a health checker's feed. Returns the replicas (every state) it must start
+    /// from: every later replica change is sent on `tx`, with no gap, because both happen
+    /// under the writer lock. One feed at a time: attaching replaces the previous one.
+    pub fn attach_replica_events(
         &self,
         tx: mpsc::UnboundedSender<ReplicaEvent>,
-    ) -> Arc<Snapshot> {
+    ) -> Vec<Arc<ReplicaSpec>> {
         let mut w = self.writer();
         w.replica_events = Some(tx);
         let snap = self.inner.current.load_full();
@@ -310,12 +311,12 @@ impl RoutingTable {
                 }
             }
         }
-        snap
+        snap.all_replicas().map(|r| r.spec.clone()).collect()
     }
 
     /// Stop feeding the health checker whose feed is `feed` (if it is still the attached
     /// one) and forget pending first checks. Returns whether it was attached.
-    pub(crate) fn detach_replica_events(&self, feed: &mpsc::UnboundedSender<ReplicaEvent>) -> bool {
+    pub fn detach_replica_events(&self, feed: &mpsc::UnboundedSender<ReplicaEvent>) -> bool {
         let mut w = self.writer();
         if !w.replica_events.as_ref().is_some_and(|tx| tx.same_channel(feed)) {
             return false;
@@ -328,12 +329,12 @@ impl RoutingTable {
         true
     }
 
-    /// The health checker's verdict: `Some` to change the replica's health, `None` for a
+    /// A health checker's verdict: `Some` to change the replica's health, `None` for a
     /// first check that failed but has not reached the failure threshold. Either way the
     /// replica's first check is done as far as the fence is concerned. Returns whether the
     /// replica's health changed. With `addr`, the verdict applies only if the replica still
     /// has that address (a check of an old address may finish after the replica moved).
-    pub(crate) fn report_health(
+    pub fn report_health(
         &self,
         server: &str,
         id: &str,
@@ -500,7 +501,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::model::{ReplicaSpec, ReplicaState, ServerSpec, TokenSpec};
+    use crate::model::{ServerSpec, TokenSpec};
     use crate::snapshot::Server;
 
     fn node() -> NodeConfig {

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use sluice_demo::{DemoProtocol, spawn_replica_at, write_self_signed};
 use sluice_node::autoscaler::{AutoscalerSettings, DesiredSink, run_autoscaler};
 use sluice_proxy::RequestIds;
-use sluice_proxy::demo::{DemoProtocol, spawn_replica_at, write_self_signed};
 use sluice_routing::model::LaunchSpec;
 use sluice_routing::{Protocol, ReplicaSpec, RoutingDoc, ServerSpec, TokenSpec, hash_secret};
 

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
+use sluice_node::health::{HealthChecker, HealthPolicy};
 use sluice_proxy::{Proxy, ProxyConfig};
-use sluice_routing::health::{HealthChecker, HealthPolicy};
 use sluice_routing::{NodeConfig, RoutingTable};
 use sluice_store::etcd::{EtcdConfig, EtcdSource, StatusHandle};
 use sluice_store::file::load_into;

@@ -33,7 +33,7 @@ address = "127.0.0.1:9001"
 /// `cert.pem` and `key.pem` for `*.r1.example.test`, and `other-key.pem`, which is not
 /// its key.
 fn write_certs(dir: &Path) {
-    sluice_proxy::demo::write_self_signed(&["*.r1.example.test"], dir).unwrap();
+    sluice_demo::write_self_signed(&["*.r1.example.test"], dir).unwrap();
     let other = rcgen::KeyPair::generate().unwrap();
     std::fs::write(dir.join("other-key.pem"), other.serialize_pem()).unwrap();
 }

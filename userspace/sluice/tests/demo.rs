@@ -46,7 +46,7 @@ fn print_config_shows_a_run_config() {
     std::fs::write(dir.path().join("sluice.toml"), node).unwrap();
     std::fs::create_dir(dir.path().join("routes")).unwrap();
     std::fs::write(dir.path().join("routes/demo.toml"), routes).unwrap();
-    sluice_proxy::demo::write_self_signed(&["*.local.sluice.localhost"], dir.path()).unwrap();
+    sluice_demo::write_self_signed(&["*.local.sluice.localhost"], dir.path()).unwrap();
     let check = Command::new(bin())
         .args(["check", "--config"])
         .arg(dir.path().join("sluice.toml"))

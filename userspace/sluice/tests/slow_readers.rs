@@ -310,7 +310,7 @@ async fn run(kind: Client, replica: SocketAddr, protocol: &str) {
         ),
     )
     .unwrap();
-    sluice_proxy::demo::write_self_signed(&["*.r1.example.test"], dir.path()).unwrap();
+    sluice_demo::write_self_signed(&["*.r1.example.test"], dir.path()).unwrap();
     let tls_port = free_port();
     let rest = format!(
         "[[listeners]]\naddr = \"127.0.0.1:{tls_port}\"\n\

@@ -1,5 +1,10 @@
 //! Replica lifecycle run by sluice: active TCP health checks.
 //!
+//! The dialing lives here, beside the other node controllers, so that `sluice-routing`
+//! stays free of I/O: the routing table only feeds this checker replica changes
+//! ([`RoutingTable::attach_replica_events`]) and takes its verdicts
+//! ([`RoutingTable::report_health`]).
+//!
 //! A replica in state `ready` is checked by connecting to its address every `interval`.
 //! With `require_initial_check` (the default), it is routable only after a first connect
 //! succeeds; after `failure_threshold` consecutive failures it leaves the rotation (so a
@@ -18,10 +23,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 
-use crate::RoutingTable;
-use crate::change::ReplicaEvent;
-use crate::model::{ReplicaSpec, ReplicaState};
-use crate::snapshot::Health;
+use sluice_routing::{Health, ReplicaEvent, ReplicaSpec, ReplicaState, RoutingTable};
 
 /// How replicas are checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,9 +80,8 @@ impl HealthChecker {
         };
         table.set_health_gate(policy.require_initial_check);
         let (tx, rx) = mpsc::unbounded_channel();
-        let snap = table.attach_replica_events(tx.clone());
+        let initial = table.attach_replica_events(tx.clone());
         let (stop_tx, stop_rx) = oneshot::channel();
-        let initial: Vec<Arc<ReplicaSpec>> = snap.all_replicas().map(|r| r.spec.clone()).collect();
         let task = tokio::spawn(run(table.clone(), policy, initial, rx, stop_rx));
         HealthChecker { stop: Some(stop_tx), task: Some(task), table, feed: tx }
     }

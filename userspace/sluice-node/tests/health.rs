@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use sluice_node::health::{HealthChecker, HealthPolicy};
 use sluice_routing::{
-    Change, HealthChecker, HealthPolicy, NodeConfig, ReplicaSpec, ReplicaState, RoutingDoc,
-    RoutingTable, ServerSpec,
+    Change, NodeConfig, ReplicaSpec, ReplicaState, RoutingDoc, RoutingTable, ServerSpec,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;

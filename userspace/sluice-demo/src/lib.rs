@@ -4,6 +4,10 @@
 //! id; `/echo` streams the request body back (trailers included), and a WebSocket upgrade
 //! (on any path; `/ws` in the demo's examples) is an echo. An `h2c` replica also speaks HTTP/1.1 on the same port, because sluice always
 //! upgrades (WebSocket) over HTTP/1.1 at the replica.
+//!
+//! Apart from the proxy on purpose: a replica is what the proxy talks to, so this crate
+//! depends on no sluice crate, and the proxy library carries neither a WebSocket server
+//! nor a certificate generator.
 
 use std::convert::Infallible;
 use std::io;
@@ -14,7 +18,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::BodyExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,8 +29,31 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use crate::body::{ProxyBody, full};
-use crate::error::ConfigError;
+/// Boxed error of a demo replica's response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a demo replica's responses.
+pub type DemoBody = UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(b: impl Into<Bytes>) -> DemoBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Why [`write_self_signed`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The certificate could not be generated.
+    #[error("generating a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// A file could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
 
 /// Which protocol a demo replica serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +125,7 @@ async fn answer(
     id: &str,
     protocol: DemoProtocol,
     mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> Response<DemoBody> {
     let websocket = req
         .headers()
         .get(header::UPGRADE)
@@ -150,15 +178,13 @@ async fn answer(
 }
 
 /// A self-signed certificate for `names`, written as `cert.pem` and `key.pem` into `dir`.
-pub fn write_self_signed(names: &[&str], dir: &Path) -> Result<(PathBuf, PathBuf), ConfigError> {
+pub fn write_self_signed(names: &[&str], dir: &Path) -> Result<(PathBuf, PathBuf), DemoError> {
     let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
-    let cert = rcgen::generate_simple_self_signed(names)
-        .map_err(|e| ConfigError::Tls(format!("generating a certificate: {e}")))?;
+    let cert = rcgen::generate_simple_self_signed(names)?;
     let cert_path = dir.join("cert.pem");
     let key_path = dir.join("key.pem");
     let write = |p: &Path, s: String| {
-        std::fs::write(p, s)
-            .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })
+        std::fs::write(p, s).map_err(|source| DemoError::Write { path: p.to_owned(), source })
     };
     write(&cert_path, cert.cert.pem())?;
     write(&key_path, cert.key_pair.serialize_pem())?;
