@@ -57,7 +57,7 @@ pub enum AdoptError {
     Io(#[from] std::io::Error),
 }
 
-/// A proxy's idle-connection handover, from [`crate::Server::idle_handover`]: usable
+/// A proxy's idle-connection handover, from `Proxy::idle_handover`: usable
 /// before the server runs (adopted connections then wait for it) and while it runs.
 #[derive(Clone, Default)]
 pub struct IdleHandover {

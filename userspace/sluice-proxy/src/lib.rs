@@ -3,7 +3,7 @@
 //! Clients speak HTTP/1.1 or HTTP/2 (TLS with ALPN, or h2c prior knowledge); each request
 //! goes through explicit phases (docs/proxy.md): hygiene, authority, route (a
 //! [`sluice_routing::RoutingTable`] snapshot), proxy auth, replica selection
-//! ([`sluice_routing::lb`]) under per-server caps, mirroring ([`mirror`]), forwarding over
+//! ([`sluice_routing::lb`]) under per-server caps, mirroring (`mirror`), forwarding over
 //! sluice-owned h2c or HTTP/1.1 connections, with bodies streamed both ways. Upgrades become
 //! opaque streams handed to an [`OpaqueStreamHandoff`].
 //!

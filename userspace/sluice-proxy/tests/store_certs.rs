@@ -353,7 +353,7 @@ async fn file_referenced_certificate_is_reread() {
     };
     let table = RoutingTable::from_doc(node(), doc).unwrap();
     let (_stop, rx) = oneshot::channel::<()>();
-    sluice_routing::cert::spawn_file_watcher(table.clone(), Duration::from_millis(20), async {
+    sluice_store::cert_files::spawn_watcher(table.clone(), Duration::from_millis(20), async {
         let _ = rx.await;
     });
     let default = pki.leaf(&["*.r1.example.test"]);

@@ -8,12 +8,12 @@
 //! match, or that does not cover every domain it is attached to is refused with a
 //! [`CertError`] naming it, and the last good snapshot (with its certificate) stays.
 //!
-//! Files are re-read when they change ([`spawn_file_watcher`]): their identity (device,
-//! inode, size, modification time, following symlinks, so the `..data` swap of a Secret
-//! update counts) is polled in the background.
+//! Files are re-read when they change: [`crate::RoutingTable::refresh_certificate_files`] compares
+//! their identity (device, inode, size, modification time, following symlinks, so the
+//! `..data` swap of a Secret update counts) with the one the snapshot was built from. The
+//! polling task that calls it lives with the other sources, in `sluice-store`.
 
 use std::fmt;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,11 +24,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Serialize;
 
-use crate::RoutingTable;
 use crate::model::CertificateSpec;
-
-/// How often [`spawn_file_watcher`] looks at certificate files by default.
-pub const DEFAULT_FILE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why a certificate was refused. The message never contains key material.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -362,36 +358,10 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
-/// Re-reads file-referenced certificates whose files changed, every `interval`, until
-/// `shutdown` resolves (see [`RoutingTable::refresh_certificate_files`]).
-pub fn spawn_file_watcher(
-    table: RoutingTable,
-    interval: Duration,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        tokio::pin!(shutdown);
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = ticker.tick() => {}
-            }
-            let t = table.clone();
-            // Stats and reads of files are blocking work.
-            if let Err(e) = tokio::task::spawn_blocking(move || t.refresh_certificate_files()).await
-            {
-                tracing::error!(error = %e, "certificate file watcher task failed");
-            }
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Change, NodeConfig, RoutingDoc, ServerSpec};
+    use crate::{Change, NodeConfig, RoutingDoc, RoutingTable, ServerSpec};
 
     fn leaf(names: &[&str]) -> (String, String) {
         let c = rcgen::generate_simple_self_signed(

@@ -86,7 +86,7 @@ impl VipBalance {
 pub enum ReplicaState {
     /// Scheduled but not yet serving: never routed.
     Starting,
-    /// Serving: routed once its port accepts connections (see [`crate::health`]).
+    /// Serving: routed once its port accepts connections (the node's health checker, `sluice_node::health`, probes it).
     /// The default, so hand-written files stay short.
     #[default]
     Ready,

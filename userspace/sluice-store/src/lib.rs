@@ -5,7 +5,8 @@
 //! [`sluice_routing::RoutingDoc`]s and apply them to a [`sluice_routing::RoutingTable`],
 //! stamping the store revision as the generation:
 //!
-//! - [`file`]: a TOML file or directory, reloaded on change;
+//! - [`file`](mod@file): a TOML file or directory, reloaded on change;
+//! - [`cert_files`]: the certificate files servers name, re-read when they change;
 //! - [`etcd`]: list and watch a key prefix; [`etcd::EtcdStore`] is the writer `sluice ctl`,
 //!   the autoscaler and the supervisor use.
 
@@ -13,6 +14,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+pub mod cert_files;
 pub mod etcd;
 pub mod file;
 

@@ -291,9 +291,9 @@ async fn serve_with(
     }
     // Certificates that servers name by file are re-read when their files change.
     let s = stop.clone();
-    sluice_routing::cert::spawn_file_watcher(
+    sluice_store::cert_files::spawn_watcher(
         table.clone(),
-        sluice_routing::cert::DEFAULT_FILE_POLL_INTERVAL,
+        sluice_store::cert_files::DEFAULT_POLL_INTERVAL,
         async move { s.notified().await },
     );
     let routed = cfg.etcd.is_some() || cfg.routes.file.is_some();

@@ -234,7 +234,7 @@ pub fn socket_path(pid: u32, ns: u64) -> PathBuf {
     std::env::temp_dir().join(format!("sluice-handover-{pid}-{ns}"))
 }
 
-/// One end of the channel (blocking, every call bounded by [`IO_TIMEOUT`]).
+/// One end of the channel (blocking, every call bounded by `IO_TIMEOUT`).
 pub struct Channel {
     fd: OwnedFd,
 }

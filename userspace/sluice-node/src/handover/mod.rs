@@ -18,7 +18,7 @@
 //! ([`channel`]); when their hellos agree, the old process, once superseded,
 //! passes its spliced streams over that channel instead of draining them, and then,
 //! until it exits, each idle HTTP/1.1 keep-alive connection as it goes idle and each
-//! stream it relays in userspace at a clean point ([`idle`]).
+//! stream it relays in userspace at a clean point (`idle`).
 //!
 //! Without kernel steering the same handover runs degraded: the old process learns of
 //! its successor from the owner record only, and connections still queued on its

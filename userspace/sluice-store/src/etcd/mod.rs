@@ -1,13 +1,13 @@
-//! etcd source: list a key prefix, then watch it, and keep a [`RoutingTable`] in step with
+//! etcd source: list a key prefix, then watch it, and keep a [`sluice_routing::RoutingTable`] in step with
 //! the store, stamping each snapshot with the etcd revision it reflects.
 //!
 //! Key layout under the configured prefix (default `/sluice/`; see `docs/etcd.md`):
 //!
 //! | key                         | value (JSON)      |
 //! |-----------------------------|-------------------|
-//! | `<prefix>servers/<id>`      | [`ServerSpec`]    |
-//! | `<prefix>replicas/<server>/<id>` | [`ReplicaSpec`] |
-//! | `<prefix>tokens/<id>`       | [`TokenSpec`]     |
+//! | `<prefix>servers/<id>`      | [`sluice_routing::ServerSpec`] |
+//! | `<prefix>replicas/<server>/<id>` | [`sluice_routing::ReplicaSpec`] |
+//! | `<prefix>tokens/<id>`       | [`sluice_routing::TokenSpec`] |
 //!
 //! The reconciler ([`EtcdSource::run`]) lists the prefix and syncs the table to it at the
 //! listing's revision, then watches from the next revision and applies each watch response
@@ -26,8 +26,8 @@
 //! `<prefix>acme/` holds the ACME client's state (see `docs/operations.md`, ACME); the
 //! source skips it like `desired/`.
 //!
-//! Modules: [`config`] (how to reach etcd, TLS and authentication), `keys` (the key
-//! layout and value codec), [`status`], the reconciler (`watch`), and the
+//! Modules: `config` (how to reach etcd, TLS and authentication), `keys` (the key
+//! layout and value codec), `status`, the reconciler (`watch`), and the
 //! writer (`store`).
 
 use std::future::Future;
