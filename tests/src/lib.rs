@@ -5,5 +5,6 @@ pub mod netns;
 pub mod pebble;
 pub mod privilege;
 pub mod process;
+pub mod proxy_harness;
 pub mod replica;
 pub mod tls;

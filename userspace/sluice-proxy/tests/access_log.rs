@@ -3,16 +3,14 @@
 //! takes no bytes (entries are dropped and counted, requests never wait for it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
 use http::{Request, StatusCode};
 use serde_json::Value;
 use sluice_proxy::ProxyConfig;
 use sluice_routing::{Protocol, RoutingDoc};
+use sluice_tests::proxy_harness::*;
 
 fn logging(path: &Path) -> ProxyConfig {
     let mut c = cfg();

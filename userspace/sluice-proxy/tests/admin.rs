@@ -1,15 +1,13 @@
 //! The admin listener over real sockets: the index, 405 with `Allow`, content types.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::*;
 use http::{Method, StatusCode, header};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{endpoint, json, text};
 use sluice_routing::{RoutingDoc, RoutingTable};
+use sluice_tests::proxy_harness::*;
 
 /// A proxy with its built-in admin routes plus a JSON one and a PUT one, as the binary
 /// adds them; the admin address and the stop sender.

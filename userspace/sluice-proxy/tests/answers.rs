@@ -3,10 +3,8 @@
 //! HTTP/1.1 fast path, the hyper path and HTTP/2.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
-use common::*;
 use sluice_routing::{RoutingDoc, ServerSpec};
+use sluice_tests::proxy_harness::*;
 
 /// The response with its request id (the one part that differs per request) masked.
 fn masked(resp: &str) -> String {

@@ -4,16 +4,14 @@
 //! left out to keep CI time short; `SLUICE_AUTOBAHN_ALL=1` runs everything.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use sluice_demo::{DemoProtocol, spawn_replica};
 use sluice_routing::Protocol;
+use sluice_tests::proxy_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

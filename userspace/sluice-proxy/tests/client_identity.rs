@@ -5,14 +5,11 @@
 //! 127.0.0.2 (all of 127/8 is loopback on Linux).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::Incoming;
@@ -25,6 +22,7 @@ use sluice_proxy::{encode_v1, encode_v2};
 use sluice_routing::{
     Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec, TokenSpec, hash_secret,
 };
+use sluice_tests::proxy_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

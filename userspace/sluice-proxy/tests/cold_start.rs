@@ -5,14 +5,12 @@
 //! immediate. Off by default: the 503 is immediate.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use sluice_routing::{Protocol, RoutingDoc, RoutingTable};
+use sluice_tests::proxy_harness::*;
 use tokio::sync::oneshot;
 
 struct Proxy {

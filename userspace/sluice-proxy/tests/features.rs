@@ -5,8 +5,6 @@
 //! stays quick; 1 GiB: `SLUICE_MIRROR_TEST_BYTES=1073741824`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -23,6 +20,7 @@ use sluice_routing::{
     Change, MirrorSpec, Protocol, ReplicaSpec, RoutingDoc, RoutingTable, ServerSpec, TokenSpec,
     hash_secret,
 };
+use sluice_tests::proxy_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;

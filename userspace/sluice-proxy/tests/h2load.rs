@@ -3,10 +3,8 @@
 //! when `h2load` is not installed.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
-use common::*;
 use sluice_routing::Protocol;
+use sluice_tests::proxy_harness::*;
 
 fn parse_requests(out: &str) -> Option<(u64, u64, u64, u64)> {
     // "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored, 0 timeout"

@@ -1,16 +1,14 @@
 //! Request path over real sockets: protocols, routing errors, smuggling, cancellation.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Frame, Incoming};
 use sluice_routing::Protocol;
+use sluice_tests::proxy_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;

@@ -4,18 +4,16 @@
 //! retried. Passive ejection is off so every pick of the bad replica is exercised.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use sluice_proxy::RetryReason;
 use sluice_routing::Protocol;
+use sluice_tests::proxy_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;

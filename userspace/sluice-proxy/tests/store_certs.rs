@@ -3,15 +3,12 @@
 //! bad (the previous keeps serving), and the listener's wildcard and default behind them.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -19,6 +16,7 @@ use sluice_proxy::config::{CertConfig, ListenerConfig, TlsConfig};
 use sluice_proxy::{Proxy, ProxyConfig};
 use sluice_routing::{CertificateSpec, RoutingDoc, RoutingTable, ServerSpec};
 use sluice_store::file::FileSource;
+use sluice_tests::proxy_harness::*;
 use sluice_tests::tls::AnyCert;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;

@@ -6,19 +6,17 @@
 //! in it) must grow less than 64 MiB.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use futures_util::stream;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
 use sluice_routing::Protocol;
+use sluice_tests::proxy_harness::*;
 
 const CHUNK: usize = 64 * 1024;
 const MAX_GROWTH: u64 = 64 * 1024 * 1024;

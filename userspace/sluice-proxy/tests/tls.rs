@@ -1,12 +1,9 @@
 //! TLS: certificates by SNI (exact and wildcard), ALPN h2 and http/1.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode, Version};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -15,6 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use sluice_demo::write_self_signed;
 use sluice_proxy::config::{CertConfig, ListenerConfig, TlsConfig};
 use sluice_routing::{Protocol, ReplicaSpec, ServerSpec};
+use sluice_tests::proxy_harness::*;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 

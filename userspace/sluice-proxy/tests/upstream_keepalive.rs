@@ -3,17 +3,15 @@
 //! on the fast path, the hyper path or for HTTP/2 clients.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use sluice_routing::Protocol;
+use sluice_tests::proxy_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

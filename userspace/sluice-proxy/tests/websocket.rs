@@ -2,16 +2,14 @@
 //! both becoming an HTTP/1.1 upgrade at the replica.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use bytes::Bytes;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use sluice_demo::{DemoProtocol, spawn_replica};
 use sluice_routing::Protocol;
+use sluice_tests::proxy_harness::*;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;

@@ -1,5 +1,6 @@
-//! Shared test harness: a proxy on ephemeral ports, in-process replicas, and clients.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
+//! The proxy tests' harness: a `Proxy` on ephemeral ports, in-process replicas, and
+//! HTTP/1.1 and h2 clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,13 +23,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The host every harness request names: server `hello` in region `r1`.
 pub const HOST: &str = "hello.r1.example.test";
+/// The bound on any one wait in a proxy test.
 pub const T: Duration = Duration::from_secs(10);
 
+/// The node the harness's routing table is built for: base domain `example.test`, region `r1`.
 pub fn node() -> NodeConfig {
     NodeConfig { base_domains: vec!["example.test".into()], regions: vec!["r1".into()] }
 }
 
+/// The default proxy config with its listener and admin on ephemeral loopback ports.
 pub fn cfg() -> ProxyConfig {
     let mut c = ProxyConfig::default();
     c.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
@@ -54,15 +59,21 @@ pub fn doc(replicas: &[(&str, SocketAddr, Protocol)]) -> RoutingDoc {
     }
 }
 
+/// A running proxy; dropping it aborts the proxy's task.
 pub struct Harness {
+    /// The listeners' bound addresses, in config order.
     pub addrs: Vec<SocketAddr>,
+    /// The admin listener's address.
     pub admin: SocketAddr,
+    /// The proxy's metrics, read in-process.
     pub metrics: Arc<sluice_proxy::Metrics>,
     stop: Option<oneshot::Sender<()>>,
+    /// The proxy's task, until [`Harness::shutdown`] takes it.
     pub done: Option<JoinHandle<Result<(), sluice_proxy::ProxyError>>>,
 }
 
 impl Harness {
+    /// A harness over a proxy the test started itself (`stop` ends its run).
     pub fn new(
         addrs: Vec<SocketAddr>,
         admin: SocketAddr,
@@ -73,10 +84,12 @@ impl Harness {
         Harness { addrs, admin, metrics, stop: Some(stop), done: Some(done) }
     }
 
+    /// The first listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
     }
 
+    /// Asks the proxy to stop (drain) and returns its task to await.
     pub fn shutdown(&mut self) -> JoinHandle<Result<(), sluice_proxy::ProxyError>> {
         let _ = self.stop.take().unwrap().send(());
         self.done.take().unwrap()
@@ -91,8 +104,8 @@ impl Drop for Harness {
     }
 }
 
+/// Binds a proxy with `cfg` over `doc` and runs it on the test's runtime.
 pub async fn start(cfg: ProxyConfig, doc: RoutingDoc) -> Harness {
-    let _ = tracing_subscriber();
     let routing = RoutingTable::from_doc(node(), doc).unwrap();
     let server = Proxy::bind(cfg, routing).await.unwrap();
     let addrs = server.local_addrs();
@@ -105,13 +118,11 @@ pub async fn start(cfg: ProxyConfig, doc: RoutingDoc) -> Harness {
     Harness { addrs, admin, metrics, stop: Some(tx), done: Some(done) }
 }
 
-fn tracing_subscriber() -> Option<()> {
-    None
-}
-
 /// A replica built from a handler; `hits` counts requests that reached it.
 pub struct TestReplica {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Requests that reached it.
     pub hits: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -123,11 +134,13 @@ impl Drop for TestReplica {
 }
 
 impl TestReplica {
+    /// Requests that reached it so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
 }
 
+/// Serves `handler` over `proto` (h2c, else HTTP/1.1 with upgrades) on an ephemeral port.
 pub async fn replica<F, Fut>(proto: Protocol, handler: F) -> TestReplica
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
@@ -168,10 +181,12 @@ where
     TestReplica { addr, hits, task }
 }
 
+/// A whole-text response body.
 pub fn text(s: impl Into<Bytes>) -> ProxyBody {
     sluice_proxy::full(s.into())
 }
 
+/// A bodiless GET of `uri` naming `host`.
 pub fn get(uri: &str, host: &str) -> Request<Empty<Bytes>> {
     Request::builder().uri(uri).header("host", host).body(Empty::new()).unwrap()
 }
@@ -205,6 +220,7 @@ where
     send
 }
 
+/// The response's body as text, read within [`T`].
 pub async fn body_string(resp: Response<Incoming>) -> String {
     let b = tokio::time::timeout(T, resp.into_body().collect()).await.unwrap().unwrap().to_bytes();
     String::from_utf8_lossy(&b).into_owned()
@@ -219,6 +235,7 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A whole request body.
 pub fn full_body(s: &'static str) -> Full<Bytes> {
     Full::new(Bytes::from_static(s.as_bytes()))
 }
@@ -241,10 +258,7 @@ pub async fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-pub fn body_of(resp: Response<Incoming>) -> impl Future<Output = String> {
-    body_string(resp)
-}
-
+/// Reads a request or response body to its end.
 pub async fn collect(b: Incoming) -> Result<http_body_util::Collected<Bytes>, hyper::Error> {
     b.collect().await
 }
