@@ -328,7 +328,7 @@ fn measure(
             if c1.instructions <= c0.instructions {
                 // nginx's forked worker does not answer callgrind_control here, and the
                 // master alone costs nothing per request: no figure beats a false zero.
-                ctx.results.note(
+                ctx.results.note_once(
                     "P9",
                     format!("{label}: {proto}: no per-request cost seen (worker not profiled)"),
                 );

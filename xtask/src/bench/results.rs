@@ -124,6 +124,15 @@ impl Results {
         self.notes.push((scenario, text));
     }
 
+    /// [`Results::note`], unless the scenario has that note already: for what every run
+    /// would repeat.
+    pub fn note_once(&mut self, scenario: &'static str, text: impl Into<String>) {
+        let text = text.into();
+        if !self.notes.iter().any(|(s, t)| *s == scenario && *t == text) {
+            self.note(scenario, text);
+        }
+    }
+
     /// The series of `scenario` named `metric` in `placement`.
     pub fn find(&self, scenario: &str, metric: &str, placement: &str) -> Option<&Series> {
         self.series
