@@ -124,6 +124,8 @@ pub struct TestReplica {
     pub addr: SocketAddr,
     /// Requests that reached it.
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections it accepted.
+    pub conns: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -138,6 +140,11 @@ impl TestReplica {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// TCP connections it accepted so far.
+    pub fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
 }
 
 /// Serves `handler` over `proto` (h2c, else HTTP/1.1 with upgrades) on an ephemeral port.
@@ -149,10 +156,12 @@ where
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (h, accepted) = (hits.clone(), conns.clone());
     let task = tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
+            accepted.fetch_add(1, Ordering::SeqCst);
             let handler = handler.clone();
             let hits = h.clone();
             tokio::spawn(async move {
@@ -178,7 +187,7 @@ where
             });
         }
     });
-    TestReplica { addr, hits, task }
+    TestReplica { addr, hits, conns, task }
 }
 
 /// A whole-text response body.

@@ -5,8 +5,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -295,41 +293,14 @@ async fn malformed_chunked_request_body_is_400_not_replica_failure() {
     assert_eq!(c.response().await.unwrap().status, 200);
 }
 
-/// A replica (hyper, HTTP/1.1) that counts the TCP connections it accepted.
-struct CountingReplica {
-    addr: SocketAddr,
-    conns: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for CountingReplica {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn counting_replica() -> CountingReplica {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let counted = conns.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let path = req.uri().path().to_owned();
-                    let _ = req.into_body().collect().await;
-                    Ok::<_, Infallible>(Response::new(text(format!("ok {path}"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    CountingReplica { addr, conns, task }
+/// A replica (HTTP/1.1) that reads each request's body and answers `ok <path>`.
+async fn ok_replica() -> TestReplica {
+    replica(Protocol::Http1, |req: Request<Incoming>| async move {
+        let path = req.uri().path().to_owned();
+        let _ = req.into_body().collect().await;
+        Response::new(text(format!("ok {path}")))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -346,7 +317,7 @@ async fn keep_alive_client_reuses_one_upstream_connection() {
         ),
     ];
     for (path, first) in firsts {
-        let r = counting_replica().await;
+        let r = ok_replica().await;
         let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
         let mut c = RawConn::connect(h.addr()).await;
         if !first.is_empty() {
@@ -361,7 +332,7 @@ async fn keep_alive_client_reuses_one_upstream_connection() {
             assert_eq!(resp.status, 200, "{path}: {resp:?}");
             assert_eq!(resp.text(), format!("ok /{i}"), "{path}");
         }
-        assert_eq!(r.conns.load(Ordering::SeqCst), 1, "{path}: upstream connections");
+        assert_eq!(r.conns(), 1, "{path}: upstream connections");
     }
 }
 

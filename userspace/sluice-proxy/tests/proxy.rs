@@ -788,34 +788,15 @@ async fn server_max_in_flight_503() {
 /// connection after every request (one upstream connection per request).
 #[tokio::test]
 async fn h1_upstream_connection_is_reused_across_requests() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let counted = conns.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(text("ok")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    let h = start(cfg(), doc(&[("a", addr, Protocol::Http1)])).await;
+    let r = replica(Protocol::Http1, |_req: Request<Incoming>| async { Response::new(text("ok")) })
+        .await;
+    let h = start(cfg(), doc(&[("a", r.addr, Protocol::Http1)])).await;
     for _ in 0..20 {
         let resp = h1(h.addr(), get("/x", HOST)).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(body_string(resp).await, "ok");
     }
-    assert_eq!(conns.load(Ordering::SeqCst), 1, "each request opened its own upstream connection");
-    server.abort();
+    assert_eq!(r.conns(), 1, "each request opened its own upstream connection");
 }
 
 #[tokio::test]
